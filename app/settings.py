@@ -1,0 +1,68 @@
+"""One settings class for the whole platform, read from the environment (prefix LORAPLEX_)."""
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LORAPLEX_", env_file=".env", extra="ignore")
+
+    data_dir: Path = Field(default=Path(".data"), description="Root of the volume and the default SQLite files.")
+    database_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("DATABASE_URL", "LORAPLEX_DATABASE_URL"),
+        description="SQLAlchemy URL; a SQLite file under data_dir when unset.",
+    )
+    queue_url: str | None = Field(
+        default=None,
+        description="Event queue: sqlite:///path (default, under data_dir) or redis://host:port/db to scale out.",
+    )
+    runtime: Literal["local", "modal"] = Field(default="local", description="Where handlers run.")
+
+    # Limits
+    max_upload_bytes: int = Field(default=50 * MB, gt=0, description="Largest dataset file accepted.")
+    max_dataset_rows: int = Field(default=200_000, gt=0, description="Most rows in one dataset.")
+    max_new_tokens_limit: int = Field(
+        default=2048, gt=0, description="Largest max_tokens an inference request may ask."
+    )
+    upload_wait_seconds: float = Field(
+        default=60.0, ge=0, description="How long an upload waits for validation before answering 202."
+    )
+    adapter_cache_size: int = Field(default=8, gt=0, description="Adapters kept loaded per serving process (LRU).")
+
+    # Queue behaviour
+    worker_threads: int = Field(default=2, gt=0, description="Handler threads per worker process.")
+    lease_seconds: float = Field(
+        default=60.0, gt=0, description="A running event is retaken after this long without a heartbeat."
+    )
+    reap_interval_seconds: float = Field(default=5.0, gt=0, description="How often workers look for expired leases.")
+    max_attempts: int = Field(default=3, gt=0, description="Tries of one event before its resource fails.")
+    retry_base_seconds: float = Field(
+        default=2.0, ge=0, description="Backoff before retry n is base * 2**(n-1) seconds."
+    )
+
+    # Training
+    train_threads: int | None = Field(default=None, description="torch threads for training; all cores when unset.")
+
+    @property
+    def volume_dir(self) -> Path:
+        return self.data_dir / "volume"
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'loraplex.db').resolve()}"
+
+    @property
+    def resolved_queue_url(self) -> str:
+        return self.queue_url or f"sqlite:///{(self.data_dir / 'queue.db').resolve()}"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

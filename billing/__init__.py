@@ -1,0 +1,1 @@
+"""Prices, the usage ledger and (later) Stripe sync. Never imports web or modal."""

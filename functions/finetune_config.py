@@ -1,0 +1,82 @@
+"""The fine-tuning config users send. Field names follow the ones users know from Predibase."""
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, Field, field_validator, model_validator
+
+from functions.catalog import get_model
+
+REPO_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,99}$")
+# Linear layers a LoRA can wrap, by architecture family. Llama, Mistral, Qwen and Gemma share names.
+LLAMA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PHI3_MODULES = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+
+
+def linear_modules(base_model: str) -> tuple[str, ...]:
+    return PHI3_MODULES if base_model.startswith("phi-3") else LLAMA_MODULES
+
+
+class FinetuneConfig(BaseModel):
+    model_config = {"extra": "forbid"}
+
+    base_model: str = Field(description="Catalog name of the model to fine-tune, e.g. 'smollm2-135m'.")
+    dataset: str = Field(description="Name of a dataset of yours in status 'ready'.")
+    repo: str = Field(description="Adapter repository; the result is saved as its next version, 'repo/N'.")
+    adapter: Literal["lora", "turbo_lora", "turbo"] = Field(default="lora", description="Adapter type to train.")
+    epochs: int = Field(default=3, ge=1, le=100, description="Passes over the training split.")
+    learning_rate: float = Field(default=2e-4, gt=0, le=1, description="Peak learning rate (AdamW).")
+    rank: int = Field(default=16, ge=1, le=256, description="LoRA rank r.")
+    lora_alpha: int | None = Field(default=None, ge=1, le=4096, description="LoRA alpha; twice the rank if unset.")
+    lora_dropout: float = Field(default=0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] | None = Field(
+        default=None, description="Linear layers to adapt; q_proj and v_proj (or the model's equivalent) if unset."
+    )
+    max_seq_length: int = Field(default=1024, ge=16, description="Examples are truncated to this many tokens.")
+    effective_batch_size: int = Field(default=16, ge=1, le=1024, description="Examples per optimizer step.")
+    apply_chat_template: bool = Field(
+        default=True, description="Wrap rows in the model's chat template, as chat completions will at inference."
+    )
+    seed: int = Field(default=42, description="Seed for shuffling and initialisation (reproducible runs).")
+
+    @field_validator("repo")
+    @classmethod
+    def _repo_name(cls, value: str) -> str:
+        if not REPO_NAME.match(value):
+            raise ValueError("letters, digits, '.', '_' and '-' only, starting with a letter or digit, at most 100")
+        return value
+
+    @field_validator("adapter")
+    @classmethod
+    def _adapter_available(cls, value: str) -> str:
+        if value != "lora":
+            raise ValueError(f"adapter {value!r} is not available yet; use 'lora'")
+        return value
+
+    @model_validator(mode="after")
+    def _fits_model(self) -> "FinetuneConfig":
+        try:
+            model = get_model(self.base_model)
+        except KeyError:
+            raise ValueError(f"base_model: unknown base model {self.base_model!r}") from None
+        if self.max_seq_length > model.context_length:
+            raise ValueError(
+                f"max_seq_length: {self.max_seq_length} exceeds the model's context {model.context_length}"
+            )
+        allowed = linear_modules(self.base_model)
+        unknown = sorted(set(self.target_modules or []) - set(allowed))
+        if unknown:
+            raise ValueError(f"target_modules: {unknown} not in the model; choose from {list(allowed)}")
+        if self.target_modules is not None and not self.target_modules:
+            raise ValueError("target_modules: give at least one module, or leave it unset")
+        return self
+
+    @property
+    def resolved_alpha(self) -> int:
+        return self.lora_alpha or 2 * self.rank
+
+    @property
+    def resolved_target_modules(self) -> list[str]:
+        if self.target_modules:
+            return list(self.target_modules)
+        return ["qkv_proj"] if self.base_model.startswith("phi-3") else ["q_proj", "v_proj"]

@@ -1,0 +1,83 @@
+"""Handler for `dataset.uploaded`: validate every row, then count tokens with the base model's tokenizer.
+
+Result on the dataset row: status `ready` with stats, or `invalid` with every row error (line, field, message).
+"""
+
+from statistics import mean
+
+from app import volume
+from app.db import session_scope
+from app.models import Dataset
+from app.queue import EventInfo
+from app.settings import get_settings
+from functions.base_models import load_tokenizer
+from functions.datasets import ParsedDataset, parse_dataset
+from functions.prompts import tokenize_example
+
+# Rows over this many tokens are reported; fine-tuning truncates them to its max_seq_length (default 1024).
+REPORT_MAX_SEQ_LENGTH = 1024
+
+
+def run(event: EventInfo) -> None:
+    dataset = _load(event.subject_id)
+    if dataset is None or dataset.status in ("ready", "invalid"):
+        return  # deleted, or already handled by an earlier attempt
+    data = volume.dataset_path(dataset.tenant_id, dataset.id, dataset.file_format).read_bytes()
+    parsed = parse_dataset(data, dataset.file_format, get_settings().max_dataset_rows)  # type: ignore[arg-type]
+    if not parsed.ok:
+        _save(dataset.id, "invalid", parsed, errors=[e.to_dict() for e in parsed.errors], stats=_row_stats(parsed))
+        return
+    stats = _row_stats(parsed) | count_tokens(parsed, dataset.base_model)
+    _save(dataset.id, "ready", parsed, errors=[], stats=stats)
+
+
+def fail(event: EventInfo, reason: str) -> None:
+    with session_scope() as s:
+        dataset = s.get(Dataset, event.subject_id)
+        if dataset is not None and dataset.status == "validating":
+            dataset.status = "invalid"
+            dataset.errors = [{"line": 0, "field": None, "message": f"validation could not finish: {reason}"}]
+
+
+def count_tokens(parsed: ParsedDataset, base_model: str, max_seq_length: int = REPORT_MAX_SEQ_LENGTH) -> dict:
+    """Token statistics with the model's tokenizer and chat template (as fine-tuning will see the rows)."""
+    tokenizer = load_tokenizer(base_model)
+    lengths = {"train": [], "evaluation": []}  # type: dict[str, list[int]]
+    for example in parsed.examples:
+        tokenized = tokenize_example(example, tokenizer, apply_chat_template=True, max_seq_length=max_seq_length)
+        lengths[example.split].append(tokenized.full_length)
+    every = lengths["train"] + lengths["evaluation"]
+    return {
+        "total_tokens": sum(every),
+        "train_tokens": sum(lengths["train"]),
+        "evaluation_tokens": sum(lengths["evaluation"]),
+        "mean_tokens_per_row": round(mean(every), 1),
+        "max_tokens_per_row": max(every),
+        "max_seq_length": max_seq_length,
+        "rows_over_max_seq_length": sum(1 for n in every if n > max_seq_length),
+        "tokenizer": base_model,
+    }
+
+
+def _row_stats(parsed: ParsedDataset) -> dict:
+    train = sum(1 for e in parsed.examples if e.split == "train")
+    return {
+        "rows": len(parsed.examples),
+        "train_rows": train,
+        "evaluation_rows": len(parsed.examples) - train,
+        "error_count": parsed.error_count,
+    }
+
+
+def _load(dataset_id: str) -> Dataset | None:
+    with session_scope() as s:
+        return s.get(Dataset, dataset_id)
+
+
+def _save(dataset_id: str, status: str, parsed: ParsedDataset, errors: list, stats: dict) -> None:
+    with session_scope() as s:
+        dataset = s.get_one(Dataset, dataset_id)
+        dataset.status = status
+        dataset.data_format = parsed.data_format
+        dataset.errors = errors
+        dataset.stats = stats

@@ -1,0 +1,146 @@
+"""/v1/datasets: upload (JSONL or CSV), list, get, delete. Validation runs in a worker, never here."""
+
+import asyncio
+import re
+import time
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Form, UploadFile, status
+from fastapi.responses import JSONResponse
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from app import volume
+from app.models import Dataset, FinetuneJob
+from app.queue import emit
+from app.settings import get_settings
+from functions.catalog import get_model
+from functions.datasets import detect_file_format
+from web.deps import CurrentTenant, Db
+from web.errors import APIError
+from web.schemas import DatasetOut
+
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,199}$")
+CHUNK = 1024 * 1024  # bytes read from the upload at a time
+POLL_SECONDS = 0.2
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetOut)
+async def upload_dataset(
+    file: UploadFile,
+    tenant: CurrentTenant,
+    db: Db,
+    name: Annotated[str | None, Form(description="Dataset name; the file name without extension if unset.")] = None,
+    base_model: Annotated[str, Form(description="Whose tokenizer counts the tokens.")] = "smollm2-135m",
+    wait: Annotated[bool, Form(description="Wait for validation and answer 422 with every row error.")] = True,
+) -> JSONResponse | DatasetOut:
+    file_format = detect_file_format(file.filename or "")
+    if file_format is None:
+        raise APIError(422, f"file: {file.filename!r} is not .jsonl or .csv", param="file", code="unsupported_format")
+    name = name or Path(file.filename or "").stem
+    if not NAME.match(name):
+        raise APIError(422, "name: letters, digits, '.', '_' and '-' only, at most 200", param="name")
+    _check_base_model(base_model)
+    if db.scalar(select(Dataset.id).where(Dataset.tenant_id == tenant.id, Dataset.name == name)):
+        raise APIError(409, f"name: a dataset named {name!r} already exists", param="name", code="already_exists")
+
+    dataset = Dataset(tenant_id=tenant.id, name=name, base_model=base_model, file_format=file_format, size_bytes=0)
+    db.add(dataset)
+    db.flush()  # assigns the id used in the file name
+    path = volume.dataset_path(tenant.id, dataset.id, file_format)
+    with volume.atomic_file(path) as tmp:
+        dataset.size_bytes = await _save_limited(file, tmp, get_settings().max_upload_bytes)
+    try:
+        emit(db, "dataset.uploaded", dataset.id)
+        db.commit()
+    except IntegrityError:
+        path.unlink(missing_ok=True)
+        raise APIError(409, f"name: a dataset named {name!r} already exists", param="name") from None
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    if wait:
+        return await _wait_for_validation(db, dataset)
+    return JSONResponse(DatasetOut.of(dataset).model_dump(mode="json"), status_code=status.HTTP_202_ACCEPTED)
+
+
+@router.get("", response_model=list[DatasetOut])
+def list_datasets(tenant: CurrentTenant, db: Db) -> list[DatasetOut]:
+    rows = db.scalars(select(Dataset).where(Dataset.tenant_id == tenant.id).order_by(Dataset.created_at))
+    return [DatasetOut.of(d) for d in rows]
+
+
+@router.get("/{name}", response_model=DatasetOut)
+def get_dataset(name: str, tenant: CurrentTenant, db: Db) -> DatasetOut:
+    return DatasetOut.of(find_dataset(db, tenant.id, name))
+
+
+@router.delete("/{name}", status_code=status.HTTP_204_NO_CONTENT)
+def delete_dataset(name: str, tenant: CurrentTenant, db: Db) -> None:
+    dataset = find_dataset(db, tenant.id, name)
+    if db.scalar(select(FinetuneJob.id).where(FinetuneJob.dataset_id == dataset.id)):
+        raise APIError(409, f"dataset {name!r} is used by fine-tuning jobs and is kept for their record", param="name")
+    path = volume.dataset_path(tenant.id, dataset.id, dataset.file_format)
+    db.delete(dataset)
+    db.commit()
+    path.unlink(missing_ok=True)
+
+
+def find_dataset(db: Db, tenant_id: str, name: str) -> Dataset:
+    dataset = db.scalar(select(Dataset).where(Dataset.tenant_id == tenant_id, Dataset.name == name))
+    if dataset is None:
+        raise APIError(404, f"dataset {name!r} not found", param="dataset", code="dataset_not_found")
+    return dataset
+
+
+def _check_base_model(base_model: str) -> None:
+    try:
+        get_model(base_model)
+    except KeyError:
+        raise APIError(422, f"base_model: unknown base model {base_model!r}", param="base_model") from None
+
+
+async def _save_limited(file: UploadFile, target: Path, limit: int) -> int:
+    """Copy the upload to `target`; 413 past `limit` bytes and 422 for an empty file (the caller removes it)."""
+    size = 0
+    with target.open("wb") as out:
+        while chunk := await file.read(CHUNK):
+            size += len(chunk)
+            if size > limit:
+                raise APIError(
+                    413,
+                    f"file: larger than the {limit // (1024 * 1024)} MiB limit",
+                    param="file",
+                    code="file_too_large",
+                )
+            out.write(chunk)
+    if size == 0:
+        raise APIError(422, "file: the file is empty", param="file", code="empty_file")
+    return size
+
+
+async def _wait_for_validation(db: Db, dataset: Dataset) -> JSONResponse | DatasetOut:
+    """Poll the row the worker updates. An invalid upload is removed whole and answered with its errors."""
+    deadline = time.monotonic() + get_settings().upload_wait_seconds
+    while dataset.status == "validating" and time.monotonic() < deadline:
+        await asyncio.sleep(POLL_SECONDS)
+        db.rollback()  # end the read transaction so the next read sees the worker's commit
+        db.refresh(dataset)
+    if dataset.status == "validating":
+        return JSONResponse(DatasetOut.of(dataset).model_dump(mode="json"), status_code=status.HTTP_202_ACCEPTED)
+    if dataset.status == "invalid":
+        errors = dataset.errors
+        db.delete(dataset)
+        db.commit()
+        volume.dataset_path(dataset.tenant_id, dataset.id, dataset.file_format).unlink(missing_ok=True)
+        raise APIError(422, _summary(errors), param="file", code="invalid_dataset", errors=errors)
+    return DatasetOut.of(dataset)
+
+
+def _summary(errors: list[dict]) -> str:
+    first = errors[0]
+    where = f"line {first['line']}" + (f", field '{first['field']}'" if first.get("field") else "")
+    more = f" (and {len(errors) - 1} more errors)" if len(errors) > 1 else ""
+    return f"file: {where}: {first['message']}{more}"
