@@ -98,7 +98,7 @@ def _tokenize(job: FinetuneJob, config: FinetuneConfig) -> list[Tokenized]:
 def _train(job: FinetuneJob, config: FinetuneConfig, examples: list[Tokenized], workdir: Path, attempt: int) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
+    from transformers import DataCollatorForSeq2Seq, PrinterCallback, Trainer, TrainingArguments, set_seed
 
     settings = get_settings()
     cuda = torch.cuda.is_available()
@@ -134,7 +134,7 @@ def _train(job: FinetuneJob, config: FinetuneConfig, examples: list[Tokenized], 
         bf16=cuda,
         remove_unused_columns=False,
         disable_tqdm=True,
-        group_by_length=True,  # batches of similar length pad less
+        train_sampling_strategy="group_by_length",  # batches of similar length pad less
     )
     features = [{"input_ids": t.input_ids, "labels": t.labels} for t in examples]
     train_tokens = sum(len(t.input_ids) for t in examples)  # per epoch, after truncation
@@ -143,6 +143,7 @@ def _train(job: FinetuneJob, config: FinetuneConfig, examples: list[Tokenized], 
     trainer = Trainer(
         model=model, args=args, train_dataset=features, data_collator=collator, callbacks=[progress.callback()]
     )
+    trainer.remove_callback(PrinterCallback)  # metrics go to the database, not stdout
     trainer.train()
     if progress.cancelled:
         raise Cancelled()

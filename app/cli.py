@@ -1,0 +1,103 @@
+"""The `loraplex` command: serve the platform, run workers, create tenants, run the demo."""
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(
+    help="Loraplex: fine-tune open LLMs and serve many adapters from one base model.", no_args_is_help=True
+)
+tenant_app = typer.Typer(help="Tenants and API keys.", no_args_is_help=True)
+app.add_typer(tenant_app, name="tenant")
+
+
+def _logging() -> None:
+    logging.basicConfig(
+        level=os.environ.get("LORAPLEX_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+def start_workers(count: int) -> list[subprocess.Popen[bytes]]:
+    return [subprocess.Popen([sys.executable, "-m", "app.cli", "worker"]) for _ in range(count)]
+
+
+@app.command()
+def serve(
+    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+    port: int = typer.Option(8000, help="Port to listen on."),
+    workers: int = typer.Option(1, help="Worker processes to start beside the API (0: run them yourself)."),
+) -> None:
+    """Run the API server (and, by default, a worker process) until interrupted."""
+    import uvicorn
+
+    from app.db import migrate
+    from web.main import create_app
+
+    _logging()
+    migrate()
+    children = start_workers(workers)
+    try:
+        uvicorn.run(create_app(), host=host, port=port, log_level="warning")
+    finally:
+        for child in children:
+            child.send_signal(signal.SIGTERM)
+        for child in children:
+            child.wait(timeout=30)
+
+
+@app.command()
+def worker(threads: int = typer.Option(0, help="Handler threads (0: LORAPLEX_WORKER_THREADS).")) -> None:
+    """Run a worker: validates datasets and trains adapters from the event queue."""
+    from app.db import migrate
+    from app.queue import run_worker
+
+    _logging()
+    migrate()
+    run_worker(threads or None)
+
+
+@tenant_app.command("create")
+def tenant_create(name: str) -> None:
+    """Create a tenant and print its first API key (shown once)."""
+    from app.db import migrate, session_scope
+    from app.tenants import create_tenant
+
+    migrate()
+    with session_scope() as s:
+        tenant, key = create_tenant(s, name)
+        tenant_id = tenant.id
+    typer.echo(f"tenant {name} ({tenant_id})\nAPI key (shown once): {key}")
+
+
+@app.command()
+def prepare(base_model: str = "smollm2-135m") -> None:
+    """Put a base model's weights on the volume (the bundled model is converted from GGUF once)."""
+    from functions.base_models import ensure_local
+
+    typer.echo(f"{base_model}: {ensure_local(base_model)}")
+
+
+@app.command()
+def demo(
+    port: int = typer.Option(8765, help="Port for the demo's API server."),
+    dataset: Path = typer.Option(Path(__file__).parent / "samples" / "support_triage.jsonl", help="JSONL or CSV."),
+    epochs: int = typer.Option(3, help="Fine-tuning epochs."),
+) -> None:
+    """The main job: start the platform, fine-tune SmolLM2-135M on a sample dataset, compare answers and costs."""
+    from app.demo import run_demo
+
+    raise typer.Exit(run_demo(port=port, dataset=dataset, epochs=epochs))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

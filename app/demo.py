@@ -1,0 +1,203 @@
+"""The main job, end to end on one machine: start the platform, upload a dataset, see the quote, fine-tune
+SmolLM2-135M with LoRA on CPU, then ask the base model and the adapter the same questions through the
+OpenAI-compatible API and show both answers with what everything cost."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from openai import OpenAI
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+BASE_MODEL = "smollm2-135m"
+console = Console()
+
+
+def run_demo(port: int, dataset: Path, epochs: int) -> int:
+    started = time.monotonic()
+    _prepare_model()
+    api_key = _demo_key()
+    quiet = os.environ | {"LORAPLEX_LOG_LEVEL": os.environ.get("LORAPLEX_LOG_LEVEL", "WARNING")}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--workers", "1"], env=quiet
+    )
+    try:
+        base_url = f"http://127.0.0.1:{port}"
+        _wait_healthy(base_url, server)
+        http = httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {api_key}"}, timeout=300)
+        name = f"{dataset.stem.replace('_', '-')}-{int(time.time())}"
+        ds = _upload(http, dataset, name)
+        job = _train(http, name, epochs)
+        _compare(base_url, api_key, dataset, job["adapter"])
+        _costs(http, job)
+        console.print(
+            f"\n[bold green]Done in {time.monotonic() - started:.0f} s.[/] Dataset {ds['name']}, "
+            f"adapter [bold]{job['adapter']}[/]. Serve it yourself: `loraplex serve`, then "
+            f"OpenAI(base_url='http://127.0.0.1:8000/v1', api_key=<key>).chat.completions.create("
+            f"model='{job['adapter']}', ...)"
+        )
+        return 0
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+def _prepare_model() -> None:
+    from functions.base_models import ensure_local
+
+    with console.status("Preparing the bundled SmolLM2-135M-Instruct (converted from GGUF once)..."):
+        t = time.monotonic()
+        path = ensure_local(BASE_MODEL)
+    console.print(f"Base model ready at {path} ({time.monotonic() - t:.1f} s)")
+
+
+def _demo_key() -> str:
+    from sqlalchemy import select
+
+    from app.db import migrate, session_scope
+    from app.models import Tenant
+    from app.tenants import create_key, create_tenant
+
+    migrate()
+    with session_scope() as s:
+        tenant = s.scalar(select(Tenant).where(Tenant.name == "demo"))
+        if tenant is None:
+            return create_tenant(s, "demo")[1]
+        return create_key(s, tenant)
+
+
+def _wait_healthy(base_url: str, server: subprocess.Popen[bytes]) -> None:
+    with console.status("Starting the API server and a worker..."):
+        for _ in range(600):
+            if server.poll() is not None:
+                raise SystemExit(f"the server exited with code {server.returncode}")
+            try:
+                if httpx.get(f"{base_url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+    raise SystemExit("the server did not become healthy in 120 s")
+
+
+def _upload(http: httpx.Client, dataset: Path, name: str) -> dict:
+    status = console.status(f"Uploading {dataset.name}; a worker validates it and counts tokens...")
+    with status, dataset.open("rb") as f:
+        r = http.post("/v1/datasets", files={"file": (dataset.name, f)}, data={"name": name, "base_model": BASE_MODEL})
+    body = r.json()
+    if r.status_code != 201:
+        raise SystemExit(f"upload failed ({r.status_code}): {json.dumps(body, indent=2)[:2000]}")
+    s = body["stats"]
+    console.print(
+        f"Dataset [bold]{name}[/]: {s['rows']} rows ({s['train_rows']} train, {s['evaluation_rows']} "
+        f"evaluation), {s['total_tokens']:,} tokens, mean {s['mean_tokens_per_row']} / max "
+        f"{s['max_tokens_per_row']} per row with the {BASE_MODEL} tokenizer and chat template"
+    )
+    return body
+
+
+def _train(http: httpx.Client, dataset: str, epochs: int) -> dict:
+    config = {
+        "base_model": BASE_MODEL,
+        "dataset": dataset,
+        "repo": "support-triage",
+        "epochs": epochs,
+        "learning_rate": 1e-3,
+        "rank": 16,
+        "effective_batch_size": 8,
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    }
+    r = http.post("/v1/finetuning/jobs", json=config)
+    job = r.json()
+    if r.status_code != 201:
+        raise SystemExit(f"job refused ({r.status_code}): {job}")
+    console.print(
+        f"Price quote: {job['estimate']['tokens']:,} tokens processed ({epochs} epochs) = "
+        f"[bold]{job['estimate']['cost']['usd']}[/] (LoRA, up to 16B parameters: $0.50 per 1M tokens)"
+    )
+    with Progress(
+        TextColumn("Training {task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("loss {task.fields[loss]}"),
+        TextColumn("{task.fields[tps]} tok/s"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+    ) as bar:
+        task = bar.add_task(job["id"], total=None, loss="-", tps="-")
+        last_step = -1
+        while job["status"] in ("queued", "training"):
+            time.sleep(1)
+            job = http.get(f"/v1/finetuning/jobs/{job['id']}").json()
+            metrics = http.get(f"/v1/finetuning/jobs/{job['id']}/metrics", params={"after_step": last_step}).json()
+            if metrics:
+                last_step = metrics[-1]["step"]
+                bar.update(
+                    task,
+                    total=job["total_steps"],
+                    completed=last_step,
+                    loss=f"{metrics[-1]['loss']:.3f}",
+                    tps=f"{metrics[-1]['tokens_per_second']:.0f}",
+                )
+            elif job["total_steps"]:
+                bar.update(task, total=job["total_steps"])
+    if job["status"] != "completed":
+        raise SystemExit(f"fine-tuning {job['status']}: {job['error']}")
+    console.print(f"Fine-tuned adapter [bold]{job['adapter']}[/] (tokens/s in the last step: {metrics_tps(http, job)})")
+    return job
+
+
+def metrics_tps(http: httpx.Client, job: dict) -> str:
+    metrics = http.get(f"/v1/finetuning/jobs/{job['id']}/metrics").json()
+    return f"{metrics[-1]['tokens_per_second']:.0f}" if metrics else "n/a"
+
+
+def _compare(base_url: str, api_key: str, dataset: Path, adapter: str) -> None:
+    """Held-out questions, asked of the base model and of the adapter through the official openai SDK."""
+    client = OpenAI(base_url=f"{base_url}/v1", api_key=api_key, max_retries=0, timeout=300)
+    rows = [json.loads(line) for line in dataset.read_text().splitlines() if line.strip()]
+    held_out = [r for r in rows if r.get("split") == "evaluation"][:4]
+    table = Table(title="Held-out tickets: base model vs fine-tuned adapter", show_lines=True)
+    for column in ("question", BASE_MODEL, adapter, "expected"):
+        table.add_column(column, overflow="fold")
+    with console.status("Asking both models..."):
+        for row in held_out:
+            answers = []
+            for model in (BASE_MODEL, adapter):
+                reply = client.chat.completions.create(
+                    model=model, messages=[{"role": "user", "content": row["prompt"]}], max_tokens=48, temperature=0
+                )
+                answers.append(reply.choices[0].message.content or "")
+            table.add_row(row["prompt"], *answers, row["completion"])
+    console.print(table)
+
+
+def _costs(http: httpx.Client, job: dict) -> None:
+    usage = http.get("/v1/usage").json()
+    by_kind = usage["by_kind"]
+    inference = by_kind["inference"]
+    console.print(f"Fine-tuning charged: [bold]{job_charge(http, job)}[/] (quoted {job['estimate']['cost']['usd']})")
+    console.print(
+        f"Inference: {inference['records']} requests, {inference['input_tokens']:,} prompt + "
+        f"{inference['output_tokens']:,} generated tokens = [bold]{inference['cost']['usd']}[/] "
+        f"($0.20 per 1M tokens)"
+    )
+    console.print(f"Total on this tenant's ledger: [bold]{usage['totals']['cost']['usd']}[/]")
+
+
+def job_charge(http: httpx.Client, job: dict) -> str:
+    charge = http.get(f"/v1/finetuning/jobs/{job['id']}").json()["charge"]
+    return charge["usd"] if charge else "n/a"
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("LORAPLEX_LOG_LEVEL", "WARNING")
+    raise SystemExit(run_demo(8765, Path(__file__).parent / "samples" / "support_triage.jsonl", 3))

@@ -1,0 +1,216 @@
+"""Shared fixtures: an isolated platform (data dir + database) per test, SQLite and PostgreSQL, a tiny random
+Llama with the SmolLM2 tokenizer for fast training and generation, tenants, and an in-process worker."""
+
+import json
+import os
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+PG_ADMIN_URL = os.environ.get("LORAPLEX_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+TINY_MODEL = "tiny-llama"
+
+
+def _clear_caches() -> None:
+    from app import db, queue, settings
+    from functions import base_models, engine
+
+    for fn in (settings.get_settings, db.get_engine, db.sessions, queue.get_huey, queue._huey_task,
+               base_models.load_tokenizer):
+        fn.cache_clear()
+    engine._engines.clear()
+
+
+def postgres_available() -> bool:
+    try:
+        import psycopg
+
+        with psycopg.connect(PG_ADMIN_URL, connect_timeout=3):
+            return True
+    except Exception:  # noqa: BLE001 - any failure means: skip the PostgreSQL runs
+        return False
+
+
+@pytest.fixture(scope="session")
+def shared_volume(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One volume for the session: base-model weights are built once and shared by every test."""
+    return tmp_path_factory.mktemp("shared")
+
+
+@pytest.fixture(scope="session")
+def smollm_tokenizer_dir(shared_volume: Path) -> Path:
+    """The real SmolLM2 tokenizer, read from the bundled GGUF once."""
+    from transformers import AutoTokenizer
+
+    from functions.base_models import GGUF_FILE, GGUF_PACKAGE
+
+    import importlib.util
+
+    target = shared_volume / "smollm2-tokenizer"
+    if not (target / "tokenizer.json").exists():
+        src = Path(importlib.util.find_spec(GGUF_PACKAGE).origin).parent  # type: ignore[union-attr,arg-type]
+        AutoTokenizer.from_pretrained(src, gguf_file=GGUF_FILE).save_pretrained(target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(shared_volume: Path, smollm_tokenizer_dir: Path) -> Path:
+    """A 2-layer random Llama (hidden 64) with the SmolLM2 tokenizer: trains and generates in milliseconds."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    target = shared_volume / "base_models" / TINY_MODEL
+    if not (target / "config.json").exists():
+        tokenizer = AutoTokenizer.from_pretrained(smollm_tokenizer_dir)
+        torch.manual_seed(0)
+        config = LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True,
+        )
+        model = LlamaForCausalLM(config)
+        model.save_pretrained(target)
+        tokenizer.save_pretrained(target)
+        params = sum(p.numel() for p in model.parameters())
+        (target / "loraplex_model.json").write_text(json.dumps({"params": params, "context_length": 2048}))
+    return target
+
+
+@dataclass
+class Platform:
+    data_dir: Path
+    database_url: str
+    backend: str
+
+    def env(self) -> dict[str, str]:
+        """Environment for subprocesses (server, workers) that must see this same platform."""
+        return {"LORAPLEX_DATA_DIR": str(self.data_dir), "DATABASE_URL": self.database_url,
+                "LORAPLEX_QUEUE_URL": f"sqlite:///{self.data_dir / 'queue.db'}"}
+
+
+def _make_platform(tmp_path: Path, backend: str, monkeypatch: pytest.MonkeyPatch,
+                   tiny_model_dir: Path) -> Iterator[Platform]:
+    data_dir = tmp_path / "data"
+    (data_dir / "volume" / "base_models").mkdir(parents=True)
+    (data_dir / "volume" / "base_models" / TINY_MODEL).symlink_to(tiny_model_dir)
+    # The bundled model, when a test converted it already, is shared the same way.
+    bundled = tiny_model_dir.parent / "smollm2-135m"
+    if bundled.exists():
+        (data_dir / "volume" / "base_models" / "smollm2-135m").symlink_to(bundled)
+    drop = None
+    if backend == "postgres":
+        if not postgres_available():
+            pytest.skip(f"PostgreSQL not reachable at {PG_ADMIN_URL}")
+        import psycopg
+
+        name = f"loraplex_test_{secrets.token_hex(4)}"
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {name}")
+        url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+        drop = name
+    else:
+        url = f"sqlite:///{data_dir / 'loraplex.db'}"
+    platform = Platform(data_dir, url, backend)
+    for key, value in platform.env().items():
+        monkeypatch.setenv(key, value)
+    _clear_caches()
+    from app.db import migrate
+
+    migrate()
+    yield platform
+    from app.db import get_engine
+
+    get_engine().dispose()
+    _clear_caches()
+    if drop:
+        import psycopg
+
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {drop} WITH (FORCE)")
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def platform(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+             tiny_model_dir: Path) -> Iterator[Platform]:
+    """A fresh platform, once on SQLite and once on PostgreSQL."""
+    yield from _make_platform(tmp_path, request.param, monkeypatch, tiny_model_dir)
+
+
+@pytest.fixture
+def sqlite_platform(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path) -> Iterator[Platform]:
+    yield from _make_platform(tmp_path, "sqlite", monkeypatch, tiny_model_dir)
+
+
+@pytest.fixture
+def client(platform: Platform) -> Iterator["TestClient"]:  # type: ignore[name-defined]  # noqa: F821
+    from fastapi.testclient import TestClient
+
+    from web.main import create_app
+
+    with TestClient(create_app()) as c:
+        yield c
+
+
+def make_tenant(name: str) -> tuple[str, dict[str, str]]:
+    """(tenant id, auth headers) for a new tenant."""
+    from app.db import session_scope
+    from app.tenants import create_tenant
+
+    with session_scope() as s:
+        tenant, key = create_tenant(s, name)
+        return tenant.id, {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture
+def alice(platform: Platform) -> dict[str, str]:
+    return make_tenant("alice")[1]
+
+
+@pytest.fixture
+def bob(platform: Platform) -> dict[str, str]:
+    return make_tenant("bob")[1]
+
+
+class InProcessWorker:
+    """Delivers pending events to the real handlers from a thread, as a Huey worker would (the Huey consumer
+    itself runs in the subprocess tests). `drain()` processes everything due right now."""
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def drain(self) -> int:
+        from app.db import session_scope
+        from app.models import Event
+        from app.queue import now, process_event
+
+        with session_scope() as s:
+            due = s.scalars(select(Event.id).where(Event.status == "pending", Event.run_after <= now())).all()
+        for event_id in due:
+            process_event(event_id)
+        return len(due)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            if not self.drain():
+                time.sleep(0.05)
+
+    def __enter__(self) -> "InProcessWorker":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=60)
+
+
+@pytest.fixture
+def worker(platform: Platform) -> Iterator[InProcessWorker]:
+    with InProcessWorker() as w:
+        yield w
