@@ -25,7 +25,7 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from app.db import session_scope
-from app.models import Event
+from app.models import Event, new_id
 from app.settings import get_settings
 
 log = logging.getLogger("loraplex.queue")
@@ -65,7 +65,7 @@ def emit(session: Session, name: str, subject_id: str) -> Event:
     """Add an event in the caller's transaction; it is sent to a worker only once that transaction commits."""
     if name not in HANDLERS:
         raise ValueError(f"unknown event {name!r}")
-    ev = Event(name=name, subject_id=subject_id)
+    ev = Event(id=new_id("ev"), name=name, subject_id=subject_id)
     session.add(ev)
     session.info.setdefault("loraplex_outbox", []).append(ev)
     return ev
