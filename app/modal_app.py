@@ -192,9 +192,14 @@ class Inference:
 
     @modal.method()
     def generate(self, request: dict) -> dict:
+        """request: GenerationRequest as a dict (see functions.engine.protocol.request_from_dict)."""
+        from dataclasses import asdict
+
+        from functions.engine.protocol import collect, request_from_dict
+
         # A warm container started before an adapter was trained would not see it without a reload.
         _reload_volume_best_effort()
-        return self.engine.generate_dict(request)
+        return asdict(collect(self.engine.stream(request_from_dict(request))))
 
 
 @app.function(

@@ -118,11 +118,20 @@ class HFEngine:
                 if cut is not None:
                     text, finish = text[:cut], "stop"
                     stop_now.set()
+                else:  # an end that may begin a stop sequence waits until the next tokens decide
+                    text = text[: len(text) - _partial_stop(text, params.stop)]
                 if len(text) > len(sent):
                     yield Delta(text[len(sent) :])
                     sent = text
                 if stop_now.is_set():
                     break
+            else:  # generation ended: send what was held back (an incomplete character, the start of a stop)
+                text = self.tokenizer.decode(generated, skip_special_tokens=True)
+                cut = _first_stop(text, params.stop)
+                if cut is not None:
+                    text, finish = text[:cut], "stop"
+                if len(text) > len(sent) and not failure:
+                    yield Delta(text[len(sent) :])
         finally:
             stop_now.set()  # also reached when the consumer goes away mid-stream: free the model at once
             thread.join()
@@ -164,3 +173,8 @@ class HFEngine:
 def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
     hits = [i for s in stops if s and (i := text.find(s)) >= 0]
     return min(hits) if hits else None
+
+
+def _partial_stop(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest end of `text` that is the beginning of a stop sequence."""
+    return max((n for s in stops for n in range(1, min(len(s), len(text) + 1)) if text.endswith(s[:n])), default=0)

@@ -73,6 +73,18 @@ class CancelFlag(Protocol):
     def is_set(self) -> bool: ...
 
 
+def request_from_dict(data: dict) -> GenerationRequest:
+    """The inverse of dataclasses.asdict(request), for engines reached over RPC (Modal)."""
+    params = dict(data.get("params") or {})
+    params["stop"] = tuple(params.get("stop", ()))
+    adapter = data.get("adapter")
+    return GenerationRequest(
+        prompt=data["prompt"],
+        params=SamplingParams(**params),
+        adapter=AdapterRef(adapter["key"], Path(adapter["path"]), adapter["base_model"]) if adapter else None,
+    )
+
+
 def collect(deltas: Iterator[Delta]) -> Completion:
     """Run a stream to its end and join it into one completion."""
     text, last = [], Delta("")

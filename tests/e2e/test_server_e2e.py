@@ -1,0 +1,159 @@
+"""End to end over real HTTP: `loraplex serve` and `loraplex worker` as separate processes, the Huey queue
+between them, and the official openai SDK as the client."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from openai import OpenAI
+
+from conftest import TINY_MODEL, Platform, make_tenant
+
+SAMPLE = Path(__file__).parents[2] / "app" / "samples" / "support_triage.jsonl"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Processes:
+    def __init__(self, platform: Platform, extra_env: dict[str, str]) -> None:
+        self.env = os.environ | platform.env() | {"LORAPLEX_LOG_LEVEL": "WARNING"} | extra_env
+        self.children: list[subprocess.Popen[bytes]] = []
+
+    def start(self, *args: str) -> subprocess.Popen[bytes]:
+        child = subprocess.Popen([sys.executable, "-m", "app.cli", *args], env=self.env)
+        self.children.append(child)
+        return child
+
+    def server(self, workers: int) -> str:
+        port = _free_port()
+        child = self.start("serve", "--port", str(port), "--workers", str(workers))
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(300):
+            assert child.poll() is None, "server exited"
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    return url
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError("server did not start")
+
+    def stop(self) -> None:
+        for child in self.children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        for child in self.children:
+            try:
+                child.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                child.kill()
+
+
+@pytest.fixture
+def processes(sqlite_platform: Platform) -> Iterator[Processes]:
+    procs = Processes(sqlite_platform, {"LORAPLEX_LEASE_SECONDS": "3", "LORAPLEX_REAP_INTERVAL_SECONDS": "0.5",
+                                        "LORAPLEX_RETRY_BASE_SECONDS": "0.5"})
+    yield procs
+    procs.stop()
+
+
+def _wait_job(http: httpx.Client, job_id: str, timeout: float = 300) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = http.get(f"/v1/finetuning/jobs/{job_id}").json()
+        if job["status"] not in ("queued", "training"):
+            return job
+        time.sleep(0.3)
+    raise AssertionError(f"job {job_id} still {job['status']} after {timeout} s")
+
+
+@pytest.fixture(scope="session")
+def bundled_model(tiny_model_dir: Path) -> Path:
+    """The real SmolLM2-135M-Instruct, converted from the bundled GGUF once for the session."""
+    from functions.base_models import _convert_bundled_gguf
+
+    target = tiny_model_dir.parent / "smollm2-135m"
+    if not (target / "config.json").exists():
+        _convert_bundled_gguf(target)
+    return target
+
+
+@pytest.mark.slow
+def test_openai_sdk_against_the_real_model(bundled_model: Path, processes: Processes) -> None:
+    url = processes.server(workers=1)
+    _, headers = make_tenant("e2e")
+    http = httpx.Client(base_url=url, headers=headers, timeout=120)
+    rows = [json.loads(line) for line in SAMPLE.read_text().splitlines()][:24]
+    data = "\n".join(json.dumps(r) for r in rows).encode()
+    r = http.post("/v1/datasets", files={"file": ("triage.jsonl", data)}, data={"base_model": "smollm2-135m"})
+    assert r.status_code == 201, r.text
+    assert r.json()["stats"]["rows"] == 24
+    r = http.post("/v1/finetuning/jobs", json={
+        "base_model": "smollm2-135m", "dataset": "triage", "repo": "triage", "epochs": 2,
+        "effective_batch_size": 4, "learning_rate": 2e-3, "rank": 8,
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    })
+    assert r.status_code == 201, r.text
+    job = _wait_job(http, r.json()["id"])
+    assert job["status"] == "completed", job
+    assert job["adapter"] == "triage/1"
+    metrics = http.get(f"/v1/finetuning/jobs/{job['id']}/metrics").json()
+    assert [m["step"] for m in metrics] == list(range(1, job["total_steps"] + 1))
+
+    client = OpenAI(base_url=f"{url}/v1", api_key=headers["Authorization"].split()[1], max_retries=0)
+    assert {"smollm2-135m", "triage/1"} <= {m.id for m in client.models.list()}
+    question = [{"role": "user", "content": "Triage this support ticket: My parcel arrived damaged."}]
+    base = client.chat.completions.create(model="smollm2-135m", messages=question, max_tokens=24, temperature=0)
+    tuned = client.chat.completions.create(model="triage/1", messages=question, max_tokens=24, temperature=0)
+    assert base.choices[0].message.content and tuned.choices[0].message.content
+    assert tuned.choices[0].message.content != base.choices[0].message.content
+    assert tuned.usage is not None and tuned.usage.completion_tokens > 0
+    streamed = client.chat.completions.create(model="triage/1", messages=question, max_tokens=24, temperature=0,
+                                              stream=True)
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in streamed if chunk.choices)
+    assert text == tuned.choices[0].message.content
+    usage = http.get("/v1/usage").json()
+    assert usage["by_kind"]["inference"]["records"] == 3
+    assert usage["by_kind"]["finetune"]["records"] == 1
+
+
+def test_killed_worker_mid_training_job_still_finishes(processes: Processes) -> None:
+    url = processes.server(workers=0)
+    first = processes.start("worker")
+    _, headers = make_tenant("crash")
+    http = httpx.Client(base_url=url, headers=headers, timeout=60)
+    rows = [{"prompt": f"Count to {i}", "completion": " ".join(str(n) for n in range(i))} for i in range(2, 66)]
+    data = "\n".join(json.dumps(r) for r in rows).encode()
+    assert http.post("/v1/datasets", files={"file": ("count.jsonl", data)},
+                     data={"base_model": TINY_MODEL}).status_code == 201
+    r = http.post("/v1/finetuning/jobs", json={"base_model": TINY_MODEL, "dataset": "count", "repo": "count",
+                                               "epochs": 15, "effective_batch_size": 4})
+    job_id = r.json()["id"]
+    for _ in range(600):  # wait until it is really training: some steps written
+        if http.get(f"/v1/finetuning/jobs/{job_id}/metrics").json():
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("training never started")
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert http.get(f"/v1/finetuning/jobs/{job_id}").json()["status"] == "training"  # orphaned, lease running
+    processes.start("worker")  # its reaper finds the expired lease and takes the job over
+    job = _wait_job(http, job_id)
+    assert job["status"] == "completed", job
+    assert job["attempts"] == 2
+    assert job["adapter"] == "count/1"
+    metrics = http.get(f"/v1/finetuning/jobs/{job_id}/metrics").json()
+    assert metrics[0]["attempt"] == 2 and len(metrics) == job["total_steps"]
