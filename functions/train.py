@@ -64,7 +64,8 @@ def fail(event: EventInfo, reason: str) -> None:
 
 def _start(event: EventInfo) -> FinetuneJob | None:
     with session_scope() as s:
-        job = s.get(FinetuneJob, event.subject_id)
+        # Locked, so a cancel committed between this read and the write below is not overwritten by "training".
+        job = s.get(FinetuneJob, event.subject_id, with_for_update=True)
         if job is None or job.status in FINAL:
             return None  # cancelled while queued, or finished by an earlier attempt
         job.status, job.attempts = "training", event.attempt

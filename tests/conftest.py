@@ -106,6 +106,8 @@ def _make_platform(tmp_path: Path, backend: str, monkeypatch: pytest.MonkeyPatch
     drop = None
     if backend == "postgres":
         if not postgres_available():
+            if os.environ.get("LORAPLEX_REQUIRE_POSTGRES"):
+                pytest.fail(f"PostgreSQL not reachable at {PG_ADMIN_URL} (LORAPLEX_REQUIRE_POSTGRES is set)")
             pytest.skip(f"PostgreSQL not reachable at {PG_ADMIN_URL}")
         import psycopg
 

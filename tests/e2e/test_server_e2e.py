@@ -139,7 +139,7 @@ def test_killed_worker_mid_training_job_still_finishes(processes: Processes) -> 
     assert http.post("/v1/datasets", files={"file": ("count.jsonl", data)},
                      data={"base_model": TINY_MODEL}).status_code == 201
     r = http.post("/v1/finetuning/jobs", json={"base_model": TINY_MODEL, "dataset": "count", "repo": "count",
-                                               "epochs": 15, "effective_batch_size": 4})
+                                               "epochs": 2, "effective_batch_size": 4})
     job_id = r.json()["id"]
     for _ in range(600):  # wait until it is really training: some steps written
         if http.get(f"/v1/finetuning/jobs/{job_id}/metrics").json():

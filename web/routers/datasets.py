@@ -109,16 +109,17 @@ async def _save_limited(file: UploadFile, target: Path, limit: int) -> int:
         while chunk := await file.read(CHUNK):
             size += len(chunk)
             if size > limit:
-                raise APIError(
-                    413,
-                    f"file: larger than the {limit // (1024 * 1024)} MiB limit",
-                    param="file",
-                    code="file_too_large",
-                )
+                raise APIError(413, f"file: larger than the {_size(limit)} limit", param="file", code="file_too_large")
             out.write(chunk)
     if size == 0:
         raise APIError(422, "file: the file is empty", param="file", code="empty_file")
     return size
+
+
+def _size(n: int) -> str:
+    """A byte count for people: '50 MiB', or exact bytes when not a whole number of MiB (no '0 MiB limit')."""
+    mib = 1024 * 1024
+    return f"{n // mib} MiB" if n >= mib and n % mib == 0 else f"{n} bytes"
 
 
 async def _wait_for_validation(db: Db, dataset: Dataset) -> JSONResponse | DatasetOut:
@@ -142,5 +143,7 @@ async def _wait_for_validation(db: Db, dataset: Dataset) -> JSONResponse | Datas
 def _summary(errors: list[dict]) -> str:
     first = errors[0]
     where = f"line {first['line']}" + (f", field '{first['field']}'" if first.get("field") else "")
+    if not first["line"]:  # line 0 is the whole file: naming a "line 0" would send the user looking for it
+        where = f"field '{first['field']}'" if first.get("field") else ""
     more = f" (and {len(errors) - 1} more errors)" if len(errors) > 1 else ""
-    return f"file: {where}: {first['message']}{more}"
+    return f"file: {where + ': ' if where else ''}{first['message']}{more}"

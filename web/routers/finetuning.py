@@ -1,7 +1,7 @@
 """/v1/finetuning/jobs: create (with a price estimate), list, get, cancel, per-step metrics."""
 
 from fastapi import APIRouter, status
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from app.models import FinetuneJob, JobMetric, Repo, UsageRecord, utcnow
 from app.queue import emit
@@ -67,9 +67,16 @@ def cancel_job(job_id: str, tenant: CurrentTenant, db: Db) -> JobOut:
     is left as it is."""
     job = find_job(db, tenant.id, job_id)
     if job.status in ("queued", "training"):
-        job.status = "cancelled"
-        job.finished_at = utcnow()
+        # Conditional UPDATE: a worker may complete the job between the read above and this write, and a
+        # published, charged adapter must not be overwritten as "cancelled".
+        db.execute(
+            update(FinetuneJob)
+            .where(FinetuneJob.id == job.id, FinetuneJob.status.in_(("queued", "training")))
+            .values(status="cancelled", finished_at=utcnow())
+            .execution_options(synchronize_session=False)
+        )
         db.commit()
+        db.refresh(job)
     return _out(db, job)
 
 

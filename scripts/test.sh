@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The test suite (SQLite and, when reachable, PostgreSQL at 127.0.0.1:5432), then ruff.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/setup.sh
+.venv/bin/python -m pytest "$@"
+.venv/bin/ruff check .
