@@ -168,6 +168,15 @@ def train(event_id: str) -> None:
     _run_event(event_id)
 
 
+@app.function(secrets=SECRETS, timeout=5 * MINUTES, schedule=modal.Period(minutes=1))
+def reap() -> None:
+    """The queue's reaper on Modal: re-spawns events whose container died (lease expired) or whose retry
+    came due (a delayed retry cannot be spawned with a delay, so it waits here)."""
+    from app.queue import reap as reap_events
+
+    reap_events()
+
+
 @app.cls(
     image=serve_image,
     gpu=SERVE_GPU,

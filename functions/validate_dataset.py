@@ -10,7 +10,7 @@ from app.db import session_scope
 from app.models import Dataset
 from app.queue import EventInfo
 from app.settings import get_settings
-from functions.base_models import load_tokenizer
+from functions.base_models import BaseModelUnavailable, load_tokenizer
 from functions.datasets import ParsedDataset, parse_dataset
 from functions.prompts import tokenize_example
 
@@ -27,7 +27,12 @@ def run(event: EventInfo) -> None:
     if not parsed.ok:
         _save(dataset.id, "invalid", parsed, errors=[e.to_dict() for e in parsed.errors], stats=_row_stats(parsed))
         return
-    stats = _row_stats(parsed) | count_tokens(parsed, dataset.base_model)
+    try:
+        stats = _row_stats(parsed) | count_tokens(parsed, dataset.base_model)
+    except BaseModelUnavailable as exc:  # retrying will not bring a network: tell the user now
+        error = {"line": 0, "field": "base_model", "message": str(exc)}
+        _save(dataset.id, "invalid", parsed, errors=[error], stats=_row_stats(parsed))
+        return
     _save(dataset.id, "ready", parsed, errors=[], stats=stats)
 
 

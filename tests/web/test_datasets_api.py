@@ -327,3 +327,18 @@ def test_authentication_required(client: TestClient, alice: dict[str, str], plat
         assert_nothing_stored(platform)
         error_of(client.get("/v1/datasets", headers=headers), 401)
         error_of(client.get("/v1/datasets/qa", headers=headers), 401)
+
+
+def test_hub_model_without_network_is_refused_with_a_clear_error(client, alice: dict[str, str], worker,
+                                                                  monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # The hub is unreachable from the test machines; offline mode makes that certain and instant everywhere.
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    r = client.post("/v1/datasets", headers=alice, data={"base_model": "qwen2-5-7b-instruct"},
+                    files={"file": ("q.jsonl", b'{"prompt": "a", "completion": "b"}\n')})
+    assert r.status_code == 422, r.text
+    error = r.json()["error"]
+    assert error["param"] == "base_model"
+    assert "Hugging Face hub" in error["message"] and "smollm2-135m" in error["message"]
+    assert client.get("/v1/datasets", headers=alice).json() == []

@@ -136,14 +136,18 @@ async def _wait_for_validation(db: Db, dataset: Dataset) -> JSONResponse | Datas
         db.delete(dataset)
         db.commit()
         volume.dataset_path(dataset.tenant_id, dataset.id, dataset.file_format).unlink(missing_ok=True)
-        raise APIError(422, _summary(errors), param="file", code="invalid_dataset", errors=errors)
+        # A whole-file problem may belong to another field (base_model whose tokenizer cannot be had).
+        param = errors[0]["field"] if not errors[0]["line"] and errors[0].get("field") == "base_model" else "file"
+        raise APIError(422, _summary(errors, param), param=param, code="invalid_dataset", errors=errors)
     return DatasetOut.of(dataset)
 
 
-def _summary(errors: list[dict]) -> str:
+def _summary(errors: list[dict], param: str) -> str:
     first = errors[0]
     where = f"line {first['line']}" + (f", field '{first['field']}'" if first.get("field") else "")
     if not first["line"]:  # line 0 is the whole file: naming a "line 0" would send the user looking for it
         where = f"field '{first['field']}'" if first.get("field") else ""
     more = f" (and {len(errors) - 1} more errors)" if len(errors) > 1 else ""
+    if param != "file":
+        return f"{param}: {first['message']}"
     return f"file: {where + ': ' if where else ''}{first['message']}{more}"
