@@ -18,9 +18,17 @@ app.add_typer(tenant_app, name="tenant")
 
 
 def _logging() -> None:
-    logging.basicConfig(
-        level=os.environ.get("LORAPLEX_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    level = os.environ.get("LORAPLEX_LOG_LEVEL", "INFO")
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if level != "DEBUG":  # library chatter (progress bars, deprecation notes) drowns our own log lines
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        logging.getLogger("huey").setLevel(logging.WARNING)
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
 
 
 def start_workers(count: int) -> list[subprocess.Popen[bytes]]:

@@ -21,8 +21,14 @@ def _clear_caches() -> None:
     from app import db, queue, settings
     from functions import base_models, engine
 
-    for fn in (settings.get_settings, db.get_engine, db.sessions, queue.get_huey, queue._huey_task,
-               base_models.load_tokenizer):
+    for fn in (
+        settings.get_settings,
+        db.get_engine,
+        db.sessions,
+        queue.get_huey,
+        queue._huey_task,
+        base_models.load_tokenizer,
+    ):
         fn.cache_clear()
     engine._engines.clear()
 
@@ -46,11 +52,11 @@ def shared_volume(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def smollm_tokenizer_dir(shared_volume: Path) -> Path:
     """The real SmolLM2 tokenizer, read from the bundled GGUF once."""
+    import importlib.util
+
     from transformers import AutoTokenizer
 
     from functions.base_models import GGUF_FILE, GGUF_PACKAGE
-
-    import importlib.util
 
     target = shared_volume / "smollm2-tokenizer"
     if not (target / "tokenizer.json").exists():
@@ -70,9 +76,16 @@ def tiny_model_dir(shared_volume: Path, smollm_tokenizer_dir: Path) -> Path:
         tokenizer = AutoTokenizer.from_pretrained(smollm_tokenizer_dir)
         torch.manual_seed(0)
         config = LlamaConfig(
-            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True,
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=2048,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            tie_word_embeddings=True,
         )
         model = LlamaForCausalLM(config)
         model.save_pretrained(target)
@@ -90,12 +103,16 @@ class Platform:
 
     def env(self) -> dict[str, str]:
         """Environment for subprocesses (server, workers) that must see this same platform."""
-        return {"LORAPLEX_DATA_DIR": str(self.data_dir), "DATABASE_URL": self.database_url,
-                "LORAPLEX_QUEUE_URL": f"sqlite:///{self.data_dir / 'queue.db'}"}
+        return {
+            "LORAPLEX_DATA_DIR": str(self.data_dir),
+            "DATABASE_URL": self.database_url,
+            "LORAPLEX_QUEUE_URL": f"sqlite:///{self.data_dir / 'queue.db'}",
+        }
 
 
-def _make_platform(tmp_path: Path, backend: str, monkeypatch: pytest.MonkeyPatch,
-                   tiny_model_dir: Path) -> Iterator[Platform]:
+def _make_platform(
+    tmp_path: Path, backend: str, monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path
+) -> Iterator[Platform]:
     data_dir = tmp_path / "data"
     (data_dir / "volume" / "base_models").mkdir(parents=True)
     (data_dir / "volume" / "base_models" / TINY_MODEL).symlink_to(tiny_model_dir)
@@ -138,8 +155,9 @@ def _make_platform(tmp_path: Path, backend: str, monkeypatch: pytest.MonkeyPatch
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
-def platform(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-             tiny_model_dir: Path) -> Iterator[Platform]:
+def platform(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path
+) -> Iterator[Platform]:
     """A fresh platform, once on SQLite and once on PostgreSQL."""
     yield from _make_platform(tmp_path, request.param, monkeypatch, tiny_model_dir)
 

@@ -3,11 +3,14 @@
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request, Response
 
 from app.db import migrate
+from app.settings import get_settings
 from web import errors
 from web.routers import datasets, finetuning, openai_compat, repos, usage
+
+MULTIPART_OVERHEAD = 64 * 1024  # bytes of form fields and boundaries allowed beside the file itself
 
 
 @asynccontextmanager
@@ -19,6 +22,20 @@ async def lifespan(_: FastAPI) -> AsyncIterator[None]:
 def create_app() -> FastAPI:
     app = FastAPI(title="Loraplex", version="0.1.0", lifespan=lifespan)
     errors.install(app)
+
+    @app.middleware("http")
+    async def refuse_oversized_uploads(request: Request, call_next):  # type: ignore[no-untyped-def]
+        """Refuse a declared-too-large upload before its body is read (the form parser would spool it to disk);
+        bodies without a length are still cut at the limit while being copied."""
+        limit = get_settings().max_upload_bytes + MULTIPART_OVERHEAD
+        declared = request.headers.get("content-length", "")
+        if request.method == "POST" and declared.isdigit() and int(declared) > limit:
+            return errors.error_response(
+                413, f"file: the upload is larger than the {limit} bytes allowed", param="file", code="file_too_large"
+            )
+        response: Response = await call_next(request)
+        return response
+
     for module in (datasets, finetuning, repos, usage, openai_compat):
         app.include_router(module.router)
 

@@ -128,9 +128,16 @@ def test_permanent_error_fails_at_once() -> None:
 def _die_while_running(event_id: str, attempts: int) -> None:
     """What a worker killed mid-run leaves behind: a running event whose lease ran out."""
     with session_scope() as s:
-        s.execute(update(Event).where(Event.id == event_id).values(
-            status="running", attempts=attempts, worker="dead:1:1",
-            lease_expires_at=queue.now() - timedelta(seconds=1)))
+        s.execute(
+            update(Event)
+            .where(Event.id == event_id)
+            .values(
+                status="running",
+                attempts=attempts,
+                worker="dead:1:1",
+                lease_expires_at=queue.now() - timedelta(seconds=1),
+            )
+        )
 
 
 def test_expired_lease_is_reaped_and_run_again() -> None:
@@ -148,8 +155,11 @@ def test_reaper_resends_expired_and_fails_exhausted(monkeypatch: pytest.MonkeyPa
     _die_while_running(retry_id, attempts=1)
     _die_while_running(exhausted_id, attempts=2)
     with session_scope() as s:  # a healthy running event: its lease is in the future
-        s.execute(update(Event).where(Event.id == live_id).values(
-            status="running", attempts=1, lease_expires_at=queue.now() + timedelta(seconds=60)))
+        s.execute(
+            update(Event)
+            .where(Event.id == live_id)
+            .values(status="running", attempts=1, lease_expires_at=queue.now() + timedelta(seconds=60))
+        )
     huey = queue.get_huey()
     before = huey.pending_count()
     assert queue.reap() == 2

@@ -4,8 +4,16 @@ from conftest import make_tenant
 
 
 def _usage(tenant_id: str, key: str, amount: int, kind: str = "inference") -> ledger.Usage:
-    return ledger.Usage(idempotency_key=key, tenant_id=tenant_id, kind=kind, technique=kind, base_model="m",
-                        amount_micro_usd=amount, input_tokens=10, output_tokens=5)
+    return ledger.Usage(
+        idempotency_key=key,
+        tenant_id=tenant_id,
+        kind=kind,
+        technique=kind,
+        base_model="m",
+        amount_micro_usd=amount,
+        input_tokens=10,
+        output_tokens=5,
+    )
 
 
 def test_same_event_three_times_charges_once(platform) -> None:

@@ -63,8 +63,10 @@ class Processes:
 
 @pytest.fixture
 def processes(sqlite_platform: Platform) -> Iterator[Processes]:
-    procs = Processes(sqlite_platform, {"LORAPLEX_LEASE_SECONDS": "3", "LORAPLEX_REAP_INTERVAL_SECONDS": "0.5",
-                                        "LORAPLEX_RETRY_BASE_SECONDS": "0.5"})
+    procs = Processes(
+        sqlite_platform,
+        {"LORAPLEX_LEASE_SECONDS": "3", "LORAPLEX_REAP_INTERVAL_SECONDS": "0.5", "LORAPLEX_RETRY_BASE_SECONDS": "0.5"},
+    )
     yield procs
     procs.stop()
 
@@ -100,11 +102,19 @@ def test_openai_sdk_against_the_real_model(bundled_model: Path, processes: Proce
     r = http.post("/v1/datasets", files={"file": ("triage.jsonl", data)}, data={"base_model": "smollm2-135m"})
     assert r.status_code == 201, r.text
     assert r.json()["stats"]["rows"] == 24
-    r = http.post("/v1/finetuning/jobs", json={
-        "base_model": "smollm2-135m", "dataset": "triage", "repo": "triage", "epochs": 2,
-        "effective_batch_size": 4, "learning_rate": 2e-3, "rank": 8,
-        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    })
+    r = http.post(
+        "/v1/finetuning/jobs",
+        json={
+            "base_model": "smollm2-135m",
+            "dataset": "triage",
+            "repo": "triage",
+            "epochs": 2,
+            "effective_batch_size": 4,
+            "learning_rate": 2e-3,
+            "rank": 8,
+            "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+        },
+    )
     assert r.status_code == 201, r.text
     job = _wait_job(http, r.json()["id"])
     assert job["status"] == "completed", job
@@ -120,8 +130,9 @@ def test_openai_sdk_against_the_real_model(bundled_model: Path, processes: Proce
     assert base.choices[0].message.content and tuned.choices[0].message.content
     assert tuned.choices[0].message.content != base.choices[0].message.content
     assert tuned.usage is not None and tuned.usage.completion_tokens > 0
-    streamed = client.chat.completions.create(model="triage/1", messages=question, max_tokens=24, temperature=0,
-                                              stream=True)
+    streamed = client.chat.completions.create(
+        model="triage/1", messages=question, max_tokens=24, temperature=0, stream=True
+    )
     text = "".join(chunk.choices[0].delta.content or "" for chunk in streamed if chunk.choices)
     assert text == tuned.choices[0].message.content
     usage = http.get("/v1/usage").json()
@@ -136,10 +147,14 @@ def test_killed_worker_mid_training_job_still_finishes(processes: Processes) -> 
     http = httpx.Client(base_url=url, headers=headers, timeout=60)
     rows = [{"prompt": f"Count to {i}", "completion": " ".join(str(n) for n in range(i))} for i in range(2, 66)]
     data = "\n".join(json.dumps(r) for r in rows).encode()
-    assert http.post("/v1/datasets", files={"file": ("count.jsonl", data)},
-                     data={"base_model": TINY_MODEL}).status_code == 201
-    r = http.post("/v1/finetuning/jobs", json={"base_model": TINY_MODEL, "dataset": "count", "repo": "count",
-                                               "epochs": 2, "effective_batch_size": 4})
+    assert (
+        http.post("/v1/datasets", files={"file": ("count.jsonl", data)}, data={"base_model": TINY_MODEL}).status_code
+        == 201
+    )
+    r = http.post(
+        "/v1/finetuning/jobs",
+        json={"base_model": TINY_MODEL, "dataset": "count", "repo": "count", "epochs": 2, "effective_batch_size": 4},
+    )
     job_id = r.json()["id"]
     for _ in range(600):  # wait until it is really training: some steps written
         if http.get(f"/v1/finetuning/jobs/{job_id}/metrics").json():

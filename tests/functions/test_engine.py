@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_MODEL
 
+from conftest import TINY_MODEL
 from functions.engine.hf import HFEngine
 from functions.engine.protocol import (
     AdapterRef,
@@ -37,8 +37,13 @@ def _build_adapter(base_dir: Path, seed: int, dest: Path) -> Path:
     torch.manual_seed(seed)
     model = get_peft_model(
         AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
-        LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM",
-                   target_modules=["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]),
+        LoraConfig(
+            r=4,
+            lora_alpha=8,
+            lora_dropout=0.0,
+            task_type="CAUSAL_LM",
+            target_modules=["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"],
+        ),
     )
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -72,9 +77,14 @@ def reference(tiny_model_dir: Path, adapter_dirs: dict[str, Path]) -> Iterator[R
             model.eval()
             ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
             with torch.inference_mode():
-                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
-                                     do_sample=False, pad_token_id=tokenizer.pad_token_id)
-            cache[(adapter, prompt)] = out[0, ids.shape[1]:].tolist()
+                out = model.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=NEW_TOKENS,
+                    do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
+            cache[(adapter, prompt)] = out[0, ids.shape[1] :].tolist()
         return cache[(adapter, prompt)]
 
     yield run
@@ -87,8 +97,9 @@ def engine(sqlite_platform: object) -> HFEngine:
 
 @pytest.fixture
 def refs(adapter_dirs: dict[str, Path]) -> dict[str | None, AdapterRef | None]:
-    return {None: None} | {name: AdapterRef(f"ad_{name}", path, base_model=TINY_MODEL)
-                           for name, path in adapter_dirs.items()}
+    return {None: None} | {
+        name: AdapterRef(f"ad_{name}", path, base_model=TINY_MODEL) for name, path in adapter_dirs.items()
+    }
 
 
 def greedy(max_new_tokens: int = NEW_TOKENS, **kw: object) -> SamplingParams:
@@ -131,8 +142,15 @@ def test_greedy_matches_transformers_across_adapters_and_eviction(
             assert got.finish_reason == "length"
         resident_after.append(list(engine._resident))
     assert resident_after == [
-        ["ad_A"], ["ad_A"], ["ad_A", "ad_B"], ["ad_B", "ad_A"], ["ad_A", "ad_C"], ["ad_C", "ad_B"],
-        ["ad_B", "ad_A"], ["ad_B", "ad_A"], ["ad_A", "ad_C"],
+        ["ad_A"],
+        ["ad_A"],
+        ["ad_A", "ad_B"],
+        ["ad_B", "ad_A"],
+        ["ad_A", "ad_C"],
+        ["ad_C", "ad_B"],
+        ["ad_B", "ad_A"],
+        ["ad_B", "ad_A"],
+        ["ad_A", "ad_C"],
     ]
     # evicted adapters are really gone from the PEFT model, not just from the LRU bookkeeping
     assert set(engine.model.peft_config) == {"ad_A", "ad_C"}
@@ -275,5 +293,7 @@ def test_streaming_deltas_concatenate_to_the_full_text(
         assert all(d.finish_reason is None for d in deltas[:-1])
         last = deltas[-1]
         assert (last.finish_reason, last.prompt_tokens, last.completion_tokens) == (
-            full.finish_reason, full.prompt_tokens, full.completion_tokens,
+            full.finish_reason,
+            full.prompt_tokens,
+            full.completion_tokens,
         )

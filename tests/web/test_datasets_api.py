@@ -10,13 +10,13 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import TINY_MODEL, InProcessWorker, Platform
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 from app.db import session_scope
 from app.models import Dataset
 from app.settings import get_settings
+from conftest import TINY_MODEL, InProcessWorker, Platform
 from functions.datasets import Example
 from functions.prompts import tokenize_example
 
@@ -39,9 +39,7 @@ def jsonl(rows: list[Any]) -> bytes:
     return ("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n").encode()
 
 
-def upload(
-    client: TestClient, headers: dict[str, str], filename: str, data: bytes, **form: str
-) -> httpx.Response:
+def upload(client: TestClient, headers: dict[str, str], filename: str, data: bytes, **form: str) -> httpx.Response:
     return client.post(
         "/v1/datasets", headers=headers, files={"file": (filename, data)}, data={"base_model": TINY_MODEL, **form}
     )
@@ -109,7 +107,10 @@ def test_jsonl_and_csv_uploads_are_ready_with_exact_stats(
     assert r.status_code == 201, r.text
     ds = r.json()
     assert (ds["name"], ds["status"], ds["file_format"], ds["data_format"]) == (
-        "qa", "ready", "jsonl", "prompt_completion"
+        "qa",
+        "ready",
+        "jsonl",
+        "prompt_completion",
     )
     assert ds["base_model"] == TINY_MODEL
     assert ds["size_bytes"] == len(data)
@@ -128,7 +129,10 @@ def test_jsonl_and_csv_uploads_are_ready_with_exact_stats(
     assert r.status_code == 201, r.text
     csv_ds = r.json()
     assert (csv_ds["name"], csv_ds["status"], csv_ds["file_format"], csv_ds["data_format"]) == (
-        "sheet-v1", "ready", "csv", "prompt_completion"
+        "sheet-v1",
+        "ready",
+        "csv",
+        "prompt_completion",
     )
     expected = {"rows": 3, "train_rows": 2, "evaluation_rows": 1, "error_count": 0}
     expected |= expected_token_stats(platform, CSV_EXAMPLES)
@@ -160,25 +164,26 @@ def test_jsonl_and_csv_uploads_are_ready_with_exact_stats(
 FORMAT_CASES = [
     (
         "chat.jsonl",
-        jsonl([
-            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
-            {
-                "messages": [
-                    {"role": "system", "content": "Be brief."},
-                    {"role": "user", "content": "2+2?"},
-                    {"role": "assistant", "content": "4"},
-                ],
-                "split": "evaluation",
-            },
-        ]),
+        jsonl(
+            [
+                {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+                {
+                    "messages": [
+                        {"role": "system", "content": "Be brief."},
+                        {"role": "user", "content": "2+2?"},
+                        {"role": "assistant", "content": "4"},
+                    ],
+                    "split": "evaluation",
+                },
+            ]
+        ),
         "messages",
         (2, 1, 1),
     ),
     ("notes.jsonl", jsonl([{"text": "Once upon a time."}, {"text": "The end."}, {"text": "More."}]), "text", (3, 3, 0)),
     (
         "chat-sheet.csv",
-        b'messages\n"[{""role"": ""user"", ""content"": ""hi""}, '
-        b'{""role"": ""assistant"", ""content"": ""yo""}]"\n',
+        b'messages\n"[{""role"": ""user"", ""content"": ""hi""}, {""role"": ""assistant"", ""content"": ""yo""}]"\n',
         "messages",
         (1, 1, 0),
     ),
@@ -197,7 +202,9 @@ def test_messages_and_text_formats(client: TestClient, alice: dict[str, str], wo
         assert stats["total_tokens"] > 0
         assert stats["train_tokens"] + stats["evaluation_tokens"] == stats["total_tokens"]
     assert [d["data_format"] for d in client.get("/v1/datasets", headers=alice).json()] == [
-        "messages", "text", "messages"
+        "messages",
+        "text",
+        "messages",
     ]
 
 
@@ -233,8 +240,12 @@ INVALID_FILES = [
     ),
     ("bad.csv", b"prompt,completion\nfine,row\nmissing-a-field\nalso,fine\n", 3, "fields but the header has 2"),
     ("nocol.csv", b"prompt,split\nhello,train\n", 1, "found columns: 'prompt', 'split'"),
-    ("bytes.jsonl", b'{"prompt": "a", "completion": "b"}\n{"prompt": "caf\xe9", "completion": "b"}\n', 2,
-     "not valid UTF-8"),
+    (
+        "bytes.jsonl",
+        b'{"prompt": "a", "completion": "b"}\n{"prompt": "caf\xe9", "completion": "b"}\n',
+        2,
+        "not valid UTF-8",
+    ),
     ("bytes.csv", b"prompt,completion\na,b\nc,d\n\x80e,f\n", 4, "not valid UTF-8"),
     ("blank.jsonl", b"\n  \n", 0, "file is empty"),
 ]
@@ -257,11 +268,19 @@ def test_invalid_files_are_refused_with_their_lines_and_removed(
         assert_nothing_stored(platform)
     assert client.get("/v1/datasets", headers=alice).json() == []
     # Every bad row is reported with its line and field, not only the first.
-    rows: list[Any] = [PC_ROWS[0], "not json", {"prompt": "p"}, {"prompt": "p", "completion": 5},
-                       {"prompt": "p", "completion": "c", "split": "test"}]
+    rows: list[Any] = [
+        PC_ROWS[0],
+        "not json",
+        {"prompt": "p"},
+        {"prompt": "p", "completion": 5},
+        {"prompt": "p", "completion": "c", "split": "test"},
+    ]
     err = error_of(upload(client, alice, "many.jsonl", jsonl(rows)), 422)
     assert [(e["line"], e["field"]) for e in err["errors"]] == [
-        (2, None), (3, "completion"), (4, "completion"), (5, "split")
+        (2, None),
+        (3, "completion"),
+        (4, "completion"),
+        (5, "split"),
     ]
     assert err["message"].startswith("file: line 2: invalid JSON")
     assert "(and 3 more errors)" in err["message"]
@@ -329,16 +348,33 @@ def test_authentication_required(client: TestClient, alice: dict[str, str], plat
         error_of(client.get("/v1/datasets/qa", headers=headers), 401)
 
 
-def test_hub_model_without_network_is_refused_with_a_clear_error(client, alice: dict[str, str], worker,
-                                                                  monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_hub_model_without_network_is_refused_with_a_clear_error(
+    client, alice: dict[str, str], worker, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
     # The hub is unreachable from the test machines; offline mode makes that certain and instant everywhere.
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    r = client.post("/v1/datasets", headers=alice, data={"base_model": "qwen2-5-7b-instruct"},
-                    files={"file": ("q.jsonl", b'{"prompt": "a", "completion": "b"}\n')})
+    r = client.post(
+        "/v1/datasets",
+        headers=alice,
+        data={"base_model": "qwen2-5-7b-instruct"},
+        files={"file": ("q.jsonl", b'{"prompt": "a", "completion": "b"}\n')},
+    )
     assert r.status_code == 422, r.text
     error = r.json()["error"]
     assert error["param"] == "base_model"
     assert "Hugging Face hub" in error["message"] and "smollm2-135m" in error["message"]
+    assert client.get("/v1/datasets", headers=alice).json() == []
+
+
+def test_declared_oversized_upload_is_refused_before_reading(client, alice: dict[str, str], monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from app.settings import get_settings
+
+    monkeypatch.setenv("LORAPLEX_MAX_UPLOAD_BYTES", "1000")
+    get_settings.cache_clear()
+    big = b'{"prompt": "a", "completion": "b"}\n' * 5000  # 175 KB: over the limit plus the form allowance
+    r = client.post("/v1/datasets", headers=alice, files={"file": ("big.jsonl", big)})
+    assert r.status_code == 413
+    assert r.json()["error"]["param"] == "file"
     assert client.get("/v1/datasets", headers=alice).json() == []

@@ -9,12 +9,12 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import TINY_MODEL, InProcessWorker, Platform
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from app.db import session_scope
 from app.models import Event, UsageRecord
+from conftest import TINY_MODEL, InProcessWorker, Platform
 
 ROWS = [{"prompt": f"Say hi to {n}", "completion": f"Hi {n}!"} for n in ("Ann", "Bo", "Cy", "Di", "Ed", "Flo")] + [
     {"prompt": "Say hi to Gus", "completion": "Hi Gus!", "split": "evaluation"}
@@ -145,7 +145,11 @@ def test_train_two_versions_with_metrics_adapter_files_and_charges(
     assert job["estimate"]["cost"]["micro_usd"] == micro_usd_for(tokens)
     assert job["estimate"]["cost"]["usd"] == f"${micro_usd_for(tokens) / 1e6:.6f}"
     assert (job["status"], job["adapter"], job["charge"], job["dataset"], job["repo"]) == (
-        "queued", None, None, "greetings", "greet"
+        "queued",
+        None,
+        None,
+        "greetings",
+        "greet",
     )
     assert job["config"]["rank"] == 4 and job["config"]["epochs"] == 2 and job["config"]["adapter"] == "lora"
     assert job["config"]["target_modules"] is None  # defaults are recorded as sent
@@ -180,7 +184,8 @@ def test_train_two_versions_with_metrics_adapter_files_and_charges(
     assert repo.status_code == 200
     versions = repo.json()["versions"]
     assert [(v["name"], v["version"], v["rank"], v["job_id"]) for v in versions] == [
-        ("greet/1", 1, 4, job["id"]), ("greet/2", 2, 8, second["id"])
+        ("greet/1", 1, 4, job["id"]),
+        ("greet/2", 2, 8, second["id"]),
     ]
     assert [v["target_modules"] for v in versions] == [["q_proj", "v_proj"], ["q_proj", "o_proj"]]
     assert all(v["base_model"] == TINY_MODEL and v["adapter_type"] == "lora" for v in versions)
@@ -202,9 +207,7 @@ def test_train_two_versions_with_metrics_adapter_files_and_charges(
 
     # The ledger holds one finetune record per job; `charge` is its amount, and the totals add up.
     with session_scope() as s:
-        ledger = {
-            u.reference: u for u in s.scalars(select(UsageRecord).where(UsageRecord.kind == "finetune")).all()
-        }
+        ledger = {u.reference: u for u in s.scalars(select(UsageRecord).where(UsageRecord.kind == "finetune")).all()}
     assert set(ledger) == {job["id"], second["id"]}
     assert ledger[job["id"]].amount_micro_usd == done["charge"]["micro_usd"] == micro_usd_for(tokens)
     assert ledger[second["id"]].amount_micro_usd == second["charge"]["micro_usd"] == micro_usd_for(train_tokens)
@@ -218,7 +221,8 @@ def test_train_two_versions_with_metrics_adapter_files_and_charges(
     assert usage["by_kind"]["finetune"]["cost"]["micro_usd"] == total
     assert usage["by_kind"]["inference"]["records"] == 0
     assert [(u["kind"], u["technique"], u["adapter"], u["reference"]) for u in usage["records"]] == [
-        ("finetune", "sft_lora", "greet/2", second["id"]), ("finetune", "sft_lora", "greet/1", job["id"])
+        ("finetune", "sft_lora", "greet/2", second["id"]),
+        ("finetune", "sft_lora", "greet/1", job["id"]),
     ]
 
     # Cancelling a finished job changes nothing.

@@ -9,6 +9,7 @@ from typing import Any
 
 import openai
 import pytest
+
 from conftest import TINY_MODEL, InProcessWorker
 
 ROWS = [{"prompt": f"Say hi to {n}", "completion": f"Hi {n}!"} for n in ("Ann", "Bo", "Cy", "Di")]
@@ -20,13 +21,24 @@ def train(client: Any, headers: dict[str, str], repo: str = "repo", learning_rat
     """Upload a dataset (once) and fine-tune the next version of `repo` through the API; the finished job."""
     if client.get("/v1/datasets/hi", headers=headers).status_code == 404:
         data = "\n".join(json.dumps(r) for r in ROWS).encode()
-        r = client.post("/v1/datasets", headers=headers, files={"file": ("hi.jsonl", data)},
-                        data={"base_model": TINY_MODEL})
+        r = client.post(
+            "/v1/datasets", headers=headers, files={"file": ("hi.jsonl", data)}, data={"base_model": TINY_MODEL}
+        )
         assert r.status_code == 201, r.text
         assert r.json()["status"] == "ready"
-    r = client.post("/v1/finetuning/jobs", headers=headers,
-                    json={"base_model": TINY_MODEL, "dataset": "hi", "repo": repo, "epochs": 2,
-                          "learning_rate": learning_rate, "rank": 8, "effective_batch_size": 2})
+    r = client.post(
+        "/v1/finetuning/jobs",
+        headers=headers,
+        json={
+            "base_model": TINY_MODEL,
+            "dataset": "hi",
+            "repo": repo,
+            "epochs": 2,
+            "learning_rate": learning_rate,
+            "rank": 8,
+            "effective_batch_size": 2,
+        },
+    )
     assert r.status_code == 201, r.text
     job = r.json()
     deadline = time.monotonic() + 60
@@ -106,21 +118,33 @@ def test_openai_sdk_models_chat_stream_and_completions(
     assert reply.usage is not None and reply.usage.completion_tokens <= 8
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
 
-    chunks = list(api.chat.completions.create(model="repo/1", messages=HELLO, max_tokens=8, temperature=0,
-                                              stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        api.chat.completions.create(
+            model="repo/1",
+            messages=HELLO,
+            max_tokens=8,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert streamed == reply.choices[0].message.content
     assert chunks[-1].choices == [] and chunks[-1].usage is not None
     assert chunks[-1].usage.model_dump(include={"prompt_tokens", "completion_tokens"}) == reply.usage.model_dump(
-        include={"prompt_tokens", "completion_tokens"})
+        include={"prompt_tokens", "completion_tokens"}
+    )
 
     text = api.completions.create(model="repo", prompt="Say hi to Bo", max_tokens=5, temperature=0)
     assert text.object == "text_completion"
     assert text.model == "repo"
     assert text.usage is not None and text.usage.completion_tokens <= 5
-    streamed = "".join(c.choices[0].text for c in api.completions.create(
-        model="repo", prompt="Say hi to Bo", max_tokens=5, temperature=0, stream=True) if c.choices)
+    streamed = "".join(
+        c.choices[0].text
+        for c in api.completions.create(model="repo", prompt="Say hi to Bo", max_tokens=5, temperature=0, stream=True)
+        if c.choices
+    )
     assert streamed == text.choices[0].text
 
     with pytest.raises(openai.NotFoundError) as caught:
@@ -205,7 +229,9 @@ def test_chat_completions_plain_and_streamed_versions_and_metering(
         assert record["reference"] == chunks[0]["id"]
         assert record["adapter"] == "repo/2"
         assert (record["input_tokens"], record["output_tokens"]) == (
-            full["usage"]["prompt_tokens"], full["usage"]["completion_tokens"])
+            full["usage"]["prompt_tokens"],
+            full["usage"]["completion_tokens"],
+        )
         assert record["cost"]["micro_usd"] == full["usage"]["cost_micro_usd"]
         if include_usage:
             last = chunks[-1]
@@ -301,8 +327,9 @@ def test_errors_have_openai_shape_and_are_not_charged(client: Any, alice: dict[s
     for stream in (False, True):
         error = assert_openai_error(post(ok | {"messages": long_messages, "stream": stream}), 400, "messages")
         assert "2048" in error["message"]
-    r = client.post("/v1/completions", headers=alice,
-                    json={"model": TINY_MODEL, "prompt": "hello " * 3000, "max_tokens": 4})
+    r = client.post(
+        "/v1/completions", headers=alice, json={"model": TINY_MODEL, "prompt": "hello " * 3000, "max_tokens": 4}
+    )
     assert_openai_error(r, 400, "prompt")
 
     error = assert_openai_error(post(ok, headers=None), 401, None, "missing_api_key")

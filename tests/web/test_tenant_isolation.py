@@ -5,8 +5,9 @@ import json
 from typing import Any
 
 import httpx
-from conftest import TINY_MODEL, InProcessWorker
 from fastapi.testclient import TestClient
+
+from conftest import TINY_MODEL, InProcessWorker
 
 ROWS = [{"prompt": f"Say hi to {n}", "completion": f"Hi {n}!"} for n in ("Ann", "Bo", "Cy", "Di")]
 DATA = "\n".join(json.dumps(r) for r in ROWS).encode()
