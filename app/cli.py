@@ -100,6 +100,8 @@ def demo(
     """The main job: start the platform, fine-tune SmolLM2-135M on a sample dataset, compare answers and costs."""
     from app.demo import run_demo
 
+    os.environ.setdefault("LORAPLEX_LOG_LEVEL", "WARNING")
+    _logging()
     raise typer.Exit(run_demo(port=port, dataset=dataset, epochs=epochs))
 
 
