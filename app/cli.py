@@ -25,6 +25,7 @@ def _logging() -> None:
         logging.getLogger("huey").setLevel(logging.WARNING)
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF conversion's own progress bar
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()

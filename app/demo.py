@@ -16,7 +16,9 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 BASE_MODEL = "smollm2-135m"
-console = Console()
+TABLE_ROWS = 4  # held-out answers shown side by side
+# Wide enough for four answer columns even when the output is a log file rather than a terminal.
+console = Console(width=None if Console().is_terminal else 140)
 
 
 def run_demo(port: int, dataset: Path, epochs: int) -> int:
@@ -161,23 +163,34 @@ def metrics_tps(http: httpx.Client, job: dict) -> str:
 
 
 def _compare(base_url: str, api_key: str, dataset: Path, adapter: str) -> None:
-    """Held-out questions, asked of the base model and of the adapter through the official openai SDK."""
+    """The held-out rows, asked of the base model and of the adapter through the official openai SDK: a table of
+    the first few answers and the exact-match score over all of them."""
     client = OpenAI(base_url=f"{base_url}/v1", api_key=api_key, max_retries=0, timeout=300)
     rows = [json.loads(line) for line in dataset.read_text().splitlines() if line.strip()]
-    held_out = [r for r in rows if r.get("split") == "evaluation"][:4]
-    table = Table(title="Held-out tickets: base model vs fine-tuned adapter", show_lines=True)
-    for column in ("question", BASE_MODEL, adapter, "expected"):
+    held_out = [r for r in rows if r.get("split") == "evaluation" and "prompt" in r and "completion" in r]
+    if not held_out:
+        console.print("(no held-out prompt/completion rows in this dataset: skipping the comparison)")
+        return
+    table = Table(title="Held-out rows: base model vs fine-tuned adapter", show_lines=True)
+    for column in ("prompt", BASE_MODEL, adapter, "expected"):
         table.add_column(column, overflow="fold")
-    with console.status("Asking both models..."):
-        for row in held_out:
+    exact = {BASE_MODEL: 0, adapter: 0}
+    with console.status(f"Asking both models the {len(held_out)} held-out rows..."):
+        for i, row in enumerate(held_out):
             answers = []
             for model in (BASE_MODEL, adapter):
                 reply = client.chat.completions.create(
                     model=model, messages=[{"role": "user", "content": row["prompt"]}], max_tokens=48, temperature=0
                 )
                 answers.append(reply.choices[0].message.content or "")
-            table.add_row(row["prompt"], *answers, row["completion"])
+                exact[model] += answers[-1].strip() == row["completion"].strip()
+            if i < TABLE_ROWS:
+                table.add_row(row["prompt"], *answers, row["completion"])
     console.print(table)
+    console.print(
+        f"Exact answers on {len(held_out)} held-out rows: base model [bold]{exact[BASE_MODEL]}[/], "
+        f"fine-tuned [bold]{exact[adapter]}[/]"
+    )
 
 
 def _costs(http: httpx.Client, job: dict) -> None:
