@@ -155,7 +155,8 @@ class UsageRecord(Base):
     adapter: Mapped[str | None] = mapped_column(String(200), default=None)  # "repo/3"
     input_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     output_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
-    compute_ms: Mapped[int] = mapped_column(BigInteger, default=0)
+    compute_ms: Mapped[int] = mapped_column(BigInteger, default=0)  # replica time for deployments
+    accelerator: Mapped[str | None] = mapped_column(String(30), default=None)  # deployments: a10g, l40s, cpu, ...
     amount_micro_usd: Mapped[int] = mapped_column(BigInteger, default=0)
     reference: Mapped[str | None] = mapped_column(String(64), default=None)  # job id or request id
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
@@ -176,3 +177,57 @@ class Event(Base):
     last_error: Mapped[str | None] = mapped_column(Text, default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class BillingAccount(Base):
+    """How a tenant pays: plan, Stripe customer, card on file, and enterprise prices."""
+
+    __tablename__ = "billing_accounts"
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True)
+    plan: Mapped[str] = mapped_column(String(20), default="developer")  # developer | enterprise
+    stripe_customer_id: Mapped[str | None] = mapped_column(String(64), default=None)
+    payment_method: Mapped[str | None] = mapped_column(String(100), default=None)  # "visa ending 4242"
+    payment_status: Mapped[str] = mapped_column(String(20), default="ok")  # ok | past_due (last payment failed)
+    prices: Mapped[dict[str, Any]] = mapped_column(default=dict)  # enterprise overrides, see billing/prices.py
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class CreditGrant(Base):
+    """Credits a tenant may spend: free sign-up credits, top-ups, promotions. Append-only."""
+
+    __tablename__ = "credit_grants"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=lambda: new_id("cg"))
+    idempotency_key: Mapped[str] = mapped_column(String(100), unique=True)  # "signup:<tenant>", "topup:<session>"
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    amount_micro_usd: Mapped[int] = mapped_column(BigInteger)
+    category: Mapped[str] = mapped_column(String(20))  # promotional | paid
+    reason: Mapped[str] = mapped_column(String(100))
+    expires_at: Mapped[datetime | None] = mapped_column(default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class StripeOutbox(Base):
+    """Calls owed to Stripe, written in the same transaction as the ledger row they mirror. A Stripe outage
+    delays them; it never loses them, and their idempotency keys make a resend harmless."""
+
+    __tablename__ = "stripe_outbox"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    idempotency_key: Mapped[str] = mapped_column(String(120), unique=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(30))  # meter_event | credit_grant
+    payload: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    status: Mapped[str] = mapped_column(String(20), default="pending", index=True)  # pending | sent
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_error: Mapped[str | None] = mapped_column(Text, default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    sent_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class StripeWebhookEvent(Base):
+    """Stripe event ids already handled: a replayed webhook is acknowledged and ignored."""
+
+    __tablename__ = "stripe_webhook_events"
+    id: Mapped[str] = mapped_column(String(100), primary_key=True)  # Stripe's evt_...
+    type: Mapped[str] = mapped_column(String(100))
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -4,7 +4,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MB = 1024 * 1024
@@ -49,6 +49,21 @@ class Settings(BaseSettings):
 
     # Training
     train_threads: int | None = Field(default=None, description="torch threads for training; all cores when unset.")
+
+    # Billing
+    signup_credit_micro_usd: int = Field(default=25_000_000, ge=0, description="Free credits for a new tenant.")
+    signup_credit_days: int = Field(default=30, gt=0, description="Days before the sign-up credits expire.")
+    stripe_api_key: SecretStr | None = Field(default=None, description="Stripe secret key; unset: no Stripe sync.")
+    stripe_webhook_secret: SecretStr | None = Field(
+        default=None, description="Signing secret of the webhook endpoint; unset: webhooks are refused."
+    )
+    stripe_api_base: str = Field(default="https://api.stripe.com", description="Stripe API address.")
+    stripe_billing_api_base: str | None = Field(
+        default=None,
+        description="Address for meter events, credit grants, Checkout and portal (Stripe's own if unset).",
+    )
+    stripe_meter_event_name: str = Field(default="loraplex_usage", description="Meter that sums usage, micro-USD.")
+    public_url: str = Field(default="http://127.0.0.1:8000", description="Where Checkout and portal return to.")
 
     @property
     def volume_dir(self) -> Path:
