@@ -53,6 +53,8 @@ class Settings(BaseSettings):
     # Billing
     signup_credit_micro_usd: int = Field(default=25_000_000, ge=0, description="Free credits for a new tenant.")
     signup_credit_days: int = Field(default=30, gt=0, description="Days before the sign-up credits expire.")
+    free_tokens_per_day: int = Field(default=1_000_000, ge=0, description="Free shared-endpoint tokens a day.")
+    free_tokens_per_month: int = Field(default=10_000_000, ge=0, description="Free shared-endpoint tokens a month.")
     stripe_api_key: SecretStr | None = Field(default=None, description="Stripe secret key; unset: no Stripe sync.")
     stripe_webhook_secret: SecretStr | None = Field(
         default=None, description="Signing secret of the webhook endpoint; unset: webhooks are refused."

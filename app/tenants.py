@@ -6,7 +6,7 @@ import secrets
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.models import ApiKey, Tenant
+from app.models import ApiKey, BillingAccount, Tenant
 
 KEY_PREFIX = "lpx_"
 
@@ -22,11 +22,17 @@ def create_key(session: Session, tenant: Tenant) -> str:
     return raw
 
 
-def create_tenant(session: Session, name: str) -> tuple[Tenant, str]:
-    """A new tenant and its first API key (the raw key; it is not stored)."""
+def create_tenant(session: Session, name: str, plan: str = "developer") -> tuple[Tenant, str]:
+    """A new tenant, its billing account with the developer sign-up credits, and its first API key (the raw
+    key; it is not stored)."""
+    from billing.credits import grant_signup_credits
+
     tenant = Tenant(name=name)
     session.add(tenant)
     session.flush()
+    session.add(BillingAccount(tenant_id=tenant.id, plan=plan))
+    if plan == "developer":
+        grant_signup_credits(session, tenant.id)
     return tenant, create_key(session, tenant)
 
 

@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.models import CreditGrant, UsageRecord, utcnow
+from app.models import BillingAccount, CreditGrant, UsageRecord, utcnow
 from app.settings import get_settings
 from billing import outbox
 
@@ -129,3 +129,24 @@ def settle(grants: list[CreditGrant], usage: list[tuple[datetime, int]], now: da
         expired = g.expires_at is not None and g.expires_at <= now
         states.append(GrantState(g, 0 if expired else remaining[g.id], expired))
     return Balance(sum(s.remaining_micro_usd for s in states), uncovered, states)
+
+
+def paid_work_refusal(session: Session, tenant_id: str, cost_micro_usd: int, now: datetime | None = None) -> str | None:
+    """Why this tenant may not start work estimated at `cost_micro_usd` (None: it may). A card in good standing
+    or an enterprise plan always may; otherwise the credits must cover the estimate."""
+    from billing.prices import usd
+
+    account = session.get(BillingAccount, tenant_id)
+    if account is not None and account.plan == "enterprise":
+        return None
+    if account is not None and account.payment_method and account.payment_status == "ok":
+        return None
+    how = "add a card (POST /v1/billing/checkout with purpose 'card') or buy credits (purpose 'topup')"
+    if account is not None and account.payment_method and account.payment_status == "past_due":
+        how = "update the card in the billing portal (POST /v1/billing/portal); the last payment failed"
+    credit = balance(session, tenant_id, now).credit_micro_usd
+    if credit >= max(cost_micro_usd, 1):
+        return None
+    if credit == 0:
+        return f"no credit left and no payment method in good standing: {how}"
+    return f"estimated at {usd(cost_micro_usd)} but only {usd(credit)} of credit is left: {how}"

@@ -21,7 +21,7 @@ from app.db import session_scope
 from app.models import AdapterVersion, FinetuneJob, JobMetric
 from app.queue import EventInfo, PermanentError
 from app.settings import get_settings
-from billing import ledger, prices
+from billing import ledger
 from functions.base_models import BaseModelUnavailable, load_model, load_tokenizer
 from functions.catalog import get_model
 from functions.datasets import parse_dataset
@@ -179,7 +179,7 @@ def _publish(job: FinetuneJob, config: FinetuneConfig, adapter_files: Path, stat
                 )
                 s.add(adapter)
                 s.flush()
-                amount = prices.finetune_micro_usd(params, config.adapter, stats["tokens_processed"])
+                amount = ledger.price_book(s, job.tenant_id).finetune(params, config.adapter, stats["tokens_processed"])
                 current.status, current.finished_at = "completed", datetime.now(UTC)
                 current.adapter_version_id = adapter.id
                 ledger.record(

@@ -8,7 +8,7 @@ from fastapi import FastAPI, Request, Response
 from app.db import migrate
 from app.settings import get_settings
 from web import errors
-from web.routers import datasets, finetuning, openai_compat, repos, usage
+from web.routers import billing, datasets, finetuning, openai_compat, repos, stripe_webhook, usage
 
 MULTIPART_OVERHEAD = 64 * 1024  # bytes of form fields and boundaries allowed beside the file itself
 
@@ -36,7 +36,7 @@ def create_app() -> FastAPI:
         response: Response = await call_next(request)
         return response
 
-    for module in (datasets, finetuning, repos, usage, openai_compat):
+    for module in (datasets, finetuning, repos, usage, billing, stripe_webhook, openai_compat):
         app.include_router(module.router)
 
     @app.get("/health", tags=["ops"])

@@ -71,6 +71,12 @@ def inference_records(client: Any, headers: dict[str, str]) -> list[dict[str, An
     return [r for r in reversed(report["records"]) if r["kind"] == "inference"]
 
 
+@pytest.fixture(autouse=True)
+def no_free_tier(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Price every token here (the free allowance is tested in tests/web/test_billing_api.py)."""
+    monkeypatch.setenv("LORAPLEX_FREE_TOKENS_PER_DAY", "0")
+
+
 def price(tokens: int) -> int:
     return math.ceil(tokens * PRICE_PER_MILLION / 1_000_000)
 

@@ -5,7 +5,7 @@ from sqlalchemy import select, update
 
 from app.models import FinetuneJob, JobMetric, Repo, UsageRecord, utcnow
 from app.queue import emit
-from billing.prices import finetune_micro_usd
+from billing import credits, ledger
 from functions.catalog import get_model
 from functions.finetune_config import FinetuneConfig
 from web.deps import CurrentTenant, Db
@@ -28,12 +28,16 @@ def create_job(config: FinetuneConfig, tenant: CurrentTenant, db: Db) -> JobOut:
         )
     if not dataset.stats.get("train_rows"):
         raise APIError(422, f"dataset: {config.dataset!r} has no rows in the train split", param="dataset")
+    tokens = int(dataset.stats["train_tokens"]) * config.epochs
+    estimate = ledger.price_book(db, tenant.id).finetune(get_model(config.base_model).params, config.adapter, tokens)
+    refusal = credits.paid_work_refusal(db, tenant.id, estimate)
+    if refusal is not None:
+        raise APIError(402, refusal, code="payment_required", estimate_micro_usd=estimate)
     repo = db.scalar(select(Repo).where(Repo.tenant_id == tenant.id, Repo.name == config.repo))
     if repo is None:
         repo = Repo(tenant_id=tenant.id, name=config.repo)
         db.add(repo)
         db.flush()
-    tokens = int(dataset.stats["train_tokens"]) * config.epochs
     job = FinetuneJob(
         tenant_id=tenant.id,
         dataset_id=dataset.id,
@@ -41,7 +45,7 @@ def create_job(config: FinetuneConfig, tenant: CurrentTenant, db: Db) -> JobOut:
         base_model=config.base_model,
         config=config.model_dump(),
         estimated_tokens=tokens,
-        estimate_micro_usd=finetune_micro_usd(get_model(config.base_model).params, config.adapter, tokens),
+        estimate_micro_usd=estimate,
     )
     db.add(job)
     db.flush()

@@ -20,7 +20,7 @@ from app import volume
 from app.db import session_scope
 from app.models import AdapterVersion, Repo, Tenant
 from app.settings import get_settings
-from billing import ledger, prices
+from billing import ledger
 from functions.base_models import BaseModelUnavailable
 from functions.catalog import get_model, list_models
 from functions.engine import get_engine
@@ -157,8 +157,9 @@ class _Reply:
         self.cancelled = threading.Event()
 
     def record_usage(self, prompt_tokens: int, completion_tokens: int, engine: Engine) -> int:
-        amount = prices.inference_micro_usd(get_model(engine.base_model).params, prompt_tokens + completion_tokens)
+        params = get_model(engine.base_model).params
         with session_scope() as s:
+            amount = ledger.inference_charge(s, self.tenant.id, params, prompt_tokens + completion_tokens)
             ledger.record(
                 s,
                 ledger.Usage(
