@@ -44,3 +44,55 @@ def test_bad_price_inputs(call, message: str) -> None:  # type: ignore[no-untype
 def test_usd_formatting() -> None:
     assert prices.usd(6_665) == "$0.006665"
     assert prices.usd(12_340_000) == "$12.34"
+
+
+@pytest.mark.parametrize(
+    ("params", "tokens", "micro_usd"),
+    [(8 * B, 1_000_000, 10_000_000), (16 * B, 1, 10), (32 * B, 500_000, 10_000_000)],  # $10 / $20 per 1M
+)
+def test_rft_prices(params: int, tokens: int, micro_usd: int) -> None:
+    assert prices.DEFAULT.finetune(params, "rft", tokens) == micro_usd
+
+
+def test_rft_over_32b_is_not_offered() -> None:
+    with pytest.raises(PriceError, match="up to 32B"):
+        prices.DEFAULT.finetune(70 * B, "rft", 10)
+
+
+@pytest.mark.parametrize(
+    ("accelerator", "milliseconds", "micro_usd"),
+    [
+        ("a10g", 3_600_000, 2_600_000),  # one hour: $2.60
+        ("l40s", 1_000, 889),  # one second: 3.2e6 / 3600 = 888.9, rounded up
+        ("a100-80gb", 90_000, 120_000),  # 90 s of $4.80/h
+        ("cpu", 3_600_000, 100_000),
+    ],
+)
+def test_deployment_prices_per_second(accelerator: str, milliseconds: int, micro_usd: int) -> None:
+    assert prices.DEFAULT.deployment(accelerator, milliseconds) == micro_usd
+
+
+def test_enterprise_accelerators_need_a_contract() -> None:
+    with pytest.raises(PriceError, match="enterprise terms"):
+        prices.DEFAULT.deployment("h100", 1000)
+    contract = prices.DEFAULT.with_overrides({"accelerator_per_hour": {"h100": 7_000_000}})
+    assert contract.deployment("h100", 3_600_000) == 7_000_000
+    assert contract.deployment("a10g", 3_600_000) == 2_600_000  # the rest of the table stays
+
+
+def test_enterprise_overrides_discount_and_volume_tiers() -> None:
+    book = prices.DEFAULT.with_overrides(
+        {
+            "finetune_per_million": {"lora": {"up_to_16b": 400_000}},
+            "discount_percent": 10,
+            "volume_discounts": [[1_000_000_000, 5], [100_000_000, 2]],
+        }
+    )
+    assert book.finetune(8 * B, "lora", 1_000_000) == 360_000  # $0.40 less 10%
+    assert book.finetune(8 * B, "turbo_lora", 1_000_000) == 900_000  # default $1.00 less 10%
+    assert book.inference(8 * B, 1) == 1  # 0.2 rounds up to 1; 10% of 1 rounds down to 0
+    assert [book.volume_discount_percent(x) for x in (50_000_000, 200_000_000, 2_000_000_000)] == [0, 2, 5]
+    with pytest.raises(PriceError, match="unknown price overrides"):
+        prices.DEFAULT.with_overrides({"free_lunch": 1})
+    with pytest.raises(PriceError, match="0..100"):
+        prices.DEFAULT.with_overrides({"discount_percent": 150})
