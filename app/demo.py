@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -23,6 +24,7 @@ console = Console(width=None if Console().is_terminal else 140)
 
 def run_demo(port: int, dataset: Path, epochs: int) -> int:
     started = time.monotonic()
+    run_started = datetime.now(UTC)
     _prepare_model()
     api_key = _demo_key()
     quiet = os.environ | {"LORAPLEX_LOG_LEVEL": os.environ.get("LORAPLEX_LOG_LEVEL", "WARNING")}
@@ -37,7 +39,7 @@ def run_demo(port: int, dataset: Path, epochs: int) -> int:
         ds = _upload(http, dataset, name)
         job = _train(http, name, epochs)
         _compare(base_url, api_key, dataset, job["adapter"])
-        _costs(http, job)
+        _costs(http, job, run_started)
         console.print(
             f"\n[bold green]Done in {time.monotonic() - started:.0f} s.[/] Dataset {ds['name']}, "
             f"adapter [bold]{job['adapter']}[/]. Serve it yourself: `loraplex serve`, then "
@@ -193,22 +195,26 @@ def _compare(base_url: str, api_key: str, dataset: Path, adapter: str) -> None:
     )
 
 
-def _costs(http: httpx.Client, job: dict) -> None:
-    usage = http.get("/v1/usage").json()
-    by_kind = usage["by_kind"]
-    inference = by_kind["inference"]
-    console.print(f"Fine-tuning charged: [bold]{job_charge(http, job)}[/] (quoted {job['estimate']['cost']['usd']})")
+def _costs(http: httpx.Client, job: dict, since: datetime) -> None:
+    """What this run cost, from the tenant's ledger, and the credit left."""
+    usage = http.get("/v1/usage", params={"since": since.isoformat()}).json()
+    inference = usage["by_kind"]["inference"]
+    charge = http.get(f"/v1/finetuning/jobs/{job['id']}").json()["charge"]
+    console.print(f"Fine-tuning charged: [bold]{charge['usd']}[/] (quoted {job['estimate']['cost']['usd']})")
+    price = (
+        "free: inside the shared endpoint's daily allowance"
+        if inference["cost"]["micro_usd"] == 0
+        else "$0.20 per 1M tokens beyond the free allowance"
+    )
     console.print(
         f"Inference: {inference['records']} requests, {inference['input_tokens']:,} prompt + "
-        f"{inference['output_tokens']:,} generated tokens = [bold]{inference['cost']['usd']}[/] "
-        f"($0.20 per 1M tokens)"
+        f"{inference['output_tokens']:,} generated tokens = [bold]{inference['cost']['usd']}[/] ({price})"
     )
-    console.print(f"Total on this tenant's ledger: [bold]{usage['totals']['cost']['usd']}[/]")
-
-
-def job_charge(http: httpx.Client, job: dict) -> str:
-    charge = http.get(f"/v1/finetuning/jobs/{job['id']}").json()["charge"]
-    return charge["usd"] if charge else "n/a"
+    balance = http.get("/v1/billing/balance").json()
+    console.print(
+        f"This run on the ledger: [bold]{usage['totals']['cost']['usd']}[/]; "
+        f"credit left: [bold]{balance['credit']['usd']}[/] of the developer sign-up credit"
+    )
 
 
 if __name__ == "__main__":
