@@ -256,6 +256,12 @@ def run_worker(threads: int | None = None) -> None:
                 reap()
             except Exception:  # noqa: BLE001 - keep reaping; the database may be briefly locked
                 log.warning("reaper pass failed", exc_info=True)
+            try:
+                import billing.outbox  # here, not at the top: the queue module stays free of billing imports
+
+                billing.outbox.flush_if_configured()  # owed Stripe calls; a no-op without a Stripe key
+            except Exception:  # noqa: BLE001 - keep reaping; the rows stay pending and are retried next pass
+                log.warning("Stripe outbox flush failed", exc_info=True)
             time.sleep(settings.reap_interval_seconds)
 
     threading.Thread(target=reaper, daemon=True, name="reaper").start()

@@ -135,11 +135,11 @@ def get_statement(month: str, tenant: CurrentTenant, db: Db) -> statements.State
 
 
 @router.post("/checkout", response_model=UrlOut)
-def checkout(body: CheckoutIn, tenant: CurrentTenant, db: Db) -> UrlOut:
+def checkout(body: CheckoutIn, tenant: CurrentTenant) -> UrlOut:
     """A Stripe Checkout page: save a card (purpose 'card') or buy credits (purpose 'topup', amount_usd)."""
     if body.purpose == "topup" and body.amount_usd is None:
         raise APIError(422, "amount_usd: required for a top-up", param="amount_usd", code="invalid_value")
-    gateway, customer_id = _stripe(db, tenant)
+    gateway, customer_id = _stripe(tenant)
     amount = int(Decimal(body.amount_usd) * MICRO_USD_PER_USD) if body.amount_usd else None
     base = get_settings().public_url
     url = _call(
@@ -156,9 +156,9 @@ def checkout(body: CheckoutIn, tenant: CurrentTenant, db: Db) -> UrlOut:
 
 
 @router.post("/portal", response_model=UrlOut)
-def portal(tenant: CurrentTenant, db: Db) -> UrlOut:
+def portal(tenant: CurrentTenant) -> UrlOut:
     """A Stripe customer-portal link: cards, invoices, receipts."""
-    gateway, customer_id = _stripe(db, tenant)
+    gateway, customer_id = _stripe(tenant)
     return UrlOut(url=_call(lambda: gateway.portal_session(customer_id, f"{get_settings().public_url}/billing")))
 
 
@@ -171,20 +171,21 @@ def _account(db: Db, tenant: Tenant) -> BillingAccount:
     return account
 
 
-def _stripe(db: Db, tenant: Tenant):  # type: ignore[no-untyped-def]
+def _stripe(tenant: Tenant):  # type: ignore[no-untyped-def]
+    from billing.outbox import ensure_stripe_customer
     from billing.stripe_gateway import StripeGateway
 
     gateway = StripeGateway.from_settings()
     if gateway is None:
         raise APIError(503, "payments are not configured on this installation (no Stripe key)", code="no_payments")
-    account = _account(db, tenant)
-    if account.stripe_customer_id is None:
-        account.stripe_customer_id = _call(lambda: gateway.ensure_customer(tenant.id, tenant.name))
-        db.commit()
-    return gateway, account.stripe_customer_id
+    return gateway, _call(lambda: ensure_stripe_customer(gateway, tenant.id))
 
 
 def _call(fn):  # type: ignore[no-untyped-def]
+    """Stripe down: 503, try again. Stripe refusing the call (a customer deleted there, no portal configured): 502
+    with Stripe's reason, since nothing in the request was wrong."""
+    import stripe
+
     from billing.stripe_gateway import StripeUnavailable
 
     try:
@@ -192,6 +193,10 @@ def _call(fn):  # type: ignore[no-untyped-def]
     except StripeUnavailable as exc:
         raise APIError(
             503, f"the payment provider is unavailable, try again shortly ({exc})", code="payments_unavailable"
+        ) from None
+    except stripe.StripeError as exc:
+        raise APIError(
+            502, f"the payment provider refused the request: {exc.user_message or exc}", code="payments_refused"
         ) from None
 
 

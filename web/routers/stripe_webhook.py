@@ -1,0 +1,193 @@
+"""POST /v1/stripe/webhook: Stripe reports payments, cards and invoices. No API key: Stripe signs each delivery.
+
+Stripe delivers an event at least once and retries until it gets a 2xx, so the handler is idempotent: the
+event id is stored in `stripe_webhook_events` in the same transaction as the event's effects, and a replay is
+acknowledged without effects. A top-up is additionally keyed by its Checkout session (`topup:<cs_...>`).
+Amounts from Stripe are cents; the ledger counts micro-USD (1 cent = 10_000 micro-USD).
+"""
+
+import json
+import logging
+from collections.abc import Callable
+from typing import Annotated, Any
+
+import stripe
+from fastapi import APIRouter, Depends, Header, Request
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.models import BillingAccount, StripeWebhookEvent, Tenant
+from app.settings import get_settings
+from billing import credits
+from billing.stripe_gateway import CURRENCY, MICRO_USD_PER_CENT
+from web.deps import Db
+from web.errors import APIError
+
+log = logging.getLogger("loraplex.stripe_webhook")
+router = APIRouter(prefix="/v1/stripe", tags=["billing"])
+
+TOLERANCE_SECONDS = 300  # a signature older than this is refused: a captured delivery cannot be replayed later
+CARD_ON_FILE = "card on file"  # until payment_method.attached names the card
+
+
+async def _raw_body(request: Request) -> bytes:
+    """The exact bytes Stripe signed: the signature covers them, not a re-serialised JSON."""
+    return await request.body()
+
+
+@router.post("/webhook")
+def stripe_webhook(
+    db: Db,
+    payload: Annotated[bytes, Depends(_raw_body)],
+    stripe_signature: Annotated[str | None, Header()] = None,
+) -> dict[str, Any]:
+    secret = get_settings().stripe_webhook_secret
+    if secret is None or not secret.get_secret_value():
+        raise APIError(
+            503,
+            "Stripe webhooks are not configured on this installation: set LORAPLEX_STRIPE_WEBHOOK_SECRET to the "
+            "endpoint's signing secret (whsec_...)",
+            code="webhooks_not_configured",
+        )
+    try:
+        stripe.Webhook.construct_event(
+            payload, stripe_signature, secret.get_secret_value(), tolerance=TOLERANCE_SECONDS
+        )
+        event = json.loads(payload)
+    except stripe.SignatureVerificationError as exc:
+        raise APIError(
+            400,
+            f"invalid Stripe signature: {exc.user_message or exc}",
+            param="Stripe-Signature",
+            code="invalid_signature",
+        ) from None
+    except ValueError:  # signed, but not JSON (or not UTF-8)
+        raise APIError(400, "the body is not a Stripe event", code="invalid_payload") from None
+    if not isinstance(event, dict) or not isinstance(event.get("id"), str) or not isinstance(event.get("type"), str):
+        raise APIError(400, "the body is not a Stripe event", code="invalid_payload")
+    return _handle(db, event)
+
+
+def _handle(db: Session, event: dict[str, Any]) -> dict[str, Any]:
+    event_id, event_type = event["id"], event["type"]
+    handler = HANDLERS.get(event_type)
+    if handler is None:
+        return {"received": True, "ignored": f"event type {event_type} is not used"}
+    if db.get(StripeWebhookEvent, event_id) is not None:
+        return {"received": True, "duplicate": True}
+    data = event.get("data") or {}
+    obj: dict[str, Any] = data.get("object") or {}
+    account = _account(db, _customer_of(event_type, obj, data), obj.get("metadata") or {})
+    if account is None:
+        log.warning("Stripe event %s (%s) names no customer of ours; ignored", event_id, event_type)
+        return {"received": True, "ignored": "unknown customer"}
+    try:
+        # The id first: a concurrent delivery of the same event blocks here, then fails, and applies nothing.
+        db.add(StripeWebhookEvent(id=event_id, type=event_type))
+        db.flush()
+        outcome = handler(db, account, obj)
+        db.commit()
+    except IntegrityError:
+        db.rollback()
+        return {"received": True, "duplicate": True}
+    log.info("Stripe event %s (%s) for tenant %s: %s", event_id, event_type, account.tenant_id, outcome)
+    return {"received": True}
+
+
+def _customer_of(event_type: str, obj: dict[str, Any], data: dict[str, Any]) -> str | None:
+    customer = obj.get("customer")
+    if customer is None and event_type == "payment_method.detached":
+        # A detached payment method no longer has a customer; Stripe names the old one here.
+        customer = (data.get("previous_attributes") or {}).get("customer")
+    if isinstance(customer, dict):  # an expanded customer object
+        customer = customer.get("id")
+    return customer if isinstance(customer, str) else None
+
+
+def _account(db: Session, customer_id: str | None, metadata: dict[str, Any]) -> BillingAccount | None:
+    """The billing account of the Stripe customer, or of metadata.tenant_id (set on our Checkout sessions)."""
+    if customer_id:
+        account = db.scalar(select(BillingAccount).where(BillingAccount.stripe_customer_id == customer_id))
+        if account is not None:
+            return account
+    tenant_id = metadata.get("tenant_id")
+    if not isinstance(tenant_id, str) or db.get(Tenant, tenant_id) is None:
+        return None
+    account = db.get(BillingAccount, tenant_id)
+    if account is None:  # a tenant from before billing existed
+        account = BillingAccount(tenant_id=tenant_id)
+        db.add(account)
+    return account
+
+
+# ---- effects: each runs inside the transaction that records the event id -------------------------------
+
+
+def _checkout_completed(db: Session, account: BillingAccount, session: dict[str, Any]) -> str:
+    metadata = session.get("metadata") or {}
+    if session.get("mode") == "setup":
+        # The card's brand and last digits come with payment_method.attached; until then say a card exists.
+        if account.payment_method is None:
+            account.payment_method = CARD_ON_FILE
+        return "card saved"
+    if session.get("mode") != "payment" or metadata.get("purpose") != "topup":
+        return "not a top-up; nothing to do"
+    if session.get("payment_status") != "paid":
+        # Delayed payment methods complete the session unpaid; checkout.session.async_payment_succeeded follows.
+        return f"top-up not paid yet ({session.get('payment_status')})"
+    currency, cents = session.get("currency"), session.get("amount_total")
+    if currency != CURRENCY or not isinstance(cents, int) or cents <= 0:
+        log.error("top-up session %s has amount %r %r; not granted", session.get("id"), cents, currency)
+        return "top-up amount unusable; not granted"
+    credits.grant_credit(
+        db,
+        account.tenant_id,
+        cents * MICRO_USD_PER_CENT,
+        category="paid",
+        reason="top-up",
+        idempotency_key=f"topup:{session['id']}",
+    )
+    return f"granted {cents} cents"
+
+
+def _card_attached(db: Session, account: BillingAccount, payment_method: dict[str, Any]) -> str:
+    account.payment_method = _describe(payment_method)
+    return f"payment method {account.payment_method}"
+
+
+def _card_detached(db: Session, account: BillingAccount, payment_method: dict[str, Any]) -> str:
+    # Only forget the card we show: detaching an older, unused card leaves the current one on file.
+    if account.payment_method in (_describe(payment_method), CARD_ON_FILE):
+        account.payment_method = None
+    return f"payment method now {account.payment_method}"
+
+
+def _payment_failed(db: Session, account: BillingAccount, invoice: dict[str, Any]) -> str:
+    account.payment_status = "past_due"
+    return "past_due"
+
+
+def _paid(db: Session, account: BillingAccount, invoice: dict[str, Any]) -> str:
+    account.payment_status = "ok"
+    return "ok"
+
+
+def _describe(payment_method: dict[str, Any]) -> str:
+    """ "visa ending 4242"; other methods by type ("sepa_debit ending 3000")."""
+    kind = str(payment_method.get("type") or "card")
+    details = payment_method.get(kind) or {}
+    brand = details.get("brand") or kind
+    last4 = details.get("last4")
+    return f"{brand} ending {last4}" if last4 else str(brand)
+
+
+HANDLERS: dict[str, Callable[[Session, BillingAccount, dict[str, Any]], str]] = {
+    "checkout.session.completed": _checkout_completed,
+    "checkout.session.async_payment_succeeded": _checkout_completed,
+    "payment_method.attached": _card_attached,
+    "payment_method.detached": _card_detached,
+    "invoice.payment_failed": _payment_failed,
+    "invoice.paid": _paid,
+    "invoice.payment_succeeded": _paid,
+}
