@@ -33,7 +33,24 @@ def _logging() -> None:
 
 
 def start_workers(count: int) -> list[subprocess.Popen[bytes]]:
-    return [subprocess.Popen([sys.executable, "-m", "app.cli", "worker"]) for _ in range(count)]
+    return [
+        subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], preexec_fn=_die_with_parent) for _ in range(count)
+    ]
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to SIGTERM it when the parent dies, even by SIGKILL."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1  # noqa: N806 - the kernel's name
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    # uvicorn re-raises the SIGTERM it caught once it has shut down; exiting here (not dying of the signal)
+    # lets `serve` stop its workers on the way out.
+    raise SystemExit(0)
 
 
 @app.command()
@@ -50,6 +67,7 @@ def serve(
 
     _logging()
     migrate()
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     children = start_workers(workers)
     try:
         uvicorn.run(create_app(), host=host, port=port, log_level="warning")
@@ -72,16 +90,48 @@ def worker(threads: int = typer.Option(0, help="Handler threads (0: LORAPLEX_WOR
 
 
 @tenant_app.command("create")
-def tenant_create(name: str) -> None:
+def tenant_create(
+    name: str,
+    plan: str = typer.Option("developer", help="developer (sign-up credits, pay as you go) or enterprise."),
+) -> None:
     """Create a tenant and print its first API key (shown once)."""
     from app.db import migrate, session_scope
     from app.tenants import create_tenant
 
+    if plan not in ("developer", "enterprise"):
+        raise typer.BadParameter("developer or enterprise", param_hint="--plan")
     migrate()
     with session_scope() as s:
-        tenant, key = create_tenant(s, name)
+        tenant, key = create_tenant(s, name, plan=plan)
         tenant_id = tenant.id
-    typer.echo(f"tenant {name} ({tenant_id})\nAPI key (shown once): {key}")
+    typer.echo(f"tenant {name} ({tenant_id}, {plan})\nAPI key (shown once): {key}")
+
+
+@tenant_app.command("prices")
+def tenant_prices(name: str, prices_json: Path = typer.Argument(..., help="Overrides, see billing/prices.py.")) -> None:
+    """Give an enterprise tenant its own prices, discount and volume tiers (checked before saving)."""
+    import json
+
+    from sqlalchemy import select
+
+    from app.db import migrate, session_scope
+    from app.models import BillingAccount, Tenant
+    from billing.prices import DEFAULT
+
+    try:
+        overrides = json.loads(prices_json.read_text())
+        DEFAULT.with_overrides(overrides)
+    except (ValueError, TypeError, AttributeError) as exc:  # bad JSON or a PriceError naming the field
+        raise typer.BadParameter(str(exc), param_hint="PRICES_JSON") from None
+    migrate()
+    with session_scope() as s:
+        tenant = s.scalar(select(Tenant).where(Tenant.name == name))
+        if tenant is None:
+            raise typer.BadParameter(f"no tenant named {name!r}", param_hint="NAME")
+        account = s.get(BillingAccount, tenant.id) or BillingAccount(tenant_id=tenant.id)
+        account.plan, account.prices = "enterprise", overrides
+        s.add(account)
+    typer.echo(f"tenant {name}: enterprise prices saved")
 
 
 @app.command()
