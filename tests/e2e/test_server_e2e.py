@@ -172,3 +172,27 @@ def test_killed_worker_mid_training_job_still_finishes(processes: Processes) -> 
     assert job["adapter"] == "count/1"
     metrics = http.get(f"/v1/finetuning/jobs/{job_id}/metrics").json()
     assert metrics[0]["attempt"] == 2 and len(metrics) == job["total_steps"]
+
+
+def _children(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"  # a zombie is dead, just not yet reaped
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL])
+def test_stopping_serve_stops_its_workers(processes: Processes, how: signal.Signals) -> None:
+    processes.server(workers=1)
+    serve = processes.children[-1]
+    [worker_pid] = _children(serve.pid)
+    serve.send_signal(how)
+    serve.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while _alive(worker_pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(worker_pid), "the worker outlived its server"
