@@ -13,8 +13,10 @@ from pathlib import Path
 import httpx
 from openai import OpenAI
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+
+from app.client import Loraplex, LoraplexError
+from app.watch import watch_job
 
 BASE_MODEL = "smollm2-135m"
 TABLE_ROWS = 4  # held-out answers shown side by side
@@ -37,7 +39,7 @@ def run_demo(port: int, dataset: Path, epochs: int) -> int:
         http = httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {api_key}"}, timeout=300)
         name = f"{dataset.stem.replace('_', '-')}-{int(time.time())}"
         ds = _upload(http, dataset, name)
-        job = _train(http, name, epochs)
+        job = _train(Loraplex(base_url, api_key, timeout=300), name, epochs)
         _compare(base_url, api_key, dataset, job["adapter"])
         _costs(http, job, run_started)
         console.print(
@@ -106,7 +108,7 @@ def _upload(http: httpx.Client, dataset: Path, name: str) -> dict:
     return body
 
 
-def _train(http: httpx.Client, dataset: str, epochs: int) -> dict:
+def _train(client: Loraplex, dataset: str, epochs: int) -> dict:
     config = {
         "base_model": BASE_MODEL,
         "dataset": dataset,
@@ -117,51 +119,46 @@ def _train(http: httpx.Client, dataset: str, epochs: int) -> dict:
         "effective_batch_size": 8,
         "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
     }
-    r = http.post("/v1/finetuning/jobs", json=config)
-    job = r.json()
-    if r.status_code != 201:
-        raise SystemExit(f"job refused ({r.status_code}): {job}")
+    try:
+        job = client.create_job(**config)
+    except LoraplexError as exc:
+        raise SystemExit(f"job refused: {exc}") from None
     console.print(
         f"Price quote: {job['estimate']['tokens']:,} tokens processed ({epochs} epochs) = "
         f"[bold]{job['estimate']['cost']['usd']}[/] (LoRA, up to 16B parameters: $0.50 per 1M tokens)"
     )
-    with Progress(
-        TextColumn("Training {task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TextColumn("loss {task.fields[loss]}"),
-        TextColumn("{task.fields[tps]} tok/s"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=console,
-    ) as bar:
-        task = bar.add_task(job["id"], total=None, loss="-", tps="-")
-        last_step = -1
-        while job["status"] in ("queued", "training"):
-            time.sleep(1)
-            job = http.get(f"/v1/finetuning/jobs/{job['id']}").json()
-            metrics = http.get(f"/v1/finetuning/jobs/{job['id']}/metrics", params={"after_step": last_step}).json()
-            if metrics:
-                last_step = metrics[-1]["step"]
-                bar.update(
-                    task,
-                    total=job["total_steps"],
-                    completed=last_step,
-                    loss=f"{metrics[-1]['loss']:.3f}",
-                    tps=f"{metrics[-1]['tokens_per_second']:.0f}",
-                )
-            elif job["total_steps"]:
-                bar.update(task, total=job["total_steps"])
-    if job["status"] != "completed":
-        raise SystemExit(f"fine-tuning {job['status']}: {job['error']}")
-    console.print(f"Fine-tuned adapter [bold]{job['adapter']}[/] (tokens/s in the last step: {metrics_tps(http, job)})")
-    return job
+    result = watch_job(client, job["id"], console)  # the progress bar of `loraplex jobs watch`, from the SSE stream
+    if not result.completed:
+        raise SystemExit(f"fine-tuning {result.job['status']}: {result.job['error']}")
+    _evaluation(result.job)
+    return result.job
 
 
-def metrics_tps(http: httpx.Client, job: dict) -> str:
-    metrics = http.get(f"/v1/finetuning/jobs/{job['id']}/metrics").json()
-    return f"{metrics[-1]['tokens_per_second']:.0f}" if metrics else "n/a"
+def _evaluation(job: dict) -> None:
+    """The job's own evaluation on the held-out split: before training (step 0) and after the last step."""
+    summary = job.get("summary") or {}
+    if "baseline" not in summary or "final" not in summary:
+        return
+    table = Table(title=f"Evaluation on {summary['evaluation_rows']} held-out rows (the job's metrics)")
+    for column in ("", "loss", "perplexity", "token accuracy", "sequence accuracy", "char error rate"):
+        table.add_column(column, justify="right")
+    for label, row in (
+        (f"{BASE_MODEL} (step 0)", summary["baseline"]),
+        (f"{job['adapter']} (step {summary['final']['step']})", summary["final"]),
+    ):
+        table.add_row(
+            label,
+            f"{row['loss']:.3f}",
+            f"{row['perplexity']:.2f}",
+            f"{row['token_accuracy']:.1%}",
+            _percent(row["sequence_accuracy"]),
+            _percent(row["char_error_rate"]),
+        )
+    console.print(table)
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
 
 
 def _compare(base_url: str, api_key: str, dataset: Path, adapter: str) -> None:

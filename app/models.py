@@ -117,6 +117,7 @@ class FinetuneJob(Base):
     estimated_tokens: Mapped[int] = mapped_column(BigInteger, default=0)  # dataset tokens x epochs
     estimate_micro_usd: Mapped[int] = mapped_column(BigInteger, default=0)
     total_steps: Mapped[int | None] = mapped_column(Integer, default=None)
+    summary: Mapped[dict[str, Any]] = mapped_column(default=dict)  # steps done, early stop, best/last evaluation
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     adapter_version_id: Mapped[str | None] = mapped_column(ForeignKey("adapter_versions.id"), default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -139,6 +140,12 @@ class JobMetric(Base):
     loss: Mapped[float] = mapped_column(Float)
     learning_rate: Mapped[float] = mapped_column(Float)
     tokens_per_second: Mapped[float] = mapped_column(Float, default=0.0)
+    kind: Mapped[str] = mapped_column(String(10), default="train", server_default="train")  # train | eval
+    # Evaluation rows (kind "eval"; loss above is the evaluation loss). Step 0 is the model before training.
+    perplexity: Mapped[float | None] = mapped_column(Float, default=None)
+    token_accuracy: Mapped[float | None] = mapped_column(Float, default=None)  # next-token argmax on completions
+    sequence_accuracy: Mapped[float | None] = mapped_column(Float, default=None)  # greedy answer == reference
+    char_error_rate: Mapped[float | None] = mapped_column(Float, default=None)  # edit distance / reference length
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

@@ -48,6 +48,10 @@ class Settings(BaseSettings):
     )
 
     # Training
+    train_precision: Literal["auto", "fp32", "bf16"] = Field(
+        default="auto",
+        description="auto: bf16 base weights with autocast on GPUs and on CPUs with native bf16 (AVX512-BF16, AMX).",
+    )
     train_threads: int | None = Field(default=None, description="torch threads for training; all cores when unset.")
 
     # Billing

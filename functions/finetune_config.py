@@ -23,12 +23,25 @@ class FinetuneConfig(BaseModel):
     base_model: str = Field(description="Catalog name of the model to fine-tune, e.g. 'smollm2-135m'.")
     dataset: str = Field(description="Name of a dataset of yours in status 'ready'.")
     repo: str = Field(description="Adapter repository; the result is saved as its next version, 'repo/N'.")
-    adapter: Literal["lora", "turbo_lora", "turbo"] = Field(default="lora", description="Adapter type to train.")
+    adapter: Literal["lora", "turbo_lora", "turbo", "adalora", "adaption_prompt"] = Field(
+        default="lora", description="Adapter type to train."
+    )
     epochs: int = Field(default=3, ge=1, le=100, description="Passes over the training split.")
+    train_steps: int | None = Field(
+        default=None, ge=1, le=1_000_000, description="Optimizer steps to train for, instead of epochs."
+    )
     learning_rate: float = Field(default=2e-4, gt=0, le=1, description="Peak learning rate (AdamW).")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = Field(
+        default="cosine", description="Learning-rate decay after warmup."
+    )
+    warmup_ratio: float = Field(default=0.03, ge=0, lt=1, description="Fraction of steps warming up from 0.")
     rank: int = Field(default=16, ge=1, le=256, description="LoRA rank r.")
     lora_alpha: int | None = Field(default=None, ge=1, le=4096, description="LoRA alpha; twice the rank if unset.")
     lora_dropout: float = Field(default=0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    use_rslora: bool = Field(
+        default=False, description="Rank-stabilised LoRA: scale by alpha/sqrt(rank), not alpha/rank."
+    )
+    use_dora: bool = Field(default=False, description="DoRA: learn a magnitude per output feature beside the LoRA.")
     target_modules: list[str] | None = Field(
         default=None, description="Linear layers to adapt; q_proj and v_proj (or the model's equivalent) if unset."
     )
@@ -38,6 +51,16 @@ class FinetuneConfig(BaseModel):
         default=True, description="Wrap rows in the model's chat template, as chat completions will at inference."
     )
     seed: int = Field(default=42, description="Seed for shuffling and initialisation (reproducible runs).")
+    eval_steps: int | None = Field(
+        default=None, ge=1, description="Evaluate every this many steps; at the end of every epoch if unset."
+    )
+    eval_fraction: float = Field(
+        default=0.1, ge=0, lt=1, description="Rows held out for evaluation when the dataset has no evaluation split."
+    )
+    enable_early_stopping: bool = Field(
+        default=True, description="Stop once the evaluation loss has not improved for early_stopping_patience evals."
+    )
+    early_stopping_patience: int = Field(default=2, ge=1, le=100, description="Evaluations without improvement.")
 
     @field_validator("repo")
     @classmethod
@@ -49,6 +72,9 @@ class FinetuneConfig(BaseModel):
     @field_validator("adapter")
     @classmethod
     def _adapter_available(cls, value: str) -> str:
+        if value in ("adalora", "adaption_prompt"):
+            # PEFT trains both, but our serving engines (and vLLM) serve LoRA only: refuse before any compute.
+            raise ValueError(f"adapter {value!r} cannot be served by the serving engine (LoRA only); use 'lora'")
         if value != "lora":
             raise ValueError(f"adapter {value!r} is not available yet; use 'lora'")
         return value
@@ -69,7 +95,14 @@ class FinetuneConfig(BaseModel):
             raise ValueError(f"target_modules: {unknown} not in the model; choose from {list(allowed)}")
         if self.target_modules is not None and not self.target_modules:
             raise ValueError("target_modules: give at least one module, or leave it unset")
+        if self.train_steps is not None and "epochs" in self.model_fields_set:
+            raise ValueError("train_steps: set either epochs or train_steps, not both")
         return self
+
+    def stored(self) -> dict:
+        """The config as kept on the job: every field, except epochs when train_steps replaces it (so that it
+        validates again as it did)."""
+        return self.model_dump(exclude={"epochs"} if self.train_steps is not None else None)
 
     @property
     def resolved_alpha(self) -> int:

@@ -5,16 +5,15 @@ adapter (files renamed into place, version row, job row and usage record in one 
 """
 
 import logging
-import os
-import shutil
+import random
 import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from app import volume
 from app.db import session_scope
@@ -22,15 +21,18 @@ from app.models import AdapterVersion, FinetuneJob, JobMetric
 from app.queue import EventInfo, PermanentError
 from app.settings import get_settings
 from billing import ledger
-from functions.base_models import BaseModelUnavailable, load_model, load_tokenizer
+from functions.adapter_io import publish_adapter
+from functions.base_models import BaseModelUnavailable, load_tokenizer
 from functions.catalog import get_model
 from functions.datasets import parse_dataset
+from functions.evaluate import EvalResult, evaluate
 from functions.finetune_config import FinetuneConfig
 from functions.prompts import Tokenized, tokenize_example
+from functions.trainer import build_trainer
 
 log = logging.getLogger("loraplex.train")
 FINAL = ("completed", "failed", "cancelled")
-MICRO_BATCH = 4  # examples per forward pass; gradient accumulation makes up effective_batch_size
+MIN_ROWS_TO_HOLD_OUT = 10  # smaller datasets without an evaluation split train on every row
 
 
 class Cancelled(Exception):
@@ -42,10 +44,10 @@ def run(event: EventInfo) -> None:
     if job is None:
         return
     config = FinetuneConfig.model_validate(job.config)
-    examples = _tokenize(job, config)
+    train, evaluation = _tokenize(job, config)
     with tempfile.TemporaryDirectory(prefix="loraplex-train-") as workdir:
         try:
-            stats = _train(job, config, examples, Path(workdir), event.attempt)
+            stats = _train(job, config, train, evaluation, Path(workdir), event.attempt)
         except Cancelled:
             log.info("job %s cancelled", job.id)
             return
@@ -75,7 +77,9 @@ def _start(event: EventInfo) -> FinetuneJob | None:
         return job
 
 
-def _tokenize(job: FinetuneJob, config: FinetuneConfig) -> list[Tokenized]:
+def _tokenize(job: FinetuneJob, config: FinetuneConfig) -> tuple[list[Tokenized], list[Tokenized]]:
+    """(train, evaluation) examples. Without an evaluation split, `eval_fraction` of the rows is held out
+    (a seeded draw) when the dataset has at least MIN_ROWS_TO_HOLD_OUT rows."""
     dataset = job.dataset
     data = volume.dataset_path(dataset.tenant_id, dataset.id, dataset.file_format).read_bytes()
     parsed = parse_dataset(data, dataset.file_format, get_settings().max_dataset_rows)  # type: ignore[arg-type]
@@ -85,136 +89,126 @@ def _tokenize(job: FinetuneJob, config: FinetuneConfig) -> list[Tokenized]:
         tokenizer = load_tokenizer(config.base_model)
     except BaseModelUnavailable as exc:
         raise PermanentError(str(exc)) from exc
-    train = [
-        tokenize_example(e, tokenizer, config.apply_chat_template, config.max_seq_length)
-        for e in parsed.examples
-        if e.split == "train"
-    ]
-    train = [t for t in train if any(label >= 0 for label in t.labels)]  # prompt filled the whole window
+
+    def tokenized(split: str) -> list[Tokenized]:
+        rows = [
+            tokenize_example(e, tokenizer, config.apply_chat_template, config.max_seq_length)
+            for e in parsed.examples
+            if e.split == split
+        ]
+        return [t for t in rows if any(label >= 0 for label in t.labels)]  # not a prompt filling the window
+
+    train, evaluation = tokenized("train"), tokenized("evaluation")
+    if not evaluation and config.eval_fraction > 0 and len(train) >= MIN_ROWS_TO_HOLD_OUT:
+        shuffled = random.Random(config.seed).sample(train, len(train))
+        held_out = max(1, round(len(train) * config.eval_fraction))
+        evaluation, train = shuffled[:held_out], shuffled[held_out:]
     if not train:
         raise PermanentError(f"no training rows with completion tokens within max_seq_length {config.max_seq_length}")
-    return train
+    return train, evaluation
 
 
-def _train(job: FinetuneJob, config: FinetuneConfig, examples: list[Tokenized], workdir: Path, attempt: int) -> dict:
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import DataCollatorForSeq2Seq, PrinterCallback, Trainer, TrainingArguments, set_seed
-
-    settings = get_settings()
-    cuda = torch.cuda.is_available()
-    if not cuda:
-        torch.set_num_threads(settings.train_threads or os.cpu_count() or 1)
-    set_seed(config.seed)
-    tokenizer = load_tokenizer(config.base_model)
+def _train(
+    job: FinetuneJob,
+    config: FinetuneConfig,
+    examples: list[Tokenized],
+    evaluation: list[Tokenized],
+    workdir: Path,
+    attempt: int,
+) -> dict:
     try:
-        model = load_model(config.base_model, "bfloat16" if cuda else "float32")
+        run = build_trainer(config, examples, workdir)
     except BaseModelUnavailable as exc:
         raise PermanentError(str(exc)) from exc
-    lora = LoraConfig(
-        r=config.rank,
-        lora_alpha=config.resolved_alpha,
-        lora_dropout=config.lora_dropout,
-        target_modules=config.resolved_target_modules,
-        task_type="CAUSAL_LM",
+    epoch_tokens = sum(len(t.input_ids) for t in examples)  # after truncation
+    progress = _Progress(
+        job.id, attempt, epoch_tokens, run.steps_per_epoch, config, evaluation, run.tokenizer, run.bf16
     )
-    model = get_peft_model(model, lora)
-    micro = min(MICRO_BATCH, config.effective_batch_size)
-    args = TrainingArguments(
-        output_dir=str(workdir / "trainer"),
-        per_device_train_batch_size=micro,
-        gradient_accumulation_steps=max(1, config.effective_batch_size // micro),
-        num_train_epochs=config.epochs,
-        learning_rate=config.learning_rate,
-        lr_scheduler_type="linear",
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        seed=config.seed,
-        use_cpu=not cuda,
-        bf16=cuda,
-        remove_unused_columns=False,
-        disable_tqdm=True,
-        train_sampling_strategy="group_by_length",  # batches of similar length pad less
-    )
-    features = [{"input_ids": t.input_ids, "labels": t.labels} for t in examples]
-    train_tokens = sum(len(t.input_ids) for t in examples)  # per epoch, after truncation
-    progress = _Progress(job.id, attempt, train_tokens * config.epochs)
-    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
-    trainer = Trainer(
-        model=model, args=args, train_dataset=features, data_collator=collator, callbacks=[progress.callback()]
-    )
-    trainer.remove_callback(PrinterCallback)  # metrics go to the database, not stdout
-    trainer.train()
+    run.trainer.add_callback(progress.callback())
+    run.trainer.train()
     if progress.cancelled:
         raise Cancelled()
-    model.save_pretrained(workdir / "adapter")
-    return {"tokens_processed": train_tokens * config.epochs, "seconds": time.monotonic() - progress.started}
+    run.trainer.model.save_pretrained(workdir / "adapter")
+    progress.save_summary(run.trainer.state.global_step)
+    return {
+        "tokens_processed": progress.tokens_done(run.trainer.state.epoch or 0.0),
+        "seconds": time.monotonic() - progress.started,
+    }
 
 
 def _publish(job: FinetuneJob, config: FinetuneConfig, adapter_files: Path, stats: dict) -> None:
-    """Rename the adapter into place and record it; on any database error the files are removed again."""
+    """Rename the adapter into place and record it with the job and its usage record, in one transaction
+    (functions/adapter_io.publish_adapter, shared with imports); on any database error the files are removed."""
     params = get_model(config.base_model).params
-    for _ in range(3):  # another job of the same repo may take the same version number first
-        final: Path | None = None
-        try:
-            with session_scope() as s:
-                current = s.get_one(FinetuneJob, job.id, with_for_update=True)
-                if current.status != "training":
-                    return  # cancelled at the last moment: keep nothing
-                version = (
-                    s.scalar(select(func.max(AdapterVersion.version)).where(AdapterVersion.repo_id == job.repo_id)) or 0
-                ) + 1
-                final = volume.adapter_dir(job.tenant_id, job.repo.name, version)
-                with volume.atomic_dir(final) as tmp:  # replaces files a crashed attempt left uncommitted
-                    shutil.copytree(adapter_files, tmp, dirs_exist_ok=True)
-                adapter = AdapterVersion(
-                    repo_id=job.repo_id,
-                    version=version,
-                    base_model=config.base_model,
-                    adapter_type=config.adapter,
-                    rank=config.rank,
-                    target_modules=config.resolved_target_modules,
-                    job_id=job.id,
-                )
-                s.add(adapter)
-                s.flush()
-                amount = ledger.price_book(s, job.tenant_id).finetune(params, config.adapter, stats["tokens_processed"])
-                current.status, current.finished_at = "completed", datetime.now(UTC)
-                current.adapter_version_id = adapter.id
-                ledger.record(
-                    s,
-                    ledger.Usage(
-                        idempotency_key=f"finetune:{job.id}",
-                        tenant_id=job.tenant_id,
-                        kind="finetune",
-                        technique=f"sft_{config.adapter}",
-                        base_model=config.base_model,
-                        adapter=f"{job.repo.name}/{version}",
-                        input_tokens=stats["tokens_processed"],
-                        compute_ms=int(stats["seconds"] * 1000),
-                        amount_micro_usd=amount,
-                        reference=job.id,
-                    ),
-                )
-            return
-        except IntegrityError:
-            if final is not None:
-                shutil.rmtree(final, ignore_errors=True)
-        except BaseException:
-            if final is not None:
-                shutil.rmtree(final, ignore_errors=True)
-            raise
-    raise RuntimeError("could not allocate an adapter version after 3 tries")
+
+    def still_training(s: Session) -> bool:
+        current = s.get_one(FinetuneJob, job.id, with_for_update=True)
+        return current.status == "training"  # cancelled at the last moment: keep nothing
+
+    def complete_job(s: Session, adapter: AdapterVersion) -> None:
+        current = s.get_one(FinetuneJob, job.id)
+        amount = ledger.price_book(s, job.tenant_id).finetune(params, config.adapter, stats["tokens_processed"])
+        current.status, current.finished_at = "completed", datetime.now(UTC)
+        current.adapter_version_id = adapter.id
+        ledger.record(
+            s,
+            ledger.Usage(
+                idempotency_key=f"finetune:{job.id}",
+                tenant_id=job.tenant_id,
+                kind="finetune",
+                technique=f"sft_{config.adapter}",
+                base_model=config.base_model,
+                adapter=f"{job.repo.name}/{adapter.version}",
+                input_tokens=stats["tokens_processed"],
+                compute_ms=int(stats["seconds"] * 1000),
+                amount_micro_usd=amount,
+                reference=job.id,
+            ),
+        )
+
+    publish_adapter(
+        job.tenant_id,
+        job.repo.name,
+        adapter_files,
+        base_model=config.base_model,
+        adapter_type=config.adapter,
+        rank=config.rank,
+        target_modules=config.resolved_target_modules,
+        repo_id=job.repo_id,
+        job_id=job.id,
+        guard=still_training,
+        on_published=complete_job,
+    )
 
 
 class _Progress:
-    """Writes one metrics row per optimizer step and stops training once the job is cancelled."""
+    """Writes one metrics row per optimizer step and one per evaluation, stops early once the evaluation loss
+    stops improving, and stops at once when the job is cancelled."""
 
-    def __init__(self, job_id: str, attempt: int, total_tokens: int) -> None:
-        self.job_id, self.attempt, self.total_tokens = job_id, attempt, total_tokens
+    def __init__(
+        self,
+        job_id: str,
+        attempt: int,
+        epoch_tokens: int,
+        steps_per_epoch: int,
+        config: FinetuneConfig,
+        evaluation: list[Tokenized],
+        tokenizer: Any,
+        bf16: bool,
+    ) -> None:
+        self.job_id, self.attempt, self.epoch_tokens, self.config = job_id, attempt, epoch_tokens, config
+        self.steps_per_epoch = steps_per_epoch  # optimizer steps; for the epoch of evaluation rows
+        self.evaluation, self.tokenizer, self.bf16 = evaluation, tokenizer, bf16
         self.started = time.monotonic()
-        self.cancelled = False
+        self.cancelled = self.stopped_early = False
+        self.max_steps = 1
+        self.evals: list[tuple[int, EvalResult]] = []  # (step, result)
+        self.best_loss = float("inf")
+        self.evals_without_improvement = 0
+
+    def tokens_done(self, epochs: float) -> int:
+        """Tokens processed after `epochs` (fractional) passes over the training rows: what the job is charged."""
+        return round(self.epoch_tokens * epochs)
 
     def callback(self) -> Any:
         from transformers import TrainerCallback
@@ -222,24 +216,34 @@ class _Progress:
         progress = self
 
         class Callback(TrainerCallback):
-            def on_train_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+            def on_train_begin(self, args, state, control, model=None, **kwargs):  # type: ignore[no-untyped-def]
+                progress.max_steps = state.max_steps
                 with session_scope() as s:
                     s.get_one(FinetuneJob, progress.job_id).total_steps = state.max_steps
+                progress.evaluate(model, 0)  # the model before training: the baseline users compare against
 
             def on_log(self, args, state, control, logs=None, **kwargs):  # type: ignore[no-untyped-def]
                 if logs and "loss" in logs:
-                    progress.log(state.global_step, state.max_steps, logs)
+                    progress.log(state.global_step, logs)
 
-            def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+            def on_step_end(self, args, state, control, model=None, **kwargs):  # type: ignore[no-untyped-def]
                 if progress.is_cancelled():
                     progress.cancelled = True
+                    control.should_training_stop = True
+                    return
+                every = progress.config.eval_steps
+                if every and state.global_step % every == 0 and progress.evaluate(model, state.global_step):
+                    control.should_training_stop = True
+
+            def on_epoch_end(self, args, state, control, model=None, **kwargs):  # type: ignore[no-untyped-def]
+                evaluate_now = not progress.config.eval_steps and not progress.cancelled
+                if evaluate_now and progress.evaluate(model, state.global_step):
                     control.should_training_stop = True
 
         return Callback()
 
-    def log(self, step: int, max_steps: int, logs: dict) -> None:
+    def log(self, step: int, logs: dict) -> None:
         elapsed = time.monotonic() - self.started
-        tokens_done = self.total_tokens * step / max(max_steps, 1)
         with session_scope() as s:
             s.add(
                 JobMetric(
@@ -249,9 +253,60 @@ class _Progress:
                     epoch=float(logs.get("epoch", 0.0)),
                     loss=float(logs["loss"]),
                     learning_rate=float(logs.get("learning_rate", 0.0)),
-                    tokens_per_second=tokens_done / elapsed if elapsed > 0 else 0.0,
+                    tokens_per_second=self.tokens_done(float(logs.get("epoch", 0.0))) / elapsed if elapsed > 0 else 0.0,
                 )
             )
+
+    def evaluate(self, model: Any, step: int) -> bool:
+        """Evaluate, record the row, and say whether early stopping should stop training now."""
+        if not self.evaluation or any(s == step for s, _ in self.evals):
+            return False
+        result = evaluate(model, self.tokenizer, self.evaluation, bf16=self.bf16)
+        self.evals.append((step, result))
+        with session_scope() as s:
+            s.add(
+                JobMetric(
+                    job_id=self.job_id,
+                    attempt=self.attempt,
+                    step=step,
+                    epoch=step / self.steps_per_epoch,
+                    kind="eval",
+                    loss=result.loss,
+                    learning_rate=0.0,
+                    perplexity=result.perplexity,
+                    token_accuracy=result.token_accuracy,
+                    sequence_accuracy=result.sequence_accuracy,
+                    char_error_rate=result.char_error_rate,
+                )
+            )
+        if step == 0:
+            return False
+        if result.loss < self.best_loss - 1e-4:
+            self.best_loss, self.evals_without_improvement = result.loss, 0
+            return False
+        self.evals_without_improvement += 1
+        if self.config.enable_early_stopping and self.evals_without_improvement >= self.config.early_stopping_patience:
+            self.stopped_early = step < self.max_steps
+            return self.stopped_early
+        return False
+
+    def save_summary(self, steps_done: int) -> None:
+        def row(step: int, r: EvalResult) -> dict:
+            return {"step": step} | {k: v for k, v in r.__dict__.items()}
+
+        trained = [(step, r) for step, r in self.evals if step > 0]
+        summary = {
+            "steps_done": steps_done,
+            "stopped_early": self.stopped_early,
+            "evaluation_rows": len(self.evaluation),
+        }
+        if self.evals:
+            summary["baseline"] = row(*self.evals[0])
+        if trained:
+            summary["final"] = row(*trained[-1])
+            summary["best"] = row(*min(trained, key=lambda e: e[1].loss))
+        with session_scope() as s:
+            s.get_one(FinetuneJob, self.job_id).summary = summary
 
     def is_cancelled(self) -> bool:
         with session_scope() as s:

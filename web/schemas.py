@@ -64,6 +64,7 @@ class JobOut(BaseModel):
     error: str | None
     attempts: int
     total_steps: int | None
+    summary: dict[str, Any]  # steps_done, stopped_early, baseline / best / final evaluation
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
@@ -84,6 +85,7 @@ class JobOut(BaseModel):
             error=job.error,
             attempts=job.attempts,
             total_steps=job.total_steps,
+            summary=job.summary or {},
             created_at=job.created_at,
             started_at=job.started_at,
             finished_at=job.finished_at,
@@ -91,22 +93,32 @@ class JobOut(BaseModel):
 
 
 class MetricOut(BaseModel):
+    kind: str  # train: one row per optimizer step; eval: one row per evaluation (step 0: before training)
     step: int
     epoch: float
-    loss: float
+    loss: float  # training loss, or evaluation loss on eval rows
     learning_rate: float
     tokens_per_second: float
+    perplexity: float | None = None
+    token_accuracy: float | None = None
+    sequence_accuracy: float | None = None
+    char_error_rate: float | None = None
     attempt: int
     at: datetime
 
     @classmethod
     def of(cls, m: JobMetric) -> "MetricOut":
         return cls(
+            kind=m.kind,
             step=m.step,
             epoch=m.epoch,
             loss=m.loss,
             learning_rate=m.learning_rate,
             tokens_per_second=m.tokens_per_second,
+            perplexity=m.perplexity,
+            token_accuracy=m.token_accuracy,
+            sequence_accuracy=m.sequence_accuracy,
+            char_error_rate=m.char_error_rate,
             attempt=m.attempt,
             at=m.created_at,
         )

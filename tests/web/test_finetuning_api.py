@@ -165,14 +165,25 @@ def test_train_two_versions_with_metrics_adapter_files_and_charges(
 
     metrics = client.get(f"/v1/finetuning/jobs/{job['id']}/metrics", headers=alice)
     assert metrics.status_code == 200
-    rows = metrics.json()
+    everything = metrics.json()
+    rows = [m for m in everything if m["kind"] == "train"]
     assert [m["step"] for m in rows] == list(range(1, done["total_steps"] + 1))
     assert all(math.isfinite(m["loss"]) and m["loss"] > 0 for m in rows), rows
     assert all(m["attempt"] == 1 and m["tokens_per_second"] >= 0 for m in rows)
     assert [m["epoch"] for m in rows] == sorted(m["epoch"] for m in rows) and rows[-1]["epoch"] == pytest.approx(2)
-    assert rows[0]["learning_rate"] > rows[-1]["learning_rate"]  # linear decay
+    assert max(m["learning_rate"] for m in rows) > rows[-1]["learning_rate"]  # cosine decay after warmup
+    # The evaluation split (one row) is evaluated before training (step 0) and at the end of each epoch.
+    evals = [m for m in everything if m["kind"] == "eval"]
+    assert [m["step"] for m in evals] == [0, 3, 6]
+    for m in evals:
+        assert m["perplexity"] == pytest.approx(math.exp(m["loss"]), rel=1e-6)
+        assert 0 <= m["token_accuracy"] <= 1 and m["sequence_accuracy"] in (0, 1) and m["char_error_rate"] >= 0
+    summary = done["summary"]
+    assert summary["steps_done"] == 6 and summary["stopped_early"] is False and summary["evaluation_rows"] == 1
+    assert summary["baseline"]["step"] == 0 and summary["final"]["step"] == 6
+    assert summary["final"]["loss"] == pytest.approx(evals[-1]["loss"])
     later = client.get(f"/v1/finetuning/jobs/{job['id']}/metrics?after_step=4", headers=alice).json()
-    assert [m["step"] for m in later] == [5, 6]
+    assert [(m["kind"], m["step"]) for m in later] == [("train", 5), ("train", 6), ("eval", 6)]
 
     second = create_job(client, alice, epochs=1, effective_batch_size=4, rank=8, target_modules=["q_proj", "o_proj"])
     assert second["estimate"]["tokens"] == train_tokens

@@ -1,8 +1,18 @@
-"""/v1/finetuning/jobs: create (with a price estimate), list, get, cancel, per-step metrics."""
+"""/v1/finetuning/jobs: create (with a price estimate), list, get, cancel, per-step metrics, live events (SSE)."""
 
-from fastapi import APIRouter, status
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Request, status
+from fastapi.responses import StreamingResponse
 from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
+from app.db import sessions
 from app.models import FinetuneJob, JobMetric, Repo, UsageRecord, utcnow
 from app.queue import emit
 from billing import credits, ledger
@@ -14,6 +24,9 @@ from web.routers.datasets import find_dataset
 from web.schemas import JobOut, MetricOut
 
 router = APIRouter(prefix="/v1/finetuning/jobs", tags=["fine-tuning"])
+FINAL_STATUSES = ("completed", "failed", "cancelled")
+EVENTS_POLL_SECONDS = 0.5  # how often a live event stream re-reads the job and its metrics
+KEEPALIVE_SECONDS = 15.0  # an SSE comment this often keeps proxies from closing a quiet stream
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=JobOut)
@@ -28,7 +41,7 @@ def create_job(config: FinetuneConfig, tenant: CurrentTenant, db: Db) -> JobOut:
         )
     if not dataset.stats.get("train_rows"):
         raise APIError(422, f"dataset: {config.dataset!r} has no rows in the train split", param="dataset")
-    tokens = int(dataset.stats["train_tokens"]) * config.epochs
+    tokens = estimated_tokens(dataset.stats, config)
     estimate = ledger.price_book(db, tenant.id).finetune(get_model(config.base_model).params, config.adapter, tokens)
     refusal = credits.paid_work_refusal(db, tenant.id, estimate)
     if refusal is not None:
@@ -43,7 +56,7 @@ def create_job(config: FinetuneConfig, tenant: CurrentTenant, db: Db) -> JobOut:
         dataset_id=dataset.id,
         repo_id=repo.id,
         base_model=config.base_model,
-        config=config.model_dump(),
+        config=config.stored(),
         estimated_tokens=tokens,
         estimate_micro_usd=estimate,
     )
@@ -91,9 +104,104 @@ def job_metrics(job_id: str, tenant: CurrentTenant, db: Db, after_step: int = -1
     rows = db.scalars(
         select(JobMetric)
         .where(JobMetric.job_id == job.id, JobMetric.attempt == max(job.attempts, 1), JobMetric.step > after_step)
-        .order_by(JobMetric.step)
+        .order_by(JobMetric.step, JobMetric.id)
     )
     return [MetricOut.of(m) for m in rows]
+
+
+@router.get(
+    "/{job_id}/events",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}, "description": "Server-sent events until the job ends."}},
+)
+def job_events(
+    job_id: str,
+    tenant: CurrentTenant,
+    db: Db,
+    request: Request,
+    after_step: int = -1,
+    last_event_id: Annotated[str | None, Header(description="Resume after this metric event id.")] = None,
+) -> StreamingResponse:
+    """Live progress as server-sent events, so clients need not poll two endpoints: `event: status` (a JobOut)
+    on connect and whenever status, attempt or total_steps change, `event: metric` (a MetricOut, `id:` a cursor)
+    for each metrics row of the current attempt as it is written, and a last `status` once the job is completed,
+    failed or cancelled, after which the stream ends. Resume with `Last-Event-ID` (what EventSource sends on
+    reconnect) or with `?after_step=N` as for /metrics."""
+    job = find_job(db, tenant.id, job_id)
+    after_id: int | None = None
+    if last_event_id is not None:
+        if not last_event_id.strip().isdigit():
+            raise APIError(422, "Last-Event-ID: not an event id of this stream", param="Last-Event-ID")
+        after_id = int(last_event_id)
+    return StreamingResponse(
+        _job_event_stream(job.id, request, after_step, after_id),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def _job_event_stream(job_id: str, request: Request, after_step: int, after_id: int | None) -> AsyncIterator[str]:
+    """Poll the rows the worker writes. Metric rows are followed by their id, not their step: an evaluation row
+    may be committed before the train row of the same step, and a step cursor would then skip that train row."""
+    db = sessions()()
+    last_key: tuple[Any, ...] | None = None
+    last_sent = time.monotonic()
+    try:
+        while True:
+            polled = await run_in_threadpool(_poll_job, db, job_id, after_step, after_id)
+            if polled is None:  # the job (or its tenant) was deleted while we watched
+                return
+            job, metrics = polled
+            final = job["status"] in FINAL_STATUSES
+            key = (job["status"], job["attempts"], job["total_steps"])
+            if key != last_key and not final:
+                yield _sse("status", job)
+            for row_id, metric in metrics:
+                yield _sse("metric", metric, row_id)
+                after_id = row_id
+            # A completed or failed job committed all its rows before its status, read first above; a
+            # cancelled one may still log the step in flight, which no one watching needs.
+            if final:
+                yield _sse("status", job)
+                return
+            if key != last_key or metrics:
+                last_key, last_sent = key, time.monotonic()
+            elif time.monotonic() - last_sent >= KEEPALIVE_SECONDS:
+                yield ": keep-alive\n\n"  # also how a server without disconnect events notices a gone client
+                last_sent = time.monotonic()
+            if await request.is_disconnected():
+                return
+            await asyncio.sleep(EVENTS_POLL_SECONDS)
+    finally:
+        db.close()  # not awaited: a cancelled stream (the client left) must still give its connection back
+
+
+def _poll_job(
+    db: Session, job_id: str, after_step: int, after_id: int | None
+) -> tuple[dict[str, Any], list[tuple[int, dict[str, Any]]]] | None:
+    """One fresh read of the job (as JobOut json) and of its new metrics rows of the current attempt."""
+    db.rollback()  # end the previous read transaction so this one sees the worker's commits since
+    job = db.get(FinetuneJob, job_id, populate_existing=True)
+    if job is None:
+        return None
+    query = select(JobMetric).where(JobMetric.job_id == job_id, JobMetric.attempt == max(job.attempts, 1))
+    query = query.where(JobMetric.id > after_id) if after_id is not None else query.where(JobMetric.step > after_step)
+    rows = db.scalars(query.order_by(JobMetric.id)).all()
+    metrics = [(row.id, MetricOut.of(row).model_dump(mode="json")) for row in rows]
+    return _out(db, job).model_dump(mode="json"), metrics
+
+
+def _sse(event: str, data: dict[str, Any], event_id: int | None = None) -> str:
+    head = f"id: {event_id}\n" if event_id is not None else ""
+    return f"{head}event: {event}\ndata: {json.dumps(data)}\n\n"
+
+
+def estimated_tokens(stats: dict, config: FinetuneConfig) -> int:
+    """Tokens the job will process: the train split x epochs, or the rows train_steps will see."""
+    if config.train_steps is None:
+        return int(stats["train_tokens"]) * config.epochs
+    rows = config.train_steps * config.effective_batch_size
+    return -(-int(stats["train_tokens"]) * rows // int(stats["train_rows"]))  # ceil
 
 
 def find_job(db: Db, tenant_id: str, job_id: str) -> FinetuneJob:

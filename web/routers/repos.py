@@ -1,12 +1,25 @@
-"""/v1/repos: adapter repositories and their versions (`repo/1`, `repo/2`, ...)."""
+"""/v1/repos: adapter repositories and their versions (`repo/1`, `repo/2`, ...), import and export of versions."""
 
-from fastapi import APIRouter
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, UploadFile, status
+from fastapi.responses import FileResponse
 from sqlalchemy import select
+from starlette.background import BackgroundTask
 
-from app.models import Repo
+from app import volume
+from app.models import AdapterVersion, Repo
+from app.settings import get_settings
+from functions import adapter_io
+from functions.catalog import get_model
+from functions.finetune_config import REPO_NAME
 from web.deps import CurrentTenant, Db
 from web.errors import APIError
-from web.schemas import RepoOut
+from web.schemas import AdapterOut, RepoOut
 
 router = APIRouter(prefix="/v1/repos", tags=["adapters"])
 
@@ -22,3 +35,99 @@ def get_repo(name: str, tenant: CurrentTenant, db: Db) -> RepoOut:
     if repo is None:
         raise APIError(404, f"repo {name!r} not found", param="name", code="repo_not_found")
     return RepoOut.of(repo)
+
+
+@router.post("/{name}/versions", status_code=status.HTTP_201_CREATED, response_model=AdapterOut)
+def import_version(
+    name: str,
+    tenant: CurrentTenant,
+    db: Db,
+    base_model: Annotated[str, Form(description="The base model the adapter was trained on, e.g. 'smollm2-135m'.")],
+    files: Annotated[
+        list[UploadFile] | None, File(description="adapter_config.json and adapter_model.safetensors.")
+    ] = None,
+    archive: Annotated[UploadFile | None, File(description="A .zip or .tar.gz of the PEFT directory.")] = None,
+) -> AdapterOut:
+    """Import a PEFT LoRA adapter as the repo's next version (the repo is created if missing). The adapter is
+    checked against the base model from its files alone; a refusal leaves nothing behind."""
+    if not REPO_NAME.match(name):
+        raise APIError(
+            422,
+            "repo: letters, digits, '.', '_' and '-' only, starting with a letter or digit, at most 100",
+            param="repo",
+        )
+    try:
+        get_model(base_model)
+    except KeyError:
+        raise APIError(422, f"base_model: unknown base model {base_model!r}", param="base_model") from None
+    uploads = [f for f in files or [] if f.filename]
+    if bool(uploads) == (archive is not None):
+        raise APIError(
+            422,
+            "files: send either the adapter's files (adapter_config.json and adapter_model.safetensors) "
+            "or one archive of its directory, not both and not neither",
+            param="files" if archive is None else "archive",
+            code="invalid_value",
+        )
+    limit = get_settings().max_upload_bytes
+    # The upload is unpacked and checked outside the volume; only a checked adapter is published onto it.
+    with tempfile.TemporaryDirectory(prefix="loraplex-import-") as work:
+        try:
+            if archive is not None:
+                received = adapter_io.unpack_archive(archive.file, Path(work) / "received", limit)
+            else:
+                received = adapter_io.save_files(
+                    ((f.filename or "", f.file) for f in uploads), Path(work) / "received", limit
+                )
+            info = adapter_io.check_peft_dir(received, base_model)
+        except adapter_io.AdapterRejected as exc:
+            code = "file_too_large" if exc.status == 413 else "invalid_adapter"
+            raise APIError(exc.status, exc.message, param=exc.field, code=code) from None
+        checked = Path(work) / "checked"  # exactly the files that were checked; READMEs and the like stay out
+        checked.mkdir()
+        for file_name in adapter_io.STORED_FILES:
+            shutil.copyfile(received / file_name, checked / file_name)
+        published = adapter_io.publish_adapter(
+            tenant.id,
+            name,
+            checked,
+            base_model=base_model,
+            adapter_type=info.adapter_type,
+            rank=info.rank,
+            target_modules=info.target_modules,
+        )
+    if published is None:  # only a guard declines, and none was given
+        raise RuntimeError("publish_adapter declined without a guard")
+    return AdapterOut.of(db.get_one(AdapterVersion, published.id))
+
+
+@router.get("/{name}/versions/{version}/download", response_class=FileResponse)
+def download_version(name: str, version: int, tenant: CurrentTenant, db: Db) -> FileResponse:
+    """The version's PEFT directory as a .tar.gz (folder `<repo>-<N>/`), loadable with PeftModel.from_pretrained."""
+    adapter = db.scalar(
+        select(AdapterVersion)
+        .join(Repo)
+        .where(Repo.tenant_id == tenant.id, Repo.name == name, AdapterVersion.version == version)
+    )
+    if adapter is None:  # another tenant's answers exactly like a missing one
+        raise APIError(404, f"adapter {name}/{version} not found", param="version", code="adapter_not_found")
+    folder = f"{name}-{version}"
+    fd, tmp = tempfile.mkstemp(prefix="loraplex-export-", suffix=".tar.gz")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            adapter_io.export_archive(
+                volume.adapter_dir(tenant.id, name, version),
+                out,
+                folder,
+                adapter.base_model,
+                adapter.created_at.timestamp(),
+            )
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return FileResponse(
+        tmp,
+        media_type="application/gzip",
+        filename=f"{folder}.tar.gz",
+        background=BackgroundTask(os.unlink, tmp),
+    )

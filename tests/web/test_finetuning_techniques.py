@@ -1,0 +1,107 @@
+"""Fine-tuning options through the real API and trainer on the tiny model: train_steps, held-out evaluation,
+early stopping, rsLoRA and DoRA, and the refusals that happen before any compute."""
+
+import json
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from test_finetuning_api import create_job, wait_for_job
+
+from conftest import TINY_MODEL, InProcessWorker, Platform
+
+ROWS = [
+    {"prompt": f"Repeat {w}", "completion": w}
+    for w in ["red", "green", "blue", "cyan", "pink", "gold", "gray", "navy", "teal", "lime"]
+]
+
+
+def _ready(client: TestClient, headers: dict[str, str], rows: list[dict], name: str = "words") -> None:
+    data = "\n".join(json.dumps(r) for r in rows).encode()
+    r = client.post(
+        "/v1/datasets",
+        headers=headers,
+        files={"file": (f"{name}.jsonl", data)},
+        data={"base_model": TINY_MODEL, "wait": "false"},
+    )
+    assert r.status_code == 202, r.text
+    InProcessWorker().drain()
+
+
+def _job(client: TestClient, headers: dict[str, str], **config: object) -> dict:
+    job = create_job(client, headers, dataset="words", repo="words", **config)
+    with InProcessWorker():
+        return wait_for_job(client, headers, job["id"])
+
+
+@pytest.mark.parametrize(
+    ("config", "param", "words"),
+    [
+        ({"epochs": 2, "train_steps": 5}, "train_steps", "not both"),
+        ({"adapter": "adalora"}, "adapter", "LoRA only"),
+        ({"adapter": "adaption_prompt"}, "adapter", "LoRA only"),
+        ({"warmup_ratio": 1.5}, "warmup_ratio", "less than 1"),
+        ({"lr_scheduler": "exponential"}, "lr_scheduler", "cosine"),
+        ({"eval_fraction": -0.1}, "eval_fraction", "greater than or equal"),
+    ],
+)
+def test_configs_that_cannot_work_are_refused_before_any_compute(
+    client: TestClient, alice: dict[str, str], config: dict, param: str, words: str
+) -> None:
+    _ready(client, alice, ROWS)
+    r = client.post(
+        "/v1/finetuning/jobs",
+        headers=alice,
+        json={"base_model": TINY_MODEL, "dataset": "words", "repo": "words"} | config,
+    )
+    assert r.status_code == 422, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and words in error["message"]
+    assert client.get("/v1/finetuning/jobs", headers=alice).json() == []
+
+
+def test_train_steps_with_a_held_out_fraction(client: TestClient, alice: dict[str, str]) -> None:
+    _ready(client, alice, ROWS)  # 10 rows, no evaluation split: 10% (one row) is held out
+    job = _job(client, alice, train_steps=3, effective_batch_size=2, eval_steps=1, enable_early_stopping=False)
+    assert job["status"] == "completed", job
+    assert job["total_steps"] == 3 and "epochs" not in job["config"]
+    train_tokens = client.get("/v1/datasets/words", headers=alice).json()["stats"]["train_tokens"]
+    assert job["estimate"]["tokens"] == -(-train_tokens * 3 * 2 // 10)  # the rows three steps of two will see
+    assert job["summary"]["evaluation_rows"] == 1 and job["summary"]["steps_done"] == 3
+    metrics = client.get(f"/v1/finetuning/jobs/{job['id']}/metrics", headers=alice).json()
+    assert [m["step"] for m in metrics if m["kind"] == "eval"] == [0, 1, 2, 3]
+
+
+def test_early_stopping_when_the_evaluation_loss_stops_improving(client: TestClient, alice: dict[str, str]) -> None:
+    _ready(client, alice, ROWS)
+    # A learning rate too small to move the loss: the first evaluation after step 1 sets the best, the next one
+    # does not beat it by 1e-4, and patience 1 stops training at step 2 of 10.
+    job = _job(
+        client,
+        alice,
+        train_steps=10,
+        effective_batch_size=2,
+        learning_rate=1e-9,
+        eval_steps=1,
+        early_stopping_patience=1,
+    )
+    assert job["status"] == "completed", job
+    summary = job["summary"]
+    assert summary["stopped_early"] is True and summary["steps_done"] == 2
+    assert job["charge"]["micro_usd"] <= job["estimate"]["cost"]["micro_usd"]  # charged for what ran
+
+
+@pytest.mark.parametrize("option", ["use_rslora", "use_dora"])
+def test_rslora_and_dora_adapters(client: TestClient, alice: dict[str, str], platform: Platform, option: str) -> None:
+    _ready(client, alice, ROWS)
+    job = _job(client, alice, epochs=1, effective_batch_size=4, **{option: True})
+    assert job["status"] == "completed", job
+    adapter_dir = next((Path(platform.data_dir) / "volume" / "adapters").glob("*/words/1"))
+    saved = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert saved[option] is True
+    r = client.post(
+        "/v1/chat/completions",
+        headers=alice,
+        json={"model": "words/1", "messages": [{"role": "user", "content": "Repeat red"}], "max_tokens": 3},
+    )
+    assert r.status_code == 200, r.text
