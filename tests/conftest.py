@@ -234,3 +234,22 @@ class InProcessWorker:
 def worker(platform: Platform) -> Iterator[InProcessWorker]:
     with InProcessWorker() as w:
         yield w
+
+
+@pytest.fixture(scope="module")
+def localstripe() -> Iterator[str]:
+    """localstripe, a stateful fake of Stripe's core API (customers, subscriptions, invoices, webhooks)."""
+    from fake_stripe_billing import localstripe_server
+
+    with localstripe_server() as url:
+        yield url
+
+
+@pytest.fixture
+def fake() -> Iterator["FakeStripeBilling"]:  # type: ignore[name-defined]  # noqa: F821
+    """Our fake of the Stripe endpoints localstripe lacks (meter events, credit grants, Checkout, portal)."""
+    from fake_stripe_billing import FakeStripeBilling
+
+    fake = FakeStripeBilling().start()
+    yield fake
+    fake.stop()

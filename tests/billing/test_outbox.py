@@ -5,7 +5,6 @@ Stripe itself cannot be reached from the test machines; see fake_stripe_billing.
 
 import threading
 from collections import Counter
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -18,22 +17,9 @@ from app.settings import get_settings
 from billing import ledger, outbox
 from billing.stripe_gateway import StripeGateway
 from conftest import make_tenant
-from fake_stripe_billing import API_KEY, METER_EVENT_NAME, FakeStripeBilling, localstripe_get, localstripe_server
+from fake_stripe_billing import API_KEY, METER_EVENT_NAME, FakeStripeBilling, localstripe_get
 
 HOUR = timedelta(hours=1)
-
-
-@pytest.fixture(scope="module")
-def localstripe() -> Iterator[str]:
-    with localstripe_server() as url:
-        yield url
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeStripeBilling]:
-    fake = FakeStripeBilling().start()
-    yield fake
-    fake.stop()
 
 
 @pytest.fixture

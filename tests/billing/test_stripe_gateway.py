@@ -3,7 +3,7 @@
 Stripe itself cannot be reached from the test machines; see fake_stripe_billing.py for what the fakes check.
 """
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -12,7 +12,7 @@ import stripe
 
 from app.settings import Settings
 from billing.stripe_gateway import StripeGateway, StripeUnavailable, meter_identifier
-from fake_stripe_billing import API_KEY, METER_EVENT_NAME, FakeStripeBilling, localstripe_get, localstripe_server
+from fake_stripe_billing import API_KEY, METER_EVENT_NAME, FakeStripeBilling, localstripe_get
 
 
 class RecordingClient(stripe.RequestsClient):
@@ -25,19 +25,6 @@ class RecordingClient(stripe.RequestsClient):
     def request(self, method: str, url: str, headers: Mapping[str, str] | None, post_data: Any = None) -> Any:
         self.calls.append((method, url, dict(headers or {})))
         return super().request(method, url, headers, post_data)
-
-
-@pytest.fixture(scope="module")
-def localstripe() -> Iterator[str]:
-    with localstripe_server() as url:
-        yield url
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeStripeBilling]:
-    fake = FakeStripeBilling().start()
-    yield fake
-    fake.stop()
 
 
 @pytest.fixture

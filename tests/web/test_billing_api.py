@@ -11,6 +11,7 @@ from test_finetuning_api import create_job, ready_dataset_without_worker, wait_f
 from app.db import session_scope
 from app.models import BillingAccount, FinetuneJob, UsageRecord
 from conftest import InProcessWorker, make_tenant
+from fake_stripe_billing import API_KEY, FakeStripeBilling
 
 
 def _this_month() -> str:
@@ -112,32 +113,29 @@ def test_a_bad_month_is_refused(client: TestClient, alice: dict[str, str]) -> No
 
 
 def test_checkout_and_portal_links_through_stripe(
-    client: TestClient, alice: dict[str, str], monkeypatch: pytest.MonkeyPatch
+    client: TestClient,
+    alice: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    localstripe: str,
+    fake: "FakeStripeBilling",
 ) -> None:
     """The customer is created in localstripe; Checkout and portal sessions go to the billing fake (localstripe
     has neither), which checks the request shapes Stripe requires."""
     from app.settings import get_settings
-    from fake_stripe_billing import API_KEY, FakeStripeBilling, localstripe_server
 
-    fake = FakeStripeBilling().start()
-    try:
-        with localstripe_server() as core:
-            for key, value in {
-                "LORAPLEX_STRIPE_API_KEY": API_KEY,
-                "LORAPLEX_STRIPE_API_BASE": core,
-                "LORAPLEX_STRIPE_BILLING_API_BASE": fake.url,
-            }.items():
-                monkeypatch.setenv(key, value)
-            get_settings.cache_clear()
-            card = client.post("/v1/billing/checkout", headers=alice, json={"purpose": "card"})
-            topup = client.post("/v1/billing/checkout", headers=alice, json={"purpose": "topup", "amount_usd": "25.50"})
-            portal = client.post("/v1/billing/portal", headers=alice)
-            assert (card.status_code, topup.status_code, portal.status_code) == (200, 200, 200), topup.text
-            assert all(r.json()["url"].startswith("http") for r in (card, topup, portal))
-            modes = [s["mode"] for s in fake.checkout_sessions]
-            assert modes == ["setup", "payment"]
-            assert "2550" in str(fake.checkout_sessions[1])  # $25.50 in cents
-            customers = {s["customer"] for s in fake.checkout_sessions} | {s["customer"] for s in fake.portal_sessions}
-            assert len(customers) == 1 and next(iter(customers)).startswith("cus_")  # one customer per tenant
-    finally:
-        fake.stop()
+    for key, value in {
+        "LORAPLEX_STRIPE_API_KEY": API_KEY,
+        "LORAPLEX_STRIPE_API_BASE": localstripe,
+        "LORAPLEX_STRIPE_BILLING_API_BASE": fake.url,
+    }.items():
+        monkeypatch.setenv(key, value)
+    get_settings.cache_clear()
+    card = client.post("/v1/billing/checkout", headers=alice, json={"purpose": "card"})
+    topup = client.post("/v1/billing/checkout", headers=alice, json={"purpose": "topup", "amount_usd": "25.50"})
+    portal = client.post("/v1/billing/portal", headers=alice)
+    assert (card.status_code, topup.status_code, portal.status_code) == (200, 200, 200), topup.text
+    assert all(r.json()["url"].startswith("http") for r in (card, topup, portal))
+    assert [s["mode"] for s in fake.checkout_sessions] == ["setup", "payment"]
+    assert "2550" in str(fake.checkout_sessions[1])  # $25.50 in cents
+    customers = {s["customer"] for s in fake.checkout_sessions} | {s["customer"] for s in fake.portal_sessions}
+    assert len(customers) == 1 and next(iter(customers)).startswith("cus_")  # one customer per tenant
