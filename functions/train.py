@@ -51,7 +51,18 @@ def run(event: EventInfo) -> None:
         except Cancelled:
             log.info("job %s cancelled", job.id)
             return
+        except (MemoryError, _torch_oom()) as exc:  # the same config would run out again: no retry
+            raise PermanentError(
+                f"ran out of memory while training ({type(exc).__name__}); lower effective_batch_size or "
+                "max_seq_length, or choose a larger accelerator"
+            ) from exc
         _publish(job, config, Path(workdir) / "adapter", stats)
+
+
+def _torch_oom() -> type[BaseException]:
+    import torch
+
+    return torch.OutOfMemoryError  # CUDA out of memory; CPU allocation failures raise MemoryError
 
 
 def fail(event: EventInfo, reason: str) -> None:

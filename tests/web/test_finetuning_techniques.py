@@ -105,3 +105,21 @@ def test_rslora_and_dora_adapters(client: TestClient, alice: dict[str, str], pla
         json={"model": "words/1", "messages": [{"role": "user", "content": "Repeat red"}], "max_tokens": 3},
     )
     assert r.status_code == 200, r.text
+
+
+def test_out_of_memory_fails_the_job_with_that_reason_and_frees_the_worker(
+    client: TestClient, alice: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fault injection: the allocation failure a too-large batch causes, raised where training starts."""
+    import functions.train
+
+    def out_of_memory(*args: object, **kwargs: object) -> None:
+        raise MemoryError("cannot allocate 34359738368 bytes")
+
+    _ready(client, alice, ROWS)
+    monkeypatch.setattr(functions.train, "build_trainer", out_of_memory)
+    job = _job(client, alice, epochs=1)
+    assert job["status"] == "failed" and job["attempts"] == 1  # not retried: it would run out again
+    assert "ran out of memory" in job["error"] and "effective_batch_size" in job["error"]
+    monkeypatch.undo()
+    assert _job(client, alice, epochs=1)["status"] == "completed"  # the worker serves on
