@@ -131,7 +131,7 @@ def process_event(event_id: str) -> None:
     info = _claim(event_id, me, settings.lease_seconds)
     if info is None:
         return  # done, taken by a live worker, or not due yet
-    handler: Handler = importlib.import_module(HANDLERS[info.name])  # type: ignore[assignment]
+    handler = _handler(info.name)
     stop = threading.Event()
     beat = threading.Thread(target=_heartbeat, args=(event_id, me, settings.lease_seconds, stop), daemon=True)
     beat.start()
@@ -150,6 +150,10 @@ def process_event(event_id: str) -> None:
         _finish(info, handler, "done", None)
     finally:
         stop.set()
+
+
+def _handler(name: str) -> Handler:
+    return importlib.import_module(HANDLERS[name])  # type: ignore[return-value]
 
 
 def _claim(event_id: str, me: str, lease_seconds: float) -> EventInfo | None:
@@ -232,8 +236,9 @@ def reap() -> int:
     for event_id, name, subject_id, attempts, status in found:
         if status == "running" and attempts >= settings.max_attempts:
             info = EventInfo(event_id, name, subject_id, attempts)
-            handler: Handler = importlib.import_module(HANDLERS[name])  # type: ignore[assignment]
-            _finish(info, handler, "failed", f"worker stopped responding during attempt {attempts}; no tries left")
+            _finish(
+                info, _handler(name), "failed", f"worker stopped responding during attempt {attempts}; no tries left"
+            )
         else:
             log.warning(
                 "re-sending event %s (%s): %s",

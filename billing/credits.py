@@ -131,9 +131,12 @@ def settle(grants: list[CreditGrant], usage: list[tuple[datetime, int]], now: da
     return Balance(sum(s.remaining_micro_usd for s in states), uncovered, states)
 
 
-def paid_work_refusal(session: Session, tenant_id: str, cost_micro_usd: int, now: datetime | None = None) -> str | None:
+def paid_work_refusal(
+    session: Session, tenant_id: str, cost_micro_usd: int, now: datetime | None = None, credit: int | None = None
+) -> str | None:
     """Why this tenant may not start work estimated at `cost_micro_usd` (None: it may). A card in good standing
-    or an enterprise plan always may; otherwise the credits must cover the estimate."""
+    or an enterprise plan always may; otherwise the credits must cover the estimate. Pass `credit` (micro-USD)
+    when the caller has just computed the balance: replaying the ledger is the costly part."""
     from billing.prices import usd
 
     account = session.get(BillingAccount, tenant_id)
@@ -144,7 +147,8 @@ def paid_work_refusal(session: Session, tenant_id: str, cost_micro_usd: int, now
     how = "add a card (POST /v1/billing/checkout with purpose 'card') or buy credits (purpose 'topup')"
     if account is not None and account.payment_method and account.payment_status == "past_due":
         how = "update the card in the billing portal (POST /v1/billing/portal); the last payment failed"
-    credit = balance(session, tenant_id, now).credit_micro_usd
+    if credit is None:
+        credit = balance(session, tenant_id, now).credit_micro_usd
     if credit >= max(cost_micro_usd, 1):
         return None
     if credit == 0:

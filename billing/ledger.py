@@ -7,7 +7,7 @@ mirrors the ledger; it never decides an amount.
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import func, select
+from sqlalchemy import case, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -97,20 +97,26 @@ def inference_charge(session: Session, tenant_id: str, params: int, tokens: int,
     settings = get_settings()
     now = now or utcnow()
     day = now.replace(hour=0, minute=0, second=0, microsecond=0)
-    used_today = _inference_tokens(session, tenant_id, day)
-    used_month = _inference_tokens(session, tenant_id, day.replace(day=1))
+    used_today, used_month = _inference_tokens(session, tenant_id, day)
     free_left = max(0, min(settings.free_tokens_per_day - used_today, settings.free_tokens_per_month - used_month))
     return price_book(session, tenant_id).inference(params, max(0, tokens - free_left))
 
 
-def _inference_tokens(session: Session, tenant_id: str, since: datetime) -> int:
-    return int(
-        session.scalar(
-            select(func.coalesce(func.sum(UsageRecord.input_tokens + UsageRecord.output_tokens), 0)).where(
-                UsageRecord.tenant_id == tenant_id, UsageRecord.kind == "inference", UsageRecord.created_at >= since
-            )
+def _inference_tokens(session: Session, tenant_id: str, day: datetime) -> tuple[int, int]:
+    """Inference tokens (prompt + generated) since `day` began and since its month began, in one query: this
+    runs on every inference request."""
+    tokens = UsageRecord.input_tokens + UsageRecord.output_tokens
+    today, month = session.execute(
+        select(
+            func.coalesce(func.sum(case((UsageRecord.created_at >= day, tokens), else_=0)), 0),
+            func.coalesce(func.sum(tokens), 0),
+        ).where(
+            UsageRecord.tenant_id == tenant_id,
+            UsageRecord.kind == "inference",
+            UsageRecord.created_at >= day.replace(day=1),
         )
-    )
+    ).one()
+    return int(today), int(month)
 
 
 @dataclass(frozen=True)

@@ -142,14 +142,6 @@ class PriceBook:
 DEFAULT = PriceBook()
 
 
-def finetune_micro_usd(params: int, technique: str, tokens: int) -> int:
-    return DEFAULT.finetune(params, technique, tokens)
-
-
-def inference_micro_usd(params: int, tokens: int) -> int:
-    return DEFAULT.inference(params, tokens)
-
-
 def usd(micro_usd: int) -> str:
     """Format for people: $0.000123 below a cent, $1.23 above."""
     dollars = micro_usd / MICRO_USD_PER_USD

@@ -76,5 +76,25 @@ def statement(session: Session, tenant_id: str, month: str) -> Statement:
 
 
 def months_with_usage(session: Session, tenant_id: str) -> list[str]:
-    stamps = session.scalars(select(UsageRecord.created_at).where(UsageRecord.tenant_id == tenant_id))
-    return sorted({f"{t.year:04d}-{t.month:02d}" for t in stamps}, reverse=True)
+    """Months with at least one usage record, newest first: one existence query per month between the first and
+    the last record (the records themselves are never loaded)."""
+    first, last = session.execute(
+        select(func.min(UsageRecord.created_at), func.max(UsageRecord.created_at)).where(
+            UsageRecord.tenant_id == tenant_id
+        )
+    ).one()
+    if first is None:
+        return []
+    months, year, month = [], first.year, first.month
+    while (year, month) <= (last.year, last.month):
+        name = f"{year:04d}-{month:02d}"
+        start, end = month_bounds(name)
+        hit = session.scalar(
+            select(UsageRecord.id)
+            .where(UsageRecord.tenant_id == tenant_id, UsageRecord.created_at >= start, UsageRecord.created_at < end)
+            .limit(1)
+        )
+        if hit is not None:
+            months.append(name)
+        year, month = (year + 1, 1) if month == 12 else (year, month + 1)
+    return months[::-1]

@@ -410,6 +410,16 @@ def _adapter_root(dest: Path) -> Path:
 # ---- publishing ----------------------------------------------------------------------------------------
 
 
+def get_or_create_repo(session: Session, tenant_id: str, name: str) -> Repo:
+    """The tenant's repo of this name, created (and flushed) if it does not exist yet."""
+    repo = session.scalar(select(Repo).where(Repo.tenant_id == tenant_id, Repo.name == name))
+    if repo is None:
+        repo = Repo(tenant_id=tenant_id, name=name)
+        session.add(repo)
+        session.flush()
+    return repo
+
+
 def publish_adapter(
     tenant_id: str,
     repo_name: str,
@@ -475,13 +485,8 @@ def _publish_once(
     with session_scope() as s:
         if guard is not None and not guard(s):
             return None
-        if repo_id is None:
-            repo = s.scalar(select(Repo).where(Repo.tenant_id == tenant_id, Repo.name == repo_name))
-            if repo is None:
-                repo = Repo(tenant_id=tenant_id, name=repo_name)
-                s.add(repo)
-                s.flush()  # a concurrent creator of the same name makes this an IntegrityError: retried
-            repo_id = repo.id
+        if repo_id is None:  # a concurrent creator of the same name makes this an IntegrityError: retried
+            repo_id = get_or_create_repo(s, tenant_id, repo_name).id
         version = (s.scalar(select(func.max(AdapterVersion.version)).where(AdapterVersion.repo_id == repo_id)) or 0) + 1
         adapter = AdapterVersion(
             repo_id=repo_id,

@@ -4,12 +4,17 @@ Llama with the SmolLM2 tokenizer for fast training and generation, tenants, and 
 import json
 import os
 import secrets
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 from sqlalchemy import select
 
@@ -253,3 +258,46 @@ def fake() -> Iterator["FakeStripeBilling"]:  # type: ignore[name-defined]  # no
     fake = FakeStripeBilling().start()
     yield fake
     fake.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Processes:
+    """`loraplex` processes (server, workers) on one platform, stopped together."""
+
+    def __init__(self, platform: Platform, extra_env: dict[str, str]) -> None:
+        self.env = os.environ | platform.env() | {"LORAPLEX_LOG_LEVEL": "WARNING"} | extra_env
+        self.children: list[subprocess.Popen[bytes]] = []
+
+    def start(self, *args: str) -> subprocess.Popen[bytes]:
+        child = subprocess.Popen([sys.executable, "-m", "app.cli", *args], env=self.env)
+        self.children.append(child)
+        return child
+
+    def server(self, workers: int) -> str:
+        port = free_port()
+        child = self.start("serve", "--port", str(port), "--workers", str(workers))
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(300):
+            assert child.poll() is None, "server exited"
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    return url
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError("server did not start")
+
+    def stop(self) -> None:
+        for child in self.children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        for child in self.children:
+            try:
+                child.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                child.kill()

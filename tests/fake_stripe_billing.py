@@ -14,7 +14,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -28,17 +27,13 @@ from urllib.parse import parse_qsl, urlsplit
 
 import httpx
 
+from conftest import free_port
+
 API_KEY = "sk_test_loraplex_fake"
 METER_EVENT_NAME = "loraplex_usage"
 DAY = 24 * 3600
 
 Mode = Literal["up", "error", "refuse", "lose_response"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_until_up(url: str, timeout: float = 20.0, proc: subprocess.Popen[bytes] | None = None) -> None:

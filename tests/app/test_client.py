@@ -4,8 +4,6 @@ a worker, the tiny model), and the SDK's retries against a tiny scripted HTTP se
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -16,21 +14,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from app.client import Loraplex, LoraplexError
-from conftest import TINY_MODEL, _make_platform, make_tenant
+from conftest import TINY_MODEL, Processes, _make_platform, free_port, make_tenant
 
 ROWS = [{"prompt": f"Say hi to {n}", "completion": f"Hi {n}!"} for n in ("Ann", "Bo", "Cy", "Di", "Ed", "Flo")] + [
     {"prompt": "Say hi to Gus", "completion": "Hi Gus!", "split": "evaluation"}
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -42,29 +33,11 @@ def server_url(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -
             tmp_path_factory.mktemp("served"), "sqlite", monkeypatch, tiny_model_dir
         )
         with platform as p:
-            port = _free_port()
-            env = os.environ | p.env() | {"LORAPLEX_LOG_LEVEL": "WARNING"}
-            command = [sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--workers", "1"]
-            child = subprocess.Popen(command, env=env)
-            url = f"http://127.0.0.1:{port}"
+            processes = Processes(p, {})
             try:
-                for _ in range(300):
-                    assert child.poll() is None, "the server exited"
-                    try:
-                        if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                            break
-                    except httpx.HTTPError:
-                        pass
-                    time.sleep(0.1)
-                else:
-                    raise AssertionError("the server did not start")
-                yield url
+                yield processes.server(workers=1)
             finally:
-                child.send_signal(signal.SIGTERM)
-                try:
-                    child.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    child.kill()
+                processes.stop()
 
 
 @pytest.fixture
@@ -289,7 +262,7 @@ def test_429_waits_as_long_as_retry_after_says(scripted: Callable[..., Scripted]
 
 
 def test_connection_errors_are_retried_then_raised() -> None:
-    url = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     started = time.monotonic()
     with pytest.raises(LoraplexError) as exc:
         Loraplex(url, "k", max_retries=2, backoff_seconds=0.1).usage()

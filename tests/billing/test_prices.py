@@ -18,22 +18,22 @@ from billing.prices import B, PriceError
     ],
 )
 def test_finetune_prices(params: int, technique: str, tokens: int, micro_usd: int) -> None:
-    assert prices.finetune_micro_usd(params, technique, tokens) == micro_usd
+    assert prices.DEFAULT.finetune(params, technique, tokens) == micro_usd
 
 
 def test_inference_prices() -> None:
-    assert prices.inference_micro_usd(134_515_008, 1_000_000) == 200_000
-    assert prices.inference_micro_usd(134_515_008, 642) == 129  # 128.4 rounds up
-    assert prices.inference_micro_usd(70 * B, 1_000_000) == 900_000
+    assert prices.DEFAULT.inference(134_515_008, 1_000_000) == 200_000
+    assert prices.DEFAULT.inference(134_515_008, 642) == 129  # 128.4 rounds up
+    assert prices.DEFAULT.inference(70 * B, 1_000_000) == 900_000
 
 
 @pytest.mark.parametrize(
     ("call", "message"),
     [
-        (lambda: prices.finetune_micro_usd(8 * B, "dora", 10), "unknown technique"),
-        (lambda: prices.finetune_micro_usd(8 * B, "lora", -1), "must not be negative"),
-        (lambda: prices.finetune_micro_usd(81 * B, "lora", 10), "over 80B"),
-        (lambda: prices.inference_micro_usd(0, 10), "must be positive"),
+        (lambda: prices.DEFAULT.finetune(8 * B, "dora", 10), "unknown technique"),
+        (lambda: prices.DEFAULT.finetune(8 * B, "lora", -1), "must not be negative"),
+        (lambda: prices.DEFAULT.finetune(81 * B, "lora", 10), "over 80B"),
+        (lambda: prices.DEFAULT.inference(0, 10), "must be positive"),
     ],
 )
 def test_bad_price_inputs(call, message: str) -> None:  # type: ignore[no-untyped-def]

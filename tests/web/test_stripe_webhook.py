@@ -23,8 +23,8 @@ from app.db import session_scope
 from app.models import BillingAccount, CreditGrant, StripeOutbox, StripeWebhookEvent
 from app.settings import get_settings
 from billing import credits
-from conftest import make_tenant
-from fake_stripe_billing import API_KEY, free_port, localstripe_server, wait_until_up
+from conftest import free_port, make_tenant
+from fake_stripe_billing import API_KEY, localstripe_server, wait_until_up
 
 SECRET = "whsec_test_" + secrets.token_hex(16)
 

@@ -79,13 +79,14 @@ class UrlOut(BaseModel):
 def get_balance(tenant: CurrentTenant, db: Db) -> BalanceOut:
     account = _account(db, tenant)
     month = statements.statement(db, tenant.id, _this_month())
+    credit = credits.balance(db, tenant.id).credit_micro_usd
     return BalanceOut(
         plan=account.plan,
-        credit=Money.of(credits.balance(db, tenant.id).credit_micro_usd),
+        credit=Money.of(credit),
         pay_as_you_go_this_month=Money.of(month.amount_due_micro_usd),
         payment_method=account.payment_method,
         payment_status=account.payment_status,
-        can_start_paid_work=credits.paid_work_refusal(db, tenant.id, 1) is None,
+        can_start_paid_work=credits.paid_work_refusal(db, tenant.id, 1, credit=credit) is None,
     )
 
 

@@ -13,9 +13,10 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from app.db import sessions
-from app.models import FinetuneJob, JobMetric, Repo, UsageRecord, utcnow
+from app.models import FinetuneJob, JobMetric, UsageRecord, utcnow
 from app.queue import emit
 from billing import credits, ledger
+from functions.adapter_io import get_or_create_repo
 from functions.catalog import get_model
 from functions.finetune_config import FinetuneConfig
 from web.deps import CurrentTenant, Db
@@ -46,11 +47,7 @@ def create_job(config: FinetuneConfig, tenant: CurrentTenant, db: Db) -> JobOut:
     refusal = credits.paid_work_refusal(db, tenant.id, estimate)
     if refusal is not None:
         raise APIError(402, refusal, code="payment_required", estimate_micro_usd=estimate)
-    repo = db.scalar(select(Repo).where(Repo.tenant_id == tenant.id, Repo.name == config.repo))
-    if repo is None:
-        repo = Repo(tenant_id=tenant.id, name=config.repo)
-        db.add(repo)
-        db.flush()
+    repo = get_or_create_repo(db, tenant.id, config.repo)
     job = FinetuneJob(
         tenant_id=tenant.id,
         dataset_id=dataset.id,
