@@ -1,6 +1,11 @@
-"""The serving engine protocol: one base model, many adapters, requests in and text deltas out."""
+"""The serving engine protocol: one base model, many adapters, requests in and text deltas out.
 
-from collections.abc import Iterator
+Every engine (the native batched engine, vLLM, a client of an engine process) implements `Engine`:
+`generate(request)` is an async iterator of `Delta`s; closing it early (a client that went away) frees the
+request's slot in the batch at once.
+"""
+
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
@@ -8,7 +13,7 @@ from typing import Literal, Protocol
 
 @dataclass(frozen=True)
 class AdapterRef:
-    key: str  # stable id of the adapter version; users never see it
+    key: str  # stable id of the adapter version (or checkpoint); users never see it
     path: Path  # PEFT directory on the volume
     base_model: str
 
@@ -16,12 +21,16 @@ class AdapterRef:
 @dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int = 256
+    min_new_tokens: int = 0  # end-of-sequence is masked until this many tokens are out
     temperature: float = 1.0  # 0 means greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 = no top-k filtering
     repetition_penalty: float = 1.0
     stop: tuple[str, ...] = ()
-    seed: int | None = None
+    seed: int | None = None  # same seed, same prompt, same adapter: same tokens
+    num_beams: int = 1  # > 1: beam search (deterministic; sampling fields are ignored)
+    logprobs: bool = False  # per generated token: its log-probability under the model
+    top_logprobs: int = 0  # and this many most likely alternatives (0-20)
 
     @property
     def greedy(self) -> bool:
@@ -39,13 +48,23 @@ FinishReason = Literal["stop", "length"]
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()  # (token, logprob), most likely first
+
+
+@dataclass(frozen=True)
 class Delta:
-    """A piece of generated text; the last one carries finish_reason and token counts."""
+    """A piece of generated text; the last one carries finish_reason, token counts and timings."""
 
     text: str
     finish_reason: FinishReason | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token whose text is in this delta (when asked)
+    queue_ms: float = 0.0  # time waiting for a batch slot, KV cache room or the adapter to load
+    first_token_ms: float = 0.0  # from submission to the first generated token
 
 
 @dataclass(frozen=True)
@@ -54,10 +73,23 @@ class Completion:
     finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 class EngineError(ValueError):
     """A request the engine refuses (too long, adapter of another base model); the message says why."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class EngineBusy(RuntimeError):
+    """The engine's waiting queue is full: try again after `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class Engine(Protocol):
@@ -66,15 +98,26 @@ class Engine(Protocol):
 
     def count_tokens(self, text: str) -> int: ...
 
-    def stream(self, request: GenerationRequest, cancelled: "CancelFlag | None" = None) -> Iterator[Delta]: ...
+    def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        """Validates the request before the first delta (EngineError, EngineBusy) and then streams."""
+        ...
+
+    def stats(self) -> dict:
+        """Load figures: running, waiting, kv_used_fraction, resident adapters, tokens generated."""
+        ...
 
 
-class CancelFlag(Protocol):
-    def is_set(self) -> bool: ...
+def request_to_dict(request: GenerationRequest) -> dict:
+    from dataclasses import asdict
+
+    data = asdict(request)
+    if request.adapter is not None:
+        data["adapter"]["path"] = str(request.adapter.path)
+    return data
 
 
 def request_from_dict(data: dict) -> GenerationRequest:
-    """The inverse of dataclasses.asdict(request), for engines reached over RPC (Modal)."""
+    """The inverse of request_to_dict, for engines reached over HTTP or RPC (engine process, Modal)."""
     params = dict(data.get("params") or {})
     params["stop"] = tuple(params.get("stop", ()))
     adapter = data.get("adapter")
@@ -85,10 +128,15 @@ def request_from_dict(data: dict) -> GenerationRequest:
     )
 
 
-def collect(deltas: Iterator[Delta]) -> Completion:
+async def collect(deltas: AsyncIterator[Delta]) -> Completion:
     """Run a stream to its end and join it into one completion."""
-    text, last = [], Delta("")
-    for delta in deltas:
+    text: list[str] = []
+    logprobs: list[TokenLogprob] = []
+    last = Delta("")
+    async for delta in deltas:
         text.append(delta.text)
+        logprobs.extend(delta.logprobs)
         last = delta
-    return Completion("".join(text), last.finish_reason or "stop", last.prompt_tokens, last.completion_tokens)
+    return Completion(
+        "".join(text), last.finish_reason or "stop", last.prompt_tokens, last.completion_tokens, tuple(logprobs)
+    )

@@ -1,0 +1,458 @@
+"""The native engine: continuous batching of many adapters over one base model (what LoRAX does).
+
+One engine thread owns the model and runs steps. Between two steps it takes in new requests, drops finished
+and cancelled ones, and admits waiting requests whose adapter is resident and whose KV cache room is free.
+A step holds one decode token for every running request plus prefill chunks of new requests, at most
+`prefill_chunk` prompt tokens per step, so a long prompt never stalls the running ones for long.
+
+Callers get an async iterator of Deltas (`generate`); tokens cross from the engine thread to the caller's
+event loop with `call_soon_threadsafe`. Adapters load in a loader thread (disk reads and checks), and are
+copied into a pool slot between steps, so loading one does not stall running requests.
+"""
+
+import asyncio
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from functions.engine.kv_cache import KVCache
+from functions.engine.llama import LlamaModel, Sequences
+from functions.engine.lora_pool import AdapterWeights, LoraPool, Segments, load_adapter, read_adapter
+from functions.engine.protocol import (
+    Delta,
+    EngineBusy,
+    EngineError,
+    GenerationRequest,
+    TokenLogprob,
+)
+from functions.engine.sampling import Choice, RowState, choose
+from functions.engine.text import TextStream
+
+GiB = 1024**3
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    dtype: str = "auto"  # auto: bf16 where the hardware runs it natively (GPUs, AVX512-BF16/AMX CPUs), else fp32
+    adapter_slots: int = 32  # adapters resident at once (LRU; one in use is pinned)
+    max_lora_rank: int = 16
+    kv_cache_bytes: int = 1 * GiB
+    max_batch: int = 128  # running requests
+    max_waiting: int = 512  # queued requests before new ones get EngineBusy (429)
+    prefill_chunk: int = 256  # prompt tokens per step
+    threads: int | None = None  # torch threads; all cores when None
+
+
+@dataclass(eq=False)
+class _Seq:
+    request: GenerationRequest
+    prompt_ids: list[int]
+    adapter_config: dict | None
+    sink: Callable[[tuple], None]
+    submitted: float = field(default_factory=time.monotonic)
+    cancelled: bool = False  # set by the caller's side; the engine drops the request before its next step
+    # engine-thread state
+    tokens: list[int] = field(default_factory=list)  # prompt + generated
+    computed: int = 0  # positions whose keys and values are in the cache
+    slot: int = -1  # adapter slot; -1 = the base model alone
+    blocks: list[int] = field(default_factory=list)
+    slots: torch.Tensor | None = None  # cache slot of every position this request may use
+    generator: torch.Generator | None = None
+    started: float = 0.0  # admitted
+    first_token_at: float = 0.0
+
+    @property
+    def generated(self) -> int:
+        return len(self.tokens) - len(self.prompt_ids)
+
+    @property
+    def adapter_key(self) -> str | None:
+        return self.request.adapter.key if self.request.adapter else None
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16
+        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        return torch.bfloat16 if native else torch.float32
+    return {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}[name]
+
+
+class NativeEngine:
+    def __init__(self, base_model: str, model_dir: Path | None = None, config: EngineConfig | None = None) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from functions.base_models import ensure_local
+        from functions.catalog import get_model
+
+        self.config = config = config or EngineConfig()
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.base_model = base_model
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        model_dir = model_dir or ensure_local(base_model)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        self.context_length = min(get_model(base_model).context_length, hf.config.max_position_embeddings)
+        self.model = LlamaModel(hf, self.dtype, self.device)
+        del hf
+        self.eos = self.tokenizer.eos_token_id
+        m = self.model
+        self.kv = KVCache(m.num_layers, m.kv_heads, m.head_dim, config.kv_cache_bytes, self.dtype, self.device)
+        self.lora = LoraPool(m.group_shapes, m.num_layers, config.adapter_slots, config.max_lora_rank, self.dtype, self.device)
+
+        self._intake: deque[_Seq] = deque()
+        self._waiting: list[_Seq] = []
+        self._running: list[_Seq] = []
+        self._wake = threading.Condition()
+        self._loader = ThreadPoolExecutor(1, thread_name_prefix="adapter-loader")
+        self._loading: set[str] = set()
+        self._loaded: dict[str, AdapterWeights | EngineError] = {}
+        self._adapter_configs: dict[str, dict] = {}
+        self.counters = {"requests": 0, "generated_tokens": 0, "prompt_tokens": 0, "adapter_loads": 0, "steps": 0}
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self._thread.start()
+
+    # ---- caller side ----------------------------------------------------------------------------------
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def stats(self) -> dict:
+        return {
+            "base_model": self.base_model,
+            "running": len(self._running),
+            "waiting": len(self._waiting) + len(self._intake),
+            "kv_used_fraction": round(self.kv.used_fraction, 4),
+            "kv_capacity_tokens": self.kv.capacity_tokens,
+            "resident_adapters": len(self.lora.resident),
+            "adapter_slots": self.lora.slots,
+            **self.counters,
+        }
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        seq = self._prepare(request)
+        loop = asyncio.get_running_loop()
+        items: asyncio.Queue[tuple] = asyncio.Queue()
+
+        def sink(item: tuple) -> None:
+            try:
+                loop.call_soon_threadsafe(items.put_nowait, item)
+            except RuntimeError:  # the caller's event loop is gone; nobody is listening
+                seq.cancelled = True
+
+        seq.sink = sink
+        self._submit(seq)
+        text = TextStream(self.tokenizer, request.params.stop)
+        pending: list[TokenLogprob] = []
+        try:
+            while True:
+                item = await items.get()
+                if item[0] == "error":
+                    raise item[1]
+                if item[0] == "end":
+                    _, finish, queue_ms, first_ms = item
+                    tail = text.finish()
+                    yield Delta(
+                        tail,
+                        finish_reason="stop" if text.stopped else finish,
+                        prompt_tokens=len(seq.prompt_ids),
+                        completion_tokens=len(text.ids),
+                        logprobs=tuple(pending),
+                        queue_ms=queue_ms,
+                        first_token_ms=first_ms,
+                    )
+                    return
+                _, token, choice = item
+                if token == self.eos:
+                    continue  # the end item follows
+                piece = text.push(token)
+                if choice is not None:
+                    pending.append(self._token_logprob(choice))
+                if text.stopped:  # a stop sequence ended it: free the slot now, report the end
+                    seq.cancelled = True
+                    yield Delta(
+                        piece,
+                        finish_reason="stop",
+                        prompt_tokens=len(seq.prompt_ids),
+                        completion_tokens=len(text.ids),
+                        logprobs=tuple(pending),
+                    )
+                    return
+                if piece:
+                    yield Delta(piece, logprobs=tuple(pending))
+                    pending = []
+        finally:
+            seq.cancelled = True  # the caller went away, or the request ended: either way its slot is free
+            self._notify()
+
+    def _token_logprob(self, choice: Choice) -> TokenLogprob:
+        decode = self.tokenizer.decode
+        top = tuple((decode([t]), lp) for t, lp in choice.top or [])
+        return TokenLogprob(decode([choice.token]), choice.logprob or 0.0, top)
+
+    def _prepare(self, request: GenerationRequest) -> _Seq:
+        """Refuse what can never run, before anything is queued."""
+        params = request.params
+        ids = self.tokenizer(request.prompt, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise EngineError("the prompt is empty", "prompt")
+        if len(ids) >= self.context_length:
+            raise EngineError(
+                f"the prompt has {len(ids)} tokens; this model's context is {self.context_length}", "prompt"
+            )
+        if params.max_new_tokens < 1 or params.min_new_tokens > params.max_new_tokens:
+            raise EngineError("max_tokens must be at least 1 and at least min_tokens", "max_tokens")
+        if params.temperature < 0 or not 0 < params.top_p <= 1 or params.top_k < 0 or params.repetition_penalty <= 0:
+            raise EngineError("temperature ≥ 0, 0 < top_p ≤ 1, top_k ≥ 0 and repetition_penalty > 0", "temperature")
+        if params.num_beams != 1:
+            raise EngineError("num_beams: beam search is not served by this engine", "num_beams")
+        if not 0 <= params.top_logprobs <= 20:
+            raise EngineError("top_logprobs must be between 0 and 20", "top_logprobs")
+        total = min(len(ids) + params.max_new_tokens, self.context_length)
+        if total > self.kv.capacity_tokens:
+            raise EngineError(f"prompt + max_tokens ({total}) exceeds this engine's KV cache", "max_tokens")
+        config = None
+        if request.adapter is not None:
+            config = self._adapter_configs.get(request.adapter.key)
+            if config is None:
+                config = read_adapter(
+                    request.adapter.path,
+                    self.base_model,
+                    request.adapter.base_model,
+                    self.model.num_layers,
+                    self.lora.max_rank,
+                )
+                self._adapter_configs[request.adapter.key] = config
+        return _Seq(request, ids, config, sink=lambda item: None)
+
+    def _submit(self, seq: _Seq) -> None:
+        with self._wake:
+            if len(self._intake) + len(self._waiting) >= self.config.max_waiting:
+                raise EngineBusy("the engine's queue is full", retry_after=1.0)
+            self._intake.append(seq)
+            self._wake.notify()
+
+    def _notify(self) -> None:
+        with self._wake:
+            self._wake.notify()
+
+    def close(self) -> None:
+        self._closed = True
+        self._notify()
+        self._thread.join(timeout=10)
+        self._loader.shutdown(wait=False)
+
+    # ---- engine thread --------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while not self._closed:
+            with self._wake:
+                while self._intake:
+                    self._waiting.append(self._intake.popleft())
+                if not self._running and not self._waiting:
+                    self._wake.wait(timeout=1.0)
+                    continue
+            try:
+                self._drop_cancelled()
+                self._admit()
+                if self._running:
+                    self._step()
+                else:
+                    with self._wake:
+                        self._wake.wait(timeout=0.005)  # waiting on an adapter load or on cache room
+            except Exception as exc:  # noqa: BLE001 - a failed step fails its requests, not the engine
+                for seq in self._running:
+                    seq.sink(("error", RuntimeError(f"engine step failed: {exc}")))
+                    self._release(seq)
+                self._running = []
+
+    def _drop_cancelled(self) -> None:
+        for seq in [s for s in self._waiting if s.cancelled]:
+            self._waiting.remove(seq)
+        for seq in [s for s in self._running if s.cancelled]:
+            self._finish(seq, "stop")
+
+    def _admit(self) -> None:
+        for seq in list(self._waiting):
+            if len(self._running) >= self.config.max_batch:
+                return
+            slot = -1
+            if seq.adapter_key is not None:
+                slot = self._resident_slot(seq)
+                if slot is None:
+                    continue  # loading; later requests may go ahead
+            total = min(len(seq.prompt_ids) + seq.request.params.max_new_tokens, self.context_length)
+            room = self.kv.allocate(total)
+            if room is None:
+                return  # first come, first served for cache room
+            seq.blocks, seq.slots = room
+            seq.slot = slot
+            if slot >= 0:
+                self.lora.pins[slot] += 1
+            seq.tokens = list(seq.prompt_ids)
+            seed = seq.request.params.seed
+            if not seq.request.params.greedy or seq.request.params.repetition_penalty != 1.0:
+                seq.generator = torch.Generator(self.device)
+                seq.generator.manual_seed(seed if seed is not None else torch.seed())
+            seq.started = time.monotonic()
+            self._waiting.remove(seq)
+            self._running.append(seq)
+            self.counters["requests"] += 1
+            self.counters["prompt_tokens"] += len(seq.prompt_ids)
+
+    def _resident_slot(self, seq: _Seq) -> int | None:
+        key, adapter = seq.adapter_key, seq.request.adapter
+        assert key is not None and adapter is not None
+        slot = self.lora.slot_of(key)
+        if slot is not None:
+            return slot
+        ready = self._loaded.get(key)
+        if isinstance(ready, EngineError):
+            seq.sink(("error", ready))
+            self._waiting.remove(seq)
+            if not any(s.adapter_key == key for s in self._waiting):
+                del self._loaded[key]
+            return None
+        if ready is None:
+            if key not in self._loading:
+                self._loading.add(key)
+                self._loader.submit(self._load, key, adapter.path, seq.adapter_config or {})
+            return None
+        slot = self.lora.free_slot()
+        if slot is None:
+            return None  # every slot holds an adapter in use: wait for one to finish
+        self.lora.install(key, slot, ready)
+        del self._loaded[key]
+        self.counters["adapter_loads"] += 1
+        return slot
+
+    def _load(self, key: str, path: Path, config: dict) -> None:
+        try:
+            weights: AdapterWeights | EngineError = load_adapter(path, config, self.model.num_layers)
+        except EngineError as exc:
+            weights = exc
+        except Exception as exc:  # noqa: BLE001 - unreadable files are the request's error
+            weights = EngineError(f"the adapter could not be read: {exc}", "model")
+        with self._wake:
+            self._loaded[key] = weights
+            self._loading.discard(key)
+            self._wake.notify()
+
+    def _step(self) -> None:
+        prefill, decode = [], []
+        budget = self.config.prefill_chunk
+        for seq in self._running:
+            pending = len(seq.tokens) - seq.computed
+            if seq.generated > 0:
+                decode.append(seq)
+            elif budget > 0:
+                n = min(pending, budget)
+                prefill.append((seq, n))
+                budget -= n
+        decode.sort(key=lambda s: s.slot)  # tokens of one adapter side by side: one segment each
+
+        tokens: list[int] = []
+        positions: list[torch.Tensor] = []
+        write: list[torch.Tensor] = []
+        runs: list[tuple[int, int, int]] = []
+        attention: list[tuple[int, int, int, torch.Tensor]] = []
+        logit_rows: list[int] = []
+        sampled: list[_Seq] = []
+        for seq, n in prefill:
+            start = len(tokens)
+            tokens += seq.tokens[seq.computed : seq.computed + n]
+            positions.append(torch.arange(seq.computed, seq.computed + n))
+            assert seq.slots is not None
+            write.append(seq.slots[seq.computed : seq.computed + n])
+            attention.append((start, n, seq.computed, seq.slots[: seq.computed + n]))
+            if seq.slot >= 0:
+                runs.append((seq.slot, start, n))
+            if seq.computed + n == len(seq.tokens):
+                logit_rows.append(start + n - 1)
+                sampled.append(seq)
+        decode_start = len(tokens)
+        decode_slots = decode_mask = None
+        if decode:
+            lengths = [s.computed + 1 for s in decode]
+            tokens += [s.tokens[-1] for s in decode]
+            positions.append(torch.tensor([s.computed for s in decode]))
+            write.append(torch.stack([s.slots[s.computed] for s in decode]))  # type: ignore[index]
+            decode_slots = torch.nn.utils.rnn.pad_sequence(
+                [s.slots[:n] for s, n in zip(decode, lengths, strict=True)],  # type: ignore[index]
+                batch_first=True,
+            )
+            decode_mask = (torch.arange(decode_slots.shape[1]) < torch.tensor(lengths)[:, None])[:, None, None, :]
+            for i, seq in enumerate(decode):
+                if seq.slot < 0:
+                    continue
+                if runs and runs[-1][0] == seq.slot and runs[-1][1] + runs[-1][2] == decode_start + i:
+                    runs[-1] = (seq.slot, runs[-1][1], runs[-1][2] + 1)
+                else:
+                    runs.append((seq.slot, decode_start + i, 1))
+            logit_rows += range(decode_start, decode_start + len(decode))
+            sampled += decode
+
+        device = self.device
+        seqs = Sequences(
+            prefill=[(start, n, cached, slots.to(device)) for start, n, cached, slots in attention],
+            decode_start=decode_start,
+            decode_slots=None if decode_slots is None else decode_slots.to(device),
+            decode_mask=None if decode_mask is None else decode_mask.to(device),
+            write_slots=torch.cat(write).to(device),
+        )
+        logits = self.model.forward(
+            torch.tensor(tokens, device=device),
+            torch.cat(positions).to(device),
+            seqs,
+            Segments.build(runs, device),
+            self.lora,
+            self.kv.k,
+            self.kv.v,
+            torch.tensor(logit_rows, device=device),
+        )
+        for seq, n in prefill:
+            seq.computed += n
+        for seq in decode:
+            seq.computed += 1
+        self.counters["steps"] += 1
+
+        rows = [RowState(s.request.params, s.tokens, s.generated, s.generator, self.eos) for s in sampled]
+        now = time.monotonic()
+        for seq, choice in zip(sampled, choose(logits, rows), strict=True):
+            if seq.generated == 0:
+                seq.first_token_at = now
+            seq.tokens.append(choice.token)
+            self.counters["generated_tokens"] += 1
+            params = seq.request.params
+            seq.sink(("token", choice.token, choice if params.logprobs or params.top_logprobs else None))
+            if choice.token == self.eos:
+                self._finish(seq, "stop")
+            elif seq.generated >= params.max_new_tokens or len(seq.tokens) >= self.context_length:
+                self._finish(seq, "length")
+
+    def _finish(self, seq: _Seq, reason: str) -> None:
+        queue_ms = (seq.started - seq.submitted) * 1000
+        first_ms = ((seq.first_token_at or seq.started) - seq.submitted) * 1000
+        seq.sink(("end", reason, queue_ms, first_ms))
+        self._release(seq)
+        self._running.remove(seq)
+
+    def _release(self, seq: _Seq) -> None:
+        self.kv.release(seq.blocks)
+        seq.blocks = []
+        if seq.slot >= 0:
+            self.lora.pins[seq.slot] -= 1
+            seq.slot = -1
+
