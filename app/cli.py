@@ -93,6 +93,19 @@ def serve(
 
 
 @app.command()
+def engine(
+    base_model: str = typer.Option(..., help="Catalog name of the base model."),
+    port: int = typer.Option(..., help="Port on 127.0.0.1."),
+    model_dir: Path | None = typer.Option(None, help="Weights directory (a full fine-tuned model version)."),
+) -> None:
+    """Run one base model's serving engine (started by the API; see functions/engine/server.py)."""
+    _logging()
+    from functions.engine.server import serve_engine
+
+    serve_engine(base_model, model_dir, "127.0.0.1", port)
+
+
+@app.command()
 def worker(threads: int = typer.Option(0, help="Handler threads (0: LORAPLEX_WORKER_THREADS).")) -> None:
     """Run a worker: validates datasets and trains adapters from the event queue."""
     from app.db import migrate

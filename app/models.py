@@ -79,8 +79,14 @@ class Repo(Base):
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
     name: Mapped[str] = mapped_column(String(100))
     description: Mapped[str] = mapped_column(Text, default="")
+    # The last version number handed out (to an import, or to a job when it starts training). Bumped with one
+    # UPDATE, so the repo row is what serializes concurrent publishers and jobs (functions/adapter_io.py).
+    last_version: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     versions: Mapped[list["AdapterVersion"]] = relationship(back_populates="repo", order_by="AdapterVersion.version")
+    checkpoints: Mapped[list["Checkpoint"]] = relationship(
+        back_populates="repo", order_by=lambda: [Checkpoint.version, Checkpoint.number], viewonly=True
+    )
 
 
 class AdapterVersion(Base):
@@ -90,8 +96,9 @@ class AdapterVersion(Base):
     repo_id: Mapped[str] = mapped_column(ForeignKey("repos.id", ondelete="CASCADE"), index=True)
     version: Mapped[int] = mapped_column(Integer)
     base_model: Mapped[str] = mapped_column(String(100))
-    adapter_type: Mapped[str] = mapped_column(String(20))  # lora
-    rank: Mapped[int] = mapped_column(Integer)
+    adapter_type: Mapped[str] = mapped_column(String(20))  # lora | none (full fine-tuning)
+    kind: Mapped[str] = mapped_column(String(10), default="lora", server_default="lora")  # lora | full (a whole model)
+    rank: Mapped[int] = mapped_column(Integer)  # 0 for a full model
     target_modules: Mapped[list[Any]] = mapped_column(default=list)
     job_id: Mapped[str | None] = mapped_column(String(32), default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -119,6 +126,9 @@ class FinetuneJob(Base):
     total_steps: Mapped[int | None] = mapped_column(Integer, default=None)
     summary: Mapped[dict[str, Any]] = mapped_column(default=dict)  # steps done, early stop, best/last evaluation
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # The version this job trains (`repo/N`), taken when training first starts, so that its checkpoints are
+    # addressable (`repo/N@k`) before the version itself is published.
+    version: Mapped[int | None] = mapped_column(Integer, default=None)
     adapter_version_id: Mapped[str | None] = mapped_column(ForeignKey("adapter_versions.id"), default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(default=None)
@@ -126,6 +136,30 @@ class FinetuneJob(Base):
     repo: Mapped[Repo] = relationship()
     dataset: Mapped[Dataset] = relationship()
     adapter_version: Mapped[AdapterVersion | None] = relationship()
+    checkpoints: Mapped[list["Checkpoint"]] = relationship(order_by="Checkpoint.number", viewonly=True)
+
+
+class Checkpoint(Base):
+    """A snapshot of a job's weights taken while it trains: `repo/3@2` is checkpoint 2 of version 3. Its files are
+    under the version's directory (app/volume.py); it is servable and downloadable like a version."""
+
+    __tablename__ = "checkpoints"
+    __table_args__ = (UniqueConstraint("repo_id", "version", "number"),)
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=lambda: new_id("ck"))
+    job_id: Mapped[str] = mapped_column(ForeignKey("finetune_jobs.id", ondelete="CASCADE"), index=True)
+    repo_id: Mapped[str] = mapped_column(ForeignKey("repos.id", ondelete="CASCADE"), index=True)
+    version: Mapped[int] = mapped_column(Integer)  # the job's version number
+    number: Mapped[int] = mapped_column(Integer)  # 1, 2, ... within the version
+    step: Mapped[int] = mapped_column(Integer)  # optimizer steps done when it was taken
+    epoch: Mapped[float] = mapped_column(Float)
+    kind: Mapped[str] = mapped_column(String(10))  # lora | full
+    base_model: Mapped[str] = mapped_column(String(100))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    repo: Mapped[Repo] = relationship(back_populates="checkpoints")
+
+    @property
+    def name(self) -> str:
+        return f"{self.repo.name}/{self.version}@{self.number}"
 
 
 class JobMetric(Base):
@@ -146,6 +180,8 @@ class JobMetric(Base):
     token_accuracy: Mapped[float | None] = mapped_column(Float, default=None)  # next-token argmax on completions
     sequence_accuracy: Mapped[float | None] = mapped_column(Float, default=None)  # greedy answer == reference
     char_error_rate: Mapped[float | None] = mapped_column(Float, default=None)  # edit distance / reference length
+    # Classification datasets only: accuracy per class and the confusion matrix (functions/evaluate.py).
+    classification: Mapped[dict[str, Any] | None] = mapped_column(default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

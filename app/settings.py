@@ -34,7 +34,26 @@ class Settings(BaseSettings):
     upload_wait_seconds: float = Field(
         default=60.0, ge=0, description="How long an upload waits for validation before answering 202."
     )
-    adapter_cache_size: int = Field(default=8, gt=0, description="Adapters kept loaded per serving process (LRU).")
+
+    # Serving engine
+    engine: Literal["native", "vllm"] = Field(
+        default="native", description="native: our batched multi-LoRA engine (CPU, CUDA); vllm: vLLM (GPU deployments)."
+    )
+    engine_process: bool = Field(
+        default=True, description="Run each base model's engine in its own process (false: inside the API process)."
+    )
+    engine_dtype: Literal["auto", "fp32", "bf16"] = Field(
+        default="auto", description="auto: bf16 on GPUs and on CPUs with native bf16, else fp32."
+    )
+    adapter_cache_size: int = Field(default=32, gt=0, description="Adapters resident per engine (LRU, pinned in use).")
+    max_lora_rank: int = Field(default=16, gt=0, description="Largest adapter rank an engine serves.")
+    kv_cache_mb: int = Field(default=1024, gt=0, description="Memory for each engine's KV cache, MiB.")
+    max_batch_size: int = Field(default=128, gt=0, description="Requests an engine decodes at once.")
+    max_queued_requests: int = Field(
+        default=512, gt=0, description="Requests an engine holds waiting; more get 429 with Retry-After."
+    )
+    prefill_chunk_tokens: int = Field(default=256, gt=0, description="Prompt tokens an engine prefills per step.")
+    engine_start_timeout: float = Field(default=180.0, gt=0, description="Seconds to wait for an engine process.")
 
     # Queue behaviour
     worker_threads: int = Field(default=2, gt=0, description="Handler threads per worker process.")

@@ -2,7 +2,11 @@
 
 Layout (the same on a Modal Volume):
     datasets/<tenant_id>/<dataset_id>.<jsonl|csv>
-    adapters/<tenant_id>/<repo>/<version>/      PEFT directory (adapter_config.json, adapter_model.safetensors)
+    adapters/<tenant_id>/<repo>/<version>/      PEFT directory (adapter_config.json, adapter_model.safetensors),
+                                                or a full model (model.safetensors, config.json, tokenizer)
+        checkpoints/<k>/                        checkpoint k of the version, in the same format; the last one of a
+            resume/                             job still training also keeps the Trainer's optimizer, scheduler and
+                                                RNG state, to resume from after its worker died
     base_models/<name>/                         transformers directory (config.json, model.safetensors, tokenizer)
 Every write lands under a temporary name first and is renamed into place, so a reader never sees half a file.
 """
@@ -29,6 +33,10 @@ def dataset_path(tenant_id: str, dataset_id: str, file_format: str) -> Path:
 
 def adapter_dir(tenant_id: str, repo: str, version: int) -> Path:
     return root() / "adapters" / tenant_id / repo / str(version)
+
+
+def checkpoint_dir(tenant_id: str, repo: str, version: int, number: int) -> Path:
+    return adapter_dir(tenant_id, repo, version) / "checkpoints" / str(number)
 
 
 def base_model_dir(name: str) -> Path:

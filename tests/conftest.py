@@ -26,6 +26,7 @@ def _clear_caches() -> None:
     from app import db, queue, settings
     from functions import base_models, engine
 
+    engine.close_engines()
     for fn in (
         settings.get_settings,
         db.get_engine,
@@ -35,7 +36,6 @@ def _clear_caches() -> None:
         base_models.load_tokenizer,
     ):
         fn.cache_clear()
-    engine._engines.clear()
 
 
 def postgres_available() -> bool:
@@ -143,6 +143,10 @@ def _make_platform(
     platform = Platform(data_dir, url, backend)
     for key, value in platform.env().items():
         monkeypatch.setenv(key, value)
+    # In-process tests run the engine on a thread of the test process; subprocess tests (e2e) keep the default,
+    # an engine process per base model.
+    monkeypatch.setenv("LORAPLEX_ENGINE_PROCESS", "false")
+    monkeypatch.setenv("LORAPLEX_KV_CACHE_MB", "64")
     _clear_caches()
     from app.db import migrate
 

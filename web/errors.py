@@ -23,10 +23,18 @@ TYPES = {
 
 class APIError(Exception):
     def __init__(
-        self, status: int, message: str, *, param: str | None = None, code: str | None = None, **extra: Any
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,  # e.g. Retry-After on a 429
+        **extra: Any,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.extra = status, message, param, code, extra
+        self.headers = headers
 
 
 def error_response(
@@ -51,7 +59,9 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 def install(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc.status, exc.message, exc.param, exc.code, **exc.extra)
+        response = error_response(exc.status, exc.message, exc.param, exc.code, **exc.extra)
+        response.headers.update(exc.headers or {})
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -36,6 +36,8 @@ class SamplingFields(BaseModel):
     repetition_penalty: float = Field(default=1.0, gt=0, le=10, description="LoRAX extension.")
     stop: str | list[str] | None = None
     seed: int | None = None
+    min_tokens: int = Field(default=0, ge=0, description="vLLM extension: end-of-sequence is held off until then.")
+    num_beams: int = Field(default=1, ge=1, le=8, description="Loraplex extension: beam search width (greedy).")
     n: int = Field(default=1, ge=1, le=1, description="Only one choice per request.")
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -48,8 +50,13 @@ class SamplingFields(BaseModel):
             raise ValueError("at most 4 stop sequences")
         return value
 
+    def logprob_request(self) -> tuple[bool, int]:
+        """(per-token logprobs wanted, alternatives per token)."""
+        return False, 0
+
     def sampling(self, max_tokens: int | None) -> SamplingParams:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        logprobs, top = self.logprob_request()
         return SamplingParams(
             max_new_tokens=max_tokens or DEFAULT_MAX_TOKENS,
             temperature=self.temperature,
@@ -58,6 +65,10 @@ class SamplingFields(BaseModel):
             repetition_penalty=self.repetition_penalty,
             stop=stop,
             seed=self.seed,
+            min_new_tokens=self.min_tokens,
+            num_beams=self.num_beams,
+            logprobs=logprobs,
+            top_logprobs=top,
         )
 
     @property
@@ -68,6 +79,11 @@ class SamplingFields(BaseModel):
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    def logprob_request(self) -> tuple[bool, int]:
+        return self.logprobs, (self.top_logprobs or 0) if self.logprobs else 0
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -76,6 +92,10 @@ class ChatCompletionRequest(SamplingFields):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str]
+    logprobs: int | None = Field(default=None, ge=0, le=5, description="Legacy: alternatives per token.")
+
+    def logprob_request(self) -> tuple[bool, int]:
+        return self.logprobs is not None, self.logprobs or 0
 
     @field_validator("prompt")
     @classmethod

@@ -5,7 +5,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from app.models import AdapterVersion, Dataset, FinetuneJob, JobMetric, Repo, UsageRecord
+from app.models import AdapterVersion, Checkpoint, Dataset, FinetuneJob, JobMetric, Repo, UsageRecord
 from billing.prices import usd
 
 
@@ -58,6 +58,8 @@ class JobOut(BaseModel):
     dataset: str
     repo: str
     adapter: str | None  # "repo/3" once completed
+    version: int | None  # the version number it trains, taken when training starts
+    checkpoints: list[str]  # "repo/3@1", ... as they are saved
     config: dict[str, Any]
     estimate: Estimate
     charge: Money | None  # the actual charge once completed
@@ -79,6 +81,8 @@ class JobOut(BaseModel):
             dataset=job.dataset.name,
             repo=job.repo.name,
             adapter=f"{job.repo.name}/{adapter.version}" if adapter else None,
+            version=job.version,
+            checkpoints=[f"{job.repo.name}/{c.version}@{c.number}" for c in job.checkpoints],
             config=job.config,
             estimate=Estimate(tokens=job.estimated_tokens, cost=Money.of(job.estimate_micro_usd)),
             charge=Money.of(charge_micro_usd) if charge_micro_usd is not None else None,
@@ -103,6 +107,9 @@ class MetricOut(BaseModel):
     token_accuracy: float | None = None
     sequence_accuracy: float | None = None
     char_error_rate: float | None = None
+    # Classification datasets: {"labels", "accuracy", "per_class": {label: {"accuracy", "support"}},
+    # "confusion_matrix": {"rows": reference labels, "columns": answered labels + "(other)", "counts"}}
+    classification: dict[str, Any] | None = None
     attempt: int
     at: datetime
 
@@ -119,17 +126,45 @@ class MetricOut(BaseModel):
             token_accuracy=m.token_accuracy,
             sequence_accuracy=m.sequence_accuracy,
             char_error_rate=m.char_error_rate,
+            classification=m.classification,
             attempt=m.attempt,
             at=m.created_at,
+        )
+
+
+class CheckpointOut(BaseModel):
+    name: str  # "repo/3@2": servable and downloadable like a version
+    version: int
+    checkpoint: int
+    step: int
+    epoch: float
+    kind: str  # lora | full
+    base_model: str
+    job_id: str
+    created_at: datetime
+
+    @classmethod
+    def of(cls, c: Checkpoint) -> "CheckpointOut":
+        return cls(
+            name=c.name,
+            version=c.version,
+            checkpoint=c.number,
+            step=c.step,
+            epoch=c.epoch,
+            kind=c.kind,
+            base_model=c.base_model,
+            job_id=c.job_id,
+            created_at=c.created_at,
         )
 
 
 class AdapterOut(BaseModel):
     name: str  # "repo/3"
     version: int
+    kind: str  # lora: a PEFT adapter of base_model | full: a whole model (full fine-tuning)
     base_model: str
-    adapter_type: str
-    rank: int
+    adapter_type: str  # lora | none
+    rank: int  # 0 for a full model
     target_modules: list[str]
     job_id: str | None
     created_at: datetime
@@ -139,6 +174,7 @@ class AdapterOut(BaseModel):
         return cls(
             name=a.name,
             version=a.version,
+            kind=a.kind,
             base_model=a.base_model,
             adapter_type=a.adapter_type,
             rank=a.rank,
@@ -152,6 +188,7 @@ class RepoOut(BaseModel):
     name: str
     description: str
     versions: list[AdapterOut]
+    checkpoints: list[CheckpointOut]  # of published versions and of versions still training
     created_at: datetime
 
     @classmethod
@@ -160,6 +197,7 @@ class RepoOut(BaseModel):
             name=r.name,
             description=r.description,
             versions=[AdapterOut.of(v) for v in r.versions],
+            checkpoints=[CheckpointOut.of(c) for c in r.checkpoints],
             created_at=r.created_at,
         )
 

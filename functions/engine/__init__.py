@@ -1,22 +1,69 @@
-"""Serving engines behind one protocol, and the per-process registry of loaded engines."""
+"""Serving engines behind one protocol (protocol.py), and the per-process registry of started engines.
+
+With `engine_process` (the default) each base model's engine runs in its own process (server.py) and the API
+talks to it over local HTTP (remote.py); otherwise the engine runs on a thread of the calling process.
+"""
 
 import threading
+from pathlib import Path
 
+from app.settings import Settings, get_settings
 from functions.engine.protocol import Engine
 
 _engines: dict[str, Engine] = {}
 _lock = threading.Lock()
 
 
-def create_engine(base_model: str, adapter_slots: int = 8) -> Engine:
-    from functions.engine.hf import HFEngine
+def engine_config(settings: Settings):  # type: ignore[no-untyped-def]
+    from functions.engine.native import EngineConfig
 
-    return HFEngine(base_model, adapter_slots=adapter_slots)
+    return EngineConfig(
+        dtype=settings.engine_dtype,
+        adapter_slots=settings.adapter_cache_size,
+        max_lora_rank=settings.max_lora_rank,
+        kv_cache_bytes=settings.kv_cache_mb * 1024 * 1024,
+        max_batch=settings.max_batch_size,
+        max_waiting=settings.max_queued_requests,
+        prefill_chunk=settings.prefill_chunk_tokens,
+    )
 
 
-def get_engine(base_model: str, adapter_slots: int = 8) -> Engine:
-    """The process's engine for this base model, loaded on first use."""
+def create_engine(base_model: str, model_dir: Path | None = None, background: bool = True) -> Engine:
+    """An engine in this process, of the configured kind."""
+    settings = get_settings()
+    if settings.engine == "vllm":
+        from functions.base_models import ensure_local
+        from functions.engine.vllm_engine import VLLMEngine
+
+        return VLLMEngine(
+            base_model,
+            model_dir or ensure_local(base_model),
+            max_loras=settings.adapter_cache_size,
+            max_lora_rank=settings.max_lora_rank,
+        )
+    from functions.engine.native import NativeEngine
+
+    return NativeEngine(base_model, model_dir, engine_config(settings), background=background)
+
+
+def get_engine(base_model: str, model_dir: Path | None = None) -> Engine:
+    """The engine for this base model (or full-model version directory), started on first use."""
+    key = str(model_dir or base_model)
     with _lock:
-        if base_model not in _engines:
-            _engines[base_model] = create_engine(base_model, adapter_slots)
-        return _engines[base_model]
+        engine = _engines.get(key)
+        if engine is None or not getattr(engine, "alive", lambda: True)():  # a dead engine process is replaced
+            if get_settings().engine_process:
+                from functions.engine.remote import RemoteEngine
+
+                engine = RemoteEngine.start(base_model, model_dir)
+            else:
+                engine = create_engine(base_model, model_dir)
+            _engines[key] = engine
+        return engine
+
+
+def close_engines() -> None:
+    with _lock:
+        for engine in _engines.values():
+            engine.close()  # type: ignore[attr-defined]
+        _engines.clear()

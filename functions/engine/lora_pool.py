@@ -2,16 +2,18 @@
 
 Layout (per layer, per fused group of projections, allocated the first time an adapter targets the group):
 
-    A  [slots, n_modules * R, in]     the group's lora_A matrices stacked (rows of a missing module stay 0)
-    B  [slots, out_total, n_modules * R]  block-diagonal: module j's lora_B in rows of its output, columns of its A
+    A  [slots, n_modules * R, in]   the group's lora_A matrices stacked (rows of a missing module stay 0)
+    B  [slots, out_j, R]            one per module j of the group
 
 R is the engine's max rank; a smaller rank is zero-padded, which adds exact zeros and changes no sum.
 A step's tokens are grouped into segments that share an adapter (Segments). Long segments (prefill chunks)
 are computed from views of their slot, with no copy; single tokens of many adapters (decode) are computed in
-one batched matmul over the distinct adapters of the step, gathering each adapter's matrices once per step and
-layer (as Punica's and S-LoRA's kernels do), never per token. Adapters are never merged into base weights.
+one batched matmul over the distinct adapters of the step: read in place when their slots are consecutive,
+else gathered once per step and layer (as Punica's and S-LoRA's kernels do), never per token. Adapters are never
+merged into base weights.
 """
 
+import itertools
 import json
 import re
 from collections import OrderedDict
@@ -31,6 +33,7 @@ GROUPS = {  # fused group -> its projections, in the order llama.LlamaModel lays
 MODULE_GROUP = {module: group for group, modules in GROUPS.items() for module in modules}
 _KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
 SHORT = 4  # segments up to this many tokens take the batched path
+MAX_BANDS = 4  # more runs of consecutive slots than this: gather the matrices instead
 
 
 @dataclass
@@ -44,34 +47,50 @@ class AdapterWeights:
 
 
 @dataclass
+class Band:
+    """Short segments computed in one batched matmul: [n segments, m tokens each]."""
+
+    slots: slice | torch.Tensor  # consecutive pool slots (read in place), or the slots to gather
+    tokens: slice | torch.Tensor  # their token rows: consecutive (m == 1), or [n * m] indices (pads repeat one)
+    count: int  # n
+    width: int  # m
+    mask: torch.Tensor | None  # [n, m, 1]: 1 for real tokens, 0 for pads (None when m == 1)
+
+
+@dataclass
 class Segments:
     """Which tokens of this step use which adapter slot."""
 
-    long: list[tuple[int, int, int]]  # (slot, flat start, flat end)
-    short_tokens: torch.Tensor | None  # [n * m] flat token index of each (segment, position); pads repeat one
-    short_slots: torch.Tensor | None  # [n] slot of each short segment
-    short_mask: torch.Tensor | None  # [n, m, 1] 1 for real tokens, 0 for pads (None when m == 1)
-    short_width: int = 1  # m
+    long: list[tuple[int, int, int]]  # (slot, flat start, flat end): prefill chunks, big runs of one adapter
+    bands: list[Band]
 
     @staticmethod
-    def build(runs: list[tuple[int, int, int]], device: torch.device) -> "Segments":
-        """runs: (slot, start, length) for every run of tokens with an adapter."""
+    def build(runs: list[tuple[int, int, int]], dtype: torch.dtype, device: torch.device) -> "Segments":
+        """runs: (slot, start, length) for every run of tokens with an adapter, decode runs in slot order."""
         long = [(slot, start, start + n) for slot, start, n in runs if n > SHORT]
         short = [(slot, start, n) for slot, start, n in runs if n <= SHORT]
         if not short:
-            return Segments(long, None, None, None)
+            return Segments(long, [])
+        # Runs of consecutive slots (with one token each, side by side) are read straight from the pool.
+        groups: list[list[tuple[int, int, int]]] = [[short[0]]]
+        for run in short[1:]:
+            slot, start, n = groups[-1][-1]
+            if run[0] == slot + 1 and run[2] == n == 1 and run[1] == start + 1:
+                groups[-1].append(run)
+            else:
+                groups.append([run])
+        if len(groups) <= MAX_BANDS and all(g[0][2] == 1 for g in groups):
+            bands = [Band(slice(g[0][0], g[-1][0] + 1), slice(g[0][1], g[-1][1] + 1), len(g), 1, None) for g in groups]
+            return Segments(long, bands)
         width = max(n for _, _, n in short)
         tokens = [start + min(j, n - 1) for _, start, n in short for j in range(width)]
         mask = None
         if width > 1:
-            mask = torch.tensor([[[float(j < n)] for j in range(width)] for _, _, n in short], device=device)
-        return Segments(
-            long,
-            torch.tensor(tokens, device=device),
-            torch.tensor([slot for slot, _, _ in short], device=device),
-            mask,
-            width,
-        )
+            mask = torch.tensor(
+                [[[float(j < n)] for j in range(width)] for _, _, n in short], dtype=dtype, device=device
+            )
+        slots = torch.tensor([slot for slot, _, _ in short], device=device)
+        return Segments(long, [Band(slots, torch.tensor(tokens, device=device), len(short), width, mask)])
 
 
 def read_adapter(path: Path, base_model: str, ref_base_model: str, layer_count: int, max_rank: int) -> dict:
@@ -137,7 +156,8 @@ class LoraPool:
         self.group_shapes, self.layers, self.slots, self.max_rank = group_shapes, layers, slots, max_rank
         self.dtype, self.device = dtype, device
         self.a: dict[str, list[torch.Tensor]] = {}
-        self.b: dict[str, list[torch.Tensor]] = {}
+        self.b: dict[str, list[list[torch.Tensor]]] = {}  # group -> layer -> per module
+        self.columns: dict[str, list[tuple[int, int]]] = {}
         self.scale = torch.zeros(slots, 1, 1, dtype=dtype, device=device)
         self.scales = [0.0] * slots
         self.resident: OrderedDict[str, int] = OrderedDict()  # adapter key -> slot, least recently used first
@@ -170,15 +190,14 @@ class LoraPool:
         for group in self.a:
             for layer in range(self.layers):
                 self.a[group][layer][slot].zero_()
-                self.b[group][layer][slot].zero_()
+                for b_pool in self.b[group][layer]:
+                    b_pool[slot].zero_()
         r = self.max_rank
         for (layer, module), (a, b) in adapter.weights.items():
             group = MODULE_GROUP[module]
             j = GROUPS[group].index(module)
-            row = sum(out for _, out in self.group_shapes[group][1][:j])
-            out = b.shape[0]
             self.a[group][layer][slot, j * r : j * r + a.shape[0]] = a
-            self.b[group][layer][slot, row : row + out, j * r : j * r + b.shape[1]] = b
+            self.b[group][layer][j][slot, :, : b.shape[1]] = b
         self.scale[slot] = adapter.scale
         self.scales[slot] = adapter.scale
         self.resident[key] = slot
@@ -188,36 +207,52 @@ class LoraPool:
             return
         inp, outs = self.group_shapes[group]
         width = len(outs) * self.max_rank
-        total = sum(out for _, out in outs)
-        self.a[group] = [
-            torch.zeros(self.slots, width, inp, dtype=self.dtype, device=self.device) for _ in range(self.layers)
-        ]
-        self.b[group] = [
-            torch.zeros(self.slots, total, width, dtype=self.dtype, device=self.device) for _ in range(self.layers)
-        ]
+
+        def zeros(*shape: int) -> torch.Tensor:
+            return torch.zeros(*shape, dtype=self.dtype, device=self.device)
+
+        self.a[group] = [zeros(self.slots, width, inp) for _ in range(self.layers)]
+        bounds = [0]
+        for _, out in outs:
+            bounds.append(bounds[-1] + out)
+        self.columns[group] = list(itertools.pairwise(bounds))  # where each module's output sits in y
+        self.b[group] = [[zeros(self.slots, out, self.max_rank) for _, out in outs] for _ in range(self.layers)]
 
     def bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for pools in (self.a, self.b) for ts in pools.values() for t in ts)
+        a = sum(t.numel() * t.element_size() for ts in self.a.values() for t in ts)
+        return a + sum(t.numel() * t.element_size() for ts in self.b.values() for bs in ts for t in bs)
 
     # ---- compute --------------------------------------------------------------------------------------
 
     def apply(self, layer: int, group: str, x: torch.Tensor, y: torch.Tensor, segments: Segments) -> None:
         """y[tokens of each segment] += B(A(x)) * scaling of the segment's adapter, in place.
 
-        x: [T, in], y: [T, out] (the base projection's output for the whole batch)."""
+        x: [T, in], y: [T, out] (the base projections' output for the whole batch, modules side by side)."""
         if group not in self.a:
             return
-        a_pool, b_pool = self.a[group][layer], self.b[group][layer]
+        a_pool, b_pools, r = self.a[group][layer], self.b[group][layer], self.max_rank
+        columns = self.columns[group]
         for slot, start, end in segments.long:
-            y[start:end] += ((x[start:end] @ a_pool[slot].T) @ b_pool[slot].T) * self.scales[slot]
-        if segments.short_tokens is None:
-            return
-        n, m = segments.short_slots.shape[0], segments.short_width  # type: ignore[union-attr]
-        xs = x.index_select(0, segments.short_tokens).view(n, m, -1)  # [n, m, in]
-        a = a_pool.index_select(0, segments.short_slots)  # [n, W, in]: once per segment, not per token
-        b = b_pool.index_select(0, segments.short_slots)  # [n, out, W]
-        delta = torch.bmm(torch.bmm(xs, a.transpose(1, 2)), b.transpose(1, 2))  # [n, m, out]
-        delta = delta * self.scale.index_select(0, segments.short_slots)
-        if segments.short_mask is not None:
-            delta = delta * segments.short_mask
-        y.index_add_(0, segments.short_tokens, delta.view(n * m, -1))
+            h = x[start:end] @ a_pool[slot].T  # [n, W]
+            for j, (b_pool, (lo, hi)) in enumerate(zip(b_pools, columns, strict=True)):
+                y[start:end, lo:hi] += (h[:, j * r : (j + 1) * r] @ b_pool[slot].T) * self.scales[slot]
+        for band in segments.bands:
+            n, m = band.count, band.width
+            if isinstance(band.slots, slice):
+                a, scale = a_pool[band.slots], self.scale[band.slots]  # in place: no copy
+            else:
+                a, scale = a_pool.index_select(0, band.slots), self.scale.index_select(0, band.slots)
+            if isinstance(band.tokens, slice):
+                xs = x[band.tokens].unsqueeze(1)  # [n, 1, in]
+            else:
+                xs = x.index_select(0, band.tokens).view(n, m, -1)
+            h = torch.bmm(xs, a.transpose(1, 2))  # [n, m, W]
+            if band.mask is not None:
+                h = h * band.mask
+            for j, (b_pool, (lo, hi)) in enumerate(zip(b_pools, columns, strict=True)):
+                b = b_pool[band.slots] if isinstance(band.slots, slice) else b_pool.index_select(0, band.slots)
+                delta = torch.bmm(h[:, :, j * r : (j + 1) * r], b.transpose(1, 2)) * scale  # [n, m, out_j]
+                if isinstance(band.tokens, slice):
+                    y[band.tokens, lo:hi] += delta.view(n, hi - lo)
+                else:
+                    y[:, lo:hi].index_add_(0, band.tokens, delta.view(n * m, hi - lo))

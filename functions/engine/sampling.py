@@ -31,8 +31,7 @@ class Choice:
 def choose(logits: torch.Tensor, rows: list[RowState]) -> list[Choice]:
     """logits: [B, V] fp32, one row per entry of `rows`."""
     simple = [
-        r.params.greedy and r.params.repetition_penalty == 1.0 and r.generated >= r.params.min_new_tokens
-        for r in rows
+        r.params.greedy and r.params.repetition_penalty == 1.0 and r.generated >= r.params.min_new_tokens for r in rows
     ]
     greedy = logits.argmax(-1).tolist() if any(simple) else []
     choices = []

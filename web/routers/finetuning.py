@@ -16,8 +16,10 @@ from app.db import sessions
 from app.models import FinetuneJob, JobMetric, UsageRecord, utcnow
 from app.queue import emit
 from billing import credits, ledger
+from functions import checkpoints
 from functions.adapter_io import get_or_create_repo
 from functions.catalog import get_model
+from functions.datasets import single_class_message
 from functions.finetune_config import FinetuneConfig
 from web.deps import CurrentTenant, Db
 from web.errors import APIError
@@ -42,8 +44,15 @@ def create_job(config: FinetuneConfig, tenant: CurrentTenant, db: Db) -> JobOut:
         )
     if not dataset.stats.get("train_rows"):
         raise APIError(422, f"dataset: {config.dataset!r} has no rows in the train split", param="dataset")
+    labels = dataset.stats.get("labels")  # set by validation for a classification dataset (text in, category out)
+    if labels is not None and len(labels) < 2:
+        raise APIError(422, f"dataset: {single_class_message(config.dataset, labels)}", param="dataset")
+    try:
+        config, _ = checkpoints.continuation(db, tenant.id, config)  # a continued adapter's LoRA settings carry over
+    except checkpoints.Refused as exc:
+        raise APIError(422, exc.message, param=exc.field, code="invalid_value") from None
     tokens = estimated_tokens(dataset.stats, config)
-    estimate = ledger.price_book(db, tenant.id).finetune(get_model(config.base_model).params, config.adapter, tokens)
+    estimate = ledger.price_book(db, tenant.id).finetune(get_model(config.base_model).params, config.technique, tokens)
     refusal = credits.paid_work_refusal(db, tenant.id, estimate)
     if refusal is not None:
         raise APIError(402, refusal, code="payment_required", estimate_micro_usd=estimate)

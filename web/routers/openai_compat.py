@@ -4,27 +4,38 @@
 """
 
 import json
-import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
-from app import volume
 from app.db import session_scope
 from app.models import AdapterVersion, Repo, Tenant
 from app.settings import get_settings
 from billing import ledger
+from functions import checkpoints
 from functions.base_models import BaseModelUnavailable
 from functions.catalog import get_model, list_models
 from functions.engine import get_engine
-from functions.engine.protocol import AdapterRef, Delta, Engine, EngineError, GenerationRequest, collect
+from functions.engine.protocol import (
+    AdapterRef,
+    Delta,
+    Engine,
+    EngineBusy,
+    EngineError,
+    GenerationRequest,
+    TokenLogprob,
+    collect,
+)
+from functions.engine.remote import EngineUnavailable
 from functions.prompts import chat_prompt
 from web.deps import CurrentTenant, Db
 from web.errors import APIError
@@ -38,9 +49,12 @@ class Target:
     """What a `model` string resolved to."""
 
     model: str  # echoed back as given
-    base_model: str
+    base_model: str  # for a full fine-tuning's version or checkpoint: the base model it was trained from
     adapter: AdapterRef | None
-    adapter_name: str | None  # "repo/3"
+    adapter_name: str | None  # "repo/3", "repo/3@2"
+    # A full fine-tuning's model directory, which the engine loads as its weights in place of base_model's;
+    # None for catalog base models and adapters.
+    model_dir: Path | None = None
 
 
 @router.get("/models")
@@ -68,7 +82,7 @@ def list_models_endpoint(tenant: CurrentTenant, db: Db) -> dict[str, Any]:
 @router.post("/chat/completions", response_model=None)
 async def chat_completions(body: ChatCompletionRequest, tenant: CurrentTenant, db: Db, request: Request) -> Any:
     target = resolve_model(db, tenant.id, body.model)
-    engine = await _engine(target.base_model)
+    engine = await _engine(target)
     messages = [{"role": m.role, "content": m.text} for m in body.messages]
     prompt = chat_prompt(engine.tokenizer, messages)  # type: ignore[attr-defined]
     return await _respond(body, body.requested_max_tokens, prompt, target, engine, tenant, request, chat=True)
@@ -77,39 +91,60 @@ async def chat_completions(body: ChatCompletionRequest, tenant: CurrentTenant, d
 @router.post("/completions", response_model=None)
 async def completions(body: CompletionRequest, tenant: CurrentTenant, db: Db, request: Request) -> Any:
     target = resolve_model(db, tenant.id, body.model)
-    engine = await _engine(target.base_model)
+    engine = await _engine(target)
     return await _respond(
         body, body.requested_max_tokens, body.prompt_text, target, engine, tenant, request, chat=False
     )
 
 
 def resolve_model(db: Db, tenant_id: str, model: str) -> Target:
-    """Another tenant's adapter resolves exactly like one that does not exist (404, same message)."""
+    """`model` is a catalog base model, a version ("repo/3"), a checkpoint ("repo/3@2": checkpoint 2 of version 3)
+    or a repo ("repo": its latest version). An adapter resolves to an AdapterRef keyed by its version's or
+    checkpoint's row id; a full fine-tuning to its model directory. Another tenant's adapter resolves exactly like
+    one that does not exist (404, same message)."""
     not_found = APIError(404, f"The model '{model}' does not exist", param="model", code="model_not_found")
-    repo_name, _, version_text = model.partition("/")
-    if not version_text:
+    reference = model
+    if "/" not in model:
         try:
             return Target(model, get_model(model).name, None, None)
         except KeyError:
             pass
-    repo = db.scalar(select(Repo).where(Repo.tenant_id == tenant_id, Repo.name == repo_name))
-    if repo is None or not repo.versions:
-        raise not_found
-    if version_text:
-        version = next((v for v in repo.versions if str(v.version) == version_text), None)
-        if version is None:
+        repo = db.scalar(select(Repo).where(Repo.tenant_id == tenant_id, Repo.name == model))
+        if repo is None or not repo.versions:
             raise not_found
-    else:
-        version = repo.versions[-1]
-    path = volume.adapter_dir(tenant_id, repo.name, version.version)
-    return Target(model, version.base_model, AdapterRef(version.id, path, version.base_model), version.name)
+        reference = repo.versions[-1].name
+    weights = checkpoints.find(db, tenant_id, reference)
+    if weights is None:
+        raise not_found
+    if weights.kind == "full":
+        return Target(model, weights.base_model, None, weights.name, model_dir=weights.path)
+    adapter = AdapterRef(weights.key, weights.path, weights.base_model)
+    return Target(model, weights.base_model, adapter, weights.name)
 
 
-async def _engine(base_model: str) -> Engine:
+async def _engine(target: Target) -> Engine:
     try:
-        return await run_in_threadpool(get_engine, base_model, get_settings().adapter_cache_size)
+        return await run_in_threadpool(get_engine, target.base_model, target.model_dir)
     except BaseModelUnavailable as exc:
         raise APIError(400, str(exc), param="model", code="model_unavailable") from None
+    except EngineUnavailable as exc:
+        raise APIError(503, str(exc), code="engine_unavailable") from None
+
+
+async def _first(stream: AsyncIterator[Delta], chat: bool) -> Delta:
+    """Run a request up to its first delta: what the engine refuses becomes a 4xx before any body is sent."""
+    try:
+        return await anext(stream)
+    except EngineError as exc:
+        param = "messages" if chat and exc.param == "prompt" else exc.param
+        raise APIError(400, str(exc), param=param, code="invalid_request") from None
+    except EngineBusy as exc:
+        retry = max(1, round(exc.retry_after))
+        raise APIError(
+            429, f"{exc}; retry after {retry} s", code="engine_busy", headers={"Retry-After": str(retry)}
+        ) from None
+    except EngineUnavailable as exc:
+        raise APIError(503, str(exc), code="engine_unavailable") from None
 
 
 async def _respond(
@@ -127,23 +162,19 @@ async def _respond(
         raise APIError(400, f"max_tokens: at most {limit}", param="max_tokens", code="invalid_value")
     gen = GenerationRequest(prompt=prompt, params=body.sampling(max_tokens), adapter=target.adapter)
     reply = _Reply(target, tenant, chat)
-    if not body.stream:
-        try:
-            completion = await run_in_threadpool(lambda: collect(engine.stream(gen)))
-        except EngineError as exc:
-            raise APIError(400, str(exc), param="messages" if chat else "prompt", code="invalid_request") from None
-        cost = await run_in_threadpool(
-            reply.record_usage, completion.prompt_tokens, completion.completion_tokens, engine
-        )
-        return reply.full(
-            completion.text, completion.finish_reason, completion.prompt_tokens, completion.completion_tokens, cost
-        )
-    stream = engine.stream(gen, cancelled=reply.cancelled)
-    try:  # run up to the first token here, so a refused request gets its 400 before the stream starts
-        first = await run_in_threadpool(next, stream)
-    except EngineError as exc:
-        raise APIError(400, str(exc), param="messages" if chat else "prompt", code="invalid_request") from None
-    return StreamingResponse(reply.sse(first, stream, http, engine, body.include_usage), media_type="text/event-stream")
+    stream = engine.generate(gen)
+    first = await _first(stream, chat)
+    if body.stream:
+        return StreamingResponse(reply.sse(first, stream, engine, body.include_usage), media_type="text/event-stream")
+    completion = await collect(_chain(first, stream))
+    cost = await run_in_threadpool(reply.record_usage, completion.prompt_tokens, completion.completion_tokens, engine)
+    return reply.full(completion, cost)
+
+
+async def _chain(first: Delta, rest: AsyncIterator[Delta]) -> AsyncIterator[Delta]:
+    yield first
+    async for delta in rest:
+        yield delta
 
 
 class _Reply:
@@ -154,7 +185,7 @@ class _Reply:
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.started = time.monotonic()
-        self.cancelled = threading.Event()
+        self.text_offset = 0  # characters sent so far (legacy completions logprobs)
 
     def record_usage(self, prompt_tokens: int, completion_tokens: int, engine: Engine) -> int:
         params = get_model(engine.base_model).params
@@ -186,33 +217,69 @@ class _Reply:
             "cost_micro_usd": cost,
         }
 
-    def full(self, text: str, finish: str, prompt_tokens: int, completion_tokens: int, cost: int) -> dict[str, Any]:
+    def _logprobs(self, logprobs: tuple[TokenLogprob, ...], text: str) -> dict[str, Any] | None:
+        """OpenAI's shapes: chat {"content": [...]}; legacy completions {"tokens", "token_logprobs", ...}."""
+        if not logprobs:
+            return None
+        if self.chat:
+            return {
+                "content": [
+                    {
+                        "token": lp.token,
+                        "logprob": lp.logprob,
+                        "bytes": list(lp.token.encode()),
+                        "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode())} for t, v in lp.top],
+                    }
+                    for lp in logprobs
+                ]
+            }
+        offsets, at = [], self.text_offset
+        for lp in logprobs:
+            offsets.append(at)
+            at += len(lp.token)
+        self.text_offset += len(text)
+        return {
+            "tokens": [lp.token for lp in logprobs],
+            "token_logprobs": [lp.logprob for lp in logprobs],
+            "top_logprobs": [dict(lp.top) for lp in logprobs],
+            "text_offset": offsets,
+        }
+
+    def full(self, completion: Any, cost: int) -> dict[str, Any]:
+        logprobs = self._logprobs(completion.logprobs, completion.text)
         if self.chat:
             choice = {
                 "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "finish_reason": finish,
-                "logprobs": None,
+                "message": {"role": "assistant", "content": completion.text},
+                "finish_reason": completion.finish_reason,
+                "logprobs": logprobs,
             }
         else:
-            choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+            choice = {
+                "index": 0,
+                "text": completion.text,
+                "finish_reason": completion.finish_reason,
+                "logprobs": logprobs,
+            }
         return {
             "id": self.id,
             "object": "chat.completion" if self.chat else "text_completion",
             "created": self.created,
             "model": self.target.model,
             "choices": [choice],
-            "usage": self._usage(prompt_tokens, completion_tokens, cost),
+            "usage": self._usage(completion.prompt_tokens, completion.completion_tokens, cost),
         }
 
-    def chunk(self, text: str | None, finish: str | None, role: bool = False) -> dict[str, Any]:
+    def chunk(self, delta: Delta | None, finish: str | None, role: bool = False) -> dict[str, Any]:
+        text = delta.text if delta is not None else None
+        logprobs = self._logprobs(delta.logprobs, delta.text) if delta is not None else None
         if self.chat:
-            delta: dict[str, Any] = {"role": "assistant"} if role else {}
+            content: dict[str, Any] = {"role": "assistant"} if role else {}
             if text is not None:
-                delta["content"] = text
-            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+                content["content"] = text
+            choice = {"index": 0, "delta": content, "finish_reason": finish, "logprobs": logprobs}
         else:
-            choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+            choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": logprobs}
         return {
             "id": self.id,
             "object": "chat.completion.chunk" if self.chat else "text_completion",
@@ -222,24 +289,22 @@ class _Reply:
         }
 
     async def sse(
-        self, first: Delta, stream: Iterator[Delta], http: Request, engine: Engine, include_usage: bool
+        self, first: Delta, stream: AsyncIterator[Delta], engine: Engine, include_usage: bool
     ) -> AsyncIterator[str]:
-        """Server-sent events. A client that goes away stops generation at once (the cancel flag), and is
-        still charged for the tokens generated until then."""
+        """Server-sent events. A client that goes away cancels this generator: the engine stream is closed, which
+        frees the request's batch slot at once, and the tokens generated until then are charged."""
         last = first
         try:
             if self.chat:
-                yield _sse(self.chunk("", None, role=True))
+                yield _sse(self.chunk(Delta(""), None, role=True))
             delta: Delta | None = first
             while delta is not None:
                 last = delta
-                if delta.text:
-                    yield _sse(self.chunk(delta.text, None))
+                if delta.text or delta.logprobs:
+                    yield _sse(self.chunk(delta, None))
                 if delta.finish_reason is not None:
                     break
-                if await http.is_disconnected():
-                    self.cancelled.set()
-                delta = await run_in_threadpool(next, stream, None)
+                delta = await anext(stream, None)
             cost = await run_in_threadpool(self.record_usage, last.prompt_tokens, last.completion_tokens, engine)
             yield _sse(self.chunk(None, last.finish_reason or "stop"))
             if include_usage:
@@ -250,10 +315,10 @@ class _Reply:
                 yield _sse(final)
             yield "data: [DONE]\n\n"
         finally:
-            if last.finish_reason is None:  # the response was torn down mid-stream
-                self.cancelled.set()
-                rest = await run_in_threadpool(collect, stream)
-                await run_in_threadpool(self.record_usage, rest.prompt_tokens, rest.completion_tokens, engine)
+            with anyio.CancelScope(shield=True):  # a disconnect cancels this task; the clean-up must still run
+                await stream.aclose()
+                if last.finish_reason is None:  # torn down mid-stream: charge what was generated until now
+                    await run_in_threadpool(self.record_usage, last.prompt_tokens, last.completion_tokens, engine)
 
 
 def _sse(payload: dict[str, Any]) -> str:

@@ -1,4 +1,5 @@
-"""/v1/repos: adapter repositories and their versions (`repo/1`, `repo/2`, ...), import and export of versions."""
+"""/v1/repos: adapter repositories, their versions (`repo/1`, `repo/2`, ...) and checkpoints (`repo/2@1`), import
+of versions, and export of versions and checkpoints."""
 
 import os
 import shutil
@@ -11,15 +12,14 @@ from fastapi.responses import FileResponse
 from sqlalchemy import select
 from starlette.background import BackgroundTask
 
-from app import volume
-from app.models import AdapterVersion, Repo
+from app.models import AdapterVersion, Checkpoint, Repo
 from app.settings import get_settings
-from functions import adapter_io
+from functions import adapter_io, checkpoints
 from functions.catalog import get_model
 from functions.finetune_config import REPO_NAME
 from web.deps import CurrentTenant, Db
 from web.errors import APIError
-from web.schemas import AdapterOut, RepoOut
+from web.schemas import AdapterOut, CheckpointOut, RepoOut
 
 router = APIRouter(prefix="/v1/repos", tags=["adapters"])
 
@@ -103,25 +103,51 @@ def import_version(
 
 @router.get("/{name}/versions/{version}/download", response_class=FileResponse)
 def download_version(name: str, version: int, tenant: CurrentTenant, db: Db) -> FileResponse:
-    """The version's PEFT directory as a .tar.gz (folder `<repo>-<N>/`), loadable with PeftModel.from_pretrained."""
-    adapter = db.scalar(
-        select(AdapterVersion)
-        .join(Repo)
-        .where(Repo.tenant_id == tenant.id, Repo.name == name, AdapterVersion.version == version)
-    )
-    if adapter is None:  # another tenant's answers exactly like a missing one
+    """The version as a .tar.gz (folder `<repo>-<N>/`): its PEFT directory, loadable with
+    PeftModel.from_pretrained, or for a full fine-tuning the whole model directory (safetensors, config,
+    tokenizer), loadable with AutoModelForCausalLM.from_pretrained."""
+    weights = checkpoints.find_parts(db, tenant.id, name, version, None)
+    if weights is None:  # another tenant's answers exactly like a missing one
         raise APIError(404, f"adapter {name}/{version} not found", param="version", code="adapter_not_found")
-    folder = f"{name}-{version}"
+    created = db.get_one(AdapterVersion, weights.key).created_at
+    return _archive(weights, f"{name}-{version}", created.timestamp())
+
+
+@router.get("/{name}/versions/{version}/checkpoints", response_model=list[CheckpointOut])
+def list_checkpoints(name: str, version: int, tenant: CurrentTenant, db: Db) -> list[CheckpointOut]:
+    """The checkpoints of a version, including one still training (its checkpoints exist before it does)."""
+    rows = db.scalars(
+        select(Checkpoint)
+        .join(Repo)
+        .where(Repo.tenant_id == tenant.id, Repo.name == name, Checkpoint.version == version)
+        .order_by(Checkpoint.number)
+    ).all()
+    if not rows and checkpoints.find_parts(db, tenant.id, name, version, None) is None:
+        raise APIError(404, f"adapter {name}/{version} not found", param="version", code="adapter_not_found")
+    return [CheckpointOut.of(c) for c in rows]
+
+
+@router.get("/{name}/versions/{version}/checkpoints/{checkpoint}/download", response_class=FileResponse)
+def download_checkpoint(name: str, version: int, checkpoint: int, tenant: CurrentTenant, db: Db) -> FileResponse:
+    """Checkpoint `repo/N@K` as a .tar.gz (folder `<repo>-<N>-checkpoint-<K>/`), in the same format as a version."""
+    weights = checkpoints.find_parts(db, tenant.id, name, version, checkpoint)
+    if weights is None:
+        raise APIError(
+            404, f"checkpoint {name}/{version}@{checkpoint} not found", param="checkpoint", code="checkpoint_not_found"
+        )
+    created = db.get_one(Checkpoint, weights.key).created_at
+    return _archive(weights, f"{name}-{version}-checkpoint-{checkpoint}", created.timestamp())
+
+
+def _archive(weights: checkpoints.Weights, folder: str, mtime: float) -> FileResponse:
+    """A temporary .tar.gz of the weights' directory, removed once sent."""
     fd, tmp = tempfile.mkstemp(prefix="loraplex-export-", suffix=".tar.gz")
     try:
         with os.fdopen(fd, "wb") as out:
-            adapter_io.export_archive(
-                volume.adapter_dir(tenant.id, name, version),
-                out,
-                folder,
-                adapter.base_model,
-                adapter.created_at.timestamp(),
-            )
+            if weights.kind == "full":
+                adapter_io.export_model_archive(weights.path, out, folder, mtime)
+            else:
+                adapter_io.export_archive(weights.path, out, folder, weights.base_model, mtime)
     except BaseException:
         os.unlink(tmp)
         raise

@@ -1,0 +1,137 @@
+"""A client of an engine process (server.py), started and watched from the API process.
+
+The API keeps the tokenizer itself (prompts are rendered and counted here) and streams deltas from the engine
+over local HTTP. An engine process that died is started again on the next request.
+"""
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from app.settings import get_settings
+from functions.engine.protocol import (
+    Delta,
+    EngineBusy,
+    EngineError,
+    GenerationRequest,
+    TokenLogprob,
+    request_to_dict,
+)
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine process did not start or went away; the message says why."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_engine_process(base_model: str, model_dir: Path | None, port: int) -> subprocess.Popen[bytes]:
+    from app.cli import _die_with_parent
+
+    command = [sys.executable, "-m", "app.cli", "engine", "--base-model", base_model, "--port", str(port)]
+    if model_dir is not None:
+        command += ["--model-dir", str(model_dir)]
+    return subprocess.Popen(command, preexec_fn=_die_with_parent)
+
+
+def wait_healthy(url: str, process: subprocess.Popen[bytes], timeout: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise EngineUnavailable(f"the engine process exited with code {process.returncode} while starting")
+        try:
+            return httpx.get(f"{url}/health", timeout=2).raise_for_status().json()
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    process.terminate()
+    raise EngineUnavailable(f"the engine did not answer within {timeout:.0f} s")
+
+
+class RemoteEngine:
+    def __init__(self, base_model: str, url: str, context_length: int, model_dir: Path | None = None) -> None:
+        from functions.base_models import load_tokenizer
+
+        self.base_model, self.url, self.context_length = base_model, url, context_length
+        self.tokenizer = load_tokenizer(base_model) if model_dir is None else _tokenizer(model_dir)
+        self.process: subprocess.Popen[bytes] | None = None
+        self.model_dir = model_dir
+        self._clients: dict[int, httpx.AsyncClient] = {}  # one per event loop that used it
+
+    @classmethod
+    def start(cls, base_model: str, model_dir: Path | None = None) -> "RemoteEngine":
+        port = _free_port()
+        process = start_engine_process(base_model, model_dir, port)
+        url = f"http://127.0.0.1:{port}"
+        health = wait_healthy(url, process, get_settings().engine_start_timeout)
+        engine = cls(base_model, url, int(health["context_length"]), model_dir)
+        engine.process = process
+        return engine
+
+    def alive(self) -> bool:
+        return self.process is None or self.process.poll() is None
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def stats(self) -> dict:
+        return httpx.get(f"{self.url}/health", timeout=5).json()
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        client = self._client_for_loop()
+        try:
+            async with client.stream("POST", "/generate", json=request_to_dict(request)) as response:
+                if response.status_code == 400:
+                    body = json.loads(await response.aread())
+                    raise EngineError(body["error"], body.get("param"))
+                if response.status_code == 429:
+                    body = json.loads(await response.aread())
+                    raise EngineBusy(body["error"], float(body.get("retry_after", 1)))
+                response.raise_for_status()
+                async for line in response.aiter_lines():
+                    if line:
+                        yield _delta(json.loads(line))
+        except httpx.TransportError as exc:
+            raise EngineUnavailable(f"the engine process is unreachable ({type(exc).__name__})") from exc
+
+    def _client_for_loop(self) -> httpx.AsyncClient:
+        import asyncio
+
+        loop_id = id(asyncio.get_running_loop())
+        client = self._clients.get(loop_id)
+        if client is None:
+            limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+            client = httpx.AsyncClient(base_url=self.url, timeout=httpx.Timeout(None, connect=5), limits=limits)
+            self._clients[loop_id] = client
+        return client
+
+    def close(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
+def _delta(data: dict) -> Delta:
+    data["logprobs"] = tuple(
+        TokenLogprob(lp["token"], lp["logprob"], tuple(tuple(t) for t in lp["top"])) for lp in data["logprobs"]
+    )
+    return Delta(**data)
+
+
+def _tokenizer(model_dir: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)

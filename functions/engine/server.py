@@ -1,0 +1,80 @@
+"""The engine process: one base model's engine behind a small HTTP API on localhost.
+
+    POST /generate   a GenerationRequest (protocol.request_to_dict) -> NDJSON, one Delta per line;
+                     400 {"error", "param"} for a refused request, 429 + Retry-After when the queue is full
+    GET  /health     200 once the model is loaded, with the engine's load figures
+
+The engine loop runs on the main thread (torch's OpenMP workers run fastest there) and the HTTP server on a
+second thread; tokens cross between them through the engine's thread-safe hand-off.
+"""
+
+import json
+import signal
+import threading
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from functions.engine.protocol import Engine, EngineBusy, EngineError, request_from_dict
+
+
+def create_engine_app(engine: Engine) -> FastAPI:
+    api = FastAPI(title="Loraplex engine", docs_url=None, redoc_url=None)
+
+    @api.get("/health")
+    def health() -> dict[str, Any]:
+        return {"status": "ok", "context_length": engine.context_length, **engine.stats()}
+
+    @api.post("/generate", response_model=None)
+    async def generate(http: Request) -> Any:
+        request = request_from_dict(await http.json())
+        stream = engine.generate(request)
+        try:
+            first = await anext(stream)
+        except EngineError as exc:
+            return JSONResponse({"error": str(exc), "param": exc.param}, status_code=400)
+        except EngineBusy as exc:
+            headers = {"Retry-After": str(max(1, round(exc.retry_after)))}
+            return JSONResponse({"error": str(exc), "retry_after": exc.retry_after}, 429, headers=headers)
+
+        async def lines() -> Any:
+            try:
+                yield json.dumps(asdict(first)) + "\n"
+                async for delta in stream:
+                    yield json.dumps(asdict(delta)) + "\n"
+            finally:
+                await stream.aclose()  # the API went away: free the request's slot at once
+
+        return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+    return api
+
+
+def serve_engine(base_model: str, model_dir: Path | None, host: str, port: int) -> None:
+    """Load the engine, serve HTTP on a thread, run the engine loop here until SIGTERM/SIGINT."""
+    import uvicorn
+
+    from functions.engine import create_engine
+
+    engine: Any = create_engine(base_model, model_dir, background=False)
+    server = uvicorn.Server(uvicorn.Config(create_engine_app(engine), host=host, port=port, log_level="warning"))
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign] - signals are ours, below
+    http = threading.Thread(target=server.run, name="engine-http", daemon=True)
+
+    def stop(signum: int, frame: object) -> None:
+        server.should_exit = True
+        engine.close()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    http.start()
+    if hasattr(engine, "run"):
+        engine.run()  # returns after close()
+    else:  # engines with their own loop (vLLM)
+        while not server.should_exit:
+            time.sleep(0.5)
+    http.join(timeout=10)

@@ -1,0 +1,271 @@
+"""The vLLM engine: vLLM's async engine (`AsyncLLM`) behind our `Engine` protocol, LoRA adapters per request.
+
+vLLM lives in its own environment (`scripts/setup_vllm.sh` → `.venv-vllm`): it pins a torch and a transformers
+that differ from Loraplex's, so nothing here imports it at module level.
+
+vLLM runs its engine core in a separate process started with `spawn`: the program that creates a `VLLMEngine`
+must guard its entry point with `if __name__ == "__main__":` (pytest and uvicorn entry points already do).
+On a CPU, vLLM's KV cache is a fixed allocation (`kv_cache_gib`); it does not size itself from free memory.
+"""
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from functions.catalog import get_model
+from functions.engine.protocol import Delta, EngineBusy, EngineError, GenerationRequest, TokenLogprob
+
+GiB = 1024**3
+
+
+class VLLMEngine:
+    def __init__(
+        self,
+        base_model: str,
+        model_dir: Path,
+        *,
+        max_loras: int = 8,
+        max_lora_rank: int = 16,
+        max_model_len: int | None = None,
+        dtype: str = "auto",
+        max_cpu_loras: int | None = None,
+        kv_cache_gib: float = 1.0,
+    ) -> None:
+        """max_loras: adapters in one batch (vLLM's LoRA slots); max_cpu_loras: adapters kept loaded in memory
+        (vLLM's LRU cache, at least max_loras; default max_loras); kv_cache_gib: KV cache size."""
+        from transformers import AutoTokenizer
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.base_model = base_model
+        self.context_length = max_model_len or get_model(base_model).context_length
+        self.max_lora_rank = max_lora_rank
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self._scheduler: dict[str, Any] = {}  # the latest scheduler figures vLLM reported (see _stats_logger)
+        args = AsyncEngineArgs(
+            model=str(model_dir),
+            dtype=dtype,  # type: ignore[arg-type]
+            max_model_len=self.context_length,
+            enable_lora=True,
+            max_loras=max_loras,
+            max_lora_rank=max_lora_rank,  # type: ignore[arg-type]
+            max_cpu_loras=max_cpu_loras,
+            kv_cache_memory_bytes=int(kv_cache_gib * GiB),
+            # No periodic log lines; our stat logger below still turns per-request metrics (queue time) on.
+            disable_log_stats=True,
+        )
+        self._engine = AsyncLLM.from_engine_args(args, stat_loggers=[_stats_logger(self._scheduler)])
+        self._lora_ids: dict[str, int] = {}  # adapter key -> vLLM's lora_int_id (stable for the engine's life)
+        self._adapter_checked: dict[str, EngineError | None] = {}
+        self.counters = {"requests": 0, "generated_tokens": 0, "prompt_tokens": 0}
+
+    # ---- the protocol ---------------------------------------------------------------------------------
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def stats(self) -> dict:
+        # vLLM's scheduler figures arrive with its outputs, so after an abort they can be one step stale; the
+        # frontend's count of unfinished requests is exact and bounds them.
+        unfinished = self._engine.get_num_unfinished_requests()
+        running = min(int(self._scheduler.get("running", 0)), unfinished)
+        return {
+            "base_model": self.base_model,
+            "engine": "vllm",
+            "running": running,
+            "waiting": unfinished - running,
+            "kv_used_fraction": round(float(self._scheduler.get("kv_used_fraction", 0.0)), 4) if unfinished else 0.0,
+            "active_adapters": len(self._scheduler.get("adapters", ())) if unfinished else 0,
+            "known_adapters": len(self._lora_ids),
+            **self.counters,
+        }
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        from vllm.exceptions import GracefulHTTPError, VLLMClientError
+        from vllm.inputs import tokens_input
+
+        submitted = time.monotonic()
+        prompt_ids = self._validate(request)
+        sampling = self._sampling_params(request, len(prompt_ids))
+        lora = self._lora_request(request)
+        request_id = uuid.uuid4().hex
+        self.counters["requests"] += 1
+        self.counters["prompt_tokens"] += len(prompt_ids)
+        stream = self._engine.generate(
+            tokens_input(prompt_ids, prompt=request.prompt), sampling, request_id, lora_request=lora
+        )
+        finished = False
+        completion_tokens = 0
+        first_token_ms = 0.0
+        pending: list[TokenLogprob] = []  # logprobs of tokens whose text has not been sent yet
+        try:
+            async for out in stream:  # output_kind=DELTA: each RequestOutput holds only what is new
+                piece = out.outputs[0]
+                new_tokens = len(piece.token_ids)
+                if new_tokens and not completion_tokens:
+                    first_token_ms = (time.monotonic() - submitted) * 1000
+                completion_tokens += new_tokens
+                self.counters["generated_tokens"] += new_tokens
+                if request.params.logprobs:
+                    pending.extend(self._logprobs(piece, request.params.top_logprobs))
+                if out.finished:
+                    finished = True
+                    yield Delta(
+                        piece.text,
+                        finish_reason="length" if piece.finish_reason == "length" else "stop",
+                        prompt_tokens=len(prompt_ids),
+                        completion_tokens=completion_tokens,
+                        logprobs=tuple(pending),
+                        queue_ms=_queue_ms(out.metrics),
+                        first_token_ms=first_token_ms,
+                    )
+                    return
+                if piece.text:  # a token that is half of a character (or may begin a stop) waits for the rest
+                    yield Delta(piece.text, logprobs=tuple(pending))
+                    pending = []
+        except GracefulHTTPError as exc:  # vLLM's admission control: its queue is full
+            raise EngineBusy(exc.message, retry_after=1.0) from exc
+        except VLLMClientError as exc:  # a request vLLM refuses that our checks let through
+            raise EngineError(str(exc), getattr(exc, "parameter", None)) from exc
+        finally:
+            if not finished:  # the caller went away (or it failed): free its batch slot and KV cache at once
+                await self._engine.abort(request_id)
+            await stream.aclose()
+
+    def close(self) -> None:
+        """Stop vLLM's engine-core process. The engine cannot be used afterwards."""
+        self._engine.shutdown()
+        # Drop it now: AsyncLLM.__del__ shuts down again, which fails noisily when left to interpreter exit.
+        del self._engine
+
+    # ---- helpers --------------------------------------------------------------------------------------
+
+    def _validate(self, request: GenerationRequest) -> list[int]:
+        """Refuse what can never run, before anything reaches vLLM. Returns the prompt's token ids."""
+        params = request.params
+        ids: list[int] = self.tokenizer(request.prompt, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise EngineError("the prompt is empty", "prompt")
+        if len(ids) >= self.context_length:
+            raise EngineError(
+                f"the prompt has {len(ids)} tokens; this model's context is {self.context_length}", "prompt"
+            )
+        if params.max_new_tokens < 1 or params.min_new_tokens > params.max_new_tokens:
+            raise EngineError("max_tokens must be at least 1 and at least min_tokens", "max_tokens")
+        if params.temperature < 0 or not 0 < params.top_p <= 1 or params.top_k < 0 or params.repetition_penalty <= 0:
+            raise EngineError("temperature ≥ 0, 0 < top_p ≤ 1, top_k ≥ 0 and repetition_penalty > 0", "temperature")
+        if params.num_beams != 1:
+            # vLLM serves beam search through a separate API (LLM.beam_search), not through AsyncLLM.generate.
+            raise EngineError("num_beams: beam search is served by the native engine", "num_beams")
+        if not 0 <= params.top_logprobs <= 20:
+            raise EngineError("top_logprobs must be between 0 and 20", "top_logprobs")
+        if request.adapter is not None:
+            self._check_adapter(request)
+        return ids
+
+    def _check_adapter(self, request: GenerationRequest) -> None:
+        """An adapter vLLM cannot load would fail inside its worker; say why here instead (once per adapter)."""
+        adapter = request.adapter
+        assert adapter is not None
+        if adapter.base_model != self.base_model:
+            raise EngineError(
+                f"the adapter was trained on {adapter.base_model!r}; this engine serves {self.base_model!r}", "model"
+            )
+        if adapter.key not in self._adapter_checked:
+            self._adapter_checked[adapter.key] = _adapter_problem(adapter.path, self.max_lora_rank)
+        if (problem := self._adapter_checked[adapter.key]) is not None:
+            raise problem
+
+    def _sampling_params(self, request: GenerationRequest, prompt_len: int) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        params = request.params
+        greedy = params.greedy
+        return SamplingParams(
+            temperature=0.0 if greedy else params.temperature,
+            top_p=1.0 if greedy else params.top_p,
+            top_k=0 if greedy else params.top_k,  # 0: no top-k filtering (as ours)
+            repetition_penalty=params.repetition_penalty,
+            max_tokens=min(params.max_new_tokens, self.context_length - prompt_len),
+            min_tokens=min(params.min_new_tokens, self.context_length - prompt_len),
+            stop=list(params.stop) or None,  # vLLM holds back text that may begin a stop and cuts before it
+            seed=params.seed,
+            # vLLM always returns the chosen token's logprob, plus this many alternatives (0: none).
+            logprobs=params.top_logprobs if params.logprobs else None,
+            output_kind=RequestOutputKind.DELTA,
+        )
+
+    def _lora_request(self, request: GenerationRequest) -> Any:
+        from vllm.lora.request import LoRARequest
+
+        if request.adapter is None:
+            return None
+        key = request.adapter.key
+        if key not in self._lora_ids:
+            self._lora_ids[key] = len(self._lora_ids) + 1  # vLLM needs ids ≥ 1, unique per adapter
+        return LoRARequest(lora_name=key, lora_int_id=self._lora_ids[key], lora_path=str(request.adapter.path))
+
+    def _logprobs(self, piece: Any, top_n: int) -> list[TokenLogprob]:
+        """vLLM gives, per new token, {token_id: Logprob(logprob, rank, decoded_token)}: the top `top_n` ones
+        and the chosen one (also when it is not among them)."""
+        result = []
+        for token_id, options in zip(piece.token_ids, piece.logprobs or (), strict=False):
+            chosen = options[token_id]
+            ranked = sorted(
+                (item for item in options.items() if item[1].rank is not None and item[1].rank <= top_n),
+                key=lambda item: item[1].rank,
+            )
+            top = tuple((self._token_text(tid, lp), lp.logprob) for tid, lp in ranked)
+            result.append(TokenLogprob(self._token_text(token_id, chosen), chosen.logprob, top))
+        return result
+
+    def _token_text(self, token_id: int, logprob: Any) -> str:
+        return logprob.decoded_token if logprob.decoded_token is not None else self.tokenizer.decode([token_id])
+
+
+def _adapter_problem(path: Path, max_rank: int) -> EngineError | None:
+    config_file = path / "adapter_config.json"
+    if not config_file.exists():
+        return EngineError("the adapter's files are missing on the volume", "model")
+    config = json.loads(config_file.read_text())
+    if config.get("peft_type") != "LORA":
+        return EngineError(f"this adapter cannot be served: peft_type {config.get('peft_type')!r}", "model")
+    ranks = [int(config.get("r", 0)), *(int(r) for r in (config.get("rank_pattern") or {}).values())]
+    if max(ranks) > max_rank:
+        return EngineError(f"this adapter cannot be served: rank {max(ranks)} (max_lora_rank is {max_rank})", "model")
+    return None
+
+
+def _queue_ms(metrics: Any) -> float:
+    """Time from entering vLLM's scheduler queue to first being scheduled (engine-core clock), when reported."""
+    queued, scheduled = getattr(metrics, "queued_ts", 0.0), getattr(metrics, "scheduled_ts", 0.0)
+    return max(0.0, (scheduled - queued) * 1000) if queued and scheduled else 0.0
+
+
+def _stats_logger(sink: dict[str, Any]) -> Any:
+    """A vLLM stat-logger factory that keeps the latest scheduler figures in `sink` (read by `stats()`)."""
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class LatestSchedulerStats(StatLoggerBase):
+        def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+            pass
+
+        def record(
+            self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None, engine_idx: int = 0
+        ) -> None:
+            if scheduler_stats is not None:
+                sink["running"] = scheduler_stats.num_running_reqs
+                sink["waiting"] = scheduler_stats.num_waiting_reqs
+                sink["kv_used_fraction"] = scheduler_stats.kv_cache_usage
+                sink["adapters"] = set(scheduler_stats.running_lora_adapters) | set(
+                    scheduler_stats.waiting_lora_adapters
+                )
+
+        def log_engine_initialized(self) -> None:
+            pass
+
+    return LatestSchedulerStats
