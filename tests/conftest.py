@@ -115,6 +115,17 @@ class Platform:
         }
 
 
+@pytest.fixture(scope="session")
+def bundled_model(tiny_model_dir: Path) -> Path:
+    """The real SmolLM2-135M-Instruct, converted from the bundled GGUF once for the session."""
+    from functions.base_models import _convert_bundled_gguf
+
+    target = tiny_model_dir.parent / "smollm2-135m"
+    if not (target / "config.json").exists():
+        _convert_bundled_gguf(target)
+    return target
+
+
 def _make_platform(
     tmp_path: Path, backend: str, monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path
 ) -> Iterator[Platform]:

@@ -431,14 +431,14 @@ class NativeEngine:
             write_slots=torch.cat(write).to(device),
         )
         logits = self.model.forward(
-            torch.tensor(tokens, device=device),
+            torch.tensor(tokens, dtype=torch.long, device=device),
             torch.cat(positions).to(device),
             seqs,
             Segments.build(runs, self.dtype, device),
             self.lora,
             self.kv.k,
             self.kv.v,
-            torch.tensor(logit_rows, device=device),
+            torch.tensor(logit_rows, dtype=torch.long, device=device),
         )
         for seq, n in prefill:
             seq.computed += n

@@ -5,9 +5,11 @@ that differ from Loraplex's, so nothing here imports it at module level.
 
 vLLM runs its engine core in a separate process started with `spawn`: the program that creates a `VLLMEngine`
 must guard its entry point with `if __name__ == "__main__":` (pytest and uvicorn entry points already do).
+All requests must come from one event loop: vLLM's output-handler task lives on the loop of the first request.
 On a CPU, vLLM's KV cache is a fixed allocation (`kv_cache_gib`); it does not size itself from free memory.
 """
 
+import contextlib
 import json
 import time
 import uuid
@@ -41,7 +43,7 @@ class VLLMEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         self.base_model = base_model
-        self.context_length = max_model_len or get_model(base_model).context_length
+        self.context_length = max_model_len or _context_length(base_model, model_dir)
         self.max_lora_rank = max_lora_rank
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self._scheduler: dict[str, Any] = {}  # the latest scheduler figures vLLM reported (see _stats_logger)
@@ -86,6 +88,7 @@ class VLLMEngine:
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         from vllm.exceptions import GracefulHTTPError, VLLMClientError
         from vllm.inputs import tokens_input
+        from vllm.v1.engine.exceptions import EngineDeadError
 
         submitted = time.monotonic()
         prompt_ids = self._validate(request)
@@ -132,7 +135,8 @@ class VLLMEngine:
             raise EngineError(str(exc), getattr(exc, "parameter", None)) from exc
         finally:
             if not finished:  # the caller went away (or it failed): free its batch slot and KV cache at once
-                await self._engine.abort(request_id)
+                with contextlib.suppress(EngineDeadError):  # nothing left to free; keep the original error
+                    await self._engine.abort(request_id)
             await stream.aclose()
 
     def close(self) -> None:
@@ -225,6 +229,14 @@ class VLLMEngine:
 
     def _token_text(self, token_id: int, logprob: Any) -> str:
         return logprob.decoded_token if logprob.decoded_token is not None else self.tokenizer.decode([token_id])
+
+
+def _context_length(base_model: str, model_dir: Path) -> int:
+    """The catalog's context length, capped by the model's position embeddings (vLLM refuses more)."""
+    config = json.loads((model_dir / "config.json").read_text())
+    positions = config.get("max_position_embeddings") or config.get("text_config", {}).get("max_position_embeddings")
+    catalog = get_model(base_model).context_length
+    return min(catalog, int(positions)) if positions else catalog
 
 
 def _adapter_problem(path: Path, max_rank: int) -> EngineError | None:

@@ -5,6 +5,7 @@ import json
 import signal
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -34,17 +35,6 @@ def _wait_job(http: httpx.Client, job_id: str, timeout: float = 300) -> dict:
             return job
         time.sleep(0.3)
     raise AssertionError(f"job {job_id} still {job['status']} after {timeout} s")
-
-
-@pytest.fixture(scope="session")
-def bundled_model(tiny_model_dir: Path) -> Path:
-    """The real SmolLM2-135M-Instruct, converted from the bundled GGUF once for the session."""
-    from functions.base_models import _convert_bundled_gguf
-
-    target = tiny_model_dir.parent / "smollm2-135m"
-    if not (target / "config.json").exists():
-        _convert_bundled_gguf(target)
-    return target
 
 
 @pytest.mark.slow
@@ -130,6 +120,50 @@ def test_killed_worker_mid_training_job_still_finishes(processes: Processes) -> 
     assert job["adapter"] == "count/1"
     metrics = [m for m in http.get(f"/v1/finetuning/jobs/{job_id}/metrics").json() if m["kind"] == "train"]
     assert {m["attempt"] for m in metrics} == {2} and len(metrics) == job["total_steps"]
+
+
+def test_killed_worker_after_a_checkpoint_resumes_from_it(processes: Processes) -> None:
+    """SIGKILL a worker once the job has saved a checkpoint: the next worker resumes at that checkpoint's step
+    instead of starting over, and the metrics hold every step once."""
+    url = processes.server(workers=0)
+    first = processes.start("worker")
+    _, headers = make_tenant("resume")
+    http = httpx.Client(base_url=url, headers=headers, timeout=60)
+    rows = [{"prompt": f"Count to {i}", "completion": " ".join(str(n) for n in range(i))} for i in range(2, 34)]
+    data = "\n".join(json.dumps(r) for r in rows).encode()
+    assert (
+        http.post("/v1/datasets", files={"file": ("count.jsonl", data)}, data={"base_model": TINY_MODEL}).status_code
+        == 201
+    )
+    config = {"base_model": TINY_MODEL, "dataset": "count", "repo": "count", "train_steps": 40}
+    config |= {"effective_batch_size": 4, "checkpoint_every": 5, "eval_fraction": 0}
+    job_id = http.post("/v1/finetuning/jobs", json=config).json()["id"]
+    for _ in range(1200):  # until the first checkpoint is recorded
+        if http.get("/v1/repos/count").json()["checkpoints"]:
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError("no checkpoint was saved")
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    killed_at = time.time()
+    saved = http.get("/v1/repos/count").json()["checkpoints"]  # nothing writes any more: the last is final
+    job = http.get(f"/v1/finetuning/jobs/{job_id}").json()
+    assert job["status"] == "training" and job["checkpoints"] == [c["name"] for c in saved]
+    resume_step = saved[-1]["step"]
+    assert 5 <= resume_step < 40
+
+    processes.start("worker")  # its reaper finds the expired lease and takes the job over
+    job = _wait_job(http, job_id)
+    assert job["status"] == "completed" and job["attempts"] == 2, job
+    assert job["summary"]["resumed_from"] == {"checkpoint": saved[-1]["name"], "step": resume_step, "attempt": 2}
+    assert job["checkpoints"][: len(saved)] == [c["name"] for c in saved]  # kept, and numbered on from there
+    assert len(job["checkpoints"]) == 40 // 5
+    metrics = [m for m in http.get(f"/v1/finetuning/jobs/{job_id}/metrics").json() if m["kind"] == "train"]
+    assert [m["step"] for m in metrics] == list(range(1, 41))  # every step once
+    # The steps up to the checkpoint were trained before the kill; the second worker trained only those after it.
+    after_kill = [m["step"] for m in metrics if datetime.fromisoformat(m["at"]).timestamp() > killed_at]
+    assert after_kill == list(range(resume_step + 1, 41))
 
 
 def _children(pid: int) -> list[int]:
