@@ -55,6 +55,8 @@ class PriceBook:
             "lora": {"up_to_16b": 500_000, "16b_to_80b": 3_000_000},  # $0.50 / $3.00
             "turbo": {"up_to_16b": 500_000, "16b_to_80b": 3_000_000},  # $0.50 / $3.00
             "turbo_lora": {"up_to_16b": 1_000_000, "16b_to_80b": 6_000_000},  # $1.00 / $6.00
+            # Full fine-tuning (adapter "none"): our rate, that of Turbo LoRA; the product documents give none.
+            "full": {"up_to_16b": 1_000_000, "16b_to_80b": 6_000_000},  # $1.00 / $6.00
         }
     )
     # Reinforcement fine-tuning (GRPO, LoRA), micro-USD per 1M tokens: $10 up to 16B, $20 up to 32B.

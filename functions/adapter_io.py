@@ -6,9 +6,11 @@ loaded into a model): `adapter_config.json` says LORA without variants that chan
 tensor in `adapter_model.safetensors` (read from its header only) is a lora_A/lora_B pair of a linear layer the
 base model has, with the shapes the base model's config implies. Pickled weights are refused outright.
 
-Publishing is shared with training (functions/train.py): the version number is taken by inserting the
-version row first, so the unique (repo, version) index decides between concurrent publishers before any
-file is moved, and the files are renamed into place under that claim, in the same transaction.
+Publishing is shared with training (functions/train.py): an import takes the repo's next version number from
+the repo row's counter (one UPDATE, which serializes concurrent publishers), a training job publishes the number
+it took when it started (its checkpoints are already saved under it), and the version row goes in before any
+file is moved, so the unique (repo, version) index guards the directory; the files are renamed into place in the
+same transaction. A full fine-tuning publishes a whole model directory the same way (kind "full").
 """
 
 import gzip
@@ -27,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
-from sqlalchemy import func, select
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -41,6 +43,7 @@ from functions.finetune_config import linear_modules
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 STORED_FILES = (CONFIG_FILE, WEIGHTS_FILE)  # what an import keeps and an export hands out
+CHECKPOINTS_DIR = "checkpoints"  # inside a version's directory (app/volume.py)
 # Formats whose loading unpickles, so merely loading one can run code of the uploader's choosing.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
 FLOAT_DTYPES = ("F32", "F16", "BF16")
@@ -420,6 +423,32 @@ def get_or_create_repo(session: Session, tenant_id: str, name: str) -> Repo:
     return repo
 
 
+def allocate_version(session: Session, repo_id: str) -> int:
+    """Take the repo's next version number for good. The UPDATE locks the repo row until the caller's transaction
+    ends (PostgreSQL) or takes the database's write lock (SQLite), so concurrent takers get distinct numbers."""
+    session.execute(
+        update(Repo)
+        .where(Repo.id == repo_id)
+        .values(last_version=Repo.last_version + 1)
+        .execution_options(synchronize_session=False)
+    )
+    number = session.scalar(select(Repo.last_version).where(Repo.id == repo_id))
+    if number is None:
+        raise RuntimeError(f"repo {repo_id} vanished while taking a version number")
+    return number
+
+
+@dataclass(frozen=True)
+class VersionSpec:
+    """What the version row records about the files."""
+
+    base_model: str
+    adapter_type: str  # lora | none
+    rank: int  # 0 for a full model
+    target_modules: list[str]
+    kind: str = "lora"  # lora | full
+
+
 def publish_adapter(
     tenant_id: str,
     repo_name: str,
@@ -429,18 +458,23 @@ def publish_adapter(
     adapter_type: str,
     rank: int,
     target_modules: list[str],
+    kind: str = "lora",
+    version: int | None = None,
     repo_id: str | None = None,
     job_id: str | None = None,
     guard: Callable[[Session], bool] | None = None,
     on_published: Callable[[Session, AdapterVersion], None] | None = None,
 ) -> Published | None:
-    """Save the files of `files_dir` as the repo's next version, `repo/N`, and record it, in one transaction.
+    """Save the files of `files_dir` as version `repo/N` and record it, in one transaction.
 
+    N is `version` when given (a training job's number, taken when it started), else the repo's next number.
     The repo is `repo_id`, or the tenant's repo named `repo_name`, created if missing (in the same transaction).
     `guard(session)` runs first and may decline (returns False: nothing is kept, None is returned);
     `on_published(session, version)` runs after the version row exists and writes whatever else must commit
-    with it (training: the job row and the usage record). On any failure the directory is removed again.
+    with it (training: the job row and the usage record). On any failure the directory is removed again; the
+    checkpoints saved under the version while it trained stay where they are.
     """
+    spec = VersionSpec(base_model, adapter_type, rank, target_modules, kind)
     parent = volume.adapter_dir(tenant_id, repo_name, 0).parent
     parent.mkdir(parents=True, exist_ok=True)
     # Copied beside its final place before the transaction, so only a rename happens while rows are locked.
@@ -449,19 +483,7 @@ def publish_adapter(
         shutil.copytree(files_dir, staged, dirs_exist_ok=True)
         for _ in range(3):  # another publisher to the same repo may take the same version number first
             try:
-                return _publish_once(
-                    tenant_id,
-                    repo_name,
-                    repo_id,
-                    staged,
-                    base_model,
-                    adapter_type,
-                    rank,
-                    target_modules,
-                    job_id,
-                    guard,
-                    on_published,
-                )
+                return _publish_once(tenant_id, repo_name, repo_id, staged, spec, version, job_id, guard, on_published)
             except IntegrityError:
                 continue
         raise RuntimeError("could not allocate an adapter version after 3 tries")
@@ -474,10 +496,8 @@ def _publish_once(
     repo_name: str,
     repo_id: str | None,
     staged: Path,
-    base_model: str,
-    adapter_type: str,
-    rank: int,
-    target_modules: list[str],
+    spec: VersionSpec,
+    version: int | None,
     job_id: str | None,
     guard: Callable[[Session], bool] | None,
     on_published: Callable[[Session, AdapterVersion], None] | None,
@@ -487,23 +507,25 @@ def _publish_once(
             return None
         if repo_id is None:  # a concurrent creator of the same name makes this an IntegrityError: retried
             repo_id = get_or_create_repo(s, tenant_id, repo_name).id
-        version = (s.scalar(select(func.max(AdapterVersion.version)).where(AdapterVersion.repo_id == repo_id)) or 0) + 1
+        number = version if version is not None else allocate_version(s, repo_id)
         adapter = AdapterVersion(
             repo_id=repo_id,
-            version=version,
-            base_model=base_model,
-            adapter_type=adapter_type,
-            rank=rank,
-            target_modules=target_modules,
+            version=number,
+            base_model=spec.base_model,
+            adapter_type=spec.adapter_type,
+            kind=spec.kind,
+            rank=spec.rank,
+            target_modules=spec.target_modules,
             job_id=job_id,
         )
         s.add(adapter)
         # The row goes in before the files move: the unique (repo, version) index makes a concurrent publisher
         # of the same number wait for this transaction and then fail, so it never touches this directory.
         s.flush()
-        final = volume.adapter_dir(tenant_id, repo_name, version)
+        final = volume.adapter_dir(tenant_id, repo_name, number)
         moved = False
         try:
+            _adopt_checkpoints(final, staged)
             if final.exists():  # left by an attempt that crashed before committing: no row owns it
                 shutil.rmtree(final)
             os.replace(staged, final)
@@ -519,8 +541,26 @@ def _publish_once(
                     os.replace(final, staged)
                 except OSError:
                     shutil.rmtree(final, ignore_errors=True)
+            _return_checkpoints(staged, final)
             raise
-        return Published(adapter.id, version, final)
+        return Published(adapter.id, number, final)
+
+
+def _adopt_checkpoints(final: Path, staged: Path) -> None:
+    """Move the checkpoints a job saved under its version while training into the staged directory, so that
+    renaming the staged directory into place keeps them (one rename: they are never copied)."""
+    saved = final / CHECKPOINTS_DIR
+    if saved.is_dir():
+        os.replace(saved, staged / CHECKPOINTS_DIR)
+
+
+def _return_checkpoints(staged: Path, final: Path) -> None:
+    """Undo _adopt_checkpoints after a failed publish: the checkpoints outlive the attempt (the staged directory
+    is removed), so a retry or a continued job still finds them."""
+    adopted = staged / CHECKPOINTS_DIR
+    if adopted.is_dir():
+        final.mkdir(parents=True, exist_ok=True)
+        os.replace(adopted, final / CHECKPOINTS_DIR)
 
 
 # ---- exporting -----------------------------------------------------------------------------------------
@@ -544,6 +584,17 @@ def export_archive(src: Path, dest: IO[bytes], folder: str, base_model: str, mti
         weights = src / WEIGHTS_FILE
         with weights.open("rb") as data:
             archive.addfile(_tar_entry(f"{folder}/{WEIGHTS_FILE}", weights.stat().st_size, mtime), data)
+
+
+def export_model_archive(src: Path, dest: IO[bytes], folder: str, mtime: float) -> None:
+    """Write a full model (a full fine-tuning's version or checkpoint) as a .tar.gz of `folder/` holding the
+    directory's files as stored: safetensors weights, config.json, generation config and tokenizer, loadable with
+    AutoModelForCausalLM.from_pretrained. Subfolders (checkpoints, resume state) stay out."""
+    # compresslevel 1: safetensors weights barely compress, and a whole model is large
+    with tarfile.open(fileobj=dest, mode="w:gz", compresslevel=1) as archive:
+        for path in sorted(p for p in src.iterdir() if p.is_file()):
+            with path.open("rb") as data:
+                archive.addfile(_tar_entry(f"{folder}/{path.name}", path.stat().st_size, mtime), data)
 
 
 def _tar_entry(name: str, size: int, mtime: float) -> tarfile.TarInfo:

@@ -85,7 +85,12 @@ def load_tokenizer(name: str):  # type: ignore[no-untyped-def]
 
 def load_model(name: str, dtype: str = "float32"):  # type: ignore[no-untyped-def]
     """A fresh copy of the base model (callers own it: training wraps it in PEFT, serving keeps one)."""
+    return load_model_dir(ensure_local(name), dtype)
+
+
+def load_model_dir(path: Path, dtype: str = "float32"):  # type: ignore[no-untyped-def]
+    """A model from a transformers directory: a base model's, or a full fine-tuning's version or checkpoint."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(ensure_local(name), dtype=getattr(torch, dtype))
+    return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))

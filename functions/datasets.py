@@ -13,6 +13,7 @@ so the user can fix the whole file in one pass instead of one error per upload.
 import csv
 import io
 import json
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import PurePath
@@ -23,6 +24,12 @@ Split = Literal["train", "evaluation"]
 FileFormat = Literal["jsonl", "csv"]
 
 MAX_REPORTED_ERRORS = 1000
+# Text in, category out: a training split whose every answer is one of a few short labels, each seen at least
+# twice, is a classification dataset (detect_labels). Twice, so that one-off short answers ("Hi Ann!", "red")
+# of a generation dataset are not taken for classes.
+MAX_CLASSES = 50
+MAX_LABEL_WORDS = 5
+MIN_ROWS_PER_CLASS = 2
 
 _UTF8_BOM = b"\xef\xbb\xbf"
 _UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
@@ -65,6 +72,43 @@ class ParsedDataset:
     @property
     def ok(self) -> bool:
         return self.error_count == 0 and bool(self.examples)
+
+
+def answer_of(example: Example) -> str | None:
+    """The text the model learns to answer: the completion, or the last (assistant) message; None for raw text."""
+    if example.completion is not None:
+        return example.completion
+    if example.messages:
+        return example.messages[-1]["content"]
+    return None
+
+
+def detect_labels(examples: Iterable[Example]) -> dict[str, int] | None:
+    """{label: training rows} when the training split is a classification dataset: every answer, stripped, is
+    one of at most MAX_CLASSES labels of at most MAX_LABEL_WORDS words, each answered by at least
+    MIN_ROWS_PER_CLASS rows. None otherwise. A single label is returned as such: the caller refuses it."""
+    counts: Counter[str] = Counter()
+    for example in examples:
+        if example.split != "train":
+            continue
+        answer = answer_of(example)
+        if answer is None or len(answer.split()) > MAX_LABEL_WORDS:
+            return None
+        counts[answer.strip()] += 1
+        if len(counts) > MAX_CLASSES:
+            return None
+    if not counts or min(counts.values()) < MIN_ROWS_PER_CLASS:
+        return None
+    return dict(sorted(counts.items()))
+
+
+def single_class_message(dataset: str, labels: Mapping[str, int]) -> str:
+    """Why a classification dataset with one label cannot be trained on (the job is refused before any compute)."""
+    [(label, rows)] = labels.items()
+    return (
+        f"{dataset!r} is a classification dataset with a single class ({label!r}, {rows} training rows): "
+        "a model cannot learn to tell classes apart from it; add rows of at least one other class"
+    )
 
 
 def detect_file_format(filename: str) -> FileFormat | None:

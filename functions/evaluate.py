@@ -2,7 +2,9 @@
 
 - loss, perplexity and token accuracy: one teacher-forced pass over each example, on completion tokens only;
 - sequence accuracy and character error rate: the greedy answer to each prompt against the reference
-  completion (rows without a prompt, as in continued pretraining, have no answer to compare and are skipped).
+  completion (rows without a prompt, as in continued pretraining, have no answer to compare and are skipped);
+- for a classification dataset (functions/datasets.detect_labels), accuracy per class and the confusion matrix
+  of those greedy answers.
 """
 
 import math
@@ -12,7 +14,9 @@ from typing import Any
 from functions.prompts import IGNORE_INDEX, Tokenized
 
 GENERATION_ROWS = 32  # greedy answers are the slow part: compare at most this many rows
+CLASSIFICATION_ROWS = 256  # a label is a few tokens, so a classification evaluation answers many more rows
 MAX_ANSWER_TOKENS = 128
+OTHER = "(other)"  # the confusion matrix column of answers that are none of the labels
 
 
 @dataclass(frozen=True)
@@ -23,11 +27,18 @@ class EvalResult:
     sequence_accuracy: float | None  # None when no row has a prompt
     char_error_rate: float | None
     rows: int
+    classification: dict | None = None  # classification_report(), for classification datasets
 
 
 def evaluate(
-    model: Any, tokenizer: Any, examples: list[Tokenized], batch_size: int = 8, bf16: bool = False
+    model: Any,
+    tokenizer: Any,
+    examples: list[Tokenized],
+    batch_size: int = 8,
+    bf16: bool = False,
+    labels: list[str] | None = None,
 ) -> EvalResult:
+    """`labels`: the label set of a classification dataset, which adds `classification` to the result."""
     import torch
 
     was_training = model.training
@@ -36,14 +47,43 @@ def evaluate(
     try:
         with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
             loss, token_accuracy = _teacher_forced(model, tokenizer, examples, batch_size)
-            answers = _greedy_answers(model, tokenizer, examples[:GENERATION_ROWS], batch_size)
+            limit = CLASSIFICATION_ROWS if labels else GENERATION_ROWS
+            answers = _greedy_answers(model, tokenizer, examples[:limit], batch_size)
     finally:
         model.train(was_training)
-    sequence_accuracy = cer = None
+    sequence_accuracy = cer = report = None
     if answers:
         sequence_accuracy = sum(pred.strip() == ref.strip() for pred, ref in answers) / len(answers)
         cer = sum(char_error_rate(pred.strip(), ref.strip()) for pred, ref in answers) / len(answers)
-    return EvalResult(loss, math.exp(min(loss, 50.0)), token_accuracy, sequence_accuracy, cer, len(examples))
+        if labels:
+            report = classification_report(answers, labels)
+    perplexity = math.exp(min(loss, 50.0))
+    return EvalResult(loss, perplexity, token_accuracy, sequence_accuracy, cer, len(examples), report)
+
+
+def classification_report(answers: list[tuple[str, str]], labels: list[str]) -> dict:
+    """Accuracy overall and per class, and the confusion matrix, of (answer, reference) pairs.
+
+    Classes are the training labels, then any reference label the training split lacks. The matrix has one row
+    per reference class and one column per answered class, plus OTHER for answers that are no class at all.
+    A class without evaluation rows has accuracy None.
+    """
+    pairs = [(answer.strip(), reference.strip()) for answer, reference in answers]
+    classes = list(labels) + sorted({ref for _, ref in pairs} - set(labels))
+    column = {label: i for i, label in enumerate(classes)}
+    counts = [[0] * (len(classes) + 1) for _ in classes]  # [reference class, answered class or OTHER]
+    for answer, reference in pairs:
+        counts[column[reference]][column.get(answer, len(classes))] += 1
+    per_class = {}
+    for i, label in enumerate(classes):
+        support = sum(counts[i])
+        per_class[label] = {"accuracy": counts[i][i] / support if support else None, "support": support}
+    return {
+        "labels": classes,
+        "accuracy": sum(counts[i][i] for i in range(len(classes))) / len(pairs),
+        "per_class": per_class,
+        "confusion_matrix": {"rows": classes, "columns": [*classes, OTHER], "counts": counts},
+    }
 
 
 def _teacher_forced(model: Any, tokenizer: Any, examples: list[Tokenized], batch_size: int) -> tuple[float, float]:

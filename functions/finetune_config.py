@@ -8,6 +8,12 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 from functions.catalog import get_model
 
 REPO_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,99}$")
+# "repo/3" (a version) or "repo/3@2" (its checkpoint 2).
+VERSION_REF = re.compile(
+    r"^(?P<repo>[a-zA-Z0-9][a-zA-Z0-9_.-]{0,99})/(?P<version>[0-9]{1,9})(?:@(?P<checkpoint>[0-9]{1,9}))?$"
+)
+# Fields that shape a LoRA adapter: meaningless for full fine-tuning, inherited when continuing an adapter.
+LORA_FIELDS = ("rank", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "target_modules")
 # Linear layers a LoRA can wrap, by architecture family. Llama, Mistral, Qwen and Gemma share names.
 LLAMA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PHI3_MODULES = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
@@ -23,8 +29,10 @@ class FinetuneConfig(BaseModel):
     base_model: str = Field(description="Catalog name of the model to fine-tune, e.g. 'smollm2-135m'.")
     dataset: str = Field(description="Name of a dataset of yours in status 'ready'.")
     repo: str = Field(description="Adapter repository; the result is saved as its next version, 'repo/N'.")
-    adapter: Literal["lora", "turbo_lora", "turbo", "adalora", "adaption_prompt"] = Field(
-        default="lora", description="Adapter type to train."
+    adapter: Literal["lora", "turbo_lora", "turbo", "adalora", "adaption_prompt", "none"] = Field(
+        default="lora",
+        description="Adapter type to train: 'lora', or 'none' for full fine-tuning (every weight is trained and the "
+        "version holds a whole model).",
     )
     epochs: int = Field(default=3, ge=1, le=100, description="Passes over the training split.")
     train_steps: int | None = Field(
@@ -61,6 +69,16 @@ class FinetuneConfig(BaseModel):
         default=True, description="Stop once the evaluation loss has not improved for early_stopping_patience evals."
     )
     early_stopping_patience: int = Field(default=2, ge=1, le=100, description="Evaluations without improvement.")
+    checkpoint_every: Literal["epoch"] | int = Field(
+        default="epoch",
+        description="Save a checkpoint at the end of every epoch ('epoch') or every N optimizer steps; checkpoint k "
+        "of version N is 'repo/N@k', servable like a version, and a job whose worker dies resumes from its last one.",
+    )
+    continue_from_version: str | None = Field(
+        default=None,
+        description="Start from the weights of one of your versions ('repo/3') or checkpoints ('repo/3@2') of the "
+        "same base model instead of from the base model; its LoRA settings carry over.",
+    )
 
     @field_validator("repo")
     @classmethod
@@ -75,8 +93,23 @@ class FinetuneConfig(BaseModel):
         if value in ("adalora", "adaption_prompt"):
             # PEFT trains both, but our serving engines (and vLLM) serve LoRA only: refuse before any compute.
             raise ValueError(f"adapter {value!r} cannot be served by the serving engine (LoRA only); use 'lora'")
-        if value != "lora":
-            raise ValueError(f"adapter {value!r} is not available yet; use 'lora'")
+        if value not in ("lora", "none"):
+            raise ValueError(f"adapter {value!r} is not available yet; use 'lora', or 'none' for full fine-tuning")
+        return value
+
+    @field_validator("checkpoint_every", mode="before")
+    @classmethod
+    def _checkpoint_every(cls, value: object) -> object:
+        # Checked before the union, so the error names the field rather than one branch of the union.
+        if value == "epoch" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        raise ValueError(f"expected 'epoch' or a number of optimizer steps (1 or more), got {value!r}")
+
+    @field_validator("continue_from_version")
+    @classmethod
+    def _version_ref(cls, value: str | None) -> str | None:
+        if value is not None and not VERSION_REF.match(value):
+            raise ValueError(f"expected 'repo/N' (a version) or 'repo/N@K' (one of its checkpoints), got {value!r}")
         return value
 
     @model_validator(mode="after")
@@ -97,12 +130,31 @@ class FinetuneConfig(BaseModel):
             raise ValueError("target_modules: give at least one module, or leave it unset")
         if self.train_steps is not None and "epochs" in self.model_fields_set:
             raise ValueError("train_steps: set either epochs or train_steps, not both")
+        if self.adapter == "none":
+            lora_only = [name for name in LORA_FIELDS if name in self.model_fields_set]
+            if lora_only:
+                raise ValueError(
+                    f"{lora_only[0]}: applies to LoRA adapters only; adapter 'none' trains every weight of the model"
+                )
         return self
 
     def stored(self) -> dict:
-        """The config as kept on the job: every field, except epochs when train_steps replaces it (so that it
-        validates again as it did)."""
-        return self.model_dump(exclude={"epochs"} if self.train_steps is not None else None)
+        """The config as kept on the job: every field, except those that would not validate again as they did
+        (epochs when train_steps replaces it, the LoRA fields of a full fine-tuning)."""
+        exclude = {"epochs"} if self.train_steps is not None else set()
+        if self.adapter == "none":
+            exclude |= set(LORA_FIELDS)
+        return self.model_dump(exclude=exclude or None)
+
+    @property
+    def kind(self) -> str:
+        """What the job produces: 'lora' (an adapter) or 'full' (a whole model)."""
+        return "full" if self.adapter == "none" else "lora"
+
+    @property
+    def technique(self) -> str:
+        """The price-table and ledger name of the technique (billing/prices.py)."""
+        return "full" if self.adapter == "none" else self.adapter
 
     @property
     def resolved_alpha(self) -> int:

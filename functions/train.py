@@ -1,18 +1,26 @@
-"""Handler for `finetune.requested`: train a LoRA adapter and save it as the repo's next version.
+"""Handler for `finetune.requested`: train a LoRA adapter (or, with adapter "none", the whole model) and save it
+as the repo's version `repo/N`.
 
-Steps: claim the job -> tokenize the dataset -> train (per-step metrics rows, cancel checks) -> publish the
-adapter (files renamed into place, version row, job row and usage record in one transaction).
+Steps: claim the job (it takes its version number N on its first start) -> tokenize the dataset (and detect the
+label set of a classification dataset) -> train (per-step metrics rows, evaluations, a checkpoint `repo/N@k` every
+epoch or `checkpoint_every` steps, cancel checks) -> publish the result (files renamed into place, version row,
+job row and usage record in one transaction).
+
+A retried job (its worker died and the queue re-delivered the event once the lease expired, or the attempt
+failed) resumes from its last checkpoint: the Trainer continues at that step with its optimizer and schedule,
+and the metrics rows after that step, written by the attempt that died, are replaced rather than duplicated.
 """
 
 import logging
 import random
 import tempfile
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from app import volume
@@ -21,10 +29,12 @@ from app.models import AdapterVersion, FinetuneJob, JobMetric
 from app.queue import EventInfo, PermanentError
 from app.settings import get_settings
 from billing import ledger
-from functions.adapter_io import publish_adapter
+from functions import checkpoints
+from functions.adapter_io import allocate_version, publish_adapter
 from functions.base_models import BaseModelUnavailable, load_tokenizer
 from functions.catalog import get_model
-from functions.datasets import parse_dataset
+from functions.checkpoints import ResumePoint, TrainingTarget
+from functions.datasets import detect_labels, parse_dataset, single_class_message
 from functions.evaluate import EvalResult, evaluate
 from functions.finetune_config import FinetuneConfig
 from functions.prompts import Tokenized, tokenize_example
@@ -39,24 +49,35 @@ class Cancelled(Exception):
     pass
 
 
+@dataclass(frozen=True)
+class Data:
+    train: list[Tokenized]
+    evaluation: list[Tokenized]
+    labels: list[str] | None  # the label set of a classification dataset
+
+
 def run(event: EventInfo) -> None:
     job = _start(event)
     if job is None:
         return
     config = FinetuneConfig.model_validate(job.config)
-    train, evaluation = _tokenize(job, config)
+    target = _target(job)
+    data = _tokenize(job, config)
+    init_from = _source(job, config)
     with tempfile.TemporaryDirectory(prefix="loraplex-train-") as workdir:
         try:
-            stats = _train(job, config, train, evaluation, Path(workdir), event.attempt)
+            stats = _train(job, config, data, init_from, target, Path(workdir), event.attempt)
         except Cancelled:
             log.info("job %s cancelled", job.id)
+            checkpoints.drop_resume_state(target)
             return
         except (MemoryError, _torch_oom()) as exc:  # the same config would run out again: no retry
             raise PermanentError(
                 f"ran out of memory while training ({type(exc).__name__}); lower effective_batch_size or "
                 "max_seq_length, or choose a larger accelerator"
             ) from exc
-        _publish(job, config, Path(workdir) / "adapter", stats)
+        _publish(job, config, Path(workdir) / "result", stats)
+    checkpoints.drop_resume_state(target)
 
 
 def _torch_oom() -> type[BaseException]:
@@ -68,8 +89,13 @@ def _torch_oom() -> type[BaseException]:
 def fail(event: EventInfo, reason: str) -> None:
     with session_scope() as s:
         job = s.get(FinetuneJob, event.subject_id)
-        if job is not None and job.status not in FINAL:
+        if job is None:
+            return
+        if job.status not in FINAL:
             job.status, job.error, job.finished_at = "failed", reason, datetime.now(UTC)
+        target = _target(job) if job.version is not None else None
+    if target is not None:  # no attempt is left to resume: its checkpoints keep their weights only
+        checkpoints.drop_resume_state(target)
 
 
 # ---- steps ---------------------------------------------------------------------------------------------
@@ -83,14 +109,35 @@ def _start(event: EventInfo) -> FinetuneJob | None:
             return None  # cancelled while queued, or finished by an earlier attempt
         job.status, job.attempts = "training", event.attempt
         job.started_at = job.started_at or datetime.now(UTC)
+        if job.version is None:  # taken once: retries train (and checkpoint) under the same number
+            job.version = allocate_version(s, job.repo_id)
         s.flush()
         s.refresh(job, ["dataset", "repo"])
         return job
 
 
-def _tokenize(job: FinetuneJob, config: FinetuneConfig) -> tuple[list[Tokenized], list[Tokenized]]:
-    """(train, evaluation) examples. Without an evaluation split, `eval_fraction` of the rows is held out
-    (a seeded draw) when the dataset has at least MIN_ROWS_TO_HOLD_OUT rows."""
+def _target(job: FinetuneJob) -> TrainingTarget:
+    if job.version is None:
+        raise RuntimeError(f"job {job.id} has no version number yet")
+    kind = "full" if job.config.get("adapter") == "none" else "lora"
+    return TrainingTarget(job.id, job.tenant_id, job.repo_id, job.repo.name, job.version, job.base_model, kind)
+
+
+def _source(job: FinetuneJob, config: FinetuneConfig) -> Path | None:
+    """The directory of the version or checkpoint to continue from (checked when the job was created)."""
+    if config.continue_from_version is None:
+        return None
+    with session_scope() as s:
+        source = checkpoints.find(s, job.tenant_id, config.continue_from_version)
+    if source is None or source.base_model != config.base_model:
+        raise PermanentError(f"continue_from_version: {config.continue_from_version!r} is no longer available")
+    return source.path
+
+
+def _tokenize(job: FinetuneJob, config: FinetuneConfig) -> Data:
+    """Train and evaluation examples, and the label set of a classification dataset. Without an evaluation split,
+    `eval_fraction` of the rows is held out (a seeded draw) when the dataset has at least MIN_ROWS_TO_HOLD_OUT
+    rows."""
     dataset = job.dataset
     data = volume.dataset_path(dataset.tenant_id, dataset.id, dataset.file_format).read_bytes()
     parsed = parse_dataset(data, dataset.file_format, get_settings().max_dataset_rows)  # type: ignore[arg-type]
@@ -116,30 +163,34 @@ def _tokenize(job: FinetuneJob, config: FinetuneConfig) -> tuple[list[Tokenized]
         evaluation, train = shuffled[:held_out], shuffled[held_out:]
     if not train:
         raise PermanentError(f"no training rows with completion tokens within max_seq_length {config.max_seq_length}")
-    return train, evaluation
+    labels = detect_labels(parsed.examples)
+    if labels is not None and len(labels) < 2:  # also refused when the job was created; datasets may predate that
+        raise PermanentError(f"dataset: {single_class_message(dataset.name, labels)}")
+    return Data(train, evaluation, list(labels) if labels else None)
 
 
 def _train(
     job: FinetuneJob,
     config: FinetuneConfig,
-    examples: list[Tokenized],
-    evaluation: list[Tokenized],
+    data: Data,
+    init_from: Path | None,
+    target: TrainingTarget,
     workdir: Path,
     attempt: int,
 ) -> dict:
+    resume = checkpoints.prepare_resume(target, workdir)
     try:
-        run = build_trainer(config, examples, workdir)
+        run = build_trainer(config, data.train, workdir, init_from=init_from, checkpoints=True)
     except BaseModelUnavailable as exc:
         raise PermanentError(str(exc)) from exc
-    epoch_tokens = sum(len(t.input_ids) for t in examples)  # after truncation
-    progress = _Progress(
-        job.id, attempt, epoch_tokens, run.steps_per_epoch, config, evaluation, run.tokenizer, run.bf16
-    )
+    epoch_tokens = sum(len(t.input_ids) for t in data.train)  # after truncation
+    progress = _Progress(job.id, attempt, epoch_tokens, run.steps_per_epoch, config, data, target, run)
+    progress.rewind(resume)
     run.trainer.add_callback(progress.callback())
-    run.trainer.train()
+    run.trainer.train(resume_from_checkpoint=str(resume.trainer_dir) if resume else None)
     if progress.cancelled:
         raise Cancelled()
-    run.trainer.model.save_pretrained(workdir / "adapter")
+    run.save(workdir / "result")
     progress.save_summary(run.trainer.state.global_step)
     return {
         "tokens_processed": progress.tokens_done(run.trainer.state.epoch or 0.0),
@@ -151,6 +202,7 @@ def _publish(job: FinetuneJob, config: FinetuneConfig, adapter_files: Path, stat
     """Rename the adapter into place and record it with the job and its usage record, in one transaction
     (functions/adapter_io.publish_adapter, shared with imports); on any database error the files are removed."""
     params = get_model(config.base_model).params
+    lora = config.kind == "lora"
 
     def still_training(s: Session) -> bool:
         current = s.get_one(FinetuneJob, job.id, with_for_update=True)
@@ -158,7 +210,7 @@ def _publish(job: FinetuneJob, config: FinetuneConfig, adapter_files: Path, stat
 
     def complete_job(s: Session, adapter: AdapterVersion) -> None:
         current = s.get_one(FinetuneJob, job.id)
-        amount = ledger.price_book(s, job.tenant_id).finetune(params, config.adapter, stats["tokens_processed"])
+        amount = ledger.price_book(s, job.tenant_id).finetune(params, config.technique, stats["tokens_processed"])
         current.status, current.finished_at = "completed", datetime.now(UTC)
         current.adapter_version_id = adapter.id
         ledger.record(
@@ -167,7 +219,7 @@ def _publish(job: FinetuneJob, config: FinetuneConfig, adapter_files: Path, stat
                 idempotency_key=f"finetune:{job.id}",
                 tenant_id=job.tenant_id,
                 kind="finetune",
-                technique=f"sft_{config.adapter}",
+                technique=f"sft_{config.technique}",
                 base_model=config.base_model,
                 adapter=f"{job.repo.name}/{adapter.version}",
                 input_tokens=stats["tokens_processed"],
@@ -183,8 +235,10 @@ def _publish(job: FinetuneJob, config: FinetuneConfig, adapter_files: Path, stat
         adapter_files,
         base_model=config.base_model,
         adapter_type=config.adapter,
-        rank=config.rank,
-        target_modules=config.resolved_target_modules,
+        kind=config.kind,
+        rank=config.rank if lora else 0,
+        target_modules=config.resolved_target_modules if lora else [],
+        version=job.version,
         repo_id=job.repo_id,
         job_id=job.id,
         guard=still_training,
@@ -193,8 +247,8 @@ def _publish(job: FinetuneJob, config: FinetuneConfig, adapter_files: Path, stat
 
 
 class _Progress:
-    """Writes one metrics row per optimizer step and one per evaluation, stops early once the evaluation loss
-    stops improving, and stops at once when the job is cancelled."""
+    """Writes one metrics row per optimizer step and one per evaluation, saves each checkpoint to the volume, stops
+    early once the evaluation loss stops improving, and stops at once when the job is cancelled."""
 
     def __init__(
         self,
@@ -203,23 +257,54 @@ class _Progress:
         epoch_tokens: int,
         steps_per_epoch: int,
         config: FinetuneConfig,
-        evaluation: list[Tokenized],
-        tokenizer: Any,
-        bf16: bool,
+        data: Data,
+        target: TrainingTarget,
+        run: Any,  # functions.trainer.TrainingRun
     ) -> None:
         self.job_id, self.attempt, self.epoch_tokens, self.config = job_id, attempt, epoch_tokens, config
         self.steps_per_epoch = steps_per_epoch  # optimizer steps; for the epoch of evaluation rows
-        self.evaluation, self.tokenizer, self.bf16 = evaluation, tokenizer, bf16
+        self.evaluation, self.labels, self.target = data.evaluation, data.labels, target
+        self.tokenizer, self.bf16 = run.tokenizer, run.bf16
         self.started = time.monotonic()
+        self.start_epoch = 0.0  # where this attempt began: a resumed one does not count the epochs before
         self.cancelled = self.stopped_early = False
         self.max_steps = 1
         self.evals: list[tuple[int, EvalResult]] = []  # (step, result)
         self.best_loss = float("inf")
         self.evals_without_improvement = 0
+        self.resumed_from: dict | None = None
 
     def tokens_done(self, epochs: float) -> int:
         """Tokens processed after `epochs` (fractional) passes over the training rows: what the job is charged."""
         return round(self.epoch_tokens * epochs)
+
+    def rewind(self, resume: ResumePoint | None) -> None:
+        """Make the job's metrics rows this attempt's history. Starting over: earlier attempts' rows go. Resuming
+        at a checkpoint: rows past its step (the dead attempt's work after it, done again now) go, the rest become
+        this attempt's, and their evaluations are taken back, so early stopping and the summary carry on."""
+        with session_scope() as s:
+            job_rows = JobMetric.job_id == self.job_id
+            if resume is None:
+                s.execute(delete(JobMetric).where(job_rows, JobMetric.attempt != self.attempt))
+                return
+            s.execute(delete(JobMetric).where(job_rows, JobMetric.step > resume.step))
+            s.execute(update(JobMetric).where(job_rows).values(attempt=self.attempt))
+            for row in s.scalars(select(JobMetric).where(job_rows, JobMetric.kind == "eval").order_by(JobMetric.step)):
+                self._track(row.step, self._restored(row))
+            self.resumed_from = {"checkpoint": resume.name, "step": resume.step, "attempt": self.attempt}
+            s.get_one(FinetuneJob, self.job_id).summary = {"resumed_from": self.resumed_from}
+        log.info("job %s resumes from %s at step %d", self.job_id, resume.name, resume.step)
+
+    def _restored(self, row: JobMetric) -> EvalResult:
+        return EvalResult(
+            loss=row.loss,
+            perplexity=row.perplexity or 0.0,
+            token_accuracy=row.token_accuracy or 0.0,
+            sequence_accuracy=row.sequence_accuracy,
+            char_error_rate=row.char_error_rate,
+            rows=len(self.evaluation),
+            classification=row.classification,
+        )
 
     def callback(self) -> Any:
         from transformers import TrainerCallback
@@ -228,7 +313,7 @@ class _Progress:
 
         class Callback(TrainerCallback):
             def on_train_begin(self, args, state, control, model=None, **kwargs):  # type: ignore[no-untyped-def]
-                progress.max_steps = state.max_steps
+                progress.max_steps, progress.start_epoch = state.max_steps, state.epoch or 0.0
                 with session_scope() as s:
                     s.get_one(FinetuneJob, progress.job_id).total_steps = state.max_steps
                 progress.evaluate(model, 0)  # the model before training: the baseline users compare against
@@ -251,29 +336,39 @@ class _Progress:
                 if evaluate_now and progress.evaluate(model, state.global_step):
                     control.should_training_stop = True
 
+            def on_save(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+                # After the Trainer wrote checkpoint-<step>/ (and the step's metrics and evaluation rows).
+                if not progress.cancelled:
+                    local = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                    progress.checkpoint(local, state.global_step, state.epoch or 0.0)
+
         return Callback()
 
     def log(self, step: int, logs: dict) -> None:
         elapsed = time.monotonic() - self.started
+        epoch = float(logs.get("epoch", 0.0))
         with session_scope() as s:
             s.add(
                 JobMetric(
                     job_id=self.job_id,
                     attempt=self.attempt,
                     step=step,
-                    epoch=float(logs.get("epoch", 0.0)),
+                    epoch=epoch,
                     loss=float(logs["loss"]),
                     learning_rate=float(logs.get("learning_rate", 0.0)),
-                    tokens_per_second=self.tokens_done(float(logs.get("epoch", 0.0))) / elapsed if elapsed > 0 else 0.0,
+                    tokens_per_second=self.tokens_done(epoch - self.start_epoch) / elapsed if elapsed > 0 else 0.0,
                 )
             )
+
+    def checkpoint(self, trainer_dir: Path, step: int, epoch: float) -> None:
+        name = checkpoints.save(self.target, trainer_dir, step, epoch, self.tokenizer)
+        log.info("job %s saved checkpoint %s at step %d", self.job_id, name, step)
 
     def evaluate(self, model: Any, step: int) -> bool:
         """Evaluate, record the row, and say whether early stopping should stop training now."""
         if not self.evaluation or any(s == step for s, _ in self.evals):
             return False
-        result = evaluate(model, self.tokenizer, self.evaluation, bf16=self.bf16)
-        self.evals.append((step, result))
+        result = evaluate(model, self.tokenizer, self.evaluation, bf16=self.bf16, labels=self.labels)
         with session_scope() as s:
             s.add(
                 JobMetric(
@@ -288,29 +383,41 @@ class _Progress:
                     token_accuracy=result.token_accuracy,
                     sequence_accuracy=result.sequence_accuracy,
                     char_error_rate=result.char_error_rate,
+                    classification=result.classification,
                 )
             )
+        if not self._track(step, result):
+            return False
+        self.stopped_early = step < self.max_steps
+        return self.stopped_early
+
+    def _track(self, step: int, result: EvalResult) -> bool:
+        """Keep the evaluation and say whether early stopping's patience has run out."""
+        self.evals.append((step, result))
         if step == 0:
             return False
         if result.loss < self.best_loss - 1e-4:
             self.best_loss, self.evals_without_improvement = result.loss, 0
             return False
         self.evals_without_improvement += 1
-        if self.config.enable_early_stopping and self.evals_without_improvement >= self.config.early_stopping_patience:
-            self.stopped_early = step < self.max_steps
-            return self.stopped_early
-        return False
+        return (
+            self.config.enable_early_stopping and self.evals_without_improvement >= self.config.early_stopping_patience
+        )
 
     def save_summary(self, steps_done: int) -> None:
         def row(step: int, r: EvalResult) -> dict:
             return {"step": step} | {k: v for k, v in r.__dict__.items()}
 
         trained = [(step, r) for step, r in self.evals if step > 0]
-        summary = {
+        summary: dict[str, Any] = {
             "steps_done": steps_done,
             "stopped_early": self.stopped_early,
             "evaluation_rows": len(self.evaluation),
         }
+        if self.labels:
+            summary["labels"] = self.labels
+        if self.resumed_from:
+            summary["resumed_from"] = self.resumed_from
         if self.evals:
             summary["baseline"] = row(*self.evals[0])
         if trained:

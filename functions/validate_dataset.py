@@ -11,7 +11,7 @@ from app.models import Dataset
 from app.queue import EventInfo
 from app.settings import get_settings
 from functions.base_models import BaseModelUnavailable, load_tokenizer
-from functions.datasets import ParsedDataset, parse_dataset
+from functions.datasets import ParsedDataset, detect_labels, parse_dataset
 from functions.prompts import tokenize_example
 
 # Rows over this many tokens are reported; fine-tuning truncates them to its max_seq_length (default 1024).
@@ -28,7 +28,7 @@ def run(event: EventInfo) -> None:
         _save(dataset.id, "invalid", parsed, errors=[e.to_dict() for e in parsed.errors], stats=_row_stats(parsed))
         return
     try:
-        stats = _row_stats(parsed) | count_tokens(parsed, dataset.base_model)
+        stats = _row_stats(parsed) | count_tokens(parsed, dataset.base_model) | label_stats(parsed)
     except BaseModelUnavailable as exc:  # retrying will not bring a network: tell the user now
         error = {"line": 0, "field": "base_model", "message": str(exc)}
         _save(dataset.id, "invalid", parsed, errors=[error], stats=_row_stats(parsed))
@@ -62,6 +62,12 @@ def count_tokens(parsed: ParsedDataset, base_model: str, max_seq_length: int = R
         "rows_over_max_seq_length": sum(1 for n in every if n > max_seq_length),
         "tokenizer": base_model,
     }
+
+
+def label_stats(parsed: ParsedDataset) -> dict:
+    """{"labels": {label: training rows}} for a classification dataset (text in, category out), else {}."""
+    labels = detect_labels(parsed.examples)
+    return {"labels": labels} if labels is not None else {}
 
 
 def _row_stats(parsed: ParsedDataset) -> dict:

@@ -60,11 +60,13 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f("ix_checkpoints_repo_id"))
         batch_op.drop_index(batch_op.f("ix_checkpoints_job_id"))
     op.drop_table("checkpoints")
-    with op.batch_alter_table("job_metrics", schema=None) as batch_op:
-        batch_op.drop_column("classification")
-    with op.batch_alter_table("finetune_jobs", schema=None) as batch_op:
-        batch_op.drop_column("version")
-    with op.batch_alter_table("adapter_versions", schema=None) as batch_op:
-        batch_op.drop_column("kind")
-    with op.batch_alter_table("repos", schema=None) as batch_op:
-        batch_op.drop_column("last_version")
+    # ALTER TABLE ... DROP COLUMN (SQLite 3.35+) rather than batch mode's copy of the table: other tables'
+    # foreign keys point at these, and SQLite refuses to drop a referenced table that has rows.
+    for table, column in (
+        ("job_metrics", "classification"),
+        ("finetune_jobs", "version"),
+        ("adapter_versions", "kind"),
+        ("repos", "last_version"),
+    ):
+        with op.batch_alter_table(table, schema=None, recreate="never") as batch_op:
+            batch_op.drop_column(column)
