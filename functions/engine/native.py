@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from functions.engine.beams import BeamSearch
 from functions.engine.kv_cache import KVCache
 from functions.engine.llama import LlamaModel, Sequences
 from functions.engine.lora_pool import AdapterWeights, LoraPool, Segments, load_adapter, read_adapter
@@ -62,14 +63,15 @@ class _Seq:
     computed: int = 0  # positions whose keys and values are in the cache
     slot: int = -1  # adapter slot; -1 = the base model alone
     blocks: list[int] = field(default_factory=list)
-    slots: torch.Tensor | None = None  # cache slot of every position this request may use
+    beam_slots: list[torch.Tensor] = field(default_factory=list)  # cache slot of each position, per beam
+    beam: BeamSearch | None = None  # beam search (num_beams > 1)
     generator: torch.Generator | None = None
     started: float = 0.0  # admitted
     first_token_at: float = 0.0
 
     @property
     def generated(self) -> int:
-        return len(self.tokens) - len(self.prompt_ids)
+        return self.beam.generated if self.beam else len(self.tokens) - len(self.prompt_ids)
 
     @property
     def adapter_key(self) -> str | None:
@@ -231,11 +233,11 @@ class NativeEngine:
             raise EngineError("max_tokens must be at least 1 and at least min_tokens", "max_tokens")
         if params.temperature < 0 or not 0 < params.top_p <= 1 or params.top_k < 0 or params.repetition_penalty <= 0:
             raise EngineError("temperature ≥ 0, 0 < top_p ≤ 1, top_k ≥ 0 and repetition_penalty > 0", "temperature")
-        if params.num_beams != 1:
-            raise EngineError("num_beams: beam search is not served by this engine", "num_beams")
+        if not 1 <= params.num_beams <= 8:
+            raise EngineError("num_beams must be between 1 and 8", "num_beams")
         if not 0 <= params.top_logprobs <= 20:
             raise EngineError("top_logprobs must be between 0 and 20", "top_logprobs")
-        total = min(len(ids) + params.max_new_tokens, self.context_length)
+        total = min(len(ids) + params.max_new_tokens, self.context_length) * params.num_beams
         if total > self.kv.capacity_tokens:
             raise EngineError(f"prompt + max_tokens ({total}) exceeds this engine's KV cache", "max_tokens")
         config = None
@@ -311,11 +313,18 @@ class NativeEngine:
                 slot = self._resident_slot(seq)
                 if slot is None:
                     continue  # loading; later requests may go ahead
-            total = min(len(seq.prompt_ids) + seq.request.params.max_new_tokens, self.context_length)
-            room = self.kv.allocate(total)
-            if room is None:
+            params = seq.request.params
+            total = min(len(seq.prompt_ids) + params.max_new_tokens, self.context_length)
+            rooms = [self.kv.allocate(total) for _ in range(params.num_beams)]  # one room per beam
+            if any(room is None for room in rooms):
+                for room in rooms:
+                    if room is not None:
+                        self.kv.release(room[0])
                 return  # first come, first served for cache room
-            seq.blocks, seq.slots = room
+            seq.blocks = [block for room in rooms for block in room[0]]  # type: ignore[index]
+            seq.beam_slots = [room[1] for room in rooms]  # type: ignore[index]
+            if params.num_beams > 1:
+                seq.beam = BeamSearch(params.num_beams, self.eos, params.max_new_tokens, params.min_new_tokens)
             seq.slot = slot
             if slot >= 0:
                 self.lora.pins[slot] += 1
@@ -372,14 +381,13 @@ class NativeEngine:
         prefill, decode = [], []
         budget = self.config.prefill_chunk
         for seq in self._running:
-            pending = len(seq.tokens) - seq.computed
             if seq.generated > 0:
-                decode.append(seq)
+                decode += [(seq, j) for j in range(len(seq.beam.beams))] if seq.beam else [(seq, -1)]
             elif budget > 0:
-                n = min(pending, budget)
+                n = min(len(seq.tokens) - seq.computed, budget)
                 prefill.append((seq, n))
                 budget -= n
-        decode.sort(key=lambda s: s.slot)  # tokens of one adapter side by side: one segment each
+        decode.sort(key=lambda row: row[0].slot)  # tokens of one adapter side by side: one segment each
 
         tokens: list[int] = []
         positions: list[torch.Tensor] = []
@@ -387,32 +395,32 @@ class NativeEngine:
         runs: list[tuple[int, int, int]] = []
         attention: list[tuple[int, int, int, torch.Tensor]] = []
         logit_rows: list[int] = []
-        sampled: list[_Seq] = []
+        sampled: list[tuple[_Seq, int]] = []  # (request, beam or -1) of each logits row
         for seq, n in prefill:
             start = len(tokens)
             tokens += seq.tokens[seq.computed : seq.computed + n]
             positions.append(torch.arange(seq.computed, seq.computed + n))
-            assert seq.slots is not None
-            write.append(seq.slots[seq.computed : seq.computed + n])
-            attention.append((start, n, seq.computed, seq.slots[: seq.computed + n]))
+            slots = seq.beam_slots[0]
+            write.append(slots[seq.computed : seq.computed + n])
+            attention.append((start, n, seq.computed, slots[: seq.computed + n]))
             if seq.slot >= 0:
                 runs.append((seq.slot, start, n))
             if seq.computed + n == len(seq.tokens):
                 logit_rows.append(start + n - 1)
-                sampled.append(seq)
+                sampled.append((seq, 0 if seq.beam else -1))
         decode_start = len(tokens)
         decode_slots = decode_mask = None
         if decode:
-            lengths = [s.computed + 1 for s in decode]
-            tokens += [s.tokens[-1] for s in decode]
-            positions.append(torch.tensor([s.computed for s in decode]))
-            write.append(torch.stack([s.slots[s.computed] for s in decode]))  # type: ignore[index]
+            lengths = [seq.computed + 1 for seq, _ in decode]
+            tokens += [seq.beam.beams[j][-1] if seq.beam else seq.tokens[-1] for seq, j in decode]
+            positions.append(torch.tensor([seq.computed for seq, _ in decode]))
+            slot_rows = [seq.beam_slots[max(j, 0)] for seq, j in decode]
+            write.append(torch.stack([s[n - 1] for s, n in zip(slot_rows, lengths, strict=True)]))
             decode_slots = torch.nn.utils.rnn.pad_sequence(
-                [s.slots[:n] for s, n in zip(decode, lengths, strict=True)],  # type: ignore[index]
-                batch_first=True,
+                [s[:n] for s, n in zip(slot_rows, lengths, strict=True)], batch_first=True
             )
             decode_mask = (torch.arange(decode_slots.shape[1]) < torch.tensor(lengths)[:, None])[:, None, None, :]
-            for i, seq in enumerate(decode):
+            for i, (seq, _) in enumerate(decode):
                 if seq.slot < 0:
                     continue
                 if runs and runs[-1][0] == seq.slot and runs[-1][1] + runs[-1][2] == decode_start + i:
@@ -442,13 +450,25 @@ class NativeEngine:
         )
         for seq, n in prefill:
             seq.computed += n
-        for seq in decode:
+        for seq in {seq for seq, _ in decode}:
             seq.computed += 1
         self.counters["steps"] += 1
+        plain = [i for i, (_, beam) in enumerate(sampled) if beam < 0]
+        self._emit_samples(logits[plain], [sampled[i][0] for i in plain])
+        beams: dict[_Seq, list[int]] = {}
+        for i, (seq, j) in enumerate(sampled):
+            if j >= 0:
+                beams.setdefault(seq, []).append(i)
+        for seq, rows in beams.items():
+            self._advance_beams(seq, logits[rows])
 
-        rows = [RowState(s.request.params, s.tokens, s.generated, s.generator, self.eos) for s in sampled]
+    def _emit_samples(self, logits: torch.Tensor, seqs: list[_Seq]) -> None:
+        """logits: [len(seqs), V]: the next token of each request (not beam search)."""
+        if not seqs:
+            return
+        states = [RowState(s.request.params, s.tokens, s.generated, s.generator, self.eos) for s in seqs]
         now = time.monotonic()
-        for seq, choice in zip(sampled, choose(logits, rows), strict=True):
+        for seq, choice in zip(seqs, choose(logits, states), strict=True):
             if seq.generated == 0:
                 seq.first_token_at = now
             seq.tokens.append(choice.token)
@@ -459,6 +479,25 @@ class NativeEngine:
                 self._finish(seq, "stop")
             elif seq.generated >= params.max_new_tokens or len(seq.tokens) >= self.context_length:
                 self._finish(seq, "length")
+
+    def _advance_beams(self, seq: _Seq, logits: torch.Tensor) -> None:
+        """One beam-search step; the keys and values of each kept beam's parent are copied into its slots."""
+        beam = seq.beam
+        assert beam is not None
+        parents = beam.step(logits)
+        self.counters["generated_tokens"] += len(parents)
+        if parents != list(range(len(parents))):
+            n = seq.computed
+            src = torch.cat([seq.beam_slots[p][:n] for p in parents]).to(self.device)
+            dst = torch.cat([seq.beam_slots[j][:n] for j in range(len(parents))]).to(self.device)
+            for cache in (*self.kv.k, *self.kv.v):
+                cache.index_copy_(0, dst, cache.index_select(0, src))  # gathered first: a permutation is safe
+        if beam.done or seq.computed + 1 >= self.context_length:
+            best = beam.best()
+            seq.first_token_at = time.monotonic()
+            for token in best:
+                seq.sink(("token", token, None))
+            self._finish(seq, "stop" if best and best[-1] == self.eos else "length")
 
     def _finish(self, seq: _Seq, reason: str) -> None:
         queue_ms = (seq.started - seq.submitted) * 1000

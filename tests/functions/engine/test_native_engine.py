@@ -127,6 +127,28 @@ async def _text(engine: NativeEngine, request: GenerationRequest) -> str:
     return completion.text
 
 
+def test_beam_search_matches_transformers_beside_other_requests(
+    engine: NativeEngine, adapters: list[Path], bundled_model: Path, run: Callable[[Any], Any]
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    texts = [prompt(engine, topic) for topic in ("maps", "jazz")]
+    beams = [GenerationRequest(t, SamplingParams(max_new_tokens=20, temperature=0, num_beams=3)) for t in texts]
+    others = [GenerationRequest(texts[0], greedy(30), ref(adapters[1], 1))]  # decoding in the same batch
+
+    async def together() -> list[Any]:
+        return await asyncio.gather(*[collect(engine.generate(r)) for r in beams + others])
+
+    results = run(together())
+    model = AutoModelForCausalLM.from_pretrained(bundled_model, dtype=torch.float32)
+    for text, result in zip(texts, results, strict=False):
+        ids = engine.tokenizer(text, add_special_tokens=False, return_tensors="pt")
+        with torch.inference_mode():
+            out = model.generate(**ids, max_new_tokens=20, num_beams=3, do_sample=False)
+        assert result.text == engine.tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert results[-1].completion_tokens == 30
+
+
 def test_sampling_is_reproducible_with_a_seed(engine: NativeEngine, run: Callable[[Any], Any]) -> None:
     def sample(seed: int) -> str:
         params = SamplingParams(max_new_tokens=24, temperature=0.9, top_p=0.9, top_k=50, seed=seed)
@@ -179,6 +201,7 @@ def test_refusals_are_clear_and_the_engine_keeps_serving(
     assert refuse(GenerationRequest("hi", SamplingParams(top_p=0))).param == "temperature"
     assert refuse(GenerationRequest("hi", SamplingParams(max_new_tokens=0))).param == "max_tokens"
     assert refuse(GenerationRequest("hi", SamplingParams(top_logprobs=99))).param == "top_logprobs"
+    assert refuse(GenerationRequest("hi", SamplingParams(num_beams=9))).param == "num_beams"
     # still serving, nothing left behind
     assert run(collect(engine.generate(GenerationRequest("hi", greedy(4))))).completion_tokens == 4
     assert engine.stats()["running"] == 0 and engine.stats()["kv_used_fraction"] == 0
