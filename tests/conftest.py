@@ -285,7 +285,9 @@ class Processes:
     """`loraplex` processes (server, workers) on one platform, stopped together."""
 
     def __init__(self, platform: Platform, extra_env: dict[str, str]) -> None:
-        self.env = os.environ | platform.env() | {"LORAPLEX_LOG_LEVEL": "WARNING"} | extra_env
+        # (the in-process tests' LORAPLEX_ENGINE_PROCESS=false is in os.environ: real servers get the default back)
+        base = {"LORAPLEX_LOG_LEVEL": "WARNING", "LORAPLEX_ENGINE_PROCESS": "true"}
+        self.env = os.environ | platform.env() | base | extra_env
         self.children: list[subprocess.Popen[bytes]] = []
 
     def start(self, *args: str) -> subprocess.Popen[bytes]:

@@ -4,23 +4,47 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request, Response
+from starlette.concurrency import run_in_threadpool
 
 from app.db import migrate
 from app.settings import get_settings
 from web import errors
-from web.routers import billing, datasets, finetuning, openai_compat, repos, stripe_webhook, usage
+from web.routers import (
+    billing,
+    datasets,
+    deployments,
+    finetuning,
+    openai_compat,
+    prometheus,
+    repos,
+    stripe_webhook,
+    usage,
+)
+from web.shared_limits import SharedLimiter
 
 MULTIPART_OVERHEAD = 64 * 1024  # bytes of form fields and boundaries allowed beside the file itself
 
 
 @asynccontextmanager
-async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Migrate, then run the deployment runtime (autoscaler and replica processes) until shutdown, when it stops
+    every replica it started."""
+    from functions.deployments.runtime import DeploymentRuntime
+    from functions.engine import close_engines
+
     migrate()
-    yield
+    runtime = DeploymentRuntime().start()
+    app.state.deployments = runtime
+    try:
+        yield
+    finally:
+        await run_in_threadpool(runtime.stop)
+        await run_in_threadpool(close_engines)  # the shared endpoints' engine processes
 
 
 def create_app() -> FastAPI:
     app = FastAPI(title="Loraplex", version="0.1.0", lifespan=lifespan)
+    app.state.shared_limiter = SharedLimiter()
     errors.install(app)
 
     @app.middleware("http")
@@ -36,7 +60,7 @@ def create_app() -> FastAPI:
         response: Response = await call_next(request)
         return response
 
-    for module in (datasets, finetuning, repos, usage, billing, stripe_webhook, openai_compat):
+    for module in (datasets, finetuning, repos, usage, billing, stripe_webhook, openai_compat, deployments, prometheus):
         app.include_router(module.router)
 
     @app.get("/health", tags=["ops"])

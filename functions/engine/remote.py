@@ -37,12 +37,12 @@ def _free_port() -> int:
 
 
 def start_engine_process(base_model: str, model_dir: Path | None, port: int) -> subprocess.Popen[bytes]:
-    from app.cli import _die_with_parent
-
+    """No PR_SET_PDEATHSIG here: it fires when the *thread* that started the child ends, and engines are started
+    from short-lived worker threads. The engine process watches its parent process instead (server.py)."""
     command = [sys.executable, "-m", "app.cli", "engine", "--base-model", base_model, "--port", str(port)]
     if model_dir is not None:
         command += ["--model-dir", str(model_dir)]
-    return subprocess.Popen(command, preexec_fn=_die_with_parent)
+    return subprocess.Popen(command)
 
 
 def wait_healthy(url: str, process: subprocess.Popen[bytes], timeout: float) -> dict[str, Any]:
@@ -110,7 +110,9 @@ class RemoteEngine:
         loop_id = id(asyncio.get_running_loop())
         client = self._clients.get(loop_id)
         if client is None:
-            limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+            # idle connections expire here (2 s) well before the engine server drops them (30 s), so a request is
+            # never sent on a connection the server is closing
+            limits = httpx.Limits(max_connections=None, max_keepalive_connections=64, keepalive_expiry=2)
             client = httpx.AsyncClient(base_url=self.url, timeout=httpx.Timeout(None, connect=5), limits=limits)
             self._clients[loop_id] = client
         return client

@@ -9,6 +9,7 @@ second thread; tokens cross between them through the engine's thread-safe hand-o
 """
 
 import json
+import os
 import signal
 import threading
 import time
@@ -61,7 +62,8 @@ def serve_engine(base_model: str, model_dir: Path | None, host: str, port: int) 
     from functions.engine import create_engine
 
     engine: Any = create_engine(base_model, model_dir, background=False)
-    server = uvicorn.Server(uvicorn.Config(create_engine_app(engine), host=host, port=port, log_level="warning"))
+    config = uvicorn.Config(create_engine_app(engine), host=host, port=port, log_level="warning", timeout_keep_alive=30)
+    server = uvicorn.Server(config)
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign] - signals are ours, below
     http = threading.Thread(target=server.run, name="engine-http", daemon=True)
 
@@ -71,6 +73,7 @@ def serve_engine(base_model: str, model_dir: Path | None, host: str, port: int) 
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    threading.Thread(target=_exit_with_parent, args=(stop,), name="parent-watch", daemon=True).start()
     http.start()
     if hasattr(engine, "run"):
         engine.run()  # returns after close()
@@ -78,3 +81,11 @@ def serve_engine(base_model: str, model_dir: Path | None, host: str, port: int) 
         while not server.should_exit:
             time.sleep(0.5)
     http.join(timeout=10)
+
+
+def _exit_with_parent(stop: Any) -> None:
+    """Stop when the process that started this one is gone (it is reparented, so its parent pid changes)."""
+    parent = os.getppid()
+    while os.getppid() == parent:
+        time.sleep(1)
+    stop(signal.SIGTERM, None)

@@ -1,6 +1,8 @@
 """OpenAI-compatible inference: /v1/models, /v1/chat/completions, /v1/completions (streaming or not).
 
 `model` is a base model ("smollm2-135m"), an adapter version ("repo/3"), or a repo ("repo": its latest).
+These are the shared endpoints, under the free tier's per-tenant limits (web/shared_limits.py); private
+deployments answer the same bodies under /v1/deployments/{name}/ (web/routers/deployments.py).
 """
 
 import json
@@ -81,7 +83,9 @@ def list_models_endpoint(tenant: CurrentTenant, db: Db) -> dict[str, Any]:
 
 @router.post("/chat/completions", response_model=None)
 async def chat_completions(body: ChatCompletionRequest, tenant: CurrentTenant, db: Db, request: Request) -> Any:
+    _shared_limits(request, db, tenant)
     target = resolve_model(db, tenant.id, body.model)
+    db.close()  # hand the connection back now: a stream may last minutes, and usage is written on its own session
     engine = await _engine(target)
     messages = [{"role": m.role, "content": m.text} for m in body.messages]
     prompt = chat_prompt(engine.tokenizer, messages)  # type: ignore[attr-defined]
@@ -90,11 +94,20 @@ async def chat_completions(body: ChatCompletionRequest, tenant: CurrentTenant, d
 
 @router.post("/completions", response_model=None)
 async def completions(body: CompletionRequest, tenant: CurrentTenant, db: Db, request: Request) -> Any:
+    _shared_limits(request, db, tenant)
     target = resolve_model(db, tenant.id, body.model)
+    db.close()  # as above
     engine = await _engine(target)
     return await _respond(
         body, body.requested_max_tokens, body.prompt_text, target, engine, tenant, request, chat=False
     )
+
+
+def _shared_limits(request: Request, db: Db, tenant: Tenant) -> None:
+    """429 with Retry-After when the tenant is over a free-tier limit of the shared endpoints."""
+    limiter = getattr(request.app.state, "shared_limiter", None)
+    if limiter is not None:
+        limiter.check(db, tenant)
 
 
 def resolve_model(db: Db, tenant_id: str, model: str) -> Target:
@@ -156,12 +169,15 @@ async def _respond(
     tenant: Tenant,
     http: Request,
     chat: bool,
+    metered: bool = True,
 ) -> Any:
+    """Run the request on `engine` and answer it, streamed or whole. `metered`: write a priced usage record (the
+    shared endpoints); private deployments are billed per replica-second instead."""
     limit = get_settings().max_new_tokens_limit
     if max_tokens is not None and max_tokens > limit:
         raise APIError(400, f"max_tokens: at most {limit}", param="max_tokens", code="invalid_value")
     gen = GenerationRequest(prompt=prompt, params=body.sampling(max_tokens), adapter=target.adapter)
-    reply = _Reply(target, tenant, chat)
+    reply = _Reply(target, tenant, chat, metered)
     stream = engine.generate(gen)
     first = await _first(stream, chat)
     if body.stream:
@@ -180,14 +196,16 @@ async def _chain(first: Delta, rest: AsyncIterator[Delta]) -> AsyncIterator[Delt
 class _Reply:
     """Builds OpenAI-shaped bodies and chunks for one request and writes its usage record."""
 
-    def __init__(self, target: Target, tenant: Tenant, chat: bool) -> None:
-        self.target, self.tenant, self.chat = target, tenant, chat
+    def __init__(self, target: Target, tenant: Tenant, chat: bool, metered: bool = True) -> None:
+        self.target, self.tenant, self.chat, self.metered = target, tenant, chat, metered
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.started = time.monotonic()
         self.text_offset = 0  # characters sent so far (legacy completions logprobs)
 
     def record_usage(self, prompt_tokens: int, completion_tokens: int, engine: Engine) -> int:
+        if not self.metered:
+            return 0
         params = get_model(engine.base_model).params
         with session_scope() as s:
             amount = ledger.inference_charge(s, self.tenant.id, params, prompt_tokens + completion_tokens)
