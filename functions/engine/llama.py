@@ -100,6 +100,20 @@ class LlamaModel:
             "down": (self.intermediate, [("down_proj", self.hidden)]),
         }
 
+    def module_weight(self, layer: int, module: str) -> torch.Tensor:
+        """A projection's base weight [out, in], as a view into the fused weights."""
+        w, q, kv, inter = self.layers[layer], self.q_size, self.kv_size, self.intermediate
+        views = {
+            "q_proj": w.qkv[:q],
+            "k_proj": w.qkv[q : q + kv],
+            "v_proj": w.qkv[q + kv :],
+            "o_proj": w.o,
+            "gate_proj": w.gate_up[:inter],
+            "up_proj": w.gate_up[inter:],
+            "down_proj": w.down,
+        }
+        return views[module]
+
     @property
     def num_layers(self) -> int:
         return len(self.layers)

@@ -17,6 +17,7 @@ import itertools
 import json
 import re
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,19 +32,21 @@ GROUPS = {  # fused group -> its projections, in the order llama.LlamaModel lays
     "down": ("down_proj",),
 }
 MODULE_GROUP = {module: group for group, modules in GROUPS.items() for module in modules}
-_KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
+_KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_(A\.weight|B\.weight|magnitude_vector)$")
 SHORT = 4  # segments up to this many tokens take the batched path
 MAX_BANDS = 4  # more runs of consecutive slots than this: gather the matrices instead
 
 
 @dataclass
 class AdapterWeights:
-    """One adapter read from disk: per (layer, module) its A [r, in] and B [out, r], and its scaling."""
+    """One adapter read from disk: per (layer, module) its A [r, in] and B [out, r], and its scaling; for DoRA also
+    each module's magnitude vector m [out]."""
 
     rank: int
     scale: float
     groups: set[str]
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+    magnitudes: dict[tuple[int, str], torch.Tensor]
 
 
 @dataclass
@@ -104,8 +107,6 @@ def read_adapter(path: Path, base_model: str, ref_base_model: str, layer_count: 
     problems = []
     if config.get("peft_type") != "LORA":
         problems.append(f"peft_type {config.get('peft_type')!r} (only LORA is served)")
-    if config.get("use_dora"):
-        problems.append("DoRA (its magnitude vectors change the base weights' norms)")
     if config.get("rank_pattern") or config.get("alpha_pattern"):
         problems.append("per-module rank or alpha patterns")
     if config.get("modules_to_save"):
@@ -138,9 +139,10 @@ def load_adapter(path: Path, config: dict, layer_count: int) -> AdapterWeights:
         match = _KEY.search(key)
         if match is None or match[2] not in MODULE_GROUP or int(match[1]) >= layer_count:
             raise EngineError(f"this adapter cannot be served: unexpected weight {key!r}", "model")
-        pairs.setdefault((int(match[1]), match[2]), {})[match[3]] = tensor
+        pairs.setdefault((int(match[1]), match[2]), {})[match[3][0]] = tensor  # "A", "B" or "m"
     weights = {where: (ab["A"], ab["B"]) for where, ab in pairs.items() if "A" in ab and "B" in ab}
-    return AdapterWeights(rank, scale, {MODULE_GROUP[m] for _, m in weights}, weights)
+    magnitudes = {where: ab["m"] for where, ab in pairs.items() if "m" in ab}
+    return AdapterWeights(rank, scale, {MODULE_GROUP[m] for _, m in weights}, weights, magnitudes)
 
 
 class LoraPool:
@@ -152,8 +154,13 @@ class LoraPool:
         max_rank: int,
         dtype: torch.dtype,
         device: torch.device,
+        base_weight: Callable[[int, str], torch.Tensor],  # (layer, module) -> its base weight [out, in]
     ) -> None:
         self.group_shapes, self.layers, self.slots, self.max_rank = group_shapes, layers, slots, max_rank
+        self.base_weight = base_weight
+        # DoRA: per group and layer, g = m / ||W + scaling * B A|| per output row [slots, out]; 1 elsewhere
+        self.g: dict[str, list[torch.Tensor]] = {}
+        self.dora = [False] * slots
         self.dtype, self.device = dtype, device
         self.a: dict[str, list[torch.Tensor]] = {}
         self.b: dict[str, list[list[torch.Tensor]]] = {}  # group -> layer -> per module
@@ -200,7 +207,26 @@ class LoraPool:
             self.b[group][layer][j][slot, :, : b.shape[1]] = b
         self.scale[slot] = adapter.scale
         self.scales[slot] = adapter.scale
+        self._install_magnitudes(slot, adapter)
         self.resident[key] = slot
+
+    def _install_magnitudes(self, slot: int, adapter: AdapterWeights) -> None:
+        for gs in self.g.values():
+            for g in gs:
+                g[slot] = 1.0
+        self.dora[slot] = bool(adapter.magnitudes)
+        for (layer, module), m in adapter.magnitudes.items():
+            group = MODULE_GROUP[module]
+            if group not in self.g:
+                total = sum(out for _, out in self.group_shapes[group][1])
+                self.g[group] = [
+                    torch.ones(self.slots, total, dtype=self.dtype, device=self.device) for _ in range(self.layers)
+                ]
+            a, b = adapter.weights[(layer, module)]
+            weight = self.base_weight(layer, module).float()
+            norm = torch.linalg.norm(weight + adapter.scale * (b.float() @ a.float()), dim=1)  # as PEFT's DoRA
+            lo, hi = self.columns[group][GROUPS[group].index(module)]
+            self.g[group][layer][slot, lo:hi] = (m.float() / norm).to(self.dtype)
 
     def _allocate(self, group: str) -> None:
         if group in self.a:
@@ -232,10 +258,16 @@ class LoraPool:
             return
         a_pool, b_pools, r = self.a[group][layer], self.b[group][layer], self.max_rank
         columns = self.columns[group]
+        g_pool = self.g[group][layer] if group in self.g else None
         for slot, start, end in segments.long:
             h = x[start:end] @ a_pool[slot].T  # [n, W]
             for j, (b_pool, (lo, hi)) in enumerate(zip(b_pools, columns, strict=True)):
-                y[start:end, lo:hi] += (h[:, j * r : (j + 1) * r] @ b_pool[slot].T) * self.scales[slot]
+                lora = h[:, j * r : (j + 1) * r] @ b_pool[slot].T
+                if self.dora[slot] and g_pool is not None:  # PEFT's DoRA: (g - 1) * base + g * lora * scaling
+                    g = g_pool[slot, lo:hi]
+                    y[start:end, lo:hi] += (g - 1) * y[start:end, lo:hi] + g * lora * self.scales[slot]
+                else:
+                    y[start:end, lo:hi] += lora * self.scales[slot]
         for band in segments.bands:
             n, m = band.count, band.width
             if isinstance(band.slots, slice):
@@ -249,10 +281,25 @@ class LoraPool:
             h = torch.bmm(xs, a.transpose(1, 2))  # [n, m, W]
             if band.mask is not None:
                 h = h * band.mask
+            g = None
+            if g_pool is not None and any(self.dora[s] for s in _slot_list(band.slots)):
+                g = g_pool[band.slots] if isinstance(band.slots, slice) else g_pool.index_select(0, band.slots)
             for j, (b_pool, (lo, hi)) in enumerate(zip(b_pools, columns, strict=True)):
                 b = b_pool[band.slots] if isinstance(band.slots, slice) else b_pool.index_select(0, band.slots)
-                delta = torch.bmm(h[:, :, j * r : (j + 1) * r], b.transpose(1, 2)) * scale  # [n, m, out_j]
+                lora = torch.bmm(h[:, :, j * r : (j + 1) * r], b.transpose(1, 2))  # [n, m, out_j]
+                if g is None:
+                    delta = lora * scale
+                else:  # DoRA in the band; g is 1 for the others, which leaves their sums unchanged
+                    gj = g[:, None, lo:hi]
+                    rows = y[band.tokens, lo:hi]
+                    delta = (gj - 1) * rows.view(n, m, hi - lo) + gj * lora * scale
+                    if band.mask is not None:
+                        delta = delta * band.mask  # pads repeat a real token: they must add nothing to it
                 if isinstance(band.tokens, slice):
                     y[band.tokens, lo:hi] += delta.view(n, hi - lo)
                 else:
                     y[:, lo:hi].index_add_(0, band.tokens, delta.view(n * m, hi - lo))
+
+
+def _slot_list(slots: slice | torch.Tensor) -> list[int]:
+    return list(range(slots.start, slots.stop)) if isinstance(slots, slice) else slots.tolist()

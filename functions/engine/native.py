@@ -118,7 +118,13 @@ class NativeEngine:
         m = self.model
         self.kv = KVCache(m.num_layers, m.kv_heads, m.head_dim, config.kv_cache_bytes, self.dtype, self.device)
         self.lora = LoraPool(
-            m.group_shapes, m.num_layers, config.adapter_slots, config.max_lora_rank, self.dtype, self.device
+            m.group_shapes,
+            m.num_layers,
+            config.adapter_slots,
+            config.max_lora_rank,
+            self.dtype,
+            self.device,
+            m.module_weight,
         )
 
         self._intake: deque[_Seq] = deque()

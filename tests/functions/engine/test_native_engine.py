@@ -149,6 +149,37 @@ def test_beam_search_matches_transformers_beside_other_requests(
     assert results[-1].completion_tokens == 30
 
 
+def test_dora_adapters_are_served_as_peft_computes_them(
+    engine: NativeEngine, adapters: list[Path], bundled_model: Path, tmp_path: Path, run: Callable[[Any], Any]
+) -> None:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(7)
+    model = AutoModelForCausalLM.from_pretrained(bundled_model, dtype=torch.float32)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "up_proj"], use_dora=True)
+    peft_model = get_peft_model(model, config)
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.01)
+        if "magnitude" in name:  # away from its initial ||W||, so the magnitudes matter
+            param.data *= 1 + torch.randn_like(param) * 0.02
+    peft_model.save_pretrained(tmp_path / "dora")
+    dora = AdapterRef("dora", tmp_path / "dora", BASE)
+    text = prompt(engine, "kites")
+    # two DoRA requests (one segment of two tokens), beside a plain adapter and the base model
+    requests = [GenerationRequest(text, greedy(), a) for a in (dora, ref(adapters[0], 0), dora, None)]
+
+    async def together() -> list[Any]:
+        return await asyncio.gather(*[collect(engine.generate(r)) for r in requests])
+
+    results = run(together())
+    tokens = transformers_greedy(bundled_model, text, tmp_path / "dora")
+    expected = engine.tokenizer.decode(tokens, skip_special_tokens=True)
+    assert results[0].text == results[2].text == expected
+    assert expected != results[3].text
+
+
 def test_sampling_is_reproducible_with_a_seed(engine: NativeEngine, run: Callable[[Any], Any]) -> None:
     def sample(seed: int) -> str:
         params = SamplingParams(max_new_tokens=24, temperature=0.9, top_p=0.9, top_k=50, seed=seed)
@@ -195,9 +226,9 @@ def test_refusals_are_clear_and_the_engine_keeps_serving(
     big = tmp_path / "big"
     shutil.copytree(adapters[1], big)
     config = json.loads((big / "adapter_config.json").read_text())
-    (big / "adapter_config.json").write_text(json.dumps(config | {"r": 64, "use_dora": True}))
+    (big / "adapter_config.json").write_text(json.dumps(config | {"r": 64, "modules_to_save": ["lm_head"]}))
     message = str(refuse(GenerationRequest("hi", greedy(4), AdapterRef("big", big, BASE))))
-    assert "rank 64" in message and "DoRA" in message
+    assert "rank 64" in message and "modules_to_save" in message
     assert refuse(GenerationRequest("hi", SamplingParams(top_p=0))).param == "temperature"
     assert refuse(GenerationRequest("hi", SamplingParams(max_new_tokens=0))).param == "max_tokens"
     assert refuse(GenerationRequest("hi", SamplingParams(top_logprobs=99))).param == "top_logprobs"
