@@ -51,10 +51,12 @@ MAX_ARCHIVE_MEMBERS = 1000  # a PEFT directory has a handful of files; thousands
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj")  # under self_attn; the rest under mlp
 # The key PEFT writes for the LoRA of one linear layer, e.g.
 # base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight
-LORA_KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
+# (and for DoRA, base_model.model.model.layers.3.self_attn.q_proj.lora_magnitude_vector)
+LORA_KEY = re.compile(
+    r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_(A\.weight|B\.weight|magnitude_vector)$"
+)
 # LoraConfig fields that turn plain LoRA into something else; a served adapter must leave them unset.
 VARIANT_FIELDS = {
-    "use_dora": "DoRA",
     "use_qalora": "QALoRA",
     "use_bdlora": "BD-LoRA",
     "lora_bias": "a bias on lora_B",
@@ -123,7 +125,7 @@ def check_peft_dir(path: Path, base_model: str) -> AdapterInfo:
     modules = _check_lora_config(config, base_model)
     rank, alpha = config["r"], config["lora_alpha"]
     base = _base_config(base_model)
-    _check_tensors(weights_path, base, base_model, modules, rank)
+    _check_tensors(weights_path, base, base_model, modules, rank, dora=bool(config.get("use_dora")))
     order = linear_modules(base_model)
     return AdapterInfo(
         rank=rank, alpha=float(alpha), target_modules=sorted(modules, key=order.index), adapter_type="lora"
@@ -211,7 +213,7 @@ def _linear_shapes(config: Any) -> dict[str, tuple[int, int]]:
     }
 
 
-def _check_tensors(path: Path, base: Any, base_model: str, modules: set[str], rank: int) -> None:
+def _check_tensors(path: Path, base: Any, base_model: str, modules: set[str], rank: int, dora: bool) -> None:
     from safetensors import SafetensorError, safe_open
 
     shapes = _linear_shapes(base)
@@ -235,7 +237,9 @@ def _check_tensors(path: Path, base: Any, base_model: str, modules: set[str], ra
                         "not the LoRA weight of a linear layer (expected "
                         "'base_model.model.model.layers.<n>.<self_attn|mlp>.<module>.lora_A|lora_B.weight')",
                     )
-                layer, parent, module, half = int(match[1]), match[2], match[3], match[4]
+                layer, parent, module, half = int(match[1]), match[2], match[3], match[4][0]  # "A", "B" or "m"
+                if half == "m" and not dora:
+                    raise reject(key, "a DoRA magnitude vector, but adapter_config.json does not set use_dora")
                 if module not in modules:
                     raise reject(key, f"module {module!r} is not among target_modules {sorted(modules)}")
                 if parent != ("self_attn" if module in ATTENTION else "mlp"):
@@ -247,7 +251,7 @@ def _check_tensors(path: Path, base: Any, base_model: str, modules: set[str], ra
                 if dtype not in FLOAT_DTYPES:
                     raise reject(key, f"dtype {dtype}; expected one of {list(FLOAT_DTYPES)}")
                 in_features, out_features = shapes[module]
-                want = (rank, in_features) if half == "A" else (out_features, rank)
+                want = {"A": (rank, in_features), "B": (out_features, rank), "m": (out_features,)}[half]
                 if shape != want:
                     raise reject(
                         key,
@@ -257,11 +261,14 @@ def _check_tensors(path: Path, base: Any, base_model: str, modules: set[str], ra
                 halves.setdefault((layer, module), set()).add(half)
     except SafetensorError as exc:
         raise AdapterRejected(f"{WEIGHTS_FILE}: not a readable safetensors file ({exc})", WEIGHTS_FILE) from None
+    required = {"A", "B", "m"} if dora else {"A", "B"}
+    names = {"A": "lora_A", "B": "lora_B", "m": "DoRA magnitude"}
     for (layer, module), found in sorted(halves.items()):
-        if found != {"A", "B"}:
-            missing = "lora_B" if "A" in found else "lora_A"
+        if found != required:
+            missing = " or ".join(names[h] for h in sorted(required - found))
             raise AdapterRejected(
-                f"{WEIGHTS_FILE}: layer {layer} {module} has no {missing} weight; LoRA needs both halves",
+                f"{WEIGHTS_FILE}: layer {layer} {module} has no {missing} weight; LoRA needs both halves "
+                "(and DoRA a magnitude vector)",
                 WEIGHTS_FILE,
             )
 

@@ -399,7 +399,13 @@ def refusals(lora_dir: Path, foreign_lora_dir: Path) -> list[tuple[str, Send, in
             "adapter_model.bin",
             "arbitrary code",
         ),
-        ("DoRA", files("imported", cfg(use_dora=True)), 422, "adapter_config.json", "DoRA"),
+        (  # DoRA is served, but needs its magnitude vectors
+            "DoRA without magnitudes",
+            files("imported", cfg(use_dora=True)),
+            422,
+            "adapter_model.safetensors",
+            "DoRA magnitude",
+        ),
         ("AdaLoRA", files("imported", cfg(peft_type="ADALORA")), 422, "adapter_config.json", "LoRA adapters only"),
         ("IA3", files("imported", cfg(peft_type="IA3")), 422, "adapter_config.json", "'IA3'"),
         (
@@ -595,3 +601,15 @@ def test_concurrent_publishers_get_distinct_versions_and_keep_their_files(platfo
     for who, version in results.items():
         assert (race / str(version) / "marker.txt").read_text() == who
     assert row_counts() == (1, 2)
+
+
+def test_a_dora_adapter_imports_and_serves_like_peft(
+    client: TestClient, alice: dict[str, str], tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    dora = build_lora(base, tmp_path / "dora", use_dora=True)
+    r = import_files(client, alice, "dora", peft_files(dora))
+    assert r.status_code == 201, r.text
+    assert chat(client, alice, "dora/1") == greedy_reference(tiny_model_dir, dora)
