@@ -1,14 +1,16 @@
-"""HFEngine against plain transformers + PEFT: same greedy tokens per adapter, LRU eviction, stops, seeds, errors,
-streaming. The adapters are small random LoRAs on the tiny Llama, built here (no training)."""
+"""The native engine on the tiny Llama, one request at a time, against plain transformers + PEFT: same greedy
+tokens per adapter, LRU eviction of adapter slots, stops, seeds, errors, streaming. The adapters are small random
+LoRAs built here (no training). Batching itself is tested on the real model in test_native_engine.py."""
 
-from collections.abc import Callable, Iterator
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import TINY_MODEL
-from functions.engine.hf import HFEngine
+from functions.engine.native import EngineConfig, NativeEngine
 from functions.engine.protocol import (
     AdapterRef,
     Completion,
@@ -91,8 +93,10 @@ def reference(tiny_model_dir: Path, adapter_dirs: dict[str, Path]) -> Iterator[R
 
 
 @pytest.fixture
-def engine(sqlite_platform: object) -> HFEngine:
-    return HFEngine(TINY_MODEL, adapter_slots=2)
+def engine(sqlite_platform: object) -> Iterator[NativeEngine]:
+    engine = NativeEngine(TINY_MODEL, config=EngineConfig(dtype="fp32", adapter_slots=2, kv_cache_bytes=16 * 2**20))
+    yield engine
+    engine.close()
 
 
 @pytest.fixture
@@ -106,18 +110,25 @@ def greedy(max_new_tokens: int = NEW_TOKENS, **kw: object) -> SamplingParams:
     return SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, **kw)  # type: ignore[arg-type]
 
 
-def run(engine: HFEngine, prompt: str, adapter: AdapterRef | None, params: SamplingParams) -> Completion:
-    return collect(engine.stream(GenerationRequest(prompt, params, adapter)))
+def run(engine: NativeEngine, prompt: str, adapter: AdapterRef | None, params: SamplingParams) -> Completion:
+    return asyncio.run(collect(engine.generate(GenerationRequest(prompt, params, adapter))))
 
 
-def expected_text(engine: HFEngine, ids: list[int]) -> str:
+def deltas_of(engine: NativeEngine, request: GenerationRequest) -> list[Delta]:
+    async def all_of(stream: AsyncIterator[Delta]) -> list[Delta]:
+        return [delta async for delta in stream]
+
+    return asyncio.run(all_of(engine.generate(request)))
+
+
+def expected_text(engine: NativeEngine, ids: list[int]) -> str:
     return engine.tokenizer.decode(ids, skip_special_tokens=True)
 
 
 # --- greedy decoding equals plain transformers + PEFT -------------------------------------------------------
 
 
-def test_reference_adapters_really_differ(reference: Reference, engine: HFEngine) -> None:
+def test_reference_adapters_really_differ(reference: Reference, engine: NativeEngine) -> None:
     """Guard for the comparisons below: each adapter changes the output, so a wrong adapter would be caught."""
     prompt = PROMPTS["A"]
     outputs = {name: tuple(reference(name, prompt)) for name in (None, "A", "B", "C")}
@@ -126,7 +137,7 @@ def test_reference_adapters_really_differ(reference: Reference, engine: HFEngine
 
 
 def test_greedy_matches_transformers_across_adapters_and_eviction(
-    engine: HFEngine, refs: dict[str | None, AdapterRef | None], reference: Reference
+    engine: NativeEngine, refs: dict[str | None, AdapterRef | None], reference: Reference
 ) -> None:
     # A, base, B, A, C (evicts B), B (reloaded, evicts A), A (reloaded, evicts C), base, C (reloaded)
     order: list[str | None] = ["A", None, "B", "A", "C", "B", "A", None, "C"]
@@ -140,7 +151,7 @@ def test_greedy_matches_transformers_across_adapters_and_eviction(
             assert got.completion_tokens == len(want) == NEW_TOKENS
             assert got.prompt_tokens == engine.count_tokens(prompt)
             assert got.finish_reason == "length"
-        resident_after.append(list(engine._resident))
+        resident_after.append(list(engine.lora.resident))
     assert resident_after == [
         ["ad_A"],
         ["ad_A"],
@@ -152,12 +163,11 @@ def test_greedy_matches_transformers_across_adapters_and_eviction(
         ["ad_B", "ad_A"],
         ["ad_A", "ad_C"],
     ]
-    # evicted adapters are really gone from the PEFT model, not just from the LRU bookkeeping
-    assert set(engine.model.peft_config) == {"ad_A", "ad_C"}
+    assert sorted(engine.lora.resident.values()) == [0, 1]  # two slots, reused in place
 
 
 def test_base_model_output_unchanged_after_adapters_loaded(
-    engine: HFEngine, refs: dict[str | None, AdapterRef | None], reference: Reference
+    engine: NativeEngine, refs: dict[str | None, AdapterRef | None], reference: Reference
 ) -> None:
     prompt = PROMPTS[None]
     want = expected_text(engine, reference(None, prompt))
@@ -168,16 +178,13 @@ def test_base_model_output_unchanged_after_adapters_loaded(
         after = run(engine, prompt, None, greedy())
         assert after.text == want
         assert after.completion_tokens == NEW_TOKENS
-    from peft import PeftModel
-
-    assert isinstance(engine.model, PeftModel)  # the base answers came through disable_adapter()
 
 
 # --- stops, lengths, seeds -----------------------------------------------------------------------------------
 
 
 def test_stop_sequence_cuts_text_and_finishes_with_stop(
-    engine: HFEngine, refs: dict[str | None, AdapterRef | None], reference: Reference
+    engine: NativeEngine, refs: dict[str | None, AdapterRef | None], reference: Reference
 ) -> None:
     prompt = PROMPTS["B"]
     full = expected_text(engine, reference("B", prompt))
@@ -195,7 +202,7 @@ def test_stop_sequence_cuts_text_and_finishes_with_stop(
 
 @pytest.mark.parametrize("adapter", ["A", "B", "C"])
 def test_stop_sequence_spanning_tokens_is_not_leaked(
-    engine: HFEngine, refs: dict[str | None, AdapterRef | None], reference: Reference, adapter: str
+    engine: NativeEngine, refs: dict[str | None, AdapterRef | None], reference: Reference, adapter: str
 ) -> None:
     """A stop sequence made of several tokens: its first tokens must not be streamed before it is complete."""
     prompt = PROMPTS[adapter]
@@ -204,13 +211,13 @@ def test_stop_sequence_spanning_tokens_is_not_leaked(
     stop = expected_text(engine, want[2:5]).strip()  # three tokens, found only once the third one is out
     assert len(engine.tokenizer(stop, add_special_tokens=False)["input_ids"]) > 1
     cut = full.find(stop)
-    deltas = list(engine.stream(GenerationRequest(prompt, greedy(stop=(stop,)), refs[adapter])))
+    deltas = deltas_of(engine, GenerationRequest(prompt, greedy(stop=(stop,)), refs[adapter]))
     assert "".join(d.text for d in deltas) == full[:cut]
     assert deltas[-1].finish_reason == "stop"
 
 
 def test_stop_sequence_never_completed_releases_its_start(
-    engine: HFEngine, refs: dict[str | None, AdapterRef | None], reference: Reference
+    engine: NativeEngine, refs: dict[str | None, AdapterRef | None], reference: Reference
 ) -> None:
     """Text held back because it might begin a stop sequence is sent when generation ends without it."""
     prompt = PROMPTS["B"]
@@ -219,7 +226,7 @@ def test_stop_sequence_never_completed_releases_its_start(
     assert (got.text, got.finish_reason) == (full, "length")
 
 
-def test_incomplete_characters_at_the_end_are_not_dropped(engine: HFEngine, reference: Reference) -> None:
+def test_incomplete_characters_at_the_end_are_not_dropped(engine: NativeEngine, reference: Reference) -> None:
     """The base model repeats the last prompt token: here half of an emoji, so every generated token is a stray
     byte. The text is what the tokenizer decodes (replacement characters), as plain transformers gives it."""
     prompt = "I love \U0001f600"
@@ -230,7 +237,7 @@ def test_incomplete_characters_at_the_end_are_not_dropped(engine: HFEngine, refe
 
 
 def test_max_new_tokens_reached_finishes_with_length(
-    engine: HFEngine, refs: dict[str | None, AdapterRef | None], reference: Reference
+    engine: NativeEngine, refs: dict[str | None, AdapterRef | None], reference: Reference
 ) -> None:
     prompt = PROMPTS["C"]
     for limit in (1, 7):
@@ -240,7 +247,7 @@ def test_max_new_tokens_reached_finishes_with_length(
         assert got.text == expected_text(engine, reference("C", prompt)[:limit])
 
 
-def test_seed_makes_sampling_reproducible(engine: HFEngine, refs: dict[str | None, AdapterRef | None]) -> None:
+def test_seed_makes_sampling_reproducible(engine: NativeEngine, refs: dict[str | None, AdapterRef | None]) -> None:
     def sample(seed: int, adapter: str | None = "A") -> str:
         params = SamplingParams(max_new_tokens=16, temperature=1.0, seed=seed)
         return run(engine, PROMPTS["A"], refs[adapter], params).text
@@ -255,7 +262,7 @@ def test_seed_makes_sampling_reproducible(engine: HFEngine, refs: dict[str | Non
 
 
 def test_prompt_longer_than_context_raises_and_engine_recovers(
-    engine: HFEngine, refs: dict[str | None, AdapterRef | None], reference: Reference
+    engine: NativeEngine, refs: dict[str | None, AdapterRef | None], reference: Reference
 ) -> None:
     long_prompt = "hello " * 3000
     assert engine.count_tokens(long_prompt) > engine.context_length == 2048
@@ -266,12 +273,12 @@ def test_prompt_longer_than_context_raises_and_engine_recovers(
 
 
 def test_adapter_of_another_base_model_raises_and_engine_recovers(
-    engine: HFEngine, adapter_dirs: dict[str, Path], refs: dict[str | None, AdapterRef | None], reference: Reference
+    engine: NativeEngine, adapter_dirs: dict[str, Path], refs: dict[str | None, AdapterRef | None], reference: Reference
 ) -> None:
     foreign = AdapterRef("ad_foreign", adapter_dirs["B"], base_model="smollm2-135m")
     with pytest.raises(EngineError, match="smollm2-135m"):
         run(engine, PROMPTS["B"], foreign, greedy())
-    assert "ad_foreign" not in engine._resident
+    assert "ad_foreign" not in engine.lora.resident
     for name in ("B", None):
         got = run(engine, PROMPTS["B"], refs[name], greedy())
         assert got.text == expected_text(engine, reference(name, PROMPTS["B"]))
@@ -281,11 +288,11 @@ def test_adapter_of_another_base_model_raises_and_engine_recovers(
 
 
 def test_streaming_deltas_concatenate_to_the_full_text(
-    engine: HFEngine, refs: dict[str | None, AdapterRef | None]
+    engine: NativeEngine, refs: dict[str | None, AdapterRef | None]
 ) -> None:
     for name in ("A", None):
         params = greedy()
-        deltas: list[Delta] = list(engine.stream(GenerationRequest(PROMPTS["A"], params, refs[name])))
+        deltas = deltas_of(engine, GenerationRequest(PROMPTS["A"], params, refs[name]))
         full = run(engine, PROMPTS["A"], refs[name], params)
         texts = [d.text for d in deltas if d.text]
         assert len(texts) > 1
