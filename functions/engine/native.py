@@ -31,6 +31,7 @@ from functions.engine.protocol import (
     EngineError,
     GenerationRequest,
     TokenLogprob,
+    check_request,
 )
 from functions.engine.sampling import Choice, RowState, choose
 from functions.engine.text import TextStream
@@ -229,20 +230,9 @@ class NativeEngine:
         """Refuse what can never run, before anything is queued."""
         params = request.params
         ids = self.tokenizer(request.prompt, add_special_tokens=False)["input_ids"]
-        if not ids:
-            raise EngineError("the prompt is empty", "prompt")
-        if len(ids) >= self.context_length:
-            raise EngineError(
-                f"the prompt has {len(ids)} tokens; this model's context is {self.context_length}", "prompt"
-            )
-        if params.max_new_tokens < 1 or params.min_new_tokens > params.max_new_tokens:
-            raise EngineError("max_tokens must be at least 1 and at least min_tokens", "max_tokens")
-        if params.temperature < 0 or not 0 < params.top_p <= 1 or params.top_k < 0 or params.repetition_penalty <= 0:
-            raise EngineError("temperature ≥ 0, 0 < top_p ≤ 1, top_k ≥ 0 and repetition_penalty > 0", "temperature")
+        check_request(ids, params, self.context_length)
         if not 1 <= params.num_beams <= 8:
             raise EngineError("num_beams must be between 1 and 8", "num_beams")
-        if not 0 <= params.top_logprobs <= 20:
-            raise EngineError("top_logprobs must be between 0 and 20", "top_logprobs")
         total = min(len(ids) + params.max_new_tokens, self.context_length) * params.num_beams
         if total > self.kv.capacity_tokens:
             raise EngineError(f"prompt + max_tokens ({total}) exceeds this engine's KV cache", "max_tokens")

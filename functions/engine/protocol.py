@@ -107,6 +107,22 @@ class Engine(Protocol):
         ...
 
 
+def check_request(prompt_ids: list[int], params: SamplingParams, context_length: int) -> None:
+    """What every engine refuses before anything is queued: the EngineError names the field at fault."""
+    if not prompt_ids:
+        raise EngineError("the prompt is empty", "prompt")
+    if len(prompt_ids) >= context_length:
+        raise EngineError(
+            f"the prompt has {len(prompt_ids)} tokens; this model's context is {context_length}", "prompt"
+        )
+    if params.max_new_tokens < 1 or params.min_new_tokens > params.max_new_tokens:
+        raise EngineError("max_tokens must be at least 1 and at least min_tokens", "max_tokens")
+    if params.temperature < 0 or not 0 < params.top_p <= 1 or params.top_k < 0 or params.repetition_penalty <= 0:
+        raise EngineError("temperature ≥ 0, 0 < top_p ≤ 1, top_k ≥ 0 and repetition_penalty > 0", "temperature")
+    if not 0 <= params.top_logprobs <= 20:
+        raise EngineError("top_logprobs must be between 0 and 20", "top_logprobs")
+
+
 def request_to_dict(request: GenerationRequest) -> dict:
     from dataclasses import asdict
 

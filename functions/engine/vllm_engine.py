@@ -18,7 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from functions.catalog import get_model
-from functions.engine.protocol import Delta, EngineBusy, EngineError, GenerationRequest, TokenLogprob
+from functions.engine.protocol import (
+    Delta,
+    EngineBusy,
+    EngineError,
+    GenerationRequest,
+    TokenLogprob,
+    check_request,
+)
 
 GiB = 1024**3
 
@@ -151,21 +158,10 @@ class VLLMEngine:
         """Refuse what can never run, before anything reaches vLLM. Returns the prompt's token ids."""
         params = request.params
         ids: list[int] = self.tokenizer(request.prompt, add_special_tokens=False)["input_ids"]
-        if not ids:
-            raise EngineError("the prompt is empty", "prompt")
-        if len(ids) >= self.context_length:
-            raise EngineError(
-                f"the prompt has {len(ids)} tokens; this model's context is {self.context_length}", "prompt"
-            )
-        if params.max_new_tokens < 1 or params.min_new_tokens > params.max_new_tokens:
-            raise EngineError("max_tokens must be at least 1 and at least min_tokens", "max_tokens")
-        if params.temperature < 0 or not 0 < params.top_p <= 1 or params.top_k < 0 or params.repetition_penalty <= 0:
-            raise EngineError("temperature ≥ 0, 0 < top_p ≤ 1, top_k ≥ 0 and repetition_penalty > 0", "temperature")
+        check_request(ids, params, self.context_length)
         if params.num_beams != 1:
             # vLLM serves beam search through a separate API (LLM.beam_search), not through AsyncLLM.generate.
             raise EngineError("num_beams: beam search is served by the native engine", "num_beams")
-        if not 0 <= params.top_logprobs <= 20:
-            raise EngineError("top_logprobs must be between 0 and 20", "top_logprobs")
         if request.adapter is not None:
             self._check_adapter(request)
         return ids
