@@ -41,7 +41,7 @@ from bench_vllm import (  # noqa: E402
     WORKLOADS,
     TreeMemory,
     adapter_plan,
-    percentile,
+    figures,
     prompt_for,
     run_workload,
 )
@@ -346,15 +346,7 @@ def _transformers_run(model: Any, tokenizer: Any, plan: list[int | None]) -> dic
         tokens += (out.shape[1] - batch["input_ids"].shape[1]) * len(members)
         ttft += [(clock.steps[0] - started) * 1000] * len(members)
         itl += [(b - a) * 1000 for a, b in zip(clock.steps, clock.steps[1:], strict=False)] * len(members)
-    wall = time.monotonic() - started
-    return {
-        "output_tok_s": round(tokens / wall, 2),
-        "wall_s": round(wall, 3),
-        "ttft_p50_ms": round(percentile(ttft, 50), 1),
-        "ttft_p99_ms": round(percentile(ttft, 99), 1),
-        "itl_p50_ms": round(percentile(itl, 50), 1),
-        "itl_p99_ms": round(percentile(itl, 99), 1),
-    }
+    return figures(tokens, time.monotonic() - started, ttft, itl)
 
 
 class _Templater:

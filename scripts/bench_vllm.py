@@ -165,6 +165,13 @@ async def measure(engine: Any, requests: list) -> dict:
     tokens = sum(last.completion_tokens for _, last in results)
     ttft = [last.first_token_ms for _, last in results]
     itl = [(b - a) * 1000 for arrivals, _ in results for a, b in zip(arrivals, arrivals[1:], strict=False)]
+    return figures(tokens, wall, ttft, itl) | {
+        "exact": all(last.completion_tokens == NEW_TOKENS for _, last in results)
+    }
+
+
+def figures(tokens: int, wall: float, ttft: list[float], itl: list[float]) -> dict:
+    """Throughput and latency percentiles of one run (times in ms)."""
     return {
         "output_tok_s": round(tokens / wall, 2),
         "wall_s": round(wall, 3),
@@ -172,7 +179,6 @@ async def measure(engine: Any, requests: list) -> dict:
         "ttft_p99_ms": round(percentile(ttft, 99), 1),
         "itl_p50_ms": round(percentile(itl, 50), 1),
         "itl_p99_ms": round(percentile(itl, 99), 1),
-        "exact": all(last.completion_tokens == NEW_TOKENS for _, last in results),
     }
 
 
