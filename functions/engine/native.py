@@ -255,6 +255,8 @@ class NativeEngine:
             if len(self._intake) + len(self._waiting) >= self.config.max_waiting:
                 raise EngineBusy("the engine's queue is full", retry_after=1.0)
             self._intake.append(seq)
+            if seq.adapter_key is not None and seq.adapter_key not in self.lora.resident:
+                self._start_loading(seq)  # now, not when the engine loop gets to it: the read overlaps a step
             self._wake.notify()
 
     def _notify(self) -> None:
@@ -349,9 +351,8 @@ class NativeEngine:
                 del self._loaded[key]
             return None
         if ready is None:
-            if key not in self._loading:
-                self._loading.add(key)
-                self._loader.submit(self._load, key, adapter.path, seq.adapter_config or {})
+            with self._wake:
+                self._start_loading(seq)
             return None
         slot = self.lora.free_slot()
         if slot is None:
@@ -360,6 +361,14 @@ class NativeEngine:
         del self._loaded[key]
         self.counters["adapter_loads"] += 1
         return slot
+
+    def _start_loading(self, seq: _Seq) -> None:
+        """(holding self._wake) Read the request's adapter on the loader thread, unless it is read or being read."""
+        key, adapter = seq.adapter_key, seq.request.adapter
+        assert key is not None and adapter is not None
+        if key not in self._loading and key not in self._loaded:
+            self._loading.add(key)
+            self._loader.submit(self._load, key, adapter.path, seq.adapter_config or {})
 
     def _load(self, key: str, path: Path, config: dict) -> None:
         try:
