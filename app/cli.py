@@ -26,9 +26,13 @@ finetune_app = typer.Typer(help="Fine-tuning, over the API (LORAPLEX_API_URL, LO
 jobs_app = typer.Typer(
     help="Fine-tuning jobs, over the API (LORAPLEX_API_URL, LORAPLEX_API_KEY).", no_args_is_help=True
 )
+deployments_app = typer.Typer(
+    help="Private deployments, over the API (LORAPLEX_API_URL, LORAPLEX_API_KEY).", no_args_is_help=True
+)
 app.add_typer(datasets_app, name="datasets")
 app.add_typer(finetune_app, name="finetune")
 app.add_typer(jobs_app, name="jobs")
+app.add_typer(deployments_app, name="deployments")
 
 
 def _logging() -> None:
@@ -331,6 +335,108 @@ def jobs_cancel(job_id: str = typer.Argument(..., help="The job's id (ft_...).")
     with _api() as client:
         job = client.cancel_job(job_id)
     typer.echo(f"job {job['id']} {job['status']}")
+
+
+def _print_deployment(d: dict[str, Any]) -> None:
+    live = d.get("live") or {}
+    replicas = ", ".join(f"{r['id']} {r['state']} ({r['in_flight']} in flight)" for r in live.get("replicas", []))
+    typer.echo(
+        f"deployment {d['name']}: {d['status']} ({d['status_reason']}); {d['base_model']} on {d['accelerator']}, "
+        f"{d['min_replicas']}..{d['max_replicas']} replicas, scale_up_threshold {d['scale_up_threshold']}, "
+        f"cooldown {d['cooldown_time']:g} s, {d['price_per_replica_hour']['usd']}/replica-hour"
+    )
+    typer.echo(f"  replicas: {replicas or 'none'}; endpoint: {d['endpoint']}")
+
+
+def _scaling_options(
+    min_replicas: int | None, max_replicas: int | None, threshold: int | None, cooldown: float | None
+) -> dict[str, Any]:
+    options = {
+        "min_replicas": min_replicas,
+        "max_replicas": max_replicas,
+        "scale_up_threshold": threshold,
+        "cooldown_time": cooldown,
+    }
+    return {k: v for k, v in options.items() if v is not None}
+
+
+@deployments_app.command("create")
+def deployments_create(
+    name: str = typer.Argument(..., help="Lowercase letters, digits and dashes."),
+    base_model: str = typer.Option("smollm2-135m", help="Base model to serve."),
+    accelerator: str = typer.Option("cpu", help="cpu here; a10g, l40s, a100-80gb, h100 on Modal."),
+    engine: str = typer.Option("native", help="native or vllm."),
+    min_replicas: int | None = typer.Option(None, help="Replicas kept up when idle (0: Standby when idle)."),
+    max_replicas: int | None = typer.Option(None, help="Most replicas."),
+    scale_up_threshold: int | None = typer.Option(None, help="Concurrent requests per replica before another."),
+    cooldown_time: float | None = typer.Option(None, help="Seconds of lower load before scaling down."),
+    preload: list[str] = typer.Option([], help="Adapter to load on every replica (repeat for more)."),
+) -> None:
+    """Create a private deployment that autoscales between min and max replicas."""
+    config = _scaling_options(min_replicas, max_replicas, scale_up_threshold, cooldown_time)
+    config |= {"accelerator": accelerator, "engine": engine, "preloaded_adapters": preload}
+    with _api() as client:
+        _print_deployment(client.create_deployment(name, base_model, **config))
+
+
+@deployments_app.command("list")
+def deployments_list() -> None:
+    """Your deployments with their status and replicas."""
+    with _api() as client:
+        for d in client.list_deployments():
+            _print_deployment(d)
+
+
+@deployments_app.command("get")
+def deployments_get(name: str) -> None:
+    """One deployment, with its status transitions."""
+    with _api() as client:
+        d = client.get_deployment(name)
+        transitions = client.deployment_transitions(name)
+    _print_deployment(d)
+    for t in transitions:
+        typer.echo(f"  {t['at'][:19].replace('T', ' ')}  {t['from_status'] or '-'} -> {t['to_status']}: {t['reason']}")
+
+
+@deployments_app.command("update")
+def deployments_update(
+    name: str,
+    min_replicas: int | None = typer.Option(None),
+    max_replicas: int | None = typer.Option(None),
+    scale_up_threshold: int | None = typer.Option(None),
+    cooldown_time: float | None = typer.Option(None),
+    engine: str | None = typer.Option(None),
+    preload: list[str] | None = typer.Option(None, help="Replaces the preloaded adapters (rolls the replicas)."),
+) -> None:
+    """Change the config; a change of engine or preloaded adapters rolls the replicas without dropping requests."""
+    changes = _scaling_options(min_replicas, max_replicas, scale_up_threshold, cooldown_time)
+    if engine is not None:
+        changes["engine"] = engine
+    if preload:
+        changes["preloaded_adapters"] = preload
+    with _api() as client:
+        _print_deployment(client.update_deployment(name, **changes))
+
+
+@deployments_app.command("stop")
+def deployments_stop(name: str) -> None:
+    """Drain every replica and refuse requests until moved to Standby."""
+    with _api() as client:
+        _print_deployment(client.stop_deployment(name))
+
+
+@deployments_app.command("standby")
+def deployments_standby(name: str) -> None:
+    """Move a Stopped or Errored deployment to Standby: it scales up on the next request."""
+    with _api() as client:
+        _print_deployment(client.standby_deployment(name))
+
+
+@deployments_app.command("delete")
+def deployments_delete(name: str, wait: float = typer.Option(60.0, help="Seconds to wait for the drain.")) -> None:
+    """Delete a deployment once its requests in flight have finished."""
+    with _api() as client:
+        _print_deployment(client.delete_deployment(name, wait=wait))
 
 
 def main() -> None:

@@ -70,18 +70,23 @@ class LoraplexError(Exception):
 class Loraplex:
     """One API key against one server. Retries what is worth retrying: connection errors, 5xx answers and
     429 (waiting as long as Retry-After says), with exponential backoff `backoff_seconds * 2**n`; never other
-    4xx, which would fail the same way again. `max_retries=0` turns retries off."""
+    4xx, which would fail the same way again. `max_retries=0` turns retries off. Unset, they are read from
+    LORAPLEX_MAX_RETRIES (3) and LORAPLEX_RETRY_BACKOFF_SECONDS (0.5), which is how the CLI is configured."""
 
     def __init__(
         self,
         base_url: str | None = None,
         api_key: str | None = None,
         *,
-        max_retries: int = 3,
-        backoff_seconds: float = 0.5,
+        max_retries: int | None = None,
+        backoff_seconds: float | None = None,
         timeout: float = 60.0,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
+        if max_retries is None:
+            max_retries = int(os.environ.get("LORAPLEX_MAX_RETRIES") or 3)
+        if backoff_seconds is None:
+            backoff_seconds = float(os.environ.get("LORAPLEX_RETRY_BACKOFF_SECONDS") or 0.5)
         if max_retries < 0 or backoff_seconds < 0:
             raise ValueError("max_retries and backoff_seconds must not be negative")
         url = (base_url or os.environ.get("LORAPLEX_API_URL") or DEFAULT_URL).rstrip("/")
@@ -132,6 +137,47 @@ class Loraplex:
 
     def balance(self) -> dict[str, Any]:
         return self._request("GET", "/v1/billing/balance").json()
+
+    # ---- deployments and inference -------------------------------------------------------------------
+
+    def create_deployment(self, name: str, base_model: str, **config: Any) -> dict[str, Any]:
+        """A private deployment; `config`: min_replicas, max_replicas, scale_up_threshold, cooldown_time,
+        accelerator, engine, preloaded_adapters (the server's defaults for those left out)."""
+        return self._request("POST", "/v1/deployments", json={"name": name, "base_model": base_model} | config).json()
+
+    def list_deployments(self, include_deleted: bool = False) -> list[dict[str, Any]]:
+        return self._request("GET", "/v1/deployments", params={"include_deleted": include_deleted}).json()
+
+    def get_deployment(self, name: str) -> dict[str, Any]:
+        return self._request("GET", f"/v1/deployments/{name}").json()
+
+    def update_deployment(self, name: str, **changes: Any) -> dict[str, Any]:
+        return self._request("PATCH", f"/v1/deployments/{name}", json=changes).json()
+
+    def stop_deployment(self, name: str) -> dict[str, Any]:
+        return self._request("POST", f"/v1/deployments/{name}/stop").json()
+
+    def standby_deployment(self, name: str) -> dict[str, Any]:
+        return self._request("POST", f"/v1/deployments/{name}/standby").json()
+
+    def delete_deployment(self, name: str, wait: float = 60.0) -> dict[str, Any]:
+        """Drains the replicas (requests in flight finish) and answers once Deleted, or after `wait` seconds."""
+        timeout = httpx.Timeout(self.timeout, connect=10.0, read=wait + 30)
+        return self._request("DELETE", f"/v1/deployments/{name}", params={"wait": wait}, timeout=timeout).json()
+
+    def deployment_metrics(self, name: str, minutes: float = 15) -> dict[str, Any]:
+        return self._request("GET", f"/v1/deployments/{name}/metrics", params={"minutes": minutes}).json()
+
+    def deployment_transitions(self, name: str) -> list[dict[str, Any]]:
+        return self._request("GET", f"/v1/deployments/{name}/transitions").json()
+
+    def chat(
+        self, model: str, messages: list[dict[str, str]], deployment: str | None = None, **params: Any
+    ) -> dict[str, Any]:
+        """One chat completion (not streamed), on a shared endpoint or on a private deployment, with the same
+        retries as every call (a 429 over a limit waits for its Retry-After; a 503 is tried again)."""
+        path = f"/v1/deployments/{deployment}/chat/completions" if deployment else "/v1/chat/completions"
+        return self._request("POST", path, json={"model": model, "messages": messages} | params).json()
 
     def stream_events(self, job_id: str, after_step: int = -1) -> Iterator[tuple[str, dict[str, Any]]]:
         """(event, data) pairs from the job's server-sent events: ("status", job) and ("metric", row), ending

@@ -274,3 +274,49 @@ class StripeWebhookEvent(Base):
     id: Mapped[str] = mapped_column(String(100), primary_key=True)  # Stripe's evt_...
     type: Mapped[str] = mapped_column(String(100))
     received_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Deployment(Base):
+    """A private deployment: one base model served by 0..max_replicas engine processes that an autoscaler starts
+    and stops (functions/deployments/). `status` is what the runtime observed; `target_state` is what the tenant
+    asked for (active, stopped, deleted). Deleted rows stay, with their transitions, so their history is kept."""
+
+    __tablename__ = "deployments"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=lambda: new_id("dep"))
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(64))  # unique per tenant among deployments not deleted
+    description: Mapped[str] = mapped_column(Text, default="")
+    base_model: Mapped[str] = mapped_column(String(100))
+    accelerator: Mapped[str] = mapped_column(String(30))  # cpu | a10g | l40s | a100-80gb | h100
+    engine: Mapped[str] = mapped_column(String(10))  # native | vllm
+    min_replicas: Mapped[int] = mapped_column(Integer)
+    max_replicas: Mapped[int] = mapped_column(Integer)
+    scale_up_threshold: Mapped[int] = mapped_column(Integer)  # concurrent requests per replica before scaling up
+    cooldown_time: Mapped[float] = mapped_column(Float)  # seconds of lower load before scaling down
+    preloaded_adapters: Mapped[list[Any]] = mapped_column(default=list)  # ["repo/3", ...], loaded on every replica
+    # Pending | Initializing | Ready | Standby | Stopped | Errored | Updating | Deleted
+    status: Mapped[str] = mapped_column(String(20), default="Pending")
+    status_reason: Mapped[str] = mapped_column(Text, default="")
+    target_state: Mapped[str] = mapped_column(String(10), default="active")  # active | stopped | deleted
+    # Bumped when a change needs new replicas (engine, accelerator, preloaded adapters): the replicas roll.
+    config_version: Mapped[int] = mapped_column(Integer, default=1)
+    replicas: Mapped[int] = mapped_column(Integer, default=0)  # replicas up, as last observed
+    cold_start_ms: Mapped[int | None] = mapped_column(Integer, default=None)  # the last wake from zero
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    deleted_at: Mapped[datetime | None] = mapped_column(default=None)
+    transitions: Mapped[list["DeploymentTransition"]] = relationship(order_by="DeploymentTransition.id", viewonly=True)
+
+
+class DeploymentTransition(Base):
+    """Every status change of a deployment, with when and why, and every scaling event (the same status on both
+    sides, the replica count changed). Append-only."""
+
+    __tablename__ = "deployment_transitions"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    deployment_id: Mapped[str] = mapped_column(ForeignKey("deployments.id", ondelete="CASCADE"), index=True)
+    from_status: Mapped[str | None] = mapped_column(String(20), default=None)  # None: the record was created
+    to_status: Mapped[str] = mapped_column(String(20))
+    reason: Mapped[str] = mapped_column(Text, default="")
+    replicas: Mapped[int | None] = mapped_column(Integer, default=None)  # replicas wanted after it (scaling)
+    at: Mapped[datetime] = mapped_column(default=utcnow)

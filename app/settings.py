@@ -55,6 +55,37 @@ class Settings(BaseSettings):
     prefill_chunk_tokens: int = Field(default=256, gt=0, description="Prompt tokens an engine prefills per step.")
     engine_start_timeout: float = Field(default=180.0, gt=0, description="Seconds to wait for an engine process.")
 
+    # Shared endpoints (/v1/chat/completions, /v1/completions): per-tenant limits of the free tier; 0 turns one off.
+    # Enterprise tenants have no token limits there (they pay for what is beyond the free allowance).
+    shared_requests_per_second: float = Field(default=10.0, ge=0, description="Requests a tenant may send a second.")
+    shared_tokens_per_day: int = Field(default=1_000_000, ge=0, description="Tokens a tenant may use a UTC day.")
+    shared_tokens_per_month: int = Field(default=10_000_000, ge=0, description="Tokens a tenant may use a month.")
+
+    # Private deployments (functions/deployments/): replicas are engine processes the API process starts and stops
+    deployment_tick_seconds: float = Field(default=0.25, gt=0, description="How often the autoscaler looks.")
+    deployment_wake_timeout: float = Field(
+        default=120.0, gt=0, description="How long a request waits for a replica (a wake from Standby) before a 503."
+    )
+    deployment_drain_timeout: float = Field(
+        default=600.0, gt=0, description="Longest wait for a draining replica's requests before it is stopped anyway."
+    )
+    deployment_metering_seconds: float = Field(
+        default=60.0, gt=0, description="A running replica's time is written to the ledger at least this often."
+    )
+    deployment_metrics_interval: float = Field(default=10.0, gt=0, description="Width of a time-series point, s.")
+    deployment_max_replicas: int = Field(default=8, gt=0, description="Largest max_replicas a deployment may ask.")
+    deployment_prewarm: bool = Field(
+        default=True,
+        description="Keep one engine interpreter with torch and transformers imported, ready to become a replica "
+        "(a wake from Standby then only loads weights).",
+    )
+    cpu_replica_micro_usd_per_hour: int = Field(
+        default=100_000, ge=0, description="Price of a CPU replica-hour, micro-USD (the GPU rates are in prices.py)."
+    )
+    metrics_token: SecretStr | None = Field(
+        default=None, description="Bearer token GET /metrics asks for; unset: the endpoint is open (bind to localhost)."
+    )
+
     # Queue behaviour
     worker_threads: int = Field(default=2, gt=0, description="Handler threads per worker process.")
     lease_seconds: float = Field(

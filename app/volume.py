@@ -14,11 +14,31 @@ Every write lands under a temporary name first and is renamed into place, so a r
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from app.settings import get_settings
+
+# Run after a write other machines must see before the handler ends (a checkpoint that a retry elsewhere resumes
+# from). The Modal app installs Volume.commit while it runs a handler; on a local directory every write is
+# visible at once.
+_after_durable_write: list[Callable[[], None]] = []
+
+
+@contextmanager
+def committing_with(hook: Callable[[], None]) -> Iterator[None]:
+    """Call `hook` after each durable write made inside the block."""
+    _after_durable_write.append(hook)
+    try:
+        yield
+    finally:
+        _after_durable_write.remove(hook)
+
+
+def durable_write_done() -> None:
+    for hook in list(_after_durable_write):
+        hook()
 
 
 def root() -> Path:

@@ -102,6 +102,12 @@ def inference_charge(session: Session, tenant_id: str, params: int, tokens: int,
     return price_book(session, tenant_id).inference(params, max(0, tokens - free_left))
 
 
+def inference_tokens_used(session: Session, tenant_id: str, now: datetime | None = None) -> tuple[int, int]:
+    """Shared-endpoint tokens (prompt + generated) the tenant used today (UTC) and this month."""
+    now = now or utcnow()
+    return _inference_tokens(session, tenant_id, now.replace(hour=0, minute=0, second=0, microsecond=0))
+
+
 def _inference_tokens(session: Session, tenant_id: str, day: datetime) -> tuple[int, int]:
     """Inference tokens (prompt + generated) since `day` began and since its month began, in one query: this
     runs on every inference request."""

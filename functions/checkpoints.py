@@ -135,7 +135,7 @@ def continuation(session: Session, tenant_id: str, config: FinetuneConfig) -> tu
             f"continue_from_version: {source.name} was trained on {source.base_model!r}, not {config.base_model!r}",
             "continue_from_version",
         )
-    given = config.model_dump(exclude_unset=True)
+    given = config.model_dump(exclude_unset=True)  # what the user set, so that defaults do not count as choices
     wanted_adapter = "none" if source.kind == "full" else "lora"
     if "adapter" in given and given["adapter"] != wanted_adapter:
         what = "a full model" if source.kind == "full" else "a LoRA adapter"
@@ -143,11 +143,18 @@ def continuation(session: Session, tenant_id: str, config: FinetuneConfig) -> tu
             f"adapter: {source.name} is {what}; continue it with adapter {wanted_adapter!r} (or leave adapter unset)",
             "adapter",
         )
-    if source.kind == "full":
-        for name in SHAPE_FIELDS + ("lora_dropout",):
-            if name in given:
-                raise Refused(f"{name}: {source.name} is a full model; LoRA settings do not apply", name)
-        return FinetuneConfig.model_validate(given | {"adapter": "none"}), source
+    merged = _continue_full(given, source) if source.kind == "full" else _continue_lora(given, source, config)
+    return FinetuneConfig.model_validate(merged), source
+
+
+def _continue_full(given: dict[str, Any], source: Weights) -> dict[str, Any]:
+    for name in SHAPE_FIELDS + ("lora_dropout",):
+        if name in given:
+            raise Refused(f"{name}: {source.name} is a full model; LoRA settings do not apply", name)
+    return given | {"adapter": "none"}
+
+
+def _continue_lora(given: dict[str, Any], source: Weights, config: FinetuneConfig) -> dict[str, Any]:
     inherited = _lora_settings(source.path, config.base_model)
     for name in SHAPE_FIELDS:
         if name in given and _comparable(name, given[name]) != _comparable(name, inherited[name]):
@@ -158,7 +165,7 @@ def continuation(session: Session, tenant_id: str, config: FinetuneConfig) -> tu
             )
     if "lora_dropout" in given:  # a training choice, not part of the weights: the new value applies
         inherited.pop("lora_dropout")
-    return FinetuneConfig.model_validate(given | inherited | {"adapter": "lora"}), source
+    return given | inherited | {"adapter": "lora"}
 
 
 def _lora_settings(path: Path, base_model: str) -> dict[str, Any]:
@@ -192,6 +199,7 @@ def save(target: TrainingTarget, trainer_dir: Path, step: int, epoch: float, tok
         _copy_trainer_checkpoint(trainer_dir, staged)
         if target.kind == "full":  # a full checkpoint is a model directory of its own, servable as it is
             tokenizer.save_pretrained(staged)
+    volume.durable_write_done()  # on Modal: committed, so a retry in another container finds it
     with session_scope() as s:
         s.add(
             Checkpoint(

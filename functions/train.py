@@ -38,7 +38,7 @@ from functions.datasets import detect_labels, parse_dataset, single_class_messag
 from functions.evaluate import EvalResult, evaluate
 from functions.finetune_config import FinetuneConfig
 from functions.prompts import Tokenized, tokenize_example
-from functions.trainer import build_trainer
+from functions.trainer import TrainingRun, build_trainer
 
 log = logging.getLogger("loraplex.train")
 FINAL = ("completed", "failed", "cancelled")
@@ -259,7 +259,7 @@ class _Progress:
         config: FinetuneConfig,
         data: Data,
         target: TrainingTarget,
-        run: Any,  # functions.trainer.TrainingRun
+        run: TrainingRun,
     ) -> None:
         self.job_id, self.attempt, self.epoch_tokens, self.config = job_id, attempt, epoch_tokens, config
         self.steps_per_epoch = steps_per_epoch  # optimizer steps; for the epoch of evaluation rows

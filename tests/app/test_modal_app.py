@@ -275,3 +275,25 @@ def test_the_image_installs_exactly_the_project_dependencies() -> None:
     pyproject = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
     assert tuple(pyproject["project"]["dependencies"]) == modal_app.PYTHON_PACKAGES
     assert "stripe>=12" in modal_app.PYTHON_PACKAGES  # the web app imports it for the webhook
+
+
+@pytest.mark.filterwarnings(LOCAL_RUN_WARNING)
+def test_a_checkpoint_saved_while_training_is_committed_at_once(
+    fake_volume: _RecordingVolume, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from app import volume as platform_volume
+
+    seen: list[list[str]] = []
+
+    def process_event(event_id: str) -> None:
+        platform_volume.durable_write_done()  # what functions/checkpoints.save does after writing a checkpoint
+        seen.append(list(fake_volume.calls))
+
+    fake = types.ModuleType("app.queue")
+    fake.process_event = process_event  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "app.queue", fake)
+    modal_app.train.local("evt-7")
+    assert seen == [["reload", "commit"]]  # committed before the handler went on
+    assert fake_volume.calls == ["reload", "commit", "commit"]
+    platform_volume.durable_write_done()  # outside a handler nothing is committed
+    assert fake_volume.calls == ["reload", "commit", "commit"]

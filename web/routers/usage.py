@@ -37,7 +37,9 @@ def usage(tenant: CurrentTenant, db: Db, since: datetime | None = None, limit: i
     return UsageReport(
         records=[UsageOut.of(r) for r in rows],
         totals=_totals(ledger.totals(db, tenant.id, since)),
-        by_kind={k: _totals(ledger.totals(db, tenant.id, since, kind=k)) for k in ("finetune", "inference")},
+        by_kind={
+            k: _totals(ledger.totals(db, tenant.id, since, kind=k)) for k in ("finetune", "inference", "deployment")
+        },
     )
 
 

@@ -1,0 +1,187 @@
+"""The deployment config users send (create and update), its checks, and the deployment statuses.
+
+Checks that need no database (ranges, min <= max, known accelerator and engine) are here; those that do (the base
+model exists, preloaded adapters are the tenant's and of the same base model) are in `check_references`.
+Every error names the field at fault.
+"""
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, Field, field_validator, model_validator
+from sqlalchemy.orm import Session
+
+from functions import checkpoints
+from functions.catalog import get_model
+
+# The statuses of DESIGN.md, exactly.
+PENDING, INITIALIZING, READY, STANDBY, STOPPED, ERRORED, UPDATING, DELETED = (
+    "Pending",
+    "Initializing",
+    "Ready",
+    "Standby",
+    "Stopped",
+    "Errored",
+    "Updating",
+    "Deleted",
+)
+STATUSES = (PENDING, INITIALIZING, READY, STANDBY, STOPPED, ERRORED, UPDATING, DELETED)
+
+# Accelerators a deployment may ask for. Only `cpu` runs on the local runtime; the GPUs are Modal's.
+ACCELERATORS = ("cpu", "a10g", "l40s", "a100-80gb", "h100")
+LOCAL_ACCELERATORS = ("cpu",)
+ENGINES = ("native", "vllm")
+NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+# Fields whose change needs new replicas (the others, the scaling knobs, apply at once).
+REPLICA_FIELDS = ("accelerator", "engine", "preloaded_adapters")
+
+HOUR = 3600.0
+
+
+class ScalingFields(BaseModel):
+    min_replicas: int = Field(default=0, ge=0, description="Replicas kept up even when idle; 0 allows Standby.")
+    max_replicas: int = Field(default=1, ge=1, description="Most replicas the autoscaler starts.")
+    scale_up_threshold: int = Field(
+        default=1, ge=1, description="Concurrent requests per replica above which another replica is started."
+    )
+    cooldown_time: float = Field(
+        default=HOUR, ge=0, description="Seconds the load must stay lower before replicas are stopped."
+    )
+
+
+class DeploymentConfig(ScalingFields):
+    """POST /v1/deployments."""
+
+    name: str = Field(description="Lowercase letters, digits and dashes; unique among your deployments.")
+    base_model: str = Field(description="Catalog name of the base model, e.g. 'smollm2-135m'.")
+    accelerator: str = Field(default="cpu", description="cpu here; a10g, l40s, a100-80gb, h100 on Modal.")
+    engine: str = Field(default="native", description="native (our batched multi-LoRA engine) or vllm.")
+    preloaded_adapters: list[str] = Field(
+        default_factory=list, description="Adapters ('repo/3' or 'repo') loaded on every replica as it starts."
+    )
+    description: str = Field(default="", max_length=1000)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not NAME.match(value):
+            raise ValueError("lowercase letters, digits and dashes, starting with a letter or digit, at most 63")
+        return value
+
+    @field_validator("accelerator")
+    @classmethod
+    def _accelerator(cls, value: str) -> str:
+        return check_accelerator(value)
+
+    @field_validator("engine")
+    @classmethod
+    def _engine(cls, value: str) -> str:
+        return check_engine(value)
+
+    @field_validator("base_model")
+    @classmethod
+    def _base_model(cls, value: str) -> str:
+        try:
+            return get_model(value).name
+        except KeyError:
+            raise ValueError(f"unknown base model {value!r}; GET /v1/models lists them") from None
+
+    @model_validator(mode="after")
+    def _replicas(self) -> "DeploymentConfig":
+        check_replica_range(self.min_replicas, self.max_replicas)
+        return self
+
+
+class DeploymentUpdate(BaseModel):
+    """PATCH /v1/deployments/{name}: the fields given replace the deployment's; the base model stays."""
+
+    min_replicas: int | None = Field(default=None, ge=0)
+    max_replicas: int | None = Field(default=None, ge=1)
+    scale_up_threshold: int | None = Field(default=None, ge=1)
+    cooldown_time: float | None = Field(default=None, ge=0)
+    accelerator: str | None = None
+    engine: str | None = None
+    preloaded_adapters: list[str] | None = None
+    description: str | None = Field(default=None, max_length=1000)
+    base_model: str | None = Field(default=None, description="Refused when it differs: create a new deployment.")
+
+    @field_validator("accelerator")
+    @classmethod
+    def _accelerator(cls, value: str | None) -> str | None:
+        return None if value is None else check_accelerator(value)
+
+    @field_validator("engine")
+    @classmethod
+    def _engine(cls, value: str | None) -> str | None:
+        return None if value is None else check_engine(value)
+
+
+def check_accelerator(value: str) -> str:
+    value = value.lower()
+    if value not in ACCELERATORS:
+        raise ValueError(f"unknown accelerator {value!r}; one of {', '.join(ACCELERATORS)}")
+    return value
+
+
+def check_engine(value: str) -> str:
+    if value not in ENGINES:
+        raise ValueError(f"unknown engine {value!r}; one of {', '.join(ENGINES)}")
+    return value
+
+
+def check_replica_range(min_replicas: int, max_replicas: int) -> None:
+    if min_replicas > max_replicas:
+        raise ValueError(f"min_replicas: {min_replicas} is more than max_replicas ({max_replicas})")
+
+
+class Refused(ValueError):
+    """A config the database says no to; `status` is 404 for what does not exist, 422 for what does not fit."""
+
+    def __init__(self, status: int, field: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.field, self.message = status, field, message
+
+
+def check_references(session: Session, tenant_id: str, base_model: str, adapters: list[str]) -> list[str]:
+    """The preloaded adapters as canonical names ('repo' becomes its latest 'repo/N'). Another tenant's adapter
+    reads exactly like one that does not exist."""
+    names: list[str] = []
+    for reference in adapters:
+        weights = checkpoints.find(session, tenant_id, _latest(session, tenant_id, reference))
+        if weights is None:
+            raise Refused(404, "preloaded_adapters", f"preloaded_adapters: the adapter {reference!r} does not exist")
+        if weights.kind != "lora":
+            raise Refused(
+                422,
+                "preloaded_adapters",
+                f"preloaded_adapters: {reference!r} is a full fine-tuned model, not an adapter of {base_model!r}",
+            )
+        if weights.base_model != base_model:
+            raise Refused(
+                422,
+                "preloaded_adapters",
+                f"preloaded_adapters: {reference!r} is an adapter of {weights.base_model!r}, not of {base_model!r}",
+            )
+        if weights.name not in names:
+            names.append(weights.name)
+    return names
+
+
+def _latest(session: Session, tenant_id: str, reference: str) -> str:
+    if "/" in reference:
+        return reference
+    from sqlalchemy import select
+
+    from app.models import Repo
+
+    repo = session.scalar(select(Repo).where(Repo.tenant_id == tenant_id, Repo.name == reference))
+    return repo.versions[-1].name if repo is not None and repo.versions else f"{reference}/0"
+
+
+def limits_message(max_replicas: int, limit: int) -> str | None:
+    if max_replicas > limit:
+        return f"max_replicas: at most {limit} on this platform (LORAPLEX_DEPLOYMENT_MAX_REPLICAS)"
+    return None
+
+
+Status = Literal["Pending", "Initializing", "Ready", "Standby", "Stopped", "Errored", "Updating", "Deleted"]
