@@ -257,6 +257,7 @@ class LoraPool:
         if group not in self.a:
             return
         a_pool, b_pools, r = self.a[group][layer], self.b[group][layer], self.max_rank
+        x = x.to(self.dtype)  # the pools' dtype (fp32 on CPU): a no-op for fp32 engines
         columns = self.columns[group]
         g_pool = self.g[group][layer] if group in self.g else None
         for slot, start, end in segments.long:
@@ -265,9 +266,10 @@ class LoraPool:
                 lora = h[:, j * r : (j + 1) * r] @ b_pool[slot].T
                 if self.dora[slot] and g_pool is not None:  # PEFT's DoRA: (g - 1) * base + g * lora * scaling
                     g = g_pool[slot, lo:hi]
-                    y[start:end, lo:hi] += (g - 1) * y[start:end, lo:hi] + g * lora * self.scales[slot]
+                    base = y[start:end, lo:hi].to(self.dtype)
+                    y[start:end, lo:hi] += ((g - 1) * base + g * lora * self.scales[slot]).to(y.dtype)
                 else:
-                    y[start:end, lo:hi] += lora * self.scales[slot]
+                    y[start:end, lo:hi] += (lora * self.scales[slot]).to(y.dtype)
         for band in segments.bands:
             n, m = band.count, band.width
             if isinstance(band.slots, slice):
@@ -291,10 +293,11 @@ class LoraPool:
                     delta = lora * scale
                 else:  # DoRA in the band; g is 1 for the others, which leaves their sums unchanged
                     gj = g[:, None, lo:hi]
-                    rows = y[band.tokens, lo:hi]
+                    rows = y[band.tokens, lo:hi].to(self.dtype)
                     delta = (gj - 1) * rows.view(n, m, hi - lo) + gj * lora * scale
                     if band.mask is not None:
                         delta = delta * band.mask  # pads repeat a real token: they must add nothing to it
+                delta = delta.to(y.dtype)
                 if isinstance(band.tokens, slice):
                     y[band.tokens, lo:hi] += delta.view(n, hi - lo)
                 else:
