@@ -595,7 +595,10 @@ def test_concurrent_publishers_get_distinct_versions_and_keep_their_files(platfo
         thread.join(timeout=60)
     assert not errors, errors
     assert sorted(results.values()) == [1, 2]
-    assert len(calls) == 3  # the race really happened: the loser's first transaction failed and was retried
+    # Both were inside their first transaction together (the barrier). The loser either waited on the repo row's
+    # lock and then took the next number (2 calls), or failed on the unique index and was retried (3 calls):
+    # which one depends on the database's locking and on timing.
+    assert len(calls) in (2, 3)
     race = platform.data_dir / "volume" / "adapters" / tenant_id / "race"
     assert sorted(p.name for p in race.iterdir()) == ["1", "2"]  # no staging folder left either
     for who, version in results.items():
