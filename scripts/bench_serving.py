@@ -280,7 +280,6 @@ async def _first_token_ms(engine: Any, request: Any) -> float:
 
 
 def transformers_worker(args: argparse.Namespace) -> dict:
-    import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -288,7 +287,7 @@ def transformers_worker(args: argparse.Namespace) -> dict:
     from functions.engine.native import resolve_dtype
 
     adapters = make_adapters(args.adapters_dir, ADAPTERS, RANK)
-    dtype = resolve_dtype("auto", torch.device("cpu"))
+    dtype = resolve_dtype("auto")
     model_dir = ensure_local(BASE)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)

@@ -6,15 +6,19 @@ talks to it over local HTTP (remote.py); otherwise the engine runs on a thread o
 
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from app.settings import Settings, get_settings
 from functions.engine.protocol import Engine
+
+if TYPE_CHECKING:
+    from functions.engine.native import EngineConfig
 
 _engines: dict[str, Engine] = {}
 _lock = threading.Lock()
 
 
-def engine_config(settings: Settings):  # type: ignore[no-untyped-def]
+def engine_config(settings: Settings) -> "EngineConfig":
     from functions.engine.native import EngineConfig
 
     return EngineConfig(
@@ -65,5 +69,5 @@ def get_engine(base_model: str, model_dir: Path | None = None) -> Engine:
 def close_engines() -> None:
     with _lock:
         for engine in _engines.values():
-            engine.close()  # type: ignore[attr-defined]
+            engine.close()
         _engines.clear()

@@ -96,7 +96,7 @@ class Segments:
         return Segments(long, [Band(slots, torch.tensor(tokens, device=device), len(short), width, mask)])
 
 
-def read_adapter(path: Path, base_model: str, ref_base_model: str, layer_count: int, max_rank: int) -> dict:
+def read_adapter(path: Path, base_model: str, ref_base_model: str, max_rank: int) -> dict:
     """Check an adapter's config against this engine before anything is loaded. Returns the config."""
     config_file = path / "adapter_config.json"
     if ref_base_model != base_model:
@@ -243,10 +243,6 @@ class LoraPool:
             bounds.append(bounds[-1] + out)
         self.columns[group] = list(itertools.pairwise(bounds))  # where each module's output sits in y
         self.b[group] = [[zeros(self.slots, out, self.max_rank) for _, out in outs] for _ in range(self.layers)]
-
-    def bytes(self) -> int:
-        a = sum(t.numel() * t.element_size() for ts in self.a.values() for t in ts)
-        return a + sum(t.numel() * t.element_size() for ts in self.b.values() for bs in ts for t in bs)
 
     # ---- compute --------------------------------------------------------------------------------------
 

@@ -79,13 +79,11 @@ class _Seq:
         return self.request.adapter.key if self.request.adapter else None
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16
-        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-        return torch.bfloat16 if native else torch.float32
-    return {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}[name]
+def resolve_dtype(name: str) -> torch.dtype:
+    """auto: bf16 where the hardware runs it natively, as training decides (functions/trainer.py)."""
+    from functions.trainer import use_bf16
+
+    return torch.bfloat16 if use_bf16({"float32": "fp32", "bfloat16": "bf16"}.get(name, name)) else torch.float32
 
 
 class NativeEngine:
@@ -108,7 +106,7 @@ class NativeEngine:
             torch.set_num_threads(config.threads)
         self.base_model = base_model
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.dtype = resolve_dtype(config.dtype)
         model_dir = model_dir or ensure_local(base_model)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -245,7 +243,6 @@ class NativeEngine:
                     request.adapter.path,
                     self.base_model,
                     request.adapter.base_model,
-                    self.model.num_layers,
                     self.lora.max_rank,
                 )
                 self._adapter_configs[request.adapter.key] = config

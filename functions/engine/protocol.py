@@ -106,6 +106,10 @@ class Engine(Protocol):
         """Load figures: running, waiting, kv_used_fraction, resident adapters, tokens generated."""
         ...
 
+    def close(self) -> None:
+        """Stop the engine (its thread or process); it serves nothing afterwards."""
+        ...
+
 
 def check_request(prompt_ids: list[int], params: SamplingParams, context_length: int) -> None:
     """What every engine refuses before anything is queued: the EngineError names the field at fault."""

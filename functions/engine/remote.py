@@ -65,7 +65,6 @@ class RemoteEngine:
         self.base_model, self.url, self.context_length = base_model, url, context_length
         self.tokenizer = load_tokenizer(base_model) if model_dir is None else _tokenizer(model_dir)
         self.process: subprocess.Popen[bytes] | None = None
-        self.model_dir = model_dir
         self._clients: dict[int, httpx.AsyncClient] = {}  # one per event loop that used it
 
     @classmethod

@@ -7,6 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from sqlalchemy import select
+
+from app.db import session_scope
+from app.models import Checkpoint, Tenant
+from app.settings import get_settings
+from conftest import TINY_MODEL, Platform, make_tenant
 from finetune_helpers import (
     finish,
     metrics,
@@ -18,12 +24,6 @@ from finetune_helpers import (
     untar,
     version_dir,
 )
-from sqlalchemy import select
-
-from app.db import session_scope
-from app.models import Checkpoint, Tenant
-from app.settings import get_settings
-from conftest import TINY_MODEL, Platform, make_tenant
 
 NAMES = ("Ann", "Bo", "Cy", "Di", "Ed", "Flo", "Gus", "Hal")
 ROWS = [{"prompt": f"Say hi to {n}", "completion": f"Hi {n}!"} for n in NAMES] + [

@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from finetune_helpers import finish, metrics, ready_dataset, refusal, start_job, train, untar, version_dir
 from sqlalchemy import select
 
 from app.db import session_scope
 from app.models import Dataset, Tenant, UsageRecord
 from conftest import TINY_MODEL, Platform
+from finetune_helpers import finish, metrics, ready_dataset, refusal, start_job, train, untar, version_dir
 from functions.datasets import Example, detect_labels
 from functions.evaluate import classification_report
 

@@ -10,16 +10,12 @@ import pytest
 from fastapi.testclient import TestClient
 
 from conftest import TINY_MODEL, Platform
+from deployment_helpers import build_lora
 
 BASE = {"name": "prod", "base_model": TINY_MODEL}
 
 
 def lora_files(tiny_model_dir: Path, tmp_path: Path) -> list[tuple[str, tuple[str, bytes]]]:
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).parents[1] / "functions" / "deployments"))
-    from deployment_helpers import build_lora
-
     lora = build_lora(tiny_model_dir, tmp_path / "lora")
     return [("files", (n, (lora / n).read_bytes())) for n in ("adapter_config.json", "adapter_model.safetensors")]
 

@@ -9,23 +9,12 @@ from fastapi.testclient import TestClient
 from test_finetuning_api import create_job, wait_for_job
 
 from conftest import TINY_MODEL, InProcessWorker, Platform
+from finetune_helpers import ready_dataset
 
 ROWS = [
     {"prompt": f"Repeat {w}", "completion": w}
     for w in ["red", "green", "blue", "cyan", "pink", "gold", "gray", "navy", "teal", "lime"]
 ]
-
-
-def _ready(client: TestClient, headers: dict[str, str], rows: list[dict], name: str = "words") -> None:
-    data = "\n".join(json.dumps(r) for r in rows).encode()
-    r = client.post(
-        "/v1/datasets",
-        headers=headers,
-        files={"file": (f"{name}.jsonl", data)},
-        data={"base_model": TINY_MODEL, "wait": "false"},
-    )
-    assert r.status_code == 202, r.text
-    InProcessWorker().drain()
 
 
 def _job(client: TestClient, headers: dict[str, str], **config: object) -> dict:
@@ -48,7 +37,7 @@ def _job(client: TestClient, headers: dict[str, str], **config: object) -> dict:
 def test_configs_that_cannot_work_are_refused_before_any_compute(
     client: TestClient, alice: dict[str, str], config: dict, param: str, words: str
 ) -> None:
-    _ready(client, alice, ROWS)
+    ready_dataset(client, alice, ROWS, "words")
     r = client.post(
         "/v1/finetuning/jobs",
         headers=alice,
@@ -61,7 +50,7 @@ def test_configs_that_cannot_work_are_refused_before_any_compute(
 
 
 def test_train_steps_with_a_held_out_fraction(client: TestClient, alice: dict[str, str]) -> None:
-    _ready(client, alice, ROWS)  # 10 rows, no evaluation split: 10% (one row) is held out
+    ready_dataset(client, alice, ROWS, "words")  # 10 rows, no evaluation split: 10% (one row) is held out
     job = _job(client, alice, train_steps=3, effective_batch_size=2, eval_steps=1, enable_early_stopping=False)
     assert job["status"] == "completed", job
     assert job["total_steps"] == 3 and "epochs" not in job["config"]
@@ -73,7 +62,7 @@ def test_train_steps_with_a_held_out_fraction(client: TestClient, alice: dict[st
 
 
 def test_early_stopping_when_the_evaluation_loss_stops_improving(client: TestClient, alice: dict[str, str]) -> None:
-    _ready(client, alice, ROWS)
+    ready_dataset(client, alice, ROWS, "words")
     # A learning rate too small to move the loss: the first evaluation after step 1 sets the best, the next one
     # does not beat it by 1e-4, and patience 1 stops training at step 2 of 10.
     job = _job(
@@ -93,7 +82,7 @@ def test_early_stopping_when_the_evaluation_loss_stops_improving(client: TestCli
 
 @pytest.mark.parametrize("option", ["use_rslora", "use_dora"])
 def test_rslora_and_dora_adapters(client: TestClient, alice: dict[str, str], platform: Platform, option: str) -> None:
-    _ready(client, alice, ROWS)
+    ready_dataset(client, alice, ROWS, "words")
     job = _job(client, alice, epochs=1, effective_batch_size=4, **{option: True})
     assert job["status"] == "completed", job
     adapter_dir = next((Path(platform.data_dir) / "volume" / "adapters").glob("*/words/1"))
@@ -116,7 +105,7 @@ def test_out_of_memory_fails_the_job_with_that_reason_and_frees_the_worker(
     def out_of_memory(*args: object, **kwargs: object) -> None:
         raise MemoryError("cannot allocate 34359738368 bytes")
 
-    _ready(client, alice, ROWS)
+    ready_dataset(client, alice, ROWS, "words")
     monkeypatch.setattr(functions.train, "build_trainer", out_of_memory)
     job = _job(client, alice, epochs=1)
     assert job["status"] == "failed" and job["attempts"] == 1  # not retried: it would run out again
