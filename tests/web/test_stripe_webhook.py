@@ -133,6 +133,7 @@ def test_bad_or_stale_signatures_are_refused_and_change_nothing(
         "wrong secret": (payload, sign(payload, secret="whsec_wrong")),
         "tampered body": (forged, sign(payload)),
         "stale": (payload, sign(payload, timestamp=int(time.time()) - 301)),  # older than the 300 s tolerance
+        "from the future": (payload, sign(payload, timestamp=int(time.time()) + 600)),  # dated 10 minutes ahead
         "garbage header": (payload, "nonsense"),
     }
     for name, (body, signature) in cases.items():
@@ -143,7 +144,37 @@ def test_bad_or_stale_signatures_are_refused_and_change_nothing(
     r = client.post("/v1/stripe/webhook", content=payload, headers={"Content-Type": "application/json"})
     assert (r.status_code, r.json()["error"]["code"]) == (400, "invalid_signature")  # no header at all
     assert counts() == before
-    assert deliver(client, payload).json() == {"received": True}  # the genuine one still works afterwards
+    # The genuine one still works afterwards, from a sender whose clock runs a little ahead of ours too.
+    assert deliver(client, payload, sign(payload, timestamp=int(time.time()) + 250)).json() == {"received": True}
+
+
+def test_signed_bodies_that_are_not_events_are_refused_by_name(
+    client: TestClient, webhook_secret: str, customer: tuple[str, str]
+) -> None:
+    """Signed (so past the signature check) but not an event object: a 400 saying what is wrong, never a 500."""
+    before = counts()
+    no_object = json.loads(event("invoice.paid", {}))
+    no_object["data"] = {"object": "in_1"}
+    cases = {
+        b"[]": "a JSON array",
+        b'"evt_1"': "a JSON string",
+        b"42": "a JSON number",
+        b"null": "a JSON null",
+        json.dumps({"id": "evt_1", "data": {"object": {}}}).encode(): "'type'",
+        json.dumps({"type": "invoice.paid", "data": {"object": {}}}).encode(): "'id'",
+        json.dumps({"id": "evt_1", "type": "invoice.paid"}).encode(): "'data.object'",
+        json.dumps(no_object).encode(): "'data.object'",
+    }
+    for body, problem in cases.items():
+        r = deliver(client, body)
+        assert r.status_code == 400, (body, r.text)
+        error = r.json()["error"]
+        assert (error["code"], error["type"]) == ("invalid_payload", "invalid_request_error"), body
+        assert error["message"].startswith("the body is not a Stripe event") and problem in error["message"], body
+    for body in (b"{not json", b"\xff\xfe"):  # refused as malformed JSON (by the body check in front, or here)
+        r = deliver(client, body)
+        assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", (body, r.text)
+    assert counts() == before
 
 
 def test_without_a_secret_webhooks_are_refused_with_503(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:

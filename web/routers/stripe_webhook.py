@@ -8,6 +8,7 @@ Amounts from Stripe are cents; the ledger counts micro-USD (1 cent = 10_000 micr
 
 import json
 import logging
+import time
 from collections.abc import Callable
 from typing import Annotated, Any
 
@@ -51,22 +52,55 @@ def stripe_webhook(
             code="webhooks_not_configured",
         )
     try:
-        stripe.Webhook.construct_event(
+        # verify_header rather than construct_event: the latter also builds a stripe.Event, which fails with a
+        # TypeError or AttributeError (a 500) on a signed body that is not a JSON object; _event checks the shape.
+        stripe.WebhookSignature.verify_header(
             payload, stripe_signature, secret.get_secret_value(), tolerance=TOLERANCE_SECONDS
         )
-        event = json.loads(payload)
     except stripe.SignatureVerificationError as exc:
-        raise APIError(
-            400,
-            f"invalid Stripe signature: {exc.user_message or exc}",
-            param="Stripe-Signature",
-            code="invalid_signature",
-        ) from None
-    except ValueError:  # signed, but not JSON (or not UTF-8)
-        raise APIError(400, "the body is not a Stripe event", code="invalid_payload") from None
-    if not isinstance(event, dict) or not isinstance(event.get("id"), str) or not isinstance(event.get("type"), str):
-        raise APIError(400, "the body is not a Stripe event", code="invalid_payload")
-    return _handle(db, event)
+        raise _bad_signature(exc.user_message or str(exc)) from None
+    except ValueError:  # not UTF-8: nothing Stripe sends
+        raise _not_an_event("not JSON text (UTF-8)") from None
+    # Stripe's check refuses only timestamps older than the tolerance; one dated ahead would stay replayable for
+    # as long as it is ahead, so the future bound is ours.
+    signed_at = _signed_at(stripe_signature or "")
+    if signed_at > time.time() + TOLERANCE_SECONDS:
+        raise _bad_signature(f"timestamp {signed_at} is more than {TOLERANCE_SECONDS} s in the future")
+    return _handle(db, _event(payload))
+
+
+def _signed_at(header: str) -> int:
+    """The header's timestamp, read the way verify_header read it (the first `t=` item) once it accepted it."""
+    return int(next(parts[1] for parts in (item.split("=", 2) for item in header.split(",")) if parts[0] == "t"))
+
+
+def _bad_signature(reason: str) -> APIError:
+    return APIError(400, f"invalid Stripe signature: {reason}", param="Stripe-Signature", code="invalid_signature")
+
+
+def _not_an_event(problem: str) -> APIError:
+    return APIError(400, f"the body is not a Stripe event: {problem}", code="invalid_payload")
+
+
+JSON_KINDS = {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
+
+
+def _event(payload: bytes) -> dict[str, Any]:
+    """The signed body as an event object with what the handlers read: string `id` and `type`, object
+    `data.object`. Anything else is a 400 naming what is missing, never a 500 inside a handler."""
+    try:
+        event = json.loads(payload)
+    except ValueError:
+        raise _not_an_event("not JSON") from None
+    if not isinstance(event, dict):
+        raise _not_an_event(f"a JSON {JSON_KINDS[type(event)]}, not an event object")
+    for key in ("id", "type"):
+        if not isinstance(event.get(key), str) or not event[key]:
+            raise _not_an_event(f"no string {key!r}")
+    data = event.get("data")
+    if not isinstance(data, dict) or not isinstance(data.get("object"), dict):
+        raise _not_an_event("no object 'data.object'")
+    return event
 
 
 def _handle(db: Session, event: dict[str, Any]) -> dict[str, Any]:
@@ -76,8 +110,8 @@ def _handle(db: Session, event: dict[str, Any]) -> dict[str, Any]:
         return {"received": True, "ignored": f"event type {event_type} is not used"}
     if db.get(StripeWebhookEvent, event_id) is not None:
         return {"received": True, "duplicate": True}
-    data = event.get("data") or {}
-    obj: dict[str, Any] = data.get("object") or {}
+    data = event["data"]
+    obj: dict[str, Any] = data["object"]
     account = _account(db, _customer_of(event_type, obj, data), obj.get("metadata") or {})
     if account is None:
         log.warning("Stripe event %s (%s) names no customer of ours; ignored", event_id, event_type)
