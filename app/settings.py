@@ -27,6 +27,9 @@ class Settings(BaseSettings):
 
     # Limits
     max_upload_bytes: int = Field(default=50 * MB, gt=0, description="Largest dataset file accepted.")
+    max_json_body_bytes: int = Field(
+        default=1 * MB, gt=0, description="Largest JSON request body (inference, jobs, deployments, billing)."
+    )
     max_dataset_rows: int = Field(default=200_000, gt=0, description="Most rows in one dataset.")
     max_new_tokens_limit: int = Field(
         default=2048, gt=0, description="Largest max_tokens an inference request may ask."
@@ -54,6 +57,12 @@ class Settings(BaseSettings):
     )
     prefill_chunk_tokens: int = Field(default=256, gt=0, description="Prompt tokens an engine prefills per step.")
     engine_start_timeout: float = Field(default=180.0, gt=0, description="Seconds to wait for an engine process.")
+    engine_health_interval: float = Field(
+        default=5.0,
+        gt=0,
+        description="Seconds between health polls of each engine and deployment replica (also how long one poll "
+        "waits, at least 1 s); one unhealthy 3 polls in a row, or dead, is replaced.",
+    )
 
     # Shared endpoints (/v1/chat/completions, /v1/completions): per-tenant limits of the free tier; 0 turns one off.
     # Enterprise tenants have no token limits there (they pay for what is beyond the free allowance).
@@ -83,7 +92,12 @@ class Settings(BaseSettings):
         default=100_000, ge=0, description="Price of a CPU replica-hour, micro-USD (the GPU rates are in prices.py)."
     )
     metrics_token: SecretStr | None = Field(
-        default=None, description="Bearer token GET /metrics asks for; unset: the endpoint is open (bind to localhost)."
+        default=None, description="Bearer token GET /metrics asks for; unset: it is closed unless metrics_public."
+    )
+    metrics_public: bool = Field(
+        default=False,
+        description="Serve GET /metrics without a token when none is set (only on a port that tenants cannot reach: "
+        "it names tenants, deployments and adapters).",
     )
 
     # Queue behaviour

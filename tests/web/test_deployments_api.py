@@ -188,17 +188,40 @@ def test_a_stopped_deployment_refuses_requests_until_moved_to_standby(
     assert r.json()["status"] == "Standby" and r.json()["transitions"][-1]["reason"] == "moved to Standby by the tenant"
 
 
-def test_prometheus_endpoint_and_its_token(client: TestClient, alice: dict[str, str], monkeypatch: Any) -> None:
+def test_prometheus_endpoint_and_its_token(
+    client: TestClient, alice: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/metrics names tenants, deployments and adapters: private unless the operator opens it on purpose."""
     from app.settings import get_settings
 
     client.post("/v1/deployments", headers=alice, json=BASE)
     wait_status(client, alice, "prod", "Standby")
-    r = client.get("/metrics")
+
+    def scrape(token: str | None = None, headers: dict[str, str] | None = None) -> Any:
+        return client.get("/metrics", headers=headers or ({"Authorization": f"Bearer {token}"} if token else {}))
+
+    # By default (no token, not opened): closed to everyone, a tenant's own API key included; an empty token is none.
+    monkeypatch.setenv("LORAPLEX_METRICS_TOKEN", "")
+    get_settings.cache_clear()
+    for r in (scrape(), scrape(headers=alice), scrape("anything"), scrape(headers={"Authorization": "Bearer "})):
+        assert r.status_code == 403 and r.json()["error"]["code"] == "metrics_private", r.text
+        assert "LORAPLEX_METRICS_TOKEN" in r.json()["error"]["message"] and "prod" not in r.text
+
+    monkeypatch.setenv("LORAPLEX_METRICS_TOKEN", "s3cret")
+    get_settings.cache_clear()
+    for r in (scrape(), scrape(headers=alice), scrape("wrong")):
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_token", r.text
+        assert r.json()["error"]["type"] == "authentication_error" and "prod" not in r.text
+    r = scrape("s3cret")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     assert 'loraplex_deployment_status{accelerator="cpu",deployment="prod"' in r.text
     [line] = [x for x in r.text.splitlines() if x.startswith("loraplex_deployment_status{")]
     assert 'status="Standby"' in line and line.endswith(" 1.0")
-    monkeypatch.setenv("LORAPLEX_METRICS_TOKEN", "s3cret")
+
+    # Opened on purpose (a port the operator firewalls): no token asked; a token set still has to be sent.
+    monkeypatch.setenv("LORAPLEX_METRICS_PUBLIC", "true")
     get_settings.cache_clear()
-    assert client.get("/metrics").status_code == 401
-    assert client.get("/metrics", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    assert scrape().status_code == 401 and scrape("s3cret").status_code == 200
+    monkeypatch.delenv("LORAPLEX_METRICS_TOKEN")
+    get_settings.cache_clear()
+    assert scrape().status_code == 200 and 'deployment="prod"' in scrape().text

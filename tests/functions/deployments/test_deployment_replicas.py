@@ -30,6 +30,7 @@ from deployment_helpers import (
 )
 
 HELLO = [{"role": "user", "content": "Say hi"}]
+METRICS_TOKEN = "metrics-s3cret"
 
 
 @pytest.fixture
@@ -38,6 +39,7 @@ def served(sqlite_platform: Platform, monkeypatch: pytest.MonkeyPatch) -> Iterat
 
     for key, value in FAST_ENV.items():
         monkeypatch.setenv(key, value)
+    monkeypatch.setenv("LORAPLEX_METRICS_TOKEN", METRICS_TOKEN)  # /metrics is private without one
     get_settings.cache_clear()
     with serve_app() as s:
         yield s
@@ -151,7 +153,8 @@ def test_scales_from_zero_to_two_and_back_to_zero(served: Served, http: httpx.Cl
     assert any((p["utilization"] or 0) > 0 for p in metrics["points"])
     assert sum(p["requests"] for p in metrics["adapters"]["base"]) == len(results) + 1
     assert metrics["cold_starts"] and metrics["cold_starts"][0]["seconds"] > 0
-    text = httpx.get(f"{served.url}/metrics").text
+    assert http.get("/metrics").status_code == 401  # the tenant's own API key does not open it
+    text = httpx.get(f"{served.url}/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"}).text
     requests = [line for line in text.splitlines() if line.startswith("loraplex_deployment_requests_total{")]
     assert len(requests) == 1 and 'adapter="base"' in requests[0] and 'deployment="auto"' in requests[0]
     assert float(requests[0].rsplit(" ", 1)[1]) == len(results) + 1
