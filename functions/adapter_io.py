@@ -2,9 +2,10 @@
 
 An adapter is served as plain LoRA on the base model's linear layers, by the transformers engine today and by
 vLLM tomorrow. So an import is checked against exactly what serving needs, from the files alone (nothing is
-loaded into a model): `adapter_config.json` says LORA without variants that change the forward pass, and every
-tensor in `adapter_model.safetensors` (read from its header only) is a lora_A/lora_B pair of a linear layer the
-base model has, with the shapes the base model's config implies. Pickled weights are refused outright.
+loaded into a model): `adapter_config.json` says LORA without variants that change the forward pass, holds only
+keys PEFT's LoraConfig knows, each of the type PEFT declares, with a rank the engines serve and an alpha and
+dropout in range; every tensor in `adapter_model.safetensors` is a lora_A/lora_B pair of a linear layer the base
+model has, with the shapes the base model's config implies, and finite values. Pickled weights are refused outright.
 
 Publishing is shared with training (functions/train.py): an import takes the repo's next version number from
 the repo row's counter (one UPDATE, which serializes concurrent publishers), a training job publishes the number
@@ -13,6 +14,8 @@ file is moved, so the unique (repo, version) index guards the directory; the fil
 same transaction. A full fine-tuning publishes a whole model directory the same way (kind "full").
 """
 
+import dataclasses
+import functools
 import gzip
 import io
 import json
@@ -22,6 +25,8 @@ import shutil
 import stat
 import tarfile
 import tempfile
+import types
+import typing
 import zipfile
 import zlib
 from collections.abc import Callable, Iterable
@@ -36,9 +41,10 @@ from sqlalchemy.orm import Session
 from app import volume
 from app.db import session_scope
 from app.models import AdapterVersion, Repo
+from app.settings import get_settings
 from functions.base_models import BaseModelUnavailable, ensure_local
 from functions.catalog import get_model
-from functions.finetune_config import linear_modules
+from functions.finetune_config import FinetuneConfig, linear_modules
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -73,6 +79,20 @@ VARIANT_FIELDS = {
     "alpha_pattern": "per-module alphas (alpha_pattern)",
     "megatron_config": "Megatron parallel layers",
     "fan_in_fan_out": "transposed (Conv1D) weights",
+}
+# Fine-tuning's own bound on lora_alpha, so that whatever training made imports again after an export. With r >= 1
+# it caps the LoRA scale (alpha / r, or alpha / sqrt(r) for rsLoRA) there; an alpha of 1e30 makes every output inf.
+MAX_LORA_ALPHA = next(m.le for m in FinetuneConfig.model_fields["lora_alpha"].metadata if hasattr(m, "le"))
+# PEFT annotates lora_alpha as int but uses it as a float scale, and adapters in the wild carry 16.0.
+JSON_TYPE_OVERRIDES: dict[str, set[type]] = {"lora_alpha": {int, float}}
+JSON_TYPE_NAMES = {
+    bool: "a boolean",
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    list: "a list",
+    dict: "an object",
+    type(None): "null",
 }
 
 
@@ -132,6 +152,11 @@ def check_peft_dir(path: Path, base_model: str) -> AdapterInfo:
     )
 
 
+def stored_rank(path: Path) -> int:
+    """The rank of an adapter on the volume (a version's or a checkpoint's directory), as the engines read it."""
+    return int(_read_adapter_config(path / CONFIG_FILE)["r"])
+
+
 def _read_adapter_config(path: Path) -> dict[str, Any]:
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
@@ -140,6 +165,39 @@ def _read_adapter_config(path: Path) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise AdapterRejected(f"{CONFIG_FILE}: expected a JSON object", CONFIG_FILE)
     return config
+
+
+@functools.cache
+def _lora_config_fields() -> dict[str, set[type] | None]:
+    """Every key the installed PEFT's LoraConfig has, with the JSON types (as json.loads gives them) its annotation
+    allows at the top level; None: any. Derived from PEFT rather than listed, so that an adapter this PEFT saved
+    always passes. VARIANT_FIELDS of newer PEFT versions are known too: left unset (falsy), they are plain LoRA."""
+    from peft import LoraConfig
+
+    hints = typing.get_type_hints(LoraConfig)
+    fields: dict[str, set[type] | None] = dict.fromkeys(VARIANT_FIELDS)
+    for field in dataclasses.fields(LoraConfig):
+        fields[field.name] = JSON_TYPE_OVERRIDES.get(field.name) or _json_types(hints[field.name])
+    return fields
+
+
+def _json_types(annotation: Any) -> set[type]:
+    """Optional[list[str]] -> {list, NoneType}; a str enum (PeftType) -> {str}; a nested config dataclass -> {dict}."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return set().union(*map(_json_types, typing.get_args(annotation)))
+    if origin is typing.Literal:
+        return {type(value) for value in typing.get_args(annotation)}
+    kind = origin or annotation
+    if kind is float:
+        return {float, int}
+    if kind in (list, tuple, set):
+        return {list}
+    if kind is dict or dataclasses.is_dataclass(kind):
+        return {dict}
+    if isinstance(kind, type) and issubclass(kind, str):
+        return {str}
+    return {kind}  # bool, int, NoneType
 
 
 def _check_lora_config(config: dict[str, Any], base_model: str) -> set[str]:
@@ -154,6 +212,17 @@ def _check_lora_config(config: dict[str, Any], base_model: str) -> set[str]:
             "peft_type",
             f"{peft_type!r} is not accepted; the serving engine serves LoRA adapters only (peft_type 'LORA')",
         )
+    # PEFT itself ignores keys it does not know; here one is refused, since what it was meant to change would
+    # silently not happen in serving.
+    known = _lora_config_fields()
+    unknown = sorted(set(config) - set(known))
+    if unknown:
+        raise reject(", ".join(unknown), f"not a LoraConfig field; the known fields are {sorted(known)}")
+    for key, value in config.items():
+        json_types = known[key]
+        if json_types is not None and type(value) not in json_types:  # type(): True is no integer here
+            expected = " or ".join(sorted({JSON_TYPE_NAMES[t] for t in json_types}))
+            raise reject(key, f"expected {expected}, got {value!r}")
     for key, what in VARIANT_FIELDS.items():
         if config.get(key):  # unset, null, false, {} and [] all mean plain LoRA
             raise reject(key, f"{what} is not supported; the serving engine serves plain LoRA only")
@@ -161,12 +230,21 @@ def _check_lora_config(config: dict[str, Any], base_model: str) -> set[str]:
         raise reject("bias", f"{config['bias']!r} trains the base model's biases; only 'none' can be served")
     if config.get("task_type") not in (None, "CAUSAL_LM"):
         raise reject("task_type", f"{config['task_type']!r}; adapters are served for text generation (CAUSAL_LM)")
-    rank = config.get("r")
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise reject("r", f"the rank must be a positive integer, got {rank!r}")
+    # Types are checked above; these are the ranges (written so that NaN and infinity, which json.loads reads from
+    # NaN and Infinity, fail them too) and the keys PEFT would default but an adapter must state.
+    rank, max_rank = config.get("r"), get_settings().max_lora_rank
+    if not isinstance(rank, int) or not 1 <= rank <= max_rank:
+        raise reject(
+            "r",
+            f"the rank must be an integer from 1 to {max_rank} (the largest served, LORAPLEX_MAX_LORA_RANK), "
+            f"got {rank!r}",
+        )
     alpha = config.get("lora_alpha")
-    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or alpha <= 0:
-        raise reject("lora_alpha", f"must be a positive number, got {alpha!r}")
+    if not isinstance(alpha, int | float) or not 0 < alpha <= MAX_LORA_ALPHA:
+        raise reject("lora_alpha", f"must be a number above 0 and at most {MAX_LORA_ALPHA}, got {alpha!r}")
+    dropout = config.get("lora_dropout", 0.0)
+    if not 0 <= dropout < 1:
+        raise reject("lora_dropout", f"must be at least 0 and below 1, got {dropout!r}")
     targets = config.get("target_modules")
     if isinstance(targets, str):  # PEFT reads a string as a regular expression over module paths
         raise reject("target_modules", f"a pattern ({targets!r}) is not accepted; list the module names")
@@ -214,6 +292,7 @@ def _linear_shapes(config: Any) -> dict[str, tuple[int, int]]:
 
 
 def _check_tensors(path: Path, base: Any, base_model: str, modules: set[str], rank: int, dora: bool) -> None:
+    import torch
     from safetensors import SafetensorError, safe_open
 
     shapes = _linear_shapes(base)
@@ -224,7 +303,8 @@ def _check_tensors(path: Path, base: Any, base_model: str, modules: set[str], ra
         return AdapterRejected(f"{WEIGHTS_FILE}: tensor {key!r}: {problem}", WEIGHTS_FILE)
 
     try:
-        # safe_open reads the JSON header and maps the file; no tensor data is read here.
+        # safe_open reads the JSON header and maps the file; a tensor's data is read once its name, dtype and shape
+        # passed.
         with safe_open(path, framework="pt") as weights:
             keys = list(weights.keys())
             if not keys:
@@ -258,6 +338,10 @@ def _check_tensors(path: Path, base: Any, base_model: str, modules: set[str], ra
                         f"shape {list(shape)}, expected {list(want)} for rank {rank} on {base_model} "
                         f"({module}: {in_features} -> {out_features}); was the adapter made for another model?",
                     )
+                # One NaN or infinity makes the logits of every request in the engine's batch NaN, not only the
+                # requests that use this adapter. The shapes are checked first, so this reads only bounded tensors.
+                if not torch.isfinite(weights.get_tensor(key)).all():
+                    raise reject(key, "holds NaN or infinite values; every weight must be finite")
                 halves.setdefault((layer, module), set()).add(half)
     except SafetensorError as exc:
         raise AdapterRejected(f"{WEIGHTS_FILE}: not a readable safetensors file ({exc})", WEIGHTS_FILE) from None

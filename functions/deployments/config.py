@@ -1,7 +1,8 @@
 """The deployment config users send (create and update), its checks, and the deployment statuses.
 
 Checks that need no database (ranges, min <= max, known accelerator and engine) are here; those that do (the base
-model exists, preloaded adapters are the tenant's and of the same base model) are in `check_references`.
+model exists, preloaded adapters are the tenant's, of the same base model and of a rank the engines serve) are in
+`check_references`.
 Every error names the field at fault.
 """
 
@@ -11,7 +12,8 @@ from typing import Literal
 from pydantic import BaseModel, Field, field_validator, model_validator
 from sqlalchemy.orm import Session
 
-from functions import checkpoints
+from app.settings import get_settings
+from functions import adapter_io, checkpoints
 from functions.catalog import get_model
 
 # The statuses of DESIGN.md, exactly.
@@ -161,6 +163,16 @@ def check_references(session: Session, tenant_id: str, base_model: str, adapters
                 422,
                 "preloaded_adapters",
                 f"preloaded_adapters: {reference!r} is an adapter of {weights.base_model!r}, not of {base_model!r}",
+            )
+        # Every replica would fail to start on it: an import refuses such a rank, but training may make one, and
+        # the operator may lower the limit after an import. One small file read (a checkpoint's row has no rank).
+        rank, max_rank = adapter_io.stored_rank(weights.path), get_settings().max_lora_rank
+        if rank > max_rank:
+            raise Refused(
+                422,
+                "preloaded_adapters",
+                f"preloaded_adapters: {reference!r} has rank {rank}; the engines serve ranks up to {max_rank} "
+                "(LORAPLEX_MAX_LORA_RANK)",
             )
         if weights.name not in names:
             names.append(weights.name)

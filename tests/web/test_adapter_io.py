@@ -53,6 +53,15 @@ def lora_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 @pytest.fixture(scope="module")
+def rank32_lora_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A genuine rank-32 LoRA: above LORAPLEX_MAX_LORA_RANK (16), so no engine here would serve it."""
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    return build_lora(base, tmp_path_factory.mktemp("rank32") / "adapter", r=32, lora_alpha=64)
+
+
+@pytest.fixture(scope="module")
 def foreign_lora_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
     """The same kind of adapter, made for a Llama with hidden size 32 instead of 64."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -74,14 +83,14 @@ def greedy_reference(model_dir: Path, adapter: Path | None) -> str:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from functions.prompts import chat_prompt
+    from functions.prompts import encode_chat
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     if adapter is not None:
         model = PeftModel.from_pretrained(model, adapter)
     model.eval()
-    ids = tokenizer(chat_prompt(tokenizer, MESSAGES), add_special_tokens=False, return_tensors="pt")["input_ids"]
+    ids = torch.tensor([encode_chat(tokenizer, MESSAGES)])
     with torch.inference_mode():
         out = model.generate(
             input_ids=ids,
@@ -367,6 +376,14 @@ def symlink_tar(lora_dir: Path) -> bytes:
     return buffer.getvalue()
 
 
+def poisoned_weights(lora_dir: Path, value: float) -> bytes:
+    """The adapter's weights with one value of one lora_A replaced (NaN or an infinity)."""
+    tensors = load_file(lora_dir / "adapter_model.safetensors")
+    key = sorted(k for k in tensors if "lora_A" in k)[-1]
+    tensors[key][0, 0] = value
+    return save(tensors)
+
+
 def pickled_weights(lora_dir: Path) -> bytes:
     buffer = io.BytesIO()
     torch.save(load_file(lora_dir / "adapter_model.safetensors"), buffer)
@@ -376,7 +393,7 @@ def pickled_weights(lora_dir: Path) -> bytes:
 Send = Callable[[TestClient, dict[str, str]], httpx.Response]
 
 
-def refusals(lora_dir: Path, foreign_lora_dir: Path) -> list[tuple[str, Send, int, str, str]]:
+def refusals(lora_dir: Path, foreign_lora_dir: Path, rank32_lora_dir: Path) -> list[tuple[str, Send, int, str, str]]:
     """(what, request, status, param, a fragment of the message)."""
     config, weights = peft_files(lora_dir)
 
@@ -475,6 +492,54 @@ def refusals(lora_dir: Path, foreign_lora_dir: Path) -> list[tuple[str, Send, in
             "either",
         ),
         ("bad repo name", files("bad repo!", peft_files(lora_dir)), 422, "repo", "letters, digits"),
+        # Adapters the engines cannot serve, or that would poison a batch: refused at the door.
+        ("rank 32", files("imported", peft_files(rank32_lora_dir)), 422, "adapter_config.json", "from 1 to 16"),
+        ("rank 0", files("imported", cfg(r=0)), 422, "adapter_config.json", "r: the rank must be"),
+        ("rank as a float", files("imported", cfg(r=4.0)), 422, "adapter_config.json", "r: expected an integer"),
+        ("huge alpha", files("imported", cfg(lora_alpha=1e30)), 422, "adapter_config.json", "lora_alpha: must be"),
+        ("NaN alpha", files("imported", cfg(lora_alpha=float("nan"))), 422, "adapter_config.json", "got nan"),
+        ("infinite alpha", files("imported", cfg(lora_alpha=float("inf"))), 422, "adapter_config.json", "got inf"),
+        ("alpha as text", files("imported", cfg(lora_alpha="8")), 422, "adapter_config.json", "lora_alpha: expected"),
+        ("dropout 5", files("imported", cfg(lora_dropout=5)), 422, "adapter_config.json", "lora_dropout: must be"),
+        ("dropout 1", files("imported", cfg(lora_dropout=1.0)), 422, "adapter_config.json", "below 1"),
+        ("negative dropout", files("imported", cfg(lora_dropout=-0.1)), 422, "adapter_config.json", "at least 0"),
+        ("use_rslora 'yes'", files("imported", cfg(use_rslora="yes")), 422, "adapter_config.json", "a boolean"),
+        ("use_dora 1", files("imported", cfg(use_dora=1)), 422, "adapter_config.json", "use_dora: expected a boolean"),
+        (
+            "inference_mode 'false'",
+            files("imported", cfg(inference_mode="false")),
+            422,
+            "adapter_config.json",
+            "'false'",
+        ),
+        (
+            "layers_to_transform text",
+            files("imported", cfg(layers_to_transform="0")),
+            422,
+            "adapter_config.json",
+            "a list",
+        ),
+        (
+            "unknown key",
+            files("imported", cfg(lora_scale=100)),
+            422,
+            "adapter_config.json",
+            "lora_scale: not a LoraConfig",
+        ),
+        (
+            "NaN in a weight",
+            files("imported", [config, ("adapter_model.safetensors", poisoned_weights(lora_dir, float("nan")))]),
+            422,
+            "adapter_model.safetensors",
+            "NaN or infinite",
+        ),
+        (
+            "infinity in a weight",
+            files("imported", [config, ("adapter_model.safetensors", poisoned_weights(lora_dir, float("-inf")))]),
+            422,
+            "adapter_model.safetensors",
+            "NaN or infinite",
+        ),
     ]
 
 
@@ -484,13 +549,14 @@ def test_refusals_name_the_fault_and_leave_nothing(
     platform: Platform,
     lora_dir: Path,
     foreign_lora_dir: Path,
+    rank32_lora_dir: Path,
 ) -> None:
     # One good version first, so "nothing new" is measured against a volume and tables that hold something.
     assert import_files(client, alice, "imported", peft_files(lora_dir)).status_code == 201
     volume_before, rows_before = adapters_on_volume(platform), row_counts()
     assert rows_before == (1, 1) and volume_before
 
-    for what, send, status, param, fragment in refusals(lora_dir, foreign_lora_dir):
+    for what, send, status, param, fragment in refusals(lora_dir, foreign_lora_dir, rank32_lora_dir):
         r = send(client, alice)
         assert r.status_code == status, (what, r.text)
         error = r.json()["error"]
@@ -616,3 +682,34 @@ def test_a_dora_adapter_imports_and_serves_like_peft(
     r = import_files(client, alice, "dora", peft_files(dora))
     assert r.status_code == 201, r.text
     assert chat(client, alice, "dora/1") == greedy_reference(tiny_model_dir, dora)
+
+
+def test_every_key_peft_writes_imports_with_its_types(
+    client: TestClient, alice: dict[str, str], lora_dir: Path
+) -> None:
+    """The known keys come from the installed PEFT: whatever its LoraConfig writes (every field, at its default, as
+    save_pretrained does; runtime_config too) imports, and so do in-range values of the checked fields, a float
+    alpha included."""
+    from peft import LoraConfig
+
+    written = LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=TARGETS)
+    config = json.loads(json.dumps(written.to_dict(), default=list))  # as PEFT saves it: sets as lists
+    config |= {"runtime_config": {"ephemeral_gpu_offload": False}}
+    named_in_the_issue = [
+        "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
+        "fan_in_fan_out", "bias", "modules_to_save", "init_lora_weights", "layers_to_transform", "layers_pattern",
+        "rank_pattern", "alpha_pattern", "megatron_config", "megatron_core", "loftq_config", "use_dora",
+        "layer_replication", "runtime_config", "lora_bias", "exclude_modules", "eva_config", "corda_config",
+        "target_parameters", "trainable_token_indices", "qalora_group_size", "use_qalora", "alora_invocation_tokens",
+        "arrow_config", "ensure_weight_tying",
+    ]  # fmt: skip
+    assert set(named_in_the_issue) <= set(config)
+    weights = ("adapter_model.safetensors", (lora_dir / "adapter_model.safetensors").read_bytes())
+    for changes in (
+        {},
+        {"lora_alpha": 16.0, "lora_dropout": 0.5, "use_rslora": True, "init_lora_weights": "gaussian"},
+        {"r": 4, "lora_alpha": 4096, "lora_dropout": 0, "layers_to_transform": [0, 1], "inference_mode": True},
+    ):
+        files = [("adapter_config.json", json.dumps(config | changes).encode()), weights]
+        r = import_files(client, alice, "peft", files)
+        assert r.status_code == 201, (changes, r.text)

@@ -172,6 +172,25 @@ def test_other_tenants_and_other_base_models_are_refused(
     assert client.get("/v1/deployments").status_code == 401
 
 
+def test_preloading_an_adapter_above_the_served_rank_is_refused(
+    client: TestClient, alice: dict[str, str], tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rank no engine serves (training may make one; the operator may lower the limit after an import) is
+    refused when the deployment is created or updated, not found out by every replica failing to start."""
+    from app.settings import get_settings
+
+    adapter = import_adapter(client, alice, "greeter", lora_files(tiny_model_dir, tmp_path))  # rank 4
+    assert client.post("/v1/deployments", headers=alice, json=BASE | {"name": "plain"}).status_code == 201
+    monkeypatch.setattr(get_settings(), "max_lora_rank", 2)
+    for r in (
+        client.post("/v1/deployments", headers=alice, json=BASE | {"preloaded_adapters": ["greeter"]}),
+        client.patch("/v1/deployments/plain", headers=alice, json={"preloaded_adapters": [adapter]}),
+    ):
+        refused(r, 422, "preloaded_adapters", "has rank 4; the engines serve ranks up to 2")
+    assert [d["name"] for d in client.get("/v1/deployments", headers=alice).json()] == ["plain"]
+    assert client.get("/v1/deployments/plain", headers=alice).json()["preloaded_adapters"] == []
+
+
 def test_a_stopped_deployment_refuses_requests_until_moved_to_standby(
     client: TestClient, alice: dict[str, str]
 ) -> None:
