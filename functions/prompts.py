@@ -1,16 +1,29 @@
 """Turning dataset rows and chat requests into token ids, the same way for counting, training and serving.
 
-A training example is split into a prompt part (no loss) and a completion part (loss). With the chat
-template, a prompt/completion row becomes one user turn and one assistant turn, exactly as
-/v1/chat/completions will present it at inference time.
+User text is text: a message, a prompt or a dataset row that spells a special token ("<|im_start|>") is encoded as
+those characters, never as the control token, so nobody can forge chat turns inside their own text. Only the chat
+template puts control tokens into a sequence: it is rendered with a mark in place of each message's content, and
+the contents are encoded as plain text where the marks stand.
+
+A training example is split into a prompt part (no loss) and a completion part (loss). With the chat template, a
+prompt/completion row becomes one user turn and one assistant turn, exactly as /v1/chat/completions will present it
+at inference time.
 """
 
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from functions.datasets import Example
 
 IGNORE_INDEX = -100  # label value the loss skips
+
+# Where message i's content stands in a rendered template: private-use characters no template writes. The tabs
+# around it show whether the template trims contents (see _render).
+_MARK = "\ue000{}\ue001"
+_PADDED_MARK = re.compile("(\t?)\ue000(\\d+)\ue001(\t?)")
+_BARE_MARK = re.compile("\ue000(\\d+)\ue001")
 
 
 @dataclass(frozen=True)
@@ -20,33 +33,82 @@ class Tokenized:
     full_length: int  # tokens before truncation to max_seq_length
 
 
-def chat_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
-    """The text the model sees for a chat request, ending where the assistant's reply begins."""
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+def encode_text(tokenizer: Any, text: str) -> list[int]:
+    """Text as plain tokens: the spelling of a special token in it is characters, not a control token."""
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
 
-def split_example(example: Example, tokenizer: Any, apply_chat_template: bool) -> tuple[str, str]:
-    """(prompt text, completion text) for one example."""
+def encode_chat(tokenizer: Any, messages: Sequence[dict[str, str]]) -> tuple[int, ...]:
+    """The token ids the model sees for a chat request, ending where the assistant's reply begins (a
+    GenerationRequest's prompt)."""
+    return tuple(_encode(tokenizer, *_render(tokenizer, messages, add_generation_prompt=True)))
+
+
+def example_ids(example: Example, tokenizer: Any, apply_chat_template: bool) -> tuple[list[int], list[int]]:
+    """(prompt ids, completion ids) for one example."""
+    eos = [tokenizer.eos_token_id]
     if example.text is not None:  # continued pretraining: every token is learned
-        return "", example.text + tokenizer.eos_token
+        return [], encode_text(tokenizer, example.text) + eos
     if example.messages is not None:
         messages = list(example.messages)
     else:
         messages = [{"role": "user", "content": example.prompt}, {"role": "assistant", "content": example.completion}]
     if not apply_chat_template:
         prompt = "\n".join(m["content"] for m in messages[:-1]) + "\n"
-        return prompt, messages[-1]["content"] + tokenizer.eos_token
-    prompt = chat_prompt(tokenizer, messages[:-1])
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
+        return encode_text(tokenizer, prompt), encode_text(tokenizer, messages[-1]["content"]) + eos
+    prompt, _ = _render(tokenizer, messages[:-1], add_generation_prompt=True)
+    full, contents = _render(tokenizer, messages, add_generation_prompt=False)
     if not full.startswith(prompt):  # a template that rewrites earlier turns: fall back to appending
-        return prompt, messages[-1]["content"] + tokenizer.eos_token
-    return prompt, full[len(prompt) :]
+        return _encode(tokenizer, prompt, contents), encode_text(tokenizer, contents[-1]) + eos
+    return _encode(tokenizer, prompt, contents), _encode(tokenizer, full[len(prompt) :], contents)
 
 
 def tokenize_example(example: Example, tokenizer: Any, apply_chat_template: bool, max_seq_length: int) -> Tokenized:
-    prompt, completion = split_example(example, tokenizer, apply_chat_template)
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
-    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    prompt_ids, completion_ids = example_ids(example, tokenizer, apply_chat_template)
     input_ids = (prompt_ids + completion_ids)[:max_seq_length]
     labels = ([IGNORE_INDEX] * len(prompt_ids) + completion_ids)[:max_seq_length]
     return Tokenized(input_ids, labels, len(prompt_ids) + len(completion_ids))
+
+
+def _render(tokenizer: Any, messages: Sequence[dict[str, str]], add_generation_prompt: bool) -> tuple[str, list[str]]:
+    """The chat template's text with a mark in place of each message's content, and the text each mark stands for.
+
+    The template gets each content as a mark between two tabs: where the tabs come out, it inserts contents as they
+    are; where they do not, it trims them (Llama 3, Gemma 2 do), and so that mark stands for the trimmed content."""
+    padded = [{**m, "content": "\t" + _MARK.format(i) + "\t"} for i, m in enumerate(messages)]
+    rendered = tokenizer.apply_chat_template(padded, add_generation_prompt=add_generation_prompt, tokenize=False)
+    contents = [m["content"] for m in messages]
+
+    def unpad(found: re.Match[str]) -> str:
+        before, i, after = found[1], int(found[2]), found[3]
+        if before and after:
+            return _MARK.format(i)
+        contents[i] = contents[i].strip()
+        return before + _MARK.format(i) + after  # a tab left there is the template's own
+
+    return _PADDED_MARK.sub(unpad, rendered), contents
+
+
+def _encode(tokenizer: Any, marked: str, contents: list[str]) -> list[int]:
+    """The ids of a marked rendering: its control tokens, and the text between two of them (the template's own text
+    and the contents where the marks stand) encoded as plain text in one piece, as the tokenizer encodes the text
+    between two control tokens of a whole rendering."""
+    pattern, ids_of = _control_tokens(tokenizer)
+    ids: list[int] = []
+    for n, piece in enumerate(pattern.split(marked)):
+        if n % 2:
+            ids.append(ids_of[piece] if piece in ids_of else ids_of[piece.strip()])  # less the spaces it took
+        elif piece:
+            ids += encode_text(tokenizer, _BARE_MARK.sub(lambda found: contents[int(found[1])], piece))
+    return ids
+
+
+def _control_tokens(tokenizer: Any) -> tuple[re.Pattern[str], dict[str, int]]:
+    """A pattern that finds the tokenizer's special tokens as it does (the longest first, with the spaces beside one
+    that takes them: lstrip, rstrip), in one group, and their ids."""
+    special = {t.content: (i, t) for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    alternatives = [
+        ("\\s*" if t.lstrip else "") + re.escape(content) + ("\\s*" if t.rstrip else "")
+        for content, (_, t) in sorted(special.items(), key=lambda item: -len(item[0]))
+    ]
+    return re.compile(f"({'|'.join(alternatives)})"), {content: i for content, (i, _) in special.items()}

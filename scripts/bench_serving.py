@@ -332,7 +332,7 @@ def _transformers_run(model: Any, tokenizer: Any, plan: list[int | None]) -> dic
     ttft, itl, tokens = [], [], 0
     for adapter, members in groups.items():
         prompts = [prompt_for(_Templater(tokenizer), i) for i in members]
-        batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        batch = tokenizer.pad({"input_ids": [list(p) for p in prompts]}, return_tensors="pt")
         clock = Clock()
         kwargs = {"max_new_tokens": NEW_TOKENS, "min_new_tokens": NEW_TOKENS, "do_sample": False}
         with torch.inference_mode():

@@ -102,9 +102,11 @@ async def close(engine: Any) -> None:
     await asyncio.sleep(0.1)  # let vLLM's output tasks see their cancellation
 
 
-def prompt_for(engine: Any, i: int) -> str:
-    messages = [{"role": "user", "content": f"Write a short story about item {i}."}]
-    return engine.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+def prompt_for(engine: Any, i: int) -> tuple[int, ...]:
+    """Request i's prompt: the chat template's token ids, as the API sends a chat request."""
+    from functions.prompts import encode_chat
+
+    return encode_chat(engine.tokenizer, [{"role": "user", "content": f"Write a short story about item {i}."}])
 
 
 def adapter_plan(workload: str) -> list[int | None]:

@@ -228,7 +228,7 @@ class NativeEngine:
     def _prepare(self, request: GenerationRequest) -> _Seq:
         """Refuse what can never run, before anything is queued."""
         params = request.params
-        ids = self.tokenizer(request.prompt, add_special_tokens=False)["input_ids"]
+        ids = request.prompt_ids(self.tokenizer)
         check_request(ids, params, self.context_length)
         if not 1 <= params.num_beams <= 8:
             raise EngineError("num_beams must be between 1 and 8", "num_beams")

@@ -8,7 +8,9 @@ request's slot in the batch at once.
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
+
+from functions.prompts import encode_text
 
 
 @dataclass(frozen=True)
@@ -39,9 +41,14 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    prompt: str  # already rendered (chat template applied by the caller)
+    # Token ids (a chat request, its template applied by the caller: functions.prompts.encode_chat), or text, which
+    # the engine encodes as plain text: a special token spelled in it is never a control token.
+    prompt: tuple[int, ...] | str
     params: SamplingParams = field(default_factory=SamplingParams)
     adapter: AdapterRef | None = None  # None: the base model alone
+
+    def prompt_ids(self, tokenizer: Any) -> list[int]:
+        return list(self.prompt) if isinstance(self.prompt, tuple) else encode_text(tokenizer, self.prompt)
 
 
 FinishReason = Literal["stop", "length"]
@@ -141,8 +148,9 @@ def request_from_dict(data: dict) -> GenerationRequest:
     params = dict(data.get("params") or {})
     params["stop"] = tuple(params.get("stop", ()))
     adapter = data.get("adapter")
+    prompt = data["prompt"]
     return GenerationRequest(
-        prompt=data["prompt"],
+        prompt=prompt if isinstance(prompt, str) else tuple(prompt),
         params=SamplingParams(**params),
         adapter=AdapterRef(adapter["key"], Path(adapter["path"]), adapter["base_model"]) if adapter else None,
     )

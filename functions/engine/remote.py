@@ -24,6 +24,7 @@ from functions.engine.protocol import (
     TokenLogprob,
     request_to_dict,
 )
+from functions.prompts import encode_text
 
 
 class EngineUnavailable(RuntimeError):
@@ -81,7 +82,7 @@ class RemoteEngine:
         return self.process is None or self.process.poll() is None
 
     def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return len(encode_text(self.tokenizer, text))
 
     def stats(self) -> dict:
         return httpx.get(f"{self.url}/health", timeout=5).json()

@@ -26,6 +26,7 @@ from functions.engine.protocol import (
     TokenLogprob,
     check_request,
 )
+from functions.prompts import encode_text
 
 GiB = 1024**3
 
@@ -74,7 +75,7 @@ class VLLMEngine:
     # ---- the protocol ---------------------------------------------------------------------------------
 
     def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return len(encode_text(self.tokenizer, text))
 
     def stats(self) -> dict:
         # vLLM's scheduler figures arrive with its outputs, so after an abort they can be one step stale; the
@@ -104,9 +105,7 @@ class VLLMEngine:
         request_id = uuid.uuid4().hex
         self.counters["requests"] += 1
         self.counters["prompt_tokens"] += len(prompt_ids)
-        stream = self._engine.generate(
-            tokens_input(prompt_ids, prompt=request.prompt), sampling, request_id, lora_request=lora
-        )
+        stream = self._engine.generate(tokens_input(prompt_ids), sampling, request_id, lora_request=lora)
         finished = False
         completion_tokens = 0
         first_token_ms = 0.0
@@ -157,7 +156,7 @@ class VLLMEngine:
     def _validate(self, request: GenerationRequest) -> list[int]:
         """Refuse what can never run, before anything reaches vLLM. Returns the prompt's token ids."""
         params = request.params
-        ids: list[int] = self.tokenizer(request.prompt, add_special_tokens=False)["input_ids"]
+        ids = request.prompt_ids(self.tokenizer)
         check_request(ids, params, self.context_length)
         if params.num_beams != 1:
             # vLLM serves beam search through a separate API (LLM.beam_search), not through AsyncLLM.generate.

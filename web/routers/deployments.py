@@ -39,7 +39,7 @@ from functions.deployments.config import (
     limits_message,
 )
 from functions.deployments.runtime import DeploymentEngine, DeploymentRuntime, DeploymentUnavailable, replica_price
-from functions.prompts import chat_prompt
+from functions.prompts import encode_chat
 from web.deps import CurrentTenant, Db
 from web.errors import APIError
 from web.openai_schemas import ChatCompletionRequest, CompletionRequest
@@ -317,7 +317,7 @@ async def chat_completions(
     target = _target(db, tenant.id, deployment, body.model)
     engine = await _engine(runtime, deployment, target)
     messages = [{"role": m.role, "content": m.text} for m in body.messages]
-    prompt = chat_prompt(engine.tokenizer, messages)
+    prompt = encode_chat(engine.tokenizer, messages)
     return await _serve(body, body.requested_max_tokens, prompt, target, engine, tenant, request, chat=True)
 
 
@@ -334,7 +334,7 @@ async def completions(
 async def _serve(
     body: Any,
     max_tokens: int | None,
-    prompt: str,
+    prompt: tuple[int, ...] | str,  # the chat template's token ids, or a completion's text
     target: Target,
     engine: DeploymentEngine,
     tenant: Tenant,

@@ -38,7 +38,7 @@ from functions.engine.protocol import (
     collect,
 )
 from functions.engine.remote import EngineUnavailable
-from functions.prompts import chat_prompt
+from functions.prompts import encode_chat
 from web.deps import CurrentTenant, Db
 from web.errors import APIError
 from web.openai_schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
@@ -88,7 +88,7 @@ async def chat_completions(body: ChatCompletionRequest, tenant: CurrentTenant, d
     db.close()  # hand the connection back now: a stream may last minutes, and usage is written on its own session
     engine = await _engine(target)
     messages = [{"role": m.role, "content": m.text} for m in body.messages]
-    prompt = chat_prompt(engine.tokenizer, messages)  # type: ignore[attr-defined]
+    prompt = encode_chat(engine.tokenizer, messages)  # type: ignore[attr-defined]
     return await _respond(body, body.requested_max_tokens, prompt, target, engine, tenant, request, chat=True)
 
 
@@ -163,7 +163,7 @@ async def _first(stream: AsyncIterator[Delta], chat: bool) -> Delta:
 async def _respond(
     body: SamplingFields,
     max_tokens: int | None,
-    prompt: str,
+    prompt: tuple[int, ...] | str,  # the chat template's token ids, or a completion's text
     target: Target,
     engine: Engine,
     tenant: Tenant,

@@ -21,6 +21,7 @@ from functions.engine.protocol import (
     SamplingParams,
     collect,
 )
+from functions.prompts import encode_chat
 
 BASE = "smollm2-135m"
 NEW_TOKENS = 64
@@ -66,9 +67,9 @@ def run() -> Iterator[Callable[[Any], Any]]:
     loop.close()
 
 
-def prompt(engine: NativeEngine, topic: str) -> str:
-    messages = [{"role": "user", "content": f"Tell me three facts about {topic}."}]
-    return engine.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+def prompt(engine: NativeEngine, topic: str) -> tuple[int, ...]:
+    """A chat request's prompt, as the API sends it: the chat template's token ids."""
+    return encode_chat(engine.tokenizer, [{"role": "user", "content": f"Tell me three facts about {topic}."}])
 
 
 def ref(path: Path, i: int) -> AdapterRef:
@@ -79,19 +80,24 @@ def greedy(n: int = NEW_TOKENS, **fields: Any) -> SamplingParams:
     return SamplingParams(max_new_tokens=n, min_new_tokens=n, temperature=0, **fields)
 
 
-def transformers_greedy(model_dir: Path, text: str, adapter: Path | None) -> list[int]:
+def transformers_greedy(model_dir: Path, prompt_ids: tuple[int, ...], adapter: Path | None) -> list[int]:
     """What the engine must reproduce: transformers generate, with PEFT for an adapter, in fp32."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     if adapter is not None:
         model = PeftModel.from_pretrained(model, adapter)
-    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")
+    ids = torch.tensor([prompt_ids])
     with torch.inference_mode():
-        out = model.generate(**ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
-    return out[0, ids["input_ids"].shape[1] :].tolist()
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,
+            do_sample=False,
+        )
+    return out[0, ids.shape[1] :].tolist()
 
 
 def test_mixed_batch_matches_transformers_and_peft_token_for_token(
@@ -132,20 +138,22 @@ def test_beam_search_matches_transformers_beside_other_requests(
 ) -> None:
     from transformers import AutoModelForCausalLM
 
-    texts = [prompt(engine, topic) for topic in ("maps", "jazz")]
-    beams = [GenerationRequest(t, SamplingParams(max_new_tokens=20, temperature=0, num_beams=3)) for t in texts]
-    others = [GenerationRequest(texts[0], greedy(30), ref(adapters[1], 1))]  # decoding in the same batch
+    prompts = [prompt(engine, topic) for topic in ("maps", "jazz")]
+    beams = [GenerationRequest(p, SamplingParams(max_new_tokens=20, temperature=0, num_beams=3)) for p in prompts]
+    others = [GenerationRequest(prompts[0], greedy(30), ref(adapters[1], 1))]  # decoding in the same batch
 
     async def together() -> list[Any]:
         return await asyncio.gather(*[collect(engine.generate(r)) for r in beams + others])
 
     results = run(together())
     model = AutoModelForCausalLM.from_pretrained(bundled_model, dtype=torch.float32)
-    for text, result in zip(texts, results, strict=False):
-        ids = engine.tokenizer(text, add_special_tokens=False, return_tensors="pt")
+    for prompt_ids, result in zip(prompts, results, strict=False):
+        ids = torch.tensor([prompt_ids])
         with torch.inference_mode():
-            out = model.generate(**ids, max_new_tokens=20, num_beams=3, do_sample=False)
-        assert result.text == engine.tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+            out = model.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, num_beams=3, do_sample=False
+            )
+        assert result.text == engine.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
     assert results[-1].completion_tokens == 30
 
 
@@ -166,15 +174,15 @@ def test_dora_adapters_are_served_as_peft_computes_them(
             param.data *= 1 + torch.randn_like(param) * 0.02
     peft_model.save_pretrained(tmp_path / "dora")
     dora = AdapterRef("dora", tmp_path / "dora", BASE)
-    text = prompt(engine, "kites")
+    kites = prompt(engine, "kites")
     # two DoRA requests (one segment of two tokens), beside a plain adapter and the base model
-    requests = [GenerationRequest(text, greedy(), a) for a in (dora, ref(adapters[0], 0), dora, None)]
+    requests = [GenerationRequest(kites, greedy(), a) for a in (dora, ref(adapters[0], 0), dora, None)]
 
     async def together() -> list[Any]:
         return await asyncio.gather(*[collect(engine.generate(r)) for r in requests])
 
     results = run(together())
-    tokens = transformers_greedy(bundled_model, text, tmp_path / "dora")
+    tokens = transformers_greedy(bundled_model, kites, tmp_path / "dora")
     expected = engine.tokenizer.decode(tokens, skip_special_tokens=True)
     assert results[0].text == results[2].text == expected
     assert expected != results[3].text
@@ -190,18 +198,18 @@ def test_sampling_is_reproducible_with_a_seed(engine: NativeEngine, run: Callabl
 
 
 def test_repetition_penalty_min_tokens_stop_and_logprobs(engine: NativeEngine, run: Callable[[Any], Any]) -> None:
-    text = prompt(engine, "rivers")
-    plain = run(collect(engine.generate(GenerationRequest(text, greedy(20)))))
-    penalized = run(collect(engine.generate(GenerationRequest(text, greedy(20, repetition_penalty=1.5)))))
+    rivers = prompt(engine, "rivers")
+    plain = run(collect(engine.generate(GenerationRequest(rivers, greedy(20)))))
+    penalized = run(collect(engine.generate(GenerationRequest(rivers, greedy(20, repetition_penalty=1.5)))))
     assert penalized.text != plain.text
 
     stop = plain.text.split()[3]
-    stopped = run(collect(engine.generate(GenerationRequest(text, greedy(20, stop=(stop,))))))
+    stopped = run(collect(engine.generate(GenerationRequest(rivers, greedy(20, stop=(stop,))))))
     assert stopped.finish_reason == "stop"
     assert stopped.text == plain.text[: plain.text.index(stop)]
 
     short = SamplingParams(max_new_tokens=3, temperature=0, logprobs=True, top_logprobs=3)
-    scored = run(collect(engine.generate(GenerationRequest(text, short))))
+    scored = run(collect(engine.generate(GenerationRequest(rivers, short))))
     assert scored.finish_reason == "length" and scored.completion_tokens == 3
     assert "".join(lp.token for lp in scored.logprobs) == scored.text
     for lp in scored.logprobs:
