@@ -4,6 +4,10 @@ Per layer, keys and values are [num_blocks * block_size, KVH, Dh]; a sequence ow
 position p lives in slot blocks[p // block_size] * block_size + p % block_size. A request reserves the blocks
 for its prompt plus max_new_tokens when it is admitted, so a running request never runs out of room; a request
 that does not fit waits in the queue (admission control) until running ones finish.
+
+Block 0 is never handed out: padded attention rows point at its slot 0 (llama.Sequences.decode_slots), and a
+masked key still meets its value in the softmax-weighted sum (0 × NaN is NaN). Kept at zero, it cannot carry
+what a request with a numerically broken adapter left in a block it freed into another request's output.
 """
 
 import torch
@@ -22,12 +26,12 @@ class KVCache:
     ) -> None:
         self.block_size = block_size
         self.bytes_per_token = layers * 2 * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
-        self.num_blocks = max(1, budget_bytes // (self.bytes_per_token * block_size))
-        slots = self.num_blocks * block_size
+        self.num_blocks = max(1, budget_bytes // (self.bytes_per_token * block_size))  # blocks requests can hold
+        slots = (self.num_blocks + 1) * block_size  # + the padding block
         self.k = [torch.zeros(slots, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(layers)]
         self.v = [torch.zeros(slots, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(layers)]
         self.device = device
-        self._free = list(range(self.num_blocks - 1, -1, -1))
+        self._free = list(range(self.num_blocks, 0, -1))  # 1..num_blocks, lowest handed out first
 
     @property
     def capacity_tokens(self) -> int:

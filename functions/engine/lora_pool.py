@@ -139,6 +139,8 @@ def load_adapter(path: Path, config: dict, layer_count: int) -> AdapterWeights:
         match = _KEY.search(key)
         if match is None or match[2] not in MODULE_GROUP or int(match[1]) >= layer_count:
             raise EngineError(f"this adapter cannot be served: unexpected weight {key!r}", "model")
+        if not bool(torch.isfinite(tensor).all()):  # import refuses these too; files on the volume can still change
+            raise EngineError(f"this adapter cannot be served: weight {key!r} is not finite (NaN or Inf)", "model")
         pairs.setdefault((int(match[1]), match[2]), {})[match[3][0]] = tensor  # "A", "B" or "m"
     weights = {where: (ab["A"], ab["B"]) for where, ab in pairs.items() if "A" in ab and "B" in ab}
     magnitudes = {where: ab["m"] for where, ab in pairs.items() if "m" in ab}

@@ -30,13 +30,19 @@ from functions.engine.protocol import (
     EngineBusy,
     EngineError,
     GenerationRequest,
+    RequestFailed,
     TokenLogprob,
     check_request,
 )
 from functions.engine.sampling import Choice, RowState, choose
 from functions.engine.text import TextStream
+from functions.prompts import encode_text
 
 GiB = 1024**3
+
+
+class EngineBroken(RuntimeError):
+    """The engine cannot compute any more (a step failed for every request and the bare model fails too)."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,7 @@ class EngineConfig:
     max_waiting: int = 512  # queued requests before new ones get EngineBusy (429)
     prefill_chunk: int = 256  # prompt tokens per step
     threads: int | None = None  # torch threads; all cores when None
+    stall_seconds: float = 30.0  # no progress this long with requests queued: the engine reports itself unhealthy
 
 
 @dataclass(eq=False)
@@ -137,6 +144,8 @@ class NativeEngine:
         self._adapter_configs: dict[str, dict] = {}
         self.counters = {"requests": 0, "generated_tokens": 0, "prompt_tokens": 0, "adapter_loads": 0, "steps": 0}
         self._closed = False
+        self._broken = ""  # why the engine gave up (a step failed for every request, twice); "" while it serves
+        self._progress_at = time.monotonic()  # last time the loop moved a request forward, or found nothing to do
         self._thread: threading.Thread | None = None
         if background:
             self._thread = threading.Thread(target=self.run, name="engine", daemon=True)
@@ -145,7 +154,7 @@ class NativeEngine:
     # ---- caller side ----------------------------------------------------------------------------------
 
     def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return len(encode_text(self.tokenizer, text))
 
     def stats(self) -> dict:
         return {
@@ -158,6 +167,19 @@ class NativeEngine:
             "adapter_slots": self.lora.slots,
             **self.counters,
         }
+
+    def healthy(self) -> tuple[bool, str]:
+        """(healthy, why not). Unhealthy once the loop gave up, or while requests are queued and nothing has moved
+        for `stall_seconds`: the API replaces such an engine (functions/engine/__init__.py)."""
+        if self._broken:
+            return False, self._broken
+        if self._thread is not None and not self._thread.is_alive() and not self._closed:
+            return False, "the engine loop is not running"
+        stalled = time.monotonic() - self._progress_at
+        queued = len(self._running) + len(self._waiting) + len(self._intake)
+        if queued and stalled > self.config.stall_seconds:
+            return False, f"no progress for {stalled:.0f} s with {queued} requests in the engine"
+        return True, ""
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         seq = self._prepare(request)
@@ -178,7 +200,7 @@ class NativeEngine:
             while True:
                 item = await items.get()
                 if item[0] == "error":
-                    raise item[1]
+                    raise item[1]  # EngineError before the first token; RequestFailed at any time
                 if item[0] == "end":
                     _, finish, queue_ms, first_ms = item
                     tail = text.finish()
@@ -250,6 +272,8 @@ class NativeEngine:
 
     def _submit(self, seq: _Seq) -> None:
         with self._wake:
+            if self._broken or self._closed:
+                raise RequestFailed(f"the engine is restarting: {self._broken or 'closed'}", "engine_restarting", 503)
             if len(self._intake) + len(self._waiting) >= self.config.max_waiting:
                 raise EngineBusy("the engine's queue is full", retry_after=1.0)
             self._intake.append(seq)
@@ -271,28 +295,98 @@ class NativeEngine:
     # ---- engine thread --------------------------------------------------------------------------------
 
     def run(self) -> None:
-        """The engine loop, until close()."""
+        """The engine loop, until close(). Raises EngineBroken when a step failed for every request and a probe of
+        the bare model failed twice: the engine process then exits and is started afresh (or, on a thread, the
+        registry replaces this engine), every request it held having failed with the reason."""
         torch.set_grad_enabled(False)
         while not self._closed:
             with self._wake:
                 while self._intake:
                     self._waiting.append(self._intake.popleft())
                 if not self._running and not self._waiting:
+                    self._progress_at = time.monotonic()  # idle is not stalled
                     self._wake.wait(timeout=1.0)
                     continue
             try:
                 self._drop_cancelled()
                 self._admit()
                 if self._running:
-                    self._step()
+                    self._step_isolated()
                 else:
                     with self._wake:
                         self._wake.wait(timeout=0.005)  # waiting on an adapter load or on cache room
-            except Exception as exc:  # noqa: BLE001 - a failed step fails its requests, not the engine
-                for seq in self._running:
-                    seq.sink(("error", RuntimeError(f"engine step failed: {exc}")))
-                    self._release(seq)
-                self._running = []
+            except EngineBroken as exc:
+                self._break_down(str(exc))
+                raise
+
+    def _step_isolated(self) -> None:
+        """One step for every running request. When it raises, each request is stepped alone, so that a fault of
+        one request (its adapter, its sampling) fails that request only; a step that fails for every request
+        alone is the engine's fault when a one-token probe of the bare model fails too (EngineBroken)."""
+        batch = list(self._running)
+        try:
+            self._step(batch)
+            self._progress_at = time.monotonic()
+            return
+        except Exception as exc:  # noqa: BLE001 - which request is at fault is found below
+            first = exc
+        failed = 0
+        for seq in batch:
+            try:
+                self._step([seq])
+            except Exception as exc:  # noqa: BLE001 - this request's fault, or the engine's: the probe decides
+                failed += 1
+                self._fail(seq, RequestFailed(f"generation failed: {type(exc).__name__}: {exc}"))
+        self._progress_at = time.monotonic()
+        if failed == len(batch) and not self._probe():
+            raise EngineBroken(f"a step failed for every request ({type(first).__name__}: {first})")
+
+    def _probe(self) -> bool:
+        """Whether the bare model still computes: one token through it, twice at most (the retry), on a block of
+        the cache borrowed for the moment."""
+        room = self.kv.allocate(1)
+        if room is None:
+            return True  # the cache is full of running requests: they stepped, so the model works
+        blocks, slots = room
+        try:
+            for _ in range(2):
+                try:
+                    logits = self.model.forward(
+                        torch.tensor([self.eos], dtype=torch.long, device=self.device),
+                        torch.zeros(1, dtype=torch.long, device=self.device),
+                        Sequences([(0, 1, 0, slots)], 1, None, None, slots),
+                        Segments([], []),
+                        self.lora,
+                        self.kv.k,
+                        self.kv.v,
+                        torch.zeros(1, dtype=torch.long, device=self.device),
+                    )
+                    if bool(torch.isfinite(logits).all()):
+                        return True
+                except Exception:  # noqa: BLE001 - a failed probe is the answer
+                    pass
+            return False
+        finally:
+            self.kv.release(blocks)
+
+    def _break_down(self, reason: str) -> None:
+        """Fail every request the engine holds with the reason, and refuse new ones: the engine is replaced."""
+        self._broken = reason
+        failure = RequestFailed(f"the engine failed and is restarting: {reason}", "engine_restarting", 503)
+        with self._wake:
+            while self._intake:
+                self._waiting.append(self._intake.popleft())
+        for seq in [*self._running, *self._waiting]:
+            seq.sink(("error", failure))
+            self._release(seq)
+        self._running, self._waiting = [], []
+
+    def _fail(self, seq: _Seq, error: Exception) -> None:
+        """End one running request with an error; its cache blocks and adapter slot are free at once."""
+        self._release(seq)
+        if seq in self._running:
+            self._running.remove(seq)
+        seq.sink(("error", error))
 
     def _drop_cancelled(self) -> None:
         for seq in [s for s in self._waiting if s.cancelled]:
@@ -304,36 +398,50 @@ class NativeEngine:
         for seq in list(self._waiting):
             if len(self._running) >= self.config.max_batch:
                 return
-            slot = -1
-            if seq.adapter_key is not None:
-                slot = self._resident_slot(seq)
-                if slot is None:
-                    continue  # loading; later requests may go ahead
-            params = seq.request.params
-            total = min(len(seq.prompt_ids) + params.max_new_tokens, self.context_length)
-            rooms = [self.kv.allocate(total) for _ in range(params.num_beams)]  # one room per beam
-            if any(room is None for room in rooms):
-                for room in rooms:
-                    if room is not None:
-                        self.kv.release(room[0])
-                return  # first come, first served for cache room
-            seq.blocks = [block for room in rooms for block in room[0]]  # type: ignore[index]
-            seq.beam_slots = [room[1] for room in rooms]  # type: ignore[index]
-            if params.num_beams > 1:
-                seq.beam = BeamSearch(params.num_beams, self.eos, params.max_new_tokens, params.min_new_tokens)
-            seq.slot = slot
-            if slot >= 0:
-                self.lora.pins[slot] += 1
-            seq.tokens = list(seq.prompt_ids)
-            seed = seq.request.params.seed
-            if not seq.request.params.greedy or seq.request.params.repetition_penalty != 1.0:
-                seq.generator = torch.Generator(self.device)
-                seq.generator.manual_seed(seed if seed is not None else torch.seed())
-            seq.started = time.monotonic()
-            self._waiting.remove(seq)
-            self._running.append(seq)
-            self.counters["requests"] += 1
-            self.counters["prompt_tokens"] += len(seq.prompt_ids)
+            try:
+                if self._admit_one(seq) == "full":
+                    return  # first come, first served for cache room
+            except Exception as exc:  # noqa: BLE001 - a request that cannot start fails alone, holding nothing
+                self._release(seq)
+                if seq in self._waiting:
+                    self._waiting.remove(seq)
+                seq.sink(("error", RequestFailed(f"the request could not start: {type(exc).__name__}: {exc}")))
+
+    def _admit_one(self, seq: _Seq) -> str:
+        """Start one waiting request if its adapter is resident and its cache room is free: "started", "later"
+        (its adapter is loading, or failed and the request was answered), or "full" (no cache room)."""
+        slot = -1
+        if seq.adapter_key is not None:
+            slot = self._resident_slot(seq)
+            if slot is None:
+                return "later"  # loading; later requests may go ahead
+        params = seq.request.params
+        total = min(len(seq.prompt_ids) + params.max_new_tokens, self.context_length)
+        rooms = [self.kv.allocate(total) for _ in range(params.num_beams)]  # one room per beam
+        if any(room is None for room in rooms):
+            for room in rooms:
+                if room is not None:
+                    self.kv.release(room[0])
+            return "full"
+        seq.blocks = [block for room in rooms for block in room[0]]  # type: ignore[index]
+        seq.beam_slots = [room[1] for room in rooms]  # type: ignore[index]
+        if params.num_beams > 1:
+            seq.beam = BeamSearch(params.num_beams, self.eos, params.max_new_tokens, params.min_new_tokens)
+        seq.slot = slot
+        if slot >= 0:
+            self.lora.pins[slot] += 1
+        seq.tokens = list(seq.prompt_ids)
+        seed = seq.request.params.seed
+        if not seq.request.params.greedy or seq.request.params.repetition_penalty != 1.0:
+            seq.generator = torch.Generator(self.device)
+            seq.generator.manual_seed(seed if seed is not None else torch.seed())
+        seq.started = time.monotonic()
+        self._waiting.remove(seq)
+        self._running.append(seq)
+        self.counters["requests"] += 1
+        self.counters["prompt_tokens"] += len(seq.prompt_ids)
+        self._progress_at = seq.started
+        return "started"
 
     def _resident_slot(self, seq: _Seq) -> int | None:
         key, adapter = seq.adapter_key, seq.request.adapter
@@ -380,10 +488,13 @@ class NativeEngine:
             self._loading.discard(key)
             self._wake.notify()
 
-    def _step(self) -> None:
+    def _step(self, batch: list[_Seq]) -> None:
+        """One forward pass over `batch` (running requests), then each request's next token. Nothing of a request's
+        state moves before the forward pass has succeeded (the cache writes it made are rewritten alike by a retry);
+        a fault in one request's logits or sampling fails that request alone."""
         prefill, decode = [], []
         budget = self.config.prefill_chunk
-        for seq in self._running:
+        for seq in batch:
             if seq.generated > 0:
                 decode += [(seq, j) for j in range(len(seq.beam.beams))] if seq.beam else [(seq, -1)]
             elif budget > 0:
@@ -456,22 +567,47 @@ class NativeEngine:
         for seq in {seq for seq, _ in decode}:
             seq.computed += 1
         self.counters["steps"] += 1
-        plain = [i for i, (_, beam) in enumerate(sampled) if beam < 0]
+        finite = torch.isfinite(logits).all(-1).tolist()  # a NaN/Inf row: that request's adapter (or input) broke
+        for seq in {seq for (seq, _), ok in zip(sampled, finite, strict=True) if not ok}:
+            self._fail(seq, self._numeric_fault(seq))
+        plain = [i for i, (seq, beam) in enumerate(sampled) if beam < 0 and finite[i]]
         self._emit_samples(logits[plain], [sampled[i][0] for i in plain])
         beams: dict[_Seq, list[int]] = {}
         for i, (seq, j) in enumerate(sampled):
-            if j >= 0:
+            if j >= 0 and seq in self._running:
                 beams.setdefault(seq, []).append(i)
         for seq, rows in beams.items():
-            self._advance_beams(seq, logits[rows])
+            try:
+                self._advance_beams(seq, logits[rows])
+            except Exception as exc:  # noqa: BLE001 - this request's fault alone
+                self._fail(seq, RequestFailed(f"beam search failed: {type(exc).__name__}: {exc}"))
+
+    def _numeric_fault(self, seq: _Seq) -> RequestFailed:
+        if seq.slot >= 0:  # the base model is shared and was finite for the other requests: the adapter is at fault
+            message = "the adapter's output is not finite (NaN or Inf): its weights are numerically broken"
+            return RequestFailed(message, "adapter_numeric_fault", 422)
+        return RequestFailed("the model's output is not finite (NaN or Inf)", "numeric_fault", 500)
 
     def _emit_samples(self, logits: torch.Tensor, seqs: list[_Seq]) -> None:
-        """logits: [len(seqs), V]: the next token of each request (not beam search)."""
+        """logits: [len(seqs), V]: the next token of each request (not beam search). Sampling that raises for the
+        batch is redone row by row, and a row that raises alone fails its request alone."""
         if not seqs:
             return
         states = [RowState(s.request.params, s.tokens, s.generated, s.generator, self.eos) for s in seqs]
+        try:
+            choices: list[Choice | None] = list(choose(logits, states))
+        except Exception:  # noqa: BLE001 - find the row at fault
+            choices = []
+            for i, (seq, state) in enumerate(zip(seqs, states, strict=True)):
+                try:
+                    choices += choose(logits[i : i + 1], [state])
+                except Exception as exc:  # noqa: BLE001 - this request's sampling alone
+                    self._fail(seq, RequestFailed(f"sampling failed: {type(exc).__name__}: {exc}"))
+                    choices.append(None)
         now = time.monotonic()
-        for seq, choice in zip(seqs, choose(logits, states), strict=True):
+        for seq, choice in zip(seqs, choices, strict=True):
+            if choice is None:
+                continue
             if seq.generated == 0:
                 seq.first_token_at = now
             seq.tokens.append(choice.token)
@@ -505,9 +641,9 @@ class NativeEngine:
     def _finish(self, seq: _Seq, reason: str) -> None:
         queue_ms = (seq.started - seq.submitted) * 1000
         first_ms = ((seq.first_token_at or seq.started) - seq.submitted) * 1000
-        seq.sink(("end", reason, queue_ms, first_ms))
         self._release(seq)
         self._running.remove(seq)
+        seq.sink(("end", reason, queue_ms, first_ms))  # last: whoever reads the end sees the engine without it
 
     def _release(self, seq: _Seq) -> None:
         self.kv.release(seq.blocks)

@@ -5,12 +5,16 @@ Every engine (the native batched engine, vLLM, a client of an engine process) im
 request's slot in the batch at once.
 """
 
-from collections.abc import AsyncIterator
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 from functions.prompts import encode_text
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,16 @@ class EngineError(ValueError):
         self.param = param
 
 
+class RequestFailed(RuntimeError):
+    """The engine could not finish this one request (a numeric fault in its adapter's output, a step that failed
+    for it alone, an engine that broke down under it); the engine goes on serving the others. `status` is the
+    HTTP status the API answers with, `code` its machine-readable cause."""
+
+    def __init__(self, message: str, code: str = "generation_failed", status: int = 500) -> None:
+        super().__init__(message)
+        self.code, self.status = code, status
+
+
 class EngineBusy(RuntimeError):
     """The engine's waiting queue is full: try again after `retry_after` seconds."""
 
@@ -113,9 +127,16 @@ class Engine(Protocol):
         """Load figures: running, waiting, kv_used_fraction, resident adapters, tokens generated."""
         ...
 
+    def healthy(self) -> tuple[bool, str]:
+        """(whether it makes progress, why not): an unhealthy engine is replaced by whoever started it."""
+        ...
+
     def close(self) -> None:
         """Stop the engine (its thread or process); it serves nothing afterwards."""
         ...
+
+
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit integer
 
 
 def check_request(prompt_ids: list[int], params: SamplingParams, context_length: int) -> None:
@@ -132,6 +153,31 @@ def check_request(prompt_ids: list[int], params: SamplingParams, context_length:
         raise EngineError("temperature ≥ 0, 0 < top_p ≤ 1, top_k ≥ 0 and repetition_penalty > 0", "temperature")
     if not 0 <= params.top_logprobs <= 20:
         raise EngineError("top_logprobs must be between 0 and 20", "top_logprobs")
+    if params.seed is not None and not 0 <= params.seed <= MAX_SEED:
+        raise EngineError(f"seed must be between 0 and {MAX_SEED}", "seed")
+
+
+class ClientGone(Exception):
+    """The caller of a request went away before it was answered."""
+
+
+async def unless_gone(awaitable: Awaitable[T], gone: Callable[[], Awaitable[bool]], poll: float = 0.5) -> T:
+    """Await `awaitable` unless `gone()` (the HTTP caller disconnected) says so first: then it is cancelled, which
+    takes a queued request out of the engine at once, and ClientGone is raised. Needed where nothing is being sent
+    yet (a request before its first token, a non-streaming one): only a failed send tells a server the client left."""
+    task = asyncio.ensure_future(awaitable)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=poll)
+            if done:
+                return task.result()
+            if await gone():
+                raise ClientGone
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):  # its own end (CancelledError, or an error nobody reads)
+                await task
 
 
 def request_to_dict(request: GenerationRequest) -> dict:
@@ -157,7 +203,8 @@ def request_from_dict(data: dict) -> GenerationRequest:
 
 
 async def collect(deltas: AsyncIterator[Delta]) -> Completion:
-    """Run a stream to its end and join it into one completion."""
+    """Run a stream to its end and join it into one completion. A stream that ends without a finish reason was cut
+    short (its engine went away): that is a RequestFailed, never a complete answer."""
     text: list[str] = []
     logprobs: list[TokenLogprob] = []
     last = Delta("")
@@ -165,6 +212,6 @@ async def collect(deltas: AsyncIterator[Delta]) -> Completion:
         text.append(delta.text)
         logprobs.extend(delta.logprobs)
         last = delta
-    return Completion(
-        "".join(text), last.finish_reason or "stop", last.prompt_tokens, last.completion_tokens, tuple(logprobs)
-    )
+    if last.finish_reason is None:
+        raise RequestFailed("the engine ended the answer before it was complete", "engine_unavailable", 503)
+    return Completion("".join(text), last.finish_reason, last.prompt_tokens, last.completion_tokens, tuple(logprobs))

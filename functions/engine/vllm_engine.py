@@ -23,6 +23,7 @@ from functions.engine.protocol import (
     EngineBusy,
     EngineError,
     GenerationRequest,
+    RequestFailed,
     TokenLogprob,
     check_request,
 )
@@ -139,11 +140,16 @@ class VLLMEngine:
             raise EngineBusy(exc.message, retry_after=1.0) from exc
         except VLLMClientError as exc:  # a request vLLM refuses that our checks let through
             raise EngineError(str(exc), getattr(exc, "parameter", None)) from exc
+        except EngineDeadError as exc:  # its engine-core process died: the replica is replaced (healthy() says so)
+            raise RequestFailed(f"vLLM's engine stopped: {exc}", "engine_restarting", 503) from exc
         finally:
             if not finished:  # the caller went away (or it failed): free its batch slot and KV cache at once
                 with contextlib.suppress(EngineDeadError):  # nothing left to free; keep the original error
                     await self._engine.abort(request_id)
             await stream.aclose()
+
+    def healthy(self) -> tuple[bool, str]:
+        return (False, "vLLM's engine core is not running") if self._engine.errored else (True, "")
 
     def close(self) -> None:
         """Stop vLLM's engine-core process. The engine cannot be used afterwards."""
