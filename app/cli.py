@@ -103,12 +103,15 @@ def engine(
     base_model: str = typer.Option(..., help="Catalog name of the base model."),
     port: int = typer.Option(..., help="Port on 127.0.0.1."),
     model_dir: Path | None = typer.Option(None, help="Weights directory (a full fine-tuned model version)."),
+    parent_pid: int = typer.Option(0, help="The process that started this one: exit once it is gone (0: the parent)."),
 ) -> None:
     """Run one base model's serving engine (started by the API; see functions/engine/server.py)."""
+    # Read before the imports below, which take seconds: a parent that dies meanwhile is still noticed.
+    parent = parent_pid or os.getppid()
     _logging()
     from functions.engine.server import serve_engine
 
-    serve_engine(base_model, model_dir, "127.0.0.1", port)
+    serve_engine(base_model, model_dir, "127.0.0.1", port, parent)
 
 
 @app.command()

@@ -5,6 +5,7 @@ over local HTTP. An engine process that died is started again on the next reques
 """
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -39,8 +40,10 @@ def _free_port() -> int:
 
 def start_engine_process(base_model: str, model_dir: Path | None, port: int) -> subprocess.Popen[bytes]:
     """No PR_SET_PDEATHSIG here: it fires when the *thread* that started the child ends, and engines are started
-    from short-lived worker threads. The engine process watches its parent process instead (server.py)."""
+    from short-lived worker threads. The engine process watches this process instead (server.py), by its pid: one
+    that dies before the engine got to look is noticed too."""
     command = [sys.executable, "-m", "app.cli", "engine", "--base-model", base_model, "--port", str(port)]
+    command += ["--parent-pid", str(os.getpid())]
     if model_dir is not None:
         command += ["--model-dir", str(model_dir)]
     return subprocess.Popen(command)

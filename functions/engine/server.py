@@ -55,12 +55,22 @@ def create_engine_app(engine: Engine) -> FastAPI:
     return api
 
 
-def serve_engine(base_model: str, model_dir: Path | None, host: str, port: int) -> None:
-    """Load the engine, serve HTTP on a thread, run the engine loop here until SIGTERM/SIGINT."""
+def serve_engine(base_model: str, model_dir: Path | None, host: str, port: int, parent: int | None = None) -> None:
+    """Load the engine, serve HTTP on a thread, run the engine loop here until SIGTERM/SIGINT, or until the process
+    `parent` (default: the parent process) is gone.
+
+    The parent watch starts before the model loads: an engine whose parent dies while it loads would otherwise
+    serve nobody, forever. While it loads there is nothing to save, so SIGTERM keeps its default action, which ends
+    the process at once even inside a long native call (a Python handler would wait for that call to return); it
+    is set explicitly because an ignored signal stays ignored across exec, whatever the spawner left it at.
+    """
     import uvicorn
 
     from functions.engine import create_engine
 
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    parent = parent or os.getppid()
+    threading.Thread(target=_exit_with_parent, args=(parent,), name="parent-watch", daemon=True).start()
     engine: Any = create_engine(base_model, model_dir, background=False)
     config = uvicorn.Config(create_engine_app(engine), host=host, port=port, log_level="warning", timeout_keep_alive=30)
     server = uvicorn.Server(config)
@@ -71,9 +81,8 @@ def serve_engine(base_model: str, model_dir: Path | None, host: str, port: int) 
         server.should_exit = True
         engine.close()
 
-    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGTERM, stop)  # serving from here: requests in flight end before the process does
     signal.signal(signal.SIGINT, stop)
-    threading.Thread(target=_exit_with_parent, args=(stop,), name="parent-watch", daemon=True).start()
     http.start()
     if hasattr(engine, "run"):
         engine.run()  # returns after close()
@@ -83,9 +92,16 @@ def serve_engine(base_model: str, model_dir: Path | None, host: str, port: int) 
     http.join(timeout=10)
 
 
-def _exit_with_parent(stop: Any) -> None:
-    """Stop when the process that started this one is gone (it is reparented, so its parent pid changes)."""
-    parent = os.getppid()
+def _exit_with_parent(parent: int) -> None:
+    """End this process once `parent` is gone (this one is then reparented, so its parent pid changes): a SIGTERM to
+    itself ends a loading engine at once and stops a serving one gracefully (serve_engine); one still there after
+    a grace period (its stop stuck behind a hung step) exits without more ado."""
+    import logging
+
+    grace = 15.0
     while os.getppid() == parent:
-        time.sleep(1)
-    stop(signal.SIGTERM, None)
+        time.sleep(0.5)
+    logging.getLogger("loraplex.engine").warning("the process that started this engine (pid %d) is gone", parent)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(grace)
+    os._exit(1)
