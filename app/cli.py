@@ -4,8 +4,6 @@ running server, upload datasets, start fine-tuning jobs and watch them."""
 import logging
 import os
 import signal
-import subprocess
-import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -50,21 +48,6 @@ def _logging() -> None:
         hf_logging.disable_progress_bar()
 
 
-def start_workers(count: int) -> list[subprocess.Popen[bytes]]:
-    return [
-        subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], preexec_fn=_die_with_parent) for _ in range(count)
-    ]
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: ask Linux to SIGTERM it when the parent dies, even by SIGKILL."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        PR_SET_PDEATHSIG = 1  # noqa: N806 - the kernel's name
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 def _exit_on_sigterm(signum: int, frame: object) -> None:
     # uvicorn re-raises the SIGTERM it caught once it has shut down; exiting here (not dying of the signal)
     # lets `serve` stop its workers on the way out.
@@ -77,25 +60,25 @@ def serve(
     port: int = typer.Option(8000, help="Port to listen on."),
     workers: int = typer.Option(1, help="Worker processes to start beside the API (0: run them yourself)."),
 ) -> None:
-    """Run the API server (and, by default, a worker process) until interrupted."""
+    """Run the API server (and, by default, a worker process, restarted when it dies) until interrupted."""
     import uvicorn
 
     from app.db import migrate
+    from app.supervisor import WorkerSupervisor
     from web.main import create_app
 
     _logging()
     migrate()
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    children = start_workers(workers)
+    supervisor = WorkerSupervisor(workers).start()
     try:
+        api = create_app()
+        api.state.workers = supervisor  # GET /health reports them
         # Idle connections are kept 75 s: longer than clients keep theirs (httpx and the OpenAI SDK: 5 s), so a
         # client never sends a request on a connection the server is just closing.
-        uvicorn.run(create_app(), host=host, port=port, log_level="warning", timeout_keep_alive=75)
+        uvicorn.run(api, host=host, port=port, log_level="warning", timeout_keep_alive=75)
     finally:
-        for child in children:
-            child.send_signal(signal.SIGTERM)
-        for child in children:
-            child.wait(timeout=30)
+        supervisor.stop()
 
 
 @app.command()

@@ -63,6 +63,12 @@ class Settings(BaseSettings):
         description="Seconds between health polls of each engine and deployment replica (also how long one poll "
         "waits, at least 1 s); one unhealthy 3 polls in a row, or dead, is replaced.",
     )
+    engine_health_interval: float = Field(
+        default=5.0,
+        gt=0,
+        description="Seconds between health polls of each engine and deployment replica (also how long one poll "
+        "waits, at least 1 s); one unhealthy 3 polls in a row, or dead, is replaced.",
+    )
 
     # Shared endpoints (/v1/chat/completions, /v1/completions): per-tenant limits of the free tier; 0 turns one off.
     # Enterprise tenants have no token limits there (they pay for what is beyond the free allowance).

@@ -8,7 +8,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.db import migrate
 from app.settings import get_settings
-from web import errors
+from web import errors, health
 from web.routers import (
     billing,
     datasets,
@@ -27,17 +27,20 @@ MULTIPART_OVERHEAD = 64 * 1024  # bytes of form fields and boundaries allowed be
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Migrate, then run the deployment runtime (autoscaler and replica processes) until shutdown, when it stops
-    every replica it started."""
+    """Migrate, then run the deployment runtime (autoscaler and replica processes) and the supervisor of the shared
+    endpoints' engines until shutdown, when every replica and engine started is stopped."""
     from functions.deployments.runtime import DeploymentRuntime
     from functions.engine import close_engines
+    from functions.engine.supervisor import EngineSupervisor
 
     migrate()
     runtime = DeploymentRuntime().start()
     app.state.deployments = runtime
+    app.state.engines = EngineSupervisor().start()
     try:
         yield
     finally:
+        await run_in_threadpool(app.state.engines.stop)  # first: it would start the engines closed below again
         await run_in_threadpool(runtime.stop)
         await run_in_threadpool(close_engines)  # the shared endpoints' engine processes
 
@@ -62,9 +65,6 @@ def create_app() -> FastAPI:
 
     for module in (datasets, finetuning, repos, usage, billing, stripe_webhook, openai_compat, deployments, prometheus):
         app.include_router(module.router)
-
-    @app.get("/health", tags=["ops"])
-    def health() -> dict[str, str]:
-        return {"status": "ok"}
+    app.include_router(health.router)  # 503 when a component is degraded (web/health.py)
 
     return app

@@ -21,6 +21,7 @@ from typing import IO, Any, Literal
 
 import httpx
 
+from app.supervisor import die_with_parent
 from functions.deployments.launcher import TIMINGS_PREFIX
 from functions.engine.protocol import AdapterRef, GenerationRequest, SamplingParams, request_to_dict
 from functions.engine.remote import RemoteEngine, _free_port, wait_healthy
@@ -38,8 +39,6 @@ class Spare:
     """A launcher process that has done its imports and waits for its command on stdin."""
 
     def __init__(self, log_dir: Path) -> None:
-        from app.cli import _die_with_parent
-
         log_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = log_dir / f"spare-{os.getpid()}-{next(_order)}.log"
         self._log: IO[bytes] = self.log_path.open("wb")
@@ -49,7 +48,7 @@ class Spare:
             stdin=subprocess.PIPE,
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
 
     def alive(self) -> bool:
@@ -93,6 +92,8 @@ class Replica:
     order: int = field(default_factory=lambda: next(_order))
     metered_at: float = field(default_factory=time.monotonic)  # replica time up to here is on the ledger
     metered_periods: int = 0
+    failed_polls: int = 0  # health polls in a row that found it unhealthy (runtime.py replaces it at 3)
+    polling: bool = False  # a health poll is under way
 
     @property
     def pid(self) -> int | None:
@@ -100,8 +101,6 @@ class Replica:
 
     def spawn(self, env: dict[str, str], spare: Spare | None) -> None:
         """Start the process (from the spare when given). Runs on the runtime's thread; quick."""
-        from app.cli import _die_with_parent
-
         port = _free_port()
         self.url = f"http://127.0.0.1:{port}"
         command = {"base_model": self.base_model, "port": port, "model_dir": None, "env": env}
@@ -117,7 +116,7 @@ class Replica:
                 stdin=subprocess.PIPE,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )
         assert self.process.stdin is not None
         self.process.stdin.write((json.dumps(command) + "\n").encode())

@@ -49,6 +49,8 @@ from functions.deployments.metrics import DeploymentMetrics, Gauges
 from functions.deployments.replica import Replica, ReplicaFailed, Spare, replica_env
 from functions.deployments.routing import Candidate, pick
 from functions.engine.protocol import AdapterRef, Delta, GenerationRequest
+from functions.engine.remote import STOP_GRACE_SECONDS
+from functions.engine.supervisor import UNHEALTHY_POLLS
 
 log = logging.getLogger(__name__)
 SYNC_SECONDS = 2.0  # the rows are re-read at least this often (changes made by another process, the CLI)
@@ -142,6 +144,7 @@ class DeploymentRuntime:
         self._spare: Spare | None = None
         self._spare_after = 0.0  # no spare before this time (the runtime's clock)
         self._synced_at = -math.inf
+        self._polled_at = -math.inf
         self._last_tick = clock()
         self._cpu: dict[int, Any] = {}  # pid -> psutil.Process, for CPU utilization
         self.log_dir = self.settings.data_dir / "deployments"
@@ -163,6 +166,13 @@ class DeploymentRuntime:
         if self._thread is not None:
             self._thread.join(timeout)
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def health(self) -> dict[str, Any]:
+        """For GET /health: whether the loop that keeps the replicas runs (no deployment names: /health is public)."""
+        with self._lock:
+            ready = sum(1 for live in self._live.values() for r in live.replicas if r.state == "ready")
+        running = self._thread is not None and self._thread.is_alive() and not self._stopping.is_set()
+        return {"status": "ok" if running else "degraded", "ready_replicas": ready}
 
     def notify(self) -> None:
         """A row changed (created, updated, stopped, deleted): look at once."""
@@ -221,6 +231,7 @@ class DeploymentRuntime:
         self._meter_due(now)
         self._sample(now)
         self._keep_spare()
+        self._poll_health(now)
         self._last_tick = now
 
     def _sync(self, now: float) -> None:
@@ -327,13 +338,40 @@ class DeploymentRuntime:
         for r in [r for r in live.replicas if r.state in ("ready", "draining") and not r.alive()]:
             live.replicas.remove(r)
             self._meter(live, r, now)
-            reason = f"replica {r.id} exited with code {r.exit_code()} ({r.last_error()})"
+            reason = f"replica {r.id} exited with code {r.exit_code()} ({r.error or r.last_error()})"
             if live.target_state == "active" and r.state == "ready":
                 reason += "; replacing it"
             log.warning("deployment %s: %s", live.name, reason)
             live.hint = reason
             live.status_reason = reason
             r.state = "stopped"
+
+    def _poll_health(self, now: float) -> None:
+        """Every engine_health_interval, ask each ready replica's GET /health, on pool threads: the tick must not wait
+        for a hung one. A replica unhealthy UNHEALTHY_POLLS polls in a row is stopped, and `_reap_dead` replaces it
+        as it replaces one that died."""
+        if now - self._polled_at < self.settings.engine_health_interval:
+            return
+        self._polled_at = now
+        with self._lock:
+            due = [r for live in self._live.values() for r in live.replicas if r.state == "ready" and not r.polling]
+            for r in due:
+                r.polling = True
+        for r in due:
+            self._pool.submit(self._poll_replica, r)
+
+    def _poll_replica(self, r: Replica) -> None:
+        try:
+            assert r.engine is not None
+            ok, reason = r.engine.healthy()
+            r.failed_polls = 0 if ok else r.failed_polls + 1
+            if r.failed_polls >= UNHEALTHY_POLLS and r.state == "ready" and r.alive():
+                r.error = f"stopped: unhealthy {r.failed_polls} health polls in a row: {reason}"
+                log.warning("replica %s %s", r.id, r.error)
+                r.stop_process(timeout=STOP_GRACE_SECONDS)
+                self._wake.set()
+        finally:
+            r.polling = False
 
     def _stop_drained(self, live: _Live, now: float) -> None:
         timeout = self.settings.deployment_drain_timeout

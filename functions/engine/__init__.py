@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from functions.engine.native import EngineConfig
 
 _engines: dict[str, Engine] = {}
+_started: dict[str, tuple[str, Path | None]] = {}  # key -> (base model, model dir): how to start it again
 _lock = threading.Lock()
 
 
@@ -50,9 +51,13 @@ def create_engine(base_model: str, model_dir: Path | None = None, background: bo
     return NativeEngine(base_model, model_dir, engine_config(settings), background=background)
 
 
+def engine_key(base_model: str, model_dir: Path | None = None) -> str:
+    return str(model_dir or base_model)
+
+
 def get_engine(base_model: str, model_dir: Path | None = None) -> Engine:
     """The engine for this base model (or full-model version directory), started on first use."""
-    key = str(model_dir or base_model)
+    key = engine_key(base_model, model_dir)
     with _lock:
         engine = _engines.get(key)
         if engine is None or not getattr(engine, "alive", lambda: True)():  # a dead engine process is replaced
@@ -63,7 +68,29 @@ def get_engine(base_model: str, model_dir: Path | None = None) -> Engine:
             else:
                 engine = create_engine(base_model, model_dir)
             _engines[key] = engine
+            _started[key] = (base_model, model_dir)
         return engine
+
+
+def started_engines() -> dict[str, tuple[str, Path | None]]:
+    """Every engine started so far (and not closed), by key: what the supervisor (supervisor.py) watches."""
+    with _lock:
+        return dict(_started)
+
+
+def current_engine(key: str) -> Engine | None:
+    with _lock:
+        return _engines.get(key)
+
+
+def replace_engine(key: str, stale: Engine | None) -> Engine:
+    """Stop `stale` (when given) and start its successor; when a request replaced it meanwhile, that one stays."""
+    with _lock:
+        if stale is not None and _engines.get(key) is stale:
+            del _engines[key]
+    if stale is not None:
+        stale.close()
+    return get_engine(*_started[key])
 
 
 def close_engines() -> None:
@@ -71,3 +98,4 @@ def close_engines() -> None:
         for engine in _engines.values():
             engine.close()
         _engines.clear()
+        _started.clear()

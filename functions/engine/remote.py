@@ -1,7 +1,8 @@
 """A client of an engine process (server.py), started and watched from the API process.
 
 The API keeps the tokenizer itself (prompts are rendered and counted here) and streams deltas from the engine
-over local HTTP. An engine process that died is started again on the next request.
+over local HTTP. An engine process that died, or stays unhealthy, is replaced by the API's engine supervisor
+(supervisor.py), or by the next request that finds it dead, whichever comes first.
 """
 
 import json
@@ -26,6 +27,8 @@ from functions.engine.protocol import (
     request_to_dict,
 )
 from functions.prompts import encode_text
+
+STOP_GRACE_SECONDS = 5.0
 
 
 class EngineUnavailable(RuntimeError):
@@ -84,6 +87,24 @@ class RemoteEngine:
     def alive(self) -> bool:
         return self.process is None or self.process.poll() is None
 
+    def healthy(self) -> tuple[bool, str]:
+        """(healthy, why not), from the process's GET /health: 503 carries the engine's own reason; no answer
+        within a poll interval (at least 1 s) is unhealthy too."""
+        if not self.alive():
+            return False, f"the engine process exited with code {self.process.returncode}"  # type: ignore[union-attr]
+        timeout = max(1.0, get_settings().engine_health_interval)
+        try:
+            response = httpx.get(f"{self.url}/health", timeout=timeout)
+        except httpx.HTTPError as exc:
+            return False, f"GET /health did not answer within {timeout:g} s ({type(exc).__name__})"
+        if response.status_code == 200:
+            return True, ""
+        try:
+            reason = response.json().get("reason")
+        except ValueError:
+            reason = None
+        return False, reason or f"GET /health answered {response.status_code}"
+
     def count_tokens(self, text: str) -> int:
         return len(encode_text(self.tokenizer, text))
 
@@ -124,9 +145,12 @@ class RemoteEngine:
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             try:
-                self.process.wait(timeout=15)
+                # an engine stops in a second or two; one that has not after this is stuck (a hung step), and
+                # holds nothing that a SIGKILL would lose
+                self.process.wait(timeout=STOP_GRACE_SECONDS)
             except subprocess.TimeoutExpired:
                 self.process.kill()
+                self.process.wait()
 
 
 def _delta(data: dict) -> Delta:

@@ -167,7 +167,8 @@ def test_killed_worker_after_a_checkpoint_resumes_from_it(processes: Processes) 
 
 
 def _children(pid: int) -> list[int]:
-    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    """Children of every thread of the process (serve's workers are started by its supervisor thread)."""
+    return [int(p) for task in Path(f"/proc/{pid}/task").iterdir() for p in (task / "children").read_text().split()]
 
 
 def _alive(pid: int) -> bool:

@@ -34,10 +34,16 @@ METRICS_TOKEN = "metrics-s3cret"
 
 
 @pytest.fixture
-def served(sqlite_platform: Platform, monkeypatch: pytest.MonkeyPatch) -> Iterator[Served]:
+def extra_env() -> dict[str, str]:
+    """Settings a test adds to FAST_ENV (by parametrizing this fixture)."""
+    return {}
+
+
+@pytest.fixture
+def served(sqlite_platform: Platform, monkeypatch: pytest.MonkeyPatch, extra_env: dict[str, str]) -> Iterator[Served]:
     from app.settings import get_settings
 
-    for key, value in FAST_ENV.items():
+    for key, value in (FAST_ENV | extra_env).items():
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("LORAPLEX_METRICS_TOKEN", METRICS_TOKEN)  # /metrics is private without one
     get_settings.cache_clear()
@@ -183,6 +189,23 @@ def test_a_killed_replica_is_replaced(served: Served, http: httpx.Client) -> Non
     assert path[-3:] == [("Initializing", "Ready"), ("Ready", "Initializing"), ("Initializing", "Ready")]
     died = [t for t in transitions(http, "steady") if t["to_status"] == "Initializing"][-1]
     assert "exited with code -9" in died["reason"] and "replacing it" in died["reason"]
+
+
+@pytest.mark.parametrize("extra_env", [{"LORAPLEX_ENGINE_HEALTH_INTERVAL": "0.5"}])
+def test_a_hung_replica_is_replaced(served: Served, http: httpx.Client) -> None:
+    """A replica that is alive but answers nothing (SIGSTOP: its /health times out) is stopped after three health
+    polls in a row and replaced as a dead one is; the next request is served."""
+    d = create(http, "hung", min_replicas=1, max_replicas=1, cooldown_time=600)
+    wait_status(http, "hung", "Ready")
+    [pid] = served.runtime.replica_pids(d["id"])
+    os.kill(pid, signal.SIGSTOP)
+    new = wait_for(
+        lambda: [p for p in served.runtime.replica_pids(d["id"]) if p != pid], 90, "the hung replica was not replaced"
+    )
+    assert len(new) == 1 and not _alive(pid)
+    assert chat(http, "hung").status_code == 200
+    died = [t for t in transitions(http, "hung") if t["to_status"] == "Initializing"][-1]
+    assert "unhealthy 3 health polls in a row" in died["reason"] and "replacing it" in died["reason"]
 
 
 def test_a_config_update_rolls_replicas_without_dropping_requests(
