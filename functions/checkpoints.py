@@ -24,8 +24,9 @@ from sqlalchemy.orm import Session
 from app import volume
 from app.db import session_scope
 from app.models import AdapterVersion, Checkpoint, Repo
+from app.names import VERSION_REF
 from functions.adapter_io import CHECKPOINTS_DIR, CONFIG_FILE
-from functions.finetune_config import VERSION_REF, FinetuneConfig, linear_modules
+from functions.finetune_config import FinetuneConfig, linear_modules
 
 RESUME_DIR = "resume"  # inside a checkpoint's directory: what only resuming needs
 WEIGHT_CONFIGS = ("adapter_config.json", "config.json", "generation_config.json")
@@ -82,7 +83,7 @@ class Refused(ValueError):
 def find(session: Session, tenant_id: str, reference: str) -> Weights | None:
     """The tenant's version ('repo/3') or checkpoint ('repo/3@2'); None when it does not exist (or is another
     tenant's: both read the same)."""
-    match = VERSION_REF.match(reference)
+    match = VERSION_REF.fullmatch(reference)
     if match is None:
         return None
     checkpoint = int(match["checkpoint"]) if match["checkpoint"] is not None else None

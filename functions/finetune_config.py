@@ -1,17 +1,12 @@
 """The fine-tuning config users send. Field names follow the ones users know from Predibase."""
 
-import re
 from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
+from app.names import NAME, VERSION_REF
 from functions.catalog import get_model
 
-REPO_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,99}$")
-# "repo/3" (a version) or "repo/3@2" (its checkpoint 2).
-VERSION_REF = re.compile(
-    r"^(?P<repo>[a-zA-Z0-9][a-zA-Z0-9_.-]{0,99})/(?P<version>[0-9]{1,9})(?:@(?P<checkpoint>[0-9]{1,9}))?$"
-)
 # Fields that shape a LoRA adapter: meaningless for full fine-tuning, inherited when continuing an adapter.
 LORA_FIELDS = ("rank", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "target_modules")
 # Linear layers a LoRA can wrap, by architecture family. Llama, Mistral, Qwen and Gemma share names.
@@ -83,9 +78,7 @@ class FinetuneConfig(BaseModel):
     @field_validator("repo")
     @classmethod
     def _repo_name(cls, value: str) -> str:
-        if not REPO_NAME.match(value):
-            raise ValueError("letters, digits, '.', '_' and '-' only, starting with a letter or digit, at most 100")
-        return value
+        return NAME.check(value)
 
     @field_validator("adapter")
     @classmethod
@@ -108,7 +101,7 @@ class FinetuneConfig(BaseModel):
     @field_validator("continue_from_version")
     @classmethod
     def _version_ref(cls, value: str | None) -> str | None:
-        if value is not None and not VERSION_REF.match(value):
+        if value is not None and not VERSION_REF.fullmatch(value):
             raise ValueError(f"expected 'repo/N' (a version) or 'repo/N@K' (one of its checkpoints), got {value!r}")
         return value
 

@@ -6,12 +6,12 @@ model exists, preloaded adapters are the tenant's, of the same base model and of
 Every error names the field at fault.
 """
 
-import re
 from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 from sqlalchemy.orm import Session
 
+from app.names import DEPLOYMENT_NAME
 from app.settings import get_settings
 from functions import adapter_io, checkpoints
 from functions.catalog import get_model
@@ -33,7 +33,6 @@ STATUSES = (PENDING, INITIALIZING, READY, STANDBY, STOPPED, ERRORED, UPDATING, D
 ACCELERATORS = ("cpu", "a10g", "l40s", "a100-80gb", "h100")
 LOCAL_ACCELERATORS = ("cpu",)
 ENGINES = ("native", "vllm")
-NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 # Fields whose change needs new replicas (the others, the scaling knobs, apply at once).
 REPLICA_FIELDS = ("accelerator", "engine", "preloaded_adapters")
 
@@ -66,9 +65,7 @@ class DeploymentConfig(ScalingFields):
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        if not NAME.match(value):
-            raise ValueError("lowercase letters, digits and dashes, starting with a letter or digit, at most 63")
-        return value
+        return DEPLOYMENT_NAME.check(value)
 
     @field_validator("accelerator")
     @classmethod

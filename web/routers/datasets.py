@@ -1,7 +1,6 @@
 """/v1/datasets: upload (JSONL or CSV), list, get, delete. Validation runs in a worker, never here."""
 
 import asyncio
-import re
 import time
 from pathlib import Path
 from typing import Annotated
@@ -13,6 +12,7 @@ from sqlalchemy.exc import IntegrityError
 
 from app import volume
 from app.models import Dataset, FinetuneJob
+from app.names import NAME
 from app.queue import emit
 from app.settings import get_settings
 from functions.catalog import get_model
@@ -22,7 +22,6 @@ from web.errors import APIError
 from web.schemas import DatasetOut
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
-NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,199}$")
 CHUNK = 1024 * 1024  # bytes read from the upload at a time
 POLL_SECONDS = 0.2
 
@@ -40,8 +39,8 @@ async def upload_dataset(
     if file_format is None:
         raise APIError(422, f"file: {file.filename!r} is not .jsonl or .csv", param="file", code="unsupported_format")
     name = name or Path(file.filename or "").stem
-    if not NAME.match(name):
-        raise APIError(422, "name: letters, digits, '.', '_' and '-' only, at most 200", param="name")
+    if not NAME.matches(name):
+        raise APIError(422, f"name: {NAME.rule}", param="name")
     _check_base_model(base_model)
     if db.scalar(select(Dataset.id).where(Dataset.tenant_id == tenant.id, Dataset.name == name)):
         raise APIError(409, f"name: a dataset named {name!r} already exists", param="name", code="already_exists")

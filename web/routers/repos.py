@@ -13,10 +13,10 @@ from sqlalchemy import select
 from starlette.background import BackgroundTask
 
 from app.models import AdapterVersion, Checkpoint, Repo
+from app.names import NAME
 from app.settings import get_settings
 from functions import adapter_io, checkpoints
 from functions.catalog import get_model
-from functions.finetune_config import REPO_NAME
 from web.deps import CurrentTenant, Db
 from web.errors import APIError
 from web.schemas import AdapterOut, CheckpointOut, RepoOut
@@ -50,12 +50,8 @@ def import_version(
 ) -> AdapterOut:
     """Import a PEFT LoRA adapter as the repo's next version (the repo is created if missing). The adapter is
     checked against the base model from its files alone; a refusal leaves nothing behind."""
-    if not REPO_NAME.match(name):
-        raise APIError(
-            422,
-            "repo: letters, digits, '.', '_' and '-' only, starting with a letter or digit, at most 100",
-            param="repo",
-        )
+    if not NAME.matches(name):
+        raise APIError(422, f"repo: {NAME.rule}", param="repo")
     try:
         get_model(base_model)
     except KeyError:
