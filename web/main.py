@@ -3,12 +3,12 @@
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from app.db import migrate
-from app.settings import get_settings
 from web import errors, health
+from web.bodies import RequestBodies
 from web.routers import (
     billing,
     datasets,
@@ -21,8 +21,6 @@ from web.routers import (
     usage,
 )
 from web.shared_limits import SharedLimiter
-
-MULTIPART_OVERHEAD = 64 * 1024  # bytes of form fields and boundaries allowed beside the file itself
 
 
 @asynccontextmanager
@@ -50,18 +48,7 @@ def create_app() -> FastAPI:
     app.state.shared_limiter = SharedLimiter()
     errors.install(app)
 
-    @app.middleware("http")
-    async def refuse_oversized_uploads(request: Request, call_next):  # type: ignore[no-untyped-def]
-        """Refuse a declared-too-large upload before its body is read (the form parser would spool it to disk);
-        bodies without a length are still cut at the limit while being copied."""
-        limit = get_settings().max_upload_bytes + MULTIPART_OVERHEAD
-        declared = request.headers.get("content-length", "")
-        if request.method == "POST" and declared.isdigit() and int(declared) > limit:
-            return errors.error_response(
-                413, f"file: the upload is larger than the {limit} bytes allowed", param="file", code="file_too_large"
-            )
-        response: Response = await call_next(request)
-        return response
+    app.add_middleware(RequestBodies)  # body limits and sound JSON, before any route reads a body
 
     for module in (datasets, finetuning, repos, usage, billing, stripe_webhook, openai_compat, deployments, prometheus):
         app.include_router(module.router)

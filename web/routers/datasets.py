@@ -17,6 +17,7 @@ from app.queue import emit
 from app.settings import get_settings
 from functions.catalog import get_model
 from functions.datasets import detect_file_format
+from web.bodies import size_text
 from web.deps import CurrentTenant, Db
 from web.errors import APIError
 from web.schemas import DatasetOut
@@ -108,17 +109,12 @@ async def _save_limited(file: UploadFile, target: Path, limit: int) -> int:
         while chunk := await file.read(CHUNK):
             size += len(chunk)
             if size > limit:
-                raise APIError(413, f"file: larger than the {_size(limit)} limit", param="file", code="file_too_large")
+                message = f"file: larger than the {size_text(limit)} limit"
+                raise APIError(413, message, param="file", code="file_too_large")
             out.write(chunk)
     if size == 0:
         raise APIError(422, "file: the file is empty", param="file", code="empty_file")
     return size
-
-
-def _size(n: int) -> str:
-    """A byte count for people: '50 MiB', or exact bytes when not a whole number of MiB (no '0 MiB limit')."""
-    mib = 1024 * 1024
-    return f"{n // mib} MiB" if n >= mib and n % mib == 0 else f"{n} bytes"
 
 
 async def _wait_for_validation(db: Db, dataset: Dataset) -> JSONResponse | DatasetOut:
