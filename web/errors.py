@@ -60,24 +60,24 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
             return "the body must be a JSON object, sent with 'Content-Type: application/json'", None
     loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "form") and not _union_member(p)]
     msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    if first.get("type") == "extra_forbidden":  # pydantic's "Extra inputs are not permitted" names no reason
+        msg = "not a field of this request (unknown, or not implemented here)"
     if not loc and ": " in msg:  # a cross-field check names its field at the start of the message
         field, _, rest = msg.partition(": ")
         return f"{field}: {rest}", field
     param = ".".join(loc) or None
-    if first.get("type") == "extra_forbidden":  # pydantic's "Extra inputs are not permitted" names no reason
-        msg = "not a field of this request (unknown, or not implemented here)"
     return (f"{param}: {msg}" if param else msg), param
+
+
+def _union_member(part: object) -> bool:
+    """pydantic puts the union member it tried into an error's location ('stop', 'list[str]', 1): no field of ours."""
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool") or "[" in part)
 
 
 def install(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
         response = error_response(exc.status, exc.message, exc.param, exc.code, **exc.extra)
-def _union_member(part: object) -> bool:
-    """pydantic puts the union member it tried into an error's location ('stop', 'list[str]', 1): no field of ours."""
-    return isinstance(part, str) and (part in ("str", "int", "float", "bool") or "[" in part)
-
-
         response.headers.update(exc.headers or {})
         return response
 
