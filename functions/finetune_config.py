@@ -12,6 +12,7 @@ LORA_FIELDS = ("rank", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "
 # Linear layers a LoRA can wrap, by architecture family. Llama, Mistral, Qwen and Gemma share names.
 LLAMA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PHI3_MODULES = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+MAX_STEPS = 1_000_000  # the most optimizer steps a job may ask for, and so the largest step count a field may name
 
 
 def linear_modules(base_model: str) -> tuple[str, ...]:
@@ -31,7 +32,7 @@ class FinetuneConfig(BaseModel):
     )
     epochs: int = Field(default=3, ge=1, le=100, description="Passes over the training split.")
     train_steps: int | None = Field(
-        default=None, ge=1, le=1_000_000, description="Optimizer steps to train for, instead of epochs."
+        default=None, ge=1, le=MAX_STEPS, description="Optimizer steps to train for, instead of epochs."
     )
     learning_rate: float = Field(default=2e-4, gt=0, le=1, description="Peak learning rate (AdamW).")
     lr_scheduler: Literal["cosine", "linear", "constant"] = Field(
@@ -53,9 +54,15 @@ class FinetuneConfig(BaseModel):
     apply_chat_template: bool = Field(
         default=True, description="Wrap rows in the model's chat template, as chat completions will at inference."
     )
-    seed: int = Field(default=42, description="Seed for shuffling and initialisation (reproducible runs).")
+    # transformers' set_seed seeds numpy too, whose seeds are 32-bit.
+    seed: int = Field(
+        default=42, ge=0, le=2**32 - 1, description="Seed for shuffling and initialisation (reproducible runs)."
+    )
     eval_steps: int | None = Field(
-        default=None, ge=1, description="Evaluate every this many steps; at the end of every epoch if unset."
+        default=None,
+        ge=1,
+        le=MAX_STEPS,
+        description="Evaluate every this many steps; at the end of every epoch if unset.",
     )
     eval_fraction: float = Field(
         default=0.1, ge=0, lt=1, description="Rows held out for evaluation when the dataset has no evaluation split."
@@ -94,9 +101,9 @@ class FinetuneConfig(BaseModel):
     @classmethod
     def _checkpoint_every(cls, value: object) -> object:
         # Checked before the union, so the error names the field rather than one branch of the union.
-        if value == "epoch" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        if value == "epoch" or (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_STEPS):
             return value
-        raise ValueError(f"expected 'epoch' or a number of optimizer steps (1 or more), got {value!r}")
+        raise ValueError(f"expected 'epoch' or a number of optimizer steps (1 to {MAX_STEPS}), got {value!r}")
 
     @field_validator("continue_from_version")
     @classmethod

@@ -1,20 +1,37 @@
-"""Request bodies of the OpenAI-compatible API (plus LoRAX's top_k and repetition_penalty)."""
+"""Request bodies of the OpenAI-compatible API (plus LoRAX's top_k and repetition_penalty), for the shared endpoints
+and private deployments alike, so every route and dialect has the same limits.
+
+Every number is kept within what the engines take, here at the edge, so a request can never fail inside an engine
+step that other tenants' requests share. Types are strict, as OpenAI's are ("0.5" is no temperature, true no
+max_tokens), and a field we do not implement is refused, naming it, rather than silently ignored.
+"""
 
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from app.settings import get_settings
 from functions.engine.protocol import SamplingParams
 
 DEFAULT_MAX_TOKENS = 512
+MAX_SEED = 2**63 - 1  # torch generators take a signed 64-bit seed
+# Sampling from more than the 1000 likeliest tokens is no top-k at all; every served vocabulary is larger than
+# this, so no engine is ever asked for more tokens than it has.
+MAX_TOP_K = 1000
 
 
-class TextPart(BaseModel):
+class Body(BaseModel):
+    """Strict types, and no field we do not implement (see above)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class TextPart(Body):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(Body):
     role: Literal["system", "user", "assistant"]
     content: str | list[TextPart]
 
@@ -23,19 +40,19 @@ class ChatMessage(BaseModel):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(Body):
     include_usage: bool = False
 
 
-class SamplingFields(BaseModel):
+class SamplingFields(Body):
     model: str = Field(description="A base model name, 'repo/version', or 'repo' for its latest version.")
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
-    top_k: int = Field(default=0, ge=0, description="LoRAX extension; 0 disables top-k.")
+    top_k: int = Field(default=0, ge=0, le=MAX_TOP_K, description="LoRAX extension; 0 disables top-k.")
     repetition_penalty: float = Field(default=1.0, gt=0, le=10, description="LoRAX extension.")
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     min_tokens: int = Field(default=0, ge=0, description="vLLM extension: end-of-sequence is held off until then.")
     num_beams: int = Field(default=1, ge=1, le=8, description="Loraplex extension: beam search width (greedy).")
     n: int = Field(default=1, ge=1, le=1, description="Only one choice per request.")
@@ -49,6 +66,26 @@ class SamplingFields(BaseModel):
         if isinstance(value, list) and len(value) > 4:
             raise ValueError("at most 4 stop sequences")
         return value
+
+    @field_validator("max_tokens", "max_completion_tokens", check_fields=False)
+    @classmethod
+    def _max_tokens(cls, value: int | None) -> int | None:
+        limit = get_settings().max_new_tokens_limit
+        if value is not None and value > limit:
+            raise ValueError(f"at most {limit} (LORAPLEX_MAX_NEW_TOKENS_LIMIT)")
+        return value
+
+    @model_validator(mode="after")
+    def _min_tokens(self) -> "SamplingFields":
+        most = self.requested_max_tokens or DEFAULT_MAX_TOKENS
+        if self.min_tokens > most:
+            unset = "" if self.requested_max_tokens else ", the default when max_tokens is unset"
+            raise ValueError(f"min_tokens: at most max_tokens ({most}{unset})")
+        return self
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
 
     def logprob_request(self) -> tuple[bool, int]:
         """(per-token logprobs wanted, alternatives per token)."""
@@ -107,7 +144,3 @@ class CompletionRequest(SamplingFields):
     @property
     def prompt_text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
-
-    @property
-    def requested_max_tokens(self) -> int | None:
-        return self.max_tokens

@@ -8,7 +8,7 @@ Every error names the field at fault.
 
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from sqlalchemy.orm import Session
 
 from app.names import DEPLOYMENT_NAME
@@ -37,16 +37,26 @@ ENGINES = ("native", "vllm")
 REPLICA_FIELDS = ("accelerator", "engine", "preloaded_adapters")
 
 HOUR = 3600.0
+# Upper bounds of the scaling knobs: far beyond any use, and within the database's 32-bit integer columns.
+MAX_THRESHOLD = 10_000  # concurrent requests per replica
+MAX_COOLDOWN = 7 * 24 * HOUR
+# A field we do not implement is refused, naming it, rather than silently dropped.
+NO_UNKNOWN_FIELDS = ConfigDict(extra="forbid")
 
 
 class ScalingFields(BaseModel):
+    model_config = NO_UNKNOWN_FIELDS
+
     min_replicas: int = Field(default=0, ge=0, description="Replicas kept up even when idle; 0 allows Standby.")
     max_replicas: int = Field(default=1, ge=1, description="Most replicas the autoscaler starts.")
     scale_up_threshold: int = Field(
-        default=1, ge=1, description="Concurrent requests per replica above which another replica is started."
+        default=1,
+        ge=1,
+        le=MAX_THRESHOLD,
+        description="Concurrent requests per replica above which another replica is started.",
     )
     cooldown_time: float = Field(
-        default=HOUR, ge=0, description="Seconds the load must stay lower before replicas are stopped."
+        default=HOUR, ge=0, le=MAX_COOLDOWN, description="Seconds the load must stay lower before replicas are stopped."
     )
 
 
@@ -94,10 +104,12 @@ class DeploymentConfig(ScalingFields):
 class DeploymentUpdate(BaseModel):
     """PATCH /v1/deployments/{name}: the fields given replace the deployment's; the base model stays."""
 
+    model_config = NO_UNKNOWN_FIELDS
+
     min_replicas: int | None = Field(default=None, ge=0)
     max_replicas: int | None = Field(default=None, ge=1)
-    scale_up_threshold: int | None = Field(default=None, ge=1)
-    cooldown_time: float | None = Field(default=None, ge=0)
+    scale_up_threshold: int | None = Field(default=None, ge=1, le=MAX_THRESHOLD)
+    cooldown_time: float | None = Field(default=None, ge=0, le=MAX_COOLDOWN)
     accelerator: str | None = None
     engine: str | None = None
     preloaded_adapters: list[str] | None = None

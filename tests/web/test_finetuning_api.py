@@ -87,7 +87,7 @@ CONFIG_ERRORS: list[tuple[dict[str, Any], str, str]] = [
     ({"target_modules": ["q_proj", "attn_proj"]}, "target_modules", "'attn_proj'"),
     ({"base_model": "gpt-17"}, "base_model", "'gpt-17'"),
     ({"max_seq_length": 4096}, "max_seq_length", "2048"),
-    ({"turbo": True}, "turbo", "Extra inputs are not permitted"),
+    ({"turbo": True}, "turbo", "not a field of this request"),
     ({"adapter": "turbo_lora"}, "adapter", "not available yet"),
     ({"adapter": "qlora"}, "adapter", "'lora'"),
     ({"repo": "my repo!"}, "repo", "letters, digits"),

@@ -351,8 +351,8 @@ def test_errors_have_openai_shape_and_are_not_charged(client: Any, alice: dict[s
     error = assert_openai_error(post(ok | {"model": "no-such-model"}), 404, "model", "model_not_found")
     assert error["type"] == "not_found_error"
     assert_openai_error(post(ok | {"model": "no-such-repo/1"}), 404, "model", "model_not_found")
-    assert_openai_error(post(ok | {"max_tokens": 4096}), 400, "max_tokens")
-    assert_openai_error(post(ok | {"max_tokens": None, "max_completion_tokens": 4096}), 400, "max_tokens")
+    assert_openai_error(post(ok | {"max_tokens": 4096}), 422, "max_tokens")
+    assert_openai_error(post(ok | {"max_tokens": None, "max_completion_tokens": 4096}), 422, "max_completion_tokens")
     error = assert_openai_error(post(ok | {"temperature": 3}), 422, "temperature")
     assert error["type"] == "invalid_request_error"
     assert_openai_error(post(ok | {"n": 2}), 422, "n")

@@ -21,7 +21,6 @@ from starlette.concurrency import run_in_threadpool
 
 from app.db import session_scope
 from app.models import AdapterVersion, Repo, Tenant
-from app.settings import get_settings
 from billing import ledger
 from functions import checkpoints
 from functions.base_models import BaseModelUnavailable
@@ -173,9 +172,6 @@ async def _respond(
 ) -> Any:
     """Run the request on `engine` and answer it, streamed or whole. `metered`: write a priced usage record (the
     shared endpoints); private deployments are billed per replica-second instead."""
-    limit = get_settings().max_new_tokens_limit
-    if max_tokens is not None and max_tokens > limit:
-        raise APIError(400, f"max_tokens: at most {limit}", param="max_tokens", code="invalid_value")
     gen = GenerationRequest(prompt=prompt, params=body.sampling(max_tokens), adapter=target.adapter)
     reply = _Reply(target, tenant, chat, metered)
     stream = engine.generate(gen)
