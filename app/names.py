@@ -37,3 +37,4 @@ DEPLOYMENT_NAME = NameRule(
 )
 # "repo/3" (a version of a repository) or "repo/3@2" (its checkpoint 2).
 VERSION_REF = re.compile(rf"(?P<repo>{NAME.pattern})/(?P<version>[0-9]{{1,9}})(?:@(?P<checkpoint>[0-9]{{1,9}}))?")
+MAX_NUMBER = 10**9 - 1  # the largest version or checkpoint number: nine digits, as VERSION_REF reads them

@@ -122,7 +122,7 @@ class RequestBodies:
 
 def _declared_length(headers: Headers) -> int | None:
     declared = headers.get("content-length", "")
-    return int(declared) if declared.isdigit() else None
+    return int(declared) if declared.isascii() and declared.isdigit() else None  # ("²".isdigit() is true)
 
 
 def _is_json(media_type: str) -> bool:

@@ -310,6 +310,23 @@ def test_other_json_routes_refuse_the_same_input(api: Api) -> None:
     assert [d["name"] for d in api.client.get("/v1/deployments", headers=api.alice).json()] == [DEPLOYMENT]
 
 
+def test_numbers_in_paths_queries_and_headers_are_bounded(api: Api) -> None:
+    """Past what can exist they would overflow the database's integers (a 500): a 422 naming them instead."""
+    for path, param in (
+        (f"/v1/repos/repo/versions/{BIG}/download", "version"),
+        (f"/v1/repos/repo/versions/{BIG}/checkpoints", "version"),
+        (f"/v1/repos/repo/versions/1/checkpoints/{BIG}/download", "checkpoint"),
+        ("/v1/repos/repo/versions/0/download", "version"),
+        (f"/v1/finetuning/jobs/ft_x/metrics?after_step={BIG}", "after_step"),
+        (f"/v1/finetuning/jobs/ft_x/events?after_step={BIG}", "after_step"),
+        ("/v1/finetuning/jobs/ft_x/metrics?after_step=-2", "after_step"),
+    ):
+        refused(api.client.get(path, headers=api.alice), param, 422)
+    for event_id in (str(BIG).encode(), "\u00b2".encode("latin-1")):  # "²": a digit to str.isdigit, not to int()
+        r = api.client.get("/v1/finetuning/jobs/ft_x/events", headers=api.alice | {"Last-Event-ID": event_id})
+        refused(r, "Last-Event-ID", 422)
+
+
 # ---- names: matched in full -----------------------------------------------------------------------------------
 
 

@@ -2,11 +2,12 @@
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Request, status
+from fastapi import APIRouter, Header, Query, Request, status
 from fastapi.responses import StreamingResponse
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -20,12 +21,15 @@ from functions import checkpoints
 from functions.adapter_io import get_or_create_repo
 from functions.catalog import get_model
 from functions.datasets import single_class_message
-from functions.finetune_config import FinetuneConfig
+from functions.finetune_config import MAX_STEPS, FinetuneConfig
 from web.deps import CurrentTenant, Db
 from web.errors import APIError
 from web.routers.datasets import find_dataset
 from web.schemas import JobOut, MetricOut
 
+# The step after which metrics are wanted (-1: all): beyond the most steps a job may take it would name none, and
+# overflow the database's integers.
+AfterStep = Annotated[int, Query(ge=-1, le=MAX_STEPS)]
 router = APIRouter(prefix="/v1/finetuning/jobs", tags=["fine-tuning"])
 FINAL_STATUSES = ("completed", "failed", "cancelled")
 EVENTS_POLL_SECONDS = 0.5  # how often a live event stream re-reads the job and its metrics
@@ -104,7 +108,7 @@ def cancel_job(job_id: str, tenant: CurrentTenant, db: Db) -> JobOut:
 
 
 @router.get("/{job_id}/metrics", response_model=list[MetricOut])
-def job_metrics(job_id: str, tenant: CurrentTenant, db: Db, after_step: int = -1) -> list[MetricOut]:
+def job_metrics(job_id: str, tenant: CurrentTenant, db: Db, after_step: AfterStep = -1) -> list[MetricOut]:
     """Per-step training metrics, readable while the job runs (poll with after_step for new rows)."""
     job = find_job(db, tenant.id, job_id)
     rows = db.scalars(
@@ -125,7 +129,7 @@ def job_events(
     tenant: CurrentTenant,
     db: Db,
     request: Request,
-    after_step: int = -1,
+    after_step: AfterStep = -1,
     last_event_id: Annotated[str | None, Header(description="Resume after this metric event id.")] = None,
 ) -> StreamingResponse:
     """Live progress as server-sent events, so clients need not poll two endpoints: `event: status` (a JobOut)
@@ -133,12 +137,12 @@ def job_events(
     for each metrics row of the current attempt as it is written, and a last `status` once the job is completed,
     failed or cancelled, after which the stream ends. Resume with `Last-Event-ID` (what EventSource sends on
     reconnect) or with `?after_step=N` as for /metrics."""
-    job = find_job(db, tenant.id, job_id)
     after_id: int | None = None
     if last_event_id is not None:
-        if not last_event_id.strip().isdigit():
+        if re.fullmatch(r"[0-9]{1,18}", last_event_id.strip()) is None:  # ASCII digits only, within 64 bits
             raise APIError(422, "Last-Event-ID: not an event id of this stream", param="Last-Event-ID")
         after_id = int(last_event_id)
+    job = find_job(db, tenant.id, job_id)
     return StreamingResponse(
         _job_event_stream(job.id, request, after_step, after_id),
         media_type="text/event-stream",

@@ -8,12 +8,13 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, UploadFile, status
+from fastapi import Path as InPath
 from fastapi.responses import FileResponse
 from sqlalchemy import select
 from starlette.background import BackgroundTask
 
 from app.models import AdapterVersion, Checkpoint, Repo
-from app.names import NAME
+from app.names import MAX_NUMBER, NAME
 from app.settings import get_settings
 from functions import adapter_io, checkpoints
 from functions.catalog import get_model
@@ -22,6 +23,9 @@ from web.errors import APIError
 from web.schemas import AdapterOut, CheckpointOut, RepoOut
 
 router = APIRouter(prefix="/v1/repos", tags=["adapters"])
+# A version or checkpoint number in a path: bounded here, as a larger one cannot exist and overflows the database's
+# integers (a 500) when looked up.
+Number = Annotated[int, InPath(ge=1, le=MAX_NUMBER)]
 
 
 @router.get("", response_model=list[RepoOut])
@@ -98,7 +102,7 @@ def import_version(
 
 
 @router.get("/{name}/versions/{version}/download", response_class=FileResponse)
-def download_version(name: str, version: int, tenant: CurrentTenant, db: Db) -> FileResponse:
+def download_version(name: str, version: Number, tenant: CurrentTenant, db: Db) -> FileResponse:
     """The version as a .tar.gz (folder `<repo>-<N>/`): its PEFT directory, loadable with
     PeftModel.from_pretrained, or for a full fine-tuning the whole model directory (safetensors, config,
     tokenizer), loadable with AutoModelForCausalLM.from_pretrained."""
@@ -110,7 +114,7 @@ def download_version(name: str, version: int, tenant: CurrentTenant, db: Db) -> 
 
 
 @router.get("/{name}/versions/{version}/checkpoints", response_model=list[CheckpointOut])
-def list_checkpoints(name: str, version: int, tenant: CurrentTenant, db: Db) -> list[CheckpointOut]:
+def list_checkpoints(name: str, version: Number, tenant: CurrentTenant, db: Db) -> list[CheckpointOut]:
     """The checkpoints of a version, including one still training (its checkpoints exist before it does)."""
     rows = db.scalars(
         select(Checkpoint)
@@ -124,7 +128,7 @@ def list_checkpoints(name: str, version: int, tenant: CurrentTenant, db: Db) -> 
 
 
 @router.get("/{name}/versions/{version}/checkpoints/{checkpoint}/download", response_class=FileResponse)
-def download_checkpoint(name: str, version: int, checkpoint: int, tenant: CurrentTenant, db: Db) -> FileResponse:
+def download_checkpoint(name: str, version: Number, checkpoint: Number, tenant: CurrentTenant, db: Db) -> FileResponse:
     """Checkpoint `repo/N@K` as a .tar.gz (folder `<repo>-<N>-checkpoint-<K>/`), in the same format as a version."""
     weights = checkpoints.find_parts(db, tenant.id, name, version, checkpoint)
     if weights is None:
