@@ -57,11 +57,8 @@ class Settings(BaseSettings):
     )
     prefill_chunk_tokens: int = Field(default=256, gt=0, description="Prompt tokens an engine prefills per step.")
     engine_start_timeout: float = Field(default=180.0, gt=0, description="Seconds to wait for an engine process.")
-    engine_health_interval: float = Field(
-        default=5.0,
-        gt=0,
-        description="Seconds between health polls of each engine and deployment replica (also how long one poll "
-        "waits, at least 1 s); one unhealthy 3 polls in a row, or dead, is replaced.",
+    engine_stall_seconds: float = Field(
+        default=30.0, gt=0, description="An engine with requests queued and no progress this long is unhealthy."
     )
     engine_health_interval: float = Field(
         default=5.0,

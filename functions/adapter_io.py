@@ -58,8 +58,8 @@ ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj")  # under self_a
 # The key PEFT writes for the LoRA of one linear layer, e.g.
 # base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight
 # (and for DoRA, base_model.model.model.layers.3.self_attn.q_proj.lora_magnitude_vector)
-LORA_KEY = re.compile(
-    r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_(A\.weight|B\.weight|magnitude_vector)$"
+LORA_KEY = re.compile(  # \Z, not $: "$" also matches before a final newline
+    r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_(A\.weight|B\.weight|magnitude_vector)\Z"
 )
 # LoraConfig fields that turn plain LoRA into something else; a served adapter must leave them unset.
 VARIANT_FIELDS = {

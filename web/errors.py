@@ -37,11 +37,15 @@ class APIError(Exception):
         self.headers = headers
 
 
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None, **extra: Any) -> dict:
+    """{"error": {...}}: a response's body, or a stream's last event (OpenAI's streaming error)."""
+    return {"error": {"message": message, "type": TYPES.get(status, "api_error"), "param": param, "code": code} | extra}
+
+
 def error_response(
     status: int, message: str, param: str | None = None, code: str | None = None, **extra: Any
 ) -> JSONResponse:
-    body = {"message": message, "type": TYPES.get(status, "api_error"), "param": param, "code": code} | extra
-    return JSONResponse({"error": body}, status_code=status)
+    return JSONResponse(error_body(status, message, param, code, **extra), status_code=status)
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:

@@ -11,10 +11,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from app.settings import get_settings
-from functions.engine.protocol import SamplingParams
+from functions.engine.protocol import MAX_SEED, SamplingParams
 
 DEFAULT_MAX_TOKENS = 512
-MAX_SEED = 2**63 - 1  # torch generators take a signed 64-bit seed
 # Sampling from more than the 1000 likeliest tokens is no top-k at all; every served vocabulary is larger than
 # this, so no engine is ever asked for more tokens than it has.
 MAX_TOP_K = 1000

@@ -51,6 +51,7 @@ from functions.deployments.routing import Candidate, pick
 from functions.engine.protocol import AdapterRef, Delta, GenerationRequest
 from functions.engine.remote import STOP_GRACE_SECONDS
 from functions.engine.supervisor import UNHEALTHY_POLLS
+from functions.prompts import encode_text
 
 log = logging.getLogger(__name__)
 SYNC_SECONDS = 2.0  # the rows are re-read at least this often (changes made by another process, the CLI)
@@ -760,10 +761,14 @@ class DeploymentEngine:
         self.adapter_name: str | None = None
 
     def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return len(encode_text(self.tokenizer, text))
 
     def stats(self) -> dict:
         return self.runtime.describe(self.deployment_id)
+
+    def healthy(self) -> tuple[bool, str]:
+        """Always: its replicas' health is the runtime's to watch, and it replaces one that is not healthy."""
+        return True, ""
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         began = time.monotonic()

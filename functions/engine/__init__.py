@@ -30,6 +30,7 @@ def engine_config(settings: Settings) -> "EngineConfig":
         max_batch=settings.max_batch_size,
         max_waiting=settings.max_queued_requests,
         prefill_chunk=settings.prefill_chunk_tokens,
+        stall_seconds=settings.engine_stall_seconds,
     )
 
 

@@ -32,7 +32,8 @@ GROUPS = {  # fused group -> its projections, in the order llama.LlamaModel lays
     "down": ("down_proj",),
 }
 MODULE_GROUP = {module: group for group, modules in GROUPS.items() for module in modules}
-_KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_(A\.weight|B\.weight|magnitude_vector)$")
+# \Z, not $: "$" also matches before a final newline, and a weight key ending in "\n" is no LoRA weight
+_KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_(A\.weight|B\.weight|magnitude_vector)\Z")
 SHORT = 4  # segments up to this many tokens take the batched path
 MAX_BANDS = 4  # more runs of consecutive slots than this: gather the matrices instead
 

@@ -23,6 +23,7 @@ from functions.engine.protocol import (
     EngineBusy,
     EngineError,
     GenerationRequest,
+    RequestFailed,
     TokenLogprob,
     request_to_dict,
 )
@@ -31,8 +32,11 @@ from functions.prompts import encode_text
 STOP_GRACE_SECONDS = 5.0
 
 
-class EngineUnavailable(RuntimeError):
+class EngineUnavailable(RequestFailed):
     """The engine process did not start or went away; the message says why."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "engine_unavailable", 503)
 
 
 def _free_port() -> int:
@@ -121,12 +125,27 @@ class RemoteEngine:
                 if response.status_code == 429:
                     body = json.loads(await response.aread())
                     raise EngineBusy(body["error"], float(body.get("retry_after", 1)))
-                response.raise_for_status()
+                if response.status_code != 200:
+                    raw = await response.aread()
+                    try:
+                        body = json.loads(raw)
+                    except ValueError:  # not one of ours (a crash page): its first words are the reason
+                        body = {"error": f"the engine answered {response.status_code}: {raw[:200]!r}"}
+                    raise RequestFailed(body["error"], body.get("code", "generation_failed"), response.status_code)
+                finished = False
                 async for line in response.aiter_lines():
-                    if line:
-                        yield _delta(json.loads(line))
+                    if not line:
+                        continue
+                    data = json.loads(line)
+                    if "error" in data:  # the request failed in the engine after it began streaming
+                        raise RequestFailed(data["error"], data["code"], data["status"])
+                    delta = _delta(data)
+                    finished = delta.finish_reason is not None
+                    yield delta
+                if not finished:
+                    raise EngineUnavailable("the engine process ended the answer before it was complete")
         except httpx.TransportError as exc:
-            raise EngineUnavailable(f"the engine process is unreachable ({type(exc).__name__})") from exc
+            raise EngineUnavailable(f"the engine process went away ({type(exc).__name__})") from exc
 
     def _client_for_loop(self) -> httpx.AsyncClient:
         import asyncio

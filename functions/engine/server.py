@@ -1,8 +1,12 @@
 """The engine process: one base model's engine behind a small HTTP API on localhost.
 
-    POST /generate   a GenerationRequest (protocol.request_to_dict) -> NDJSON, one Delta per line;
-                     400 {"error", "param"} for a refused request, 429 + Retry-After when the queue is full
-    GET  /health     200 once the model is loaded, with the engine's load figures
+    POST /generate   a GenerationRequest (protocol.request_to_dict) -> NDJSON, one Delta per line, the last with
+                     its finish_reason; a request that fails once streaming ends with one line
+                     {"error", "code", "status"} instead. Before streaming: 400 {"error", "param"} for a refused
+                     request, 429 + Retry-After when the queue is full, {"error", "code"} with the status of a
+                     request that failed (RequestFailed)
+    GET  /health     200 {"status": "ok", ...load figures} once the model is loaded and while it makes progress;
+                     503 {"status": "unhealthy", "reason", ...} when it does not (the API then replaces it)
 
 The engine loop runs on the main thread (torch's OpenMP workers run fastest there) and the HTTP server on a
 second thread; tokens cross between them through the engine's thread-safe hand-off.
@@ -17,36 +21,53 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from functions.engine.protocol import Engine, EngineBusy, EngineError, request_from_dict
+from functions.engine.protocol import (
+    ClientGone,
+    Engine,
+    EngineBusy,
+    EngineError,
+    RequestFailed,
+    request_from_dict,
+    unless_gone,
+)
 
 
 def create_engine_app(engine: Engine) -> FastAPI:
     api = FastAPI(title="Loraplex engine", docs_url=None, redoc_url=None)
 
     @api.get("/health")
-    def health() -> dict[str, Any]:
-        return {"status": "ok", "context_length": engine.context_length, **engine.stats()}
+    def health() -> JSONResponse:
+        ok, reason = engine.healthy()
+        body = {"status": "ok" if ok else "unhealthy", "context_length": engine.context_length, **engine.stats()}
+        return JSONResponse(body if ok else body | {"reason": reason}, status_code=200 if ok else 503)
 
     @api.post("/generate", response_model=None)
     async def generate(http: Request) -> Any:
         request = request_from_dict(await http.json())
         stream = engine.generate(request)
         try:
-            first = await anext(stream)
+            first = await unless_gone(anext(stream), http.is_disconnected)  # a queued request whose caller left
+        except ClientGone:
+            return Response(status_code=499)  # nobody reads it
         except EngineError as exc:
             return JSONResponse({"error": str(exc), "param": exc.param}, status_code=400)
         except EngineBusy as exc:
             headers = {"Retry-After": str(max(1, round(exc.retry_after)))}
             return JSONResponse({"error": str(exc), "retry_after": exc.retry_after}, 429, headers=headers)
+        except RequestFailed as exc:
+            return JSONResponse({"error": str(exc), "code": exc.code}, status_code=exc.status)
 
         async def lines() -> Any:
             try:
                 yield json.dumps(asdict(first)) + "\n"
                 async for delta in stream:
                     yield json.dumps(asdict(delta)) + "\n"
+            except Exception as exc:  # noqa: BLE001 - the stream ends with the reason, never as if complete
+                failed = exc if isinstance(exc, RequestFailed) else RequestFailed(f"{type(exc).__name__}: {exc}")
+                yield json.dumps({"error": str(failed), "code": failed.code, "status": failed.status}) + "\n"
             finally:
                 await stream.aclose()  # the API went away: free the request's slot at once
 

@@ -28,18 +28,21 @@ from functions.catalog import get_model, list_models
 from functions.engine import get_engine
 from functions.engine.protocol import (
     AdapterRef,
+    ClientGone,
     Delta,
     Engine,
     EngineBusy,
     EngineError,
     GenerationRequest,
+    RequestFailed,
     TokenLogprob,
     collect,
+    unless_gone,
 )
 from functions.engine.remote import EngineUnavailable
 from functions.prompts import encode_chat
 from web.deps import CurrentTenant, Db
-from web.errors import APIError
+from web.errors import APIError, error_body
 from web.openai_schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -143,10 +146,13 @@ async def _engine(target: Target) -> Engine:
         raise APIError(503, str(exc), code="engine_unavailable") from None
 
 
-async def _first(stream: AsyncIterator[Delta], chat: bool) -> Delta:
-    """Run a request up to its first delta: what the engine refuses becomes a 4xx before any body is sent."""
+async def _until_answered(awaitable: Any, http: Request, chat: bool) -> Any:
+    """Await a request's first delta, or a whole non-streaming answer, as an API error when it fails: what the engine
+    refuses is a 4xx before any body is sent; a request whose client went away leaves the engine's queue."""
     try:
-        return await anext(stream)
+        return await unless_gone(awaitable, http.is_disconnected)
+    except ClientGone:
+        raise APIError(499, "the client closed the request", code="client_closed") from None
     except EngineError as exc:
         param = "messages" if chat and exc.param == "prompt" else exc.param
         raise APIError(400, str(exc), param=param, code="invalid_request") from None
@@ -155,8 +161,14 @@ async def _first(stream: AsyncIterator[Delta], chat: bool) -> Delta:
         raise APIError(
             429, f"{exc}; retry after {retry} s", code="engine_busy", headers={"Retry-After": str(retry)}
         ) from None
-    except EngineUnavailable as exc:
-        raise APIError(503, str(exc), code="engine_unavailable") from None
+    except RequestFailed as exc:
+        raise _failure(exc) from None
+
+
+def _failure(exc: RequestFailed) -> APIError:
+    """A request the engine could not finish (its adapter's numbers broke, its engine went away), in the API's shape.
+    param "model" where the adapter is at fault."""
+    return APIError(exc.status, str(exc), param="model" if exc.status < 500 else None, code=exc.code)
 
 
 async def _respond(
@@ -175,10 +187,10 @@ async def _respond(
     gen = GenerationRequest(prompt=prompt, params=body.sampling(max_tokens), adapter=target.adapter)
     reply = _Reply(target, tenant, chat, metered)
     stream = engine.generate(gen)
-    first = await _first(stream, chat)
+    first = await _until_answered(anext(stream), http, chat)
     if body.stream:
         return StreamingResponse(reply.sse(first, stream, engine, body.include_usage), media_type="text/event-stream")
-    completion = await collect(_chain(first, stream))
+    completion = await _until_answered(collect(_chain(first, stream)), http, chat)
     cost = await run_in_threadpool(reply.record_usage, completion.prompt_tokens, completion.completion_tokens, engine)
     return reply.full(completion, cost)
 
@@ -306,7 +318,9 @@ class _Reply:
         self, first: Delta, stream: AsyncIterator[Delta], engine: Engine, include_usage: bool
     ) -> AsyncIterator[str]:
         """Server-sent events. A client that goes away cancels this generator: the engine stream is closed, which
-        frees the request's batch slot at once, and the tokens generated until then are charged."""
+        frees the request's batch slot at once, and the tokens generated until then are charged. A stream that cannot
+        complete ends with an error event in OpenAI's streaming shape ({"error": {...}}, no finish_reason, no [DONE]:
+        the openai SDK raises it), and the tokens sent until then are charged."""
         last = first
         try:
             if self.chat:
@@ -318,7 +332,15 @@ class _Reply:
                     yield _sse(self.chunk(delta, None))
                 if delta.finish_reason is not None:
                     break
-                delta = await anext(stream, None)
+                try:
+                    delta = await anext(stream, None)
+                except Exception as exc:  # noqa: BLE001 - whatever ended it, the client is told, in the API's shape
+                    failed = exc if isinstance(exc, RequestFailed) else RequestFailed(f"{type(exc).__name__}: {exc}")
+                    yield _sse(_error_event(failed))
+                    return
+            if last.finish_reason is None:  # the stream ran dry without an end: cut short, never passed off as whole
+                yield _sse(_error_event(EngineUnavailable("the engine ended the answer before it was complete")))
+                return
             cost = await run_in_threadpool(self.record_usage, last.prompt_tokens, last.completion_tokens, engine)
             yield _sse(self.chunk(None, last.finish_reason or "stop"))
             if include_usage:
@@ -333,6 +355,11 @@ class _Reply:
                 await stream.aclose()
                 if last.finish_reason is None:  # torn down mid-stream: charge what was generated until now
                     await run_in_threadpool(self.record_usage, last.prompt_tokens, last.completion_tokens, engine)
+
+
+def _error_event(failed: RequestFailed) -> dict[str, Any]:
+    error = _failure(failed)
+    return error_body(error.status, error.message, error.param, error.code)
 
 
 def _sse(payload: dict[str, Any]) -> str:
