@@ -2,17 +2,15 @@
 process, so the test can reach its runtime), a LoRA of the tiny model imported through the API, and waits."""
 
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
-import torch
 import uvicorn
 
-from conftest import TINY_MODEL, free_port
+from conftest import TINY_MODEL, free_port, wait_for
 
 # Quick loops for tests: the autoscaler looks every 0.1 s, figures per 1 s, replica time metered every second.
 FAST_ENV = {
@@ -58,35 +56,6 @@ def _up(url: str) -> bool:
         return httpx.get(f"{url}/health", timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
-
-
-def wait_for(condition: Callable[[], Any], timeout: float, message: str, every: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"{message} (after {timeout:.0f} s)")
-
-
-def build_lora(tiny_model_dir: Path, dest: Path, seed: int = 7) -> Path:
-    """A PEFT LoRA of the tiny model with non-zero lora_B, so it changes the output."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    if (dest / "adapter_model.safetensors").exists():
-        return dest
-    torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    config = LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
-    model = get_peft_model(base, config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape) * 0.5)
-    model.save_pretrained(dest)
-    return dest
 
 
 def import_lora(http: httpx.Client, repo: str, lora: Path, base_model: str = TINY_MODEL) -> str:

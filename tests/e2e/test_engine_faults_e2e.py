@@ -15,10 +15,10 @@ import httpx
 import openai
 import psutil
 import pytest
-from engine_helpers import build_adapter
 from sqlalchemy import select
 
 from conftest import TINY_MODEL, Platform, Processes, make_tenant
+from lora_helpers import build_lora
 
 LONG = {"max_tokens": 1500, "min_tokens": 1500, "temperature": 0}  # the tiny model never stops early
 
@@ -47,7 +47,7 @@ def test_overflowing_adapter_fails_its_own_requests_while_another_tenant_streams
     url = processes.server(workers=0)
     _, alice = make_tenant("alice")
     _, bob = make_tenant("bob")
-    adapter = build_adapter(tiny_model_dir, 2, tmp_path / "overflow", b_scale=1e30)  # finite: import takes it
+    adapter = build_lora(tiny_model_dir, tmp_path / "overflow", 2, b_scale=1e30)  # finite: import takes it
     files = [
         ("files", (name, (adapter / name).read_bytes()))
         for name in ("adapter_config.json", "adapter_model.safetensors")

@@ -21,27 +21,11 @@ from sqlalchemy import func, select
 from app.db import session_scope
 from app.models import AdapterVersion, Repo
 from conftest import TINY_MODEL, InProcessWorker, Platform, make_tenant
+from lora_helpers import TARGETS, build_lora
 
 MESSAGES = [{"role": "user", "content": "Triage this support ticket: my parcel arrived damaged."}]
 MAX_TOKENS = 16
-TARGETS = ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
 Files = list[tuple[str, bytes]]
-
-
-def build_lora(base: Any, dest: Path, seed: int = 7, **config: Any) -> Path:
-    """A LoRA on `base` with seeded random, non-zero lora_B (zero at init), so it really changes the output."""
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(seed)
-    options = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": TARGETS} | config
-    model = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", **options))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
-    model.save_pretrained(dest)  # adapter_config.json, adapter_model.safetensors, README.md
-    return dest
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from conftest import TINY_MODEL, Platform
-from deployment_helpers import build_lora
+from lora_helpers import build_lora
 
 BASE = {"name": "prod", "base_model": TINY_MODEL}
 

@@ -23,7 +23,7 @@ from fastapi.testclient import TestClient
 
 from app.names import DEPLOYMENT_NAME, NAME
 from conftest import TINY_MODEL, _make_platform, make_tenant
-from deployment_helpers import build_lora
+from lora_helpers import build_lora
 
 DEPLOYMENT = "hostile"
 ROUTES = [

@@ -4,20 +4,18 @@ alone; a model that cannot compute at all makes the engine report itself unhealt
 request whose caller left the engine process's HTTP API leaves the queue."""
 
 import asyncio
-import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import torch
-from engine_helpers import build_adapter
 from safetensors.torch import load_file, save_file
 
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, free_port, wait_for
 from functions.engine import native
 from functions.engine.native import EngineConfig, NativeEngine
 from functions.engine.protocol import (
@@ -29,6 +27,7 @@ from functions.engine.protocol import (
     SamplingParams,
     collect,
 )
+from lora_helpers import build_lora
 
 PROMPTS = ["The cat sat on the", "Once upon a time, in a land far away,", "def add(a, b):", "Write a poem."]
 
@@ -39,9 +38,9 @@ def adapters(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     nan: a NaN in one weight (import refuses these; here the file is written straight to disk)."""
     root = tmp_path_factory.mktemp("fault_adapters")
     paths = {
-        "good": build_adapter(tiny_model_dir, 1, root / "good"),
-        "overflow": build_adapter(tiny_model_dir, 2, root / "overflow", b_scale=1e30),
-        "nan": build_adapter(tiny_model_dir, 3, root / "nan"),
+        "good": build_lora(tiny_model_dir, root / "good", 1),
+        "overflow": build_lora(tiny_model_dir, root / "overflow", 2, b_scale=1e30),
+        "nan": build_lora(tiny_model_dir, root / "nan", 3),
     }
     weights = paths["nan"] / "adapter_model.safetensors"
     tensors = load_file(str(weights))
@@ -210,21 +209,6 @@ def test_a_stalled_engine_reports_unhealthy_until_it_moves_again(
     assert engine.healthy() == (True, "")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait(condition: Callable[[], bool], timeout: float = 5) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def test_engine_process_api_drops_a_queued_request_whose_caller_left_and_reports_health(
     engine: NativeEngine, adapters: dict[str, Path], blocked_loads: threading.Event
 ) -> None:
@@ -235,13 +219,13 @@ def test_engine_process_api_drops_a_queued_request_whose_caller_left_and_reports
     from functions.engine.protocol import request_to_dict
     from functions.engine.server import create_engine_app
 
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_engine_app(engine), host="127.0.0.1", port=port, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
     try:
-        assert _wait(lambda: server.started)
+        wait_for(lambda: server.started, 10, "the engine API did not start")
         assert httpx.get(f"{url}/health").json()["status"] == "ok"
         body = request_to_dict(GenerationRequest(PROMPTS[0], greedy(), ref(adapters, "good")))
         for _ in range(3):
@@ -249,7 +233,7 @@ def test_engine_process_api_drops_a_queued_request_whose_caller_left_and_reports
                 httpx.post(f"{url}/generate", json=body, timeout=0.3)
         stalled = httpx.get(f"{url}/health")
         assert stalled.status_code == 503 and "no progress" in stalled.json()["reason"]
-        assert _wait(lambda: engine.stats()["waiting"] == 0), engine.stats()  # all three left the queue
+        wait_for(lambda: engine.stats()["waiting"] == 0, 5, "the callers left, their requests stayed")
         assert httpx.get(f"{url}/health").status_code == 200
         blocked_loads.set()
         with httpx.stream("POST", f"{url}/generate", json=body, timeout=30) as response:

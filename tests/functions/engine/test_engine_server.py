@@ -7,12 +7,11 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import httpx
 
-from conftest import TINY_MODEL, Platform, free_port
+from conftest import TINY_MODEL, Platform, free_port, wait_for
 
 
 def _gone(pid: int) -> bool:
@@ -20,15 +19,6 @@ def _gone(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"  # a zombie is dead, just not yet reaped
     except FileNotFoundError:
         return True
-
-
-def _wait(condition, timeout: float) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_an_engine_exits_when_its_parent_dies_while_it_loads(sqlite_platform: Platform) -> None:
@@ -54,7 +44,7 @@ def test_an_engine_exits_when_its_parent_dies_while_it_loads(sqlite_platform: Pl
         parent.kill()
         parent.wait()
         # the engine's watch starts with its serve_engine, a few seconds of imports after its start on 2 cores
-        assert _wait(lambda: _gone(engine), 20), "the engine outlived its parent"
+        wait_for(lambda: _gone(engine), 20, "the engine outlived its parent")
     finally:
         if not _gone(engine):
             os.kill(engine, signal.SIGKILL)
@@ -76,7 +66,7 @@ def test_sigterm_while_loading_ends_the_engine_at_once(sqlite_platform: Platform
             mask = next(line for line in status if line.startswith("SigIgn:"))
             return bool(int(mask.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
 
-        assert _wait(lambda: not sigterm_ignored(), 60), "SIGTERM stayed ignored"  # serve_engine began
+        wait_for(lambda: not sigterm_ignored(), 60, "SIGTERM stayed ignored")  # serve_engine began
         try:
             httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
             raise AssertionError("the engine serves already: this is not loading")

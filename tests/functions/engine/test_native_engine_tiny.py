@@ -20,6 +20,7 @@ from functions.engine.protocol import (
     SamplingParams,
     collect,
 )
+from lora_helpers import build_lora
 
 NEW_TOKENS = 32
 Reference = Callable[[str | None, str], list[int]]  # (adapter name or None, prompt) -> new token ids
@@ -31,35 +32,10 @@ PROMPTS = {
 }
 
 
-def _build_adapter(base_dir: Path, seed: int, dest: Path) -> Path:
-    """A LoRA on the tiny model with seeded random (non-zero) B matrices, so that it changes the output."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
-        LoraConfig(
-            r=4,
-            lora_alpha=8,
-            lora_dropout=0.0,
-            task_type="CAUSAL_LM",
-            target_modules=["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"],
-        ),
-    )
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
-    model.save_pretrained(dest)
-    return dest
-
-
 @pytest.fixture(scope="module")
 def adapter_dirs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("adapters")
-    return {name: _build_adapter(tiny_model_dir, seed, root / name) for name, seed in (("A", 1), ("B", 2), ("C", 3))}
+    return {name: build_lora(tiny_model_dir, root / name, seed) for name, seed in (("A", 1), ("B", 2), ("C", 3))}
 
 
 @pytest.fixture(scope="module")
