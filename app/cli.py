@@ -115,10 +115,13 @@ def tenant_create(
 ) -> None:
     """Create a tenant and print its first API key (shown once)."""
     from app.db import migrate, session_scope
+    from app.names import NAME
     from app.tenants import create_tenant
 
     if plan not in ("developer", "enterprise"):
         raise typer.BadParameter("developer or enterprise", param_hint="--plan")
+    if not NAME.matches(name):
+        raise typer.BadParameter(NAME.rule, param_hint="NAME")
     migrate()
     with session_scope() as s:
         tenant, key = create_tenant(s, name, plan=plan)

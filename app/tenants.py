@@ -7,6 +7,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.models import ApiKey, BillingAccount, Tenant
+from app.names import NAME
 
 KEY_PREFIX = "lpx_"
 
@@ -27,6 +28,7 @@ def create_tenant(session: Session, name: str, plan: str = "developer") -> tuple
     key; it is not stored)."""
     from billing.credits import grant_signup_credits
 
+    NAME.check(name)  # ValueError with the rule: a tenant's name is shown beside its resources
     tenant = Tenant(name=name)
     session.add(tenant)
     session.flush()
