@@ -114,8 +114,20 @@ class EngineBusy(RuntimeError):
 
 
 class Engine(Protocol):
+    """What every engine offers. `tokenizer` is the base model's (a transformers tokenizer): callers encode chat
+    prompts with it (functions.prompts.encode_chat) before `generate`.
+
+    Two methods only some engines have, which callers look up with getattr/hasattr rather than through this
+    protocol:
+    - `alive() -> bool`: whether the engine's process still runs (engines in another process: RemoteEngine);
+      an engine without it is taken as alive (functions/engine/__init__.py, functions/engine/supervisor.py).
+    - `run() -> None`: the engine's own loop on the calling thread until close() (the native engine started with
+      background=False); an engine without it runs its own loop (vLLM) (functions/engine/server.py).
+    """
+
     base_model: str
     context_length: int
+    tokenizer: Any
 
     def count_tokens(self, text: str) -> int: ...
 

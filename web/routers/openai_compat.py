@@ -90,7 +90,7 @@ async def chat_completions(body: ChatCompletionRequest, tenant: CurrentTenant, d
     db.close()  # hand the connection back now: a stream may last minutes, and usage is written on its own session
     engine = await _engine(target)
     messages = [{"role": m.role, "content": m.text} for m in body.messages]
-    prompt = encode_chat(engine.tokenizer, messages)  # type: ignore[attr-defined]
+    prompt = encode_chat(engine.tokenizer, messages)
     return await _respond(body, body.requested_max_tokens, prompt, target, engine, tenant, request, chat=True)
 
 
