@@ -25,6 +25,7 @@ from typing import Any
 from app.settings import get_settings
 from functions.base_models import load_model, load_model_dir, load_tokenizer
 from functions.finetune_config import FinetuneConfig
+from functions.precision import use_bf16
 from functions.prompts import IGNORE_INDEX, Tokenized
 
 MICRO_BATCH = 4  # examples per forward pass; gradient accumulation makes up effective_batch_size
@@ -43,17 +44,6 @@ class TrainingRun:
         self.trainer.model.save_pretrained(target)
         if self.kind == "full":
             self.tokenizer.save_pretrained(target)
-
-
-def use_bf16(precision: str) -> bool:
-    """bf16 when asked, or on "auto" where the hardware runs it natively (elsewhere it is slower than fp32)."""
-    import torch
-
-    if precision != "auto":
-        return precision == "bf16"
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 def build_trainer(

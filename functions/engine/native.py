@@ -36,6 +36,7 @@ from functions.engine.protocol import (
 )
 from functions.engine.sampling import Choice, RowState, choose
 from functions.engine.text import TextStream
+from functions.precision import use_bf16
 from functions.prompts import encode_text
 
 GiB = 1024**3
@@ -87,9 +88,7 @@ class _Seq:
 
 
 def resolve_dtype(name: str) -> torch.dtype:
-    """auto: bf16 where the hardware runs it natively, as training decides (functions/trainer.py)."""
-    from functions.trainer import use_bf16
-
+    """auto: bf16 where the hardware runs it natively, as training decides (functions/precision.py)."""
     return torch.bfloat16 if use_bf16({"float32": "fp32", "bfloat16": "bf16"}.get(name, name)) else torch.float32
 
 
