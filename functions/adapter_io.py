@@ -1,11 +1,12 @@
 """Adapters in and out: check an uploaded PEFT directory, unpack archives safely, publish a version, export one.
 
-An adapter is served as plain LoRA on the base model's linear layers, by the transformers engine today and by
-vLLM tomorrow. So an import is checked against exactly what serving needs, from the files alone (nothing is
-loaded into a model): `adapter_config.json` says LORA without variants that change the forward pass, holds only
-keys PEFT's LoraConfig knows, each of the type PEFT declares, with a rank the engines serve and an alpha and
-dropout in range; every tensor in `adapter_model.safetensors` is a lora_A/lora_B pair of a linear layer the base
-model has, with the shapes the base model's config implies, and finite values. Pickled weights are refused outright.
+An adapter is served as plain LoRA on the base model's linear layers, by the native engine
+(functions/engine/native.py) or by vLLM (functions/engine/vllm_engine.py). So an import is checked against exactly
+what serving needs, from the files alone (nothing is loaded into a model): `adapter_config.json` says LORA without
+variants that change the forward pass, holds only keys PEFT's LoraConfig knows, each of the type PEFT declares, with
+a rank the engines serve and an alpha and dropout in range; every tensor in `adapter_model.safetensors` is a
+lora_A/lora_B pair of a linear layer the base model has, with the shapes the base model's config implies, and finite
+values. Pickled weights are refused outright.
 
 Publishing is shared with training (functions/train.py): an import takes the repo's next version number from
 the repo row's counter (one UPDATE, which serializes concurrent publishers), a training job publishes the number

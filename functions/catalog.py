@@ -55,9 +55,3 @@ def get_model(name: str) -> BaseModel:
         if model.name == name:
             return model
     raise UnknownBaseModel(name)
-
-
-def write_local_card(name: str, params: int, context_length: int) -> None:
-    """Register a model directory already written to volume/base_models/<name>/ as a local base model."""
-    card = volume.base_model_dir(name) / LOCAL_CARD
-    card.write_text(json.dumps({"params": params, "context_length": context_length}))

@@ -24,7 +24,6 @@ import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -834,7 +833,3 @@ def _default_reason(status: str, live: _Live) -> str:
         STOPPED: "stopped: every replica drained",
         DELETED: "deleted: every replica drained",
     }.get(status, status)
-
-
-def log_dir_of(data_dir: Path) -> Path:
-    return data_dir / "deployments"
