@@ -1,16 +1,16 @@
 """The `loraplex` command: serve the platform, run workers, create tenants, run the demo; and, as a client of a
 running server, upload datasets, start fine-tuning jobs and watch them."""
 
-import logging
 import os
 import signal
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import typer
+
+from app.logs import configure_logging
 
 app = typer.Typer(
     help="Loraplex: fine-tune open LLMs and serve many adapters from one base model.", no_args_is_help=True
@@ -33,21 +33,6 @@ app.add_typer(jobs_app, name="jobs")
 app.add_typer(deployments_app, name="deployments")
 
 
-def _logging() -> None:
-    level = os.environ.get("LORAPLEX_LOG_LEVEL", "INFO")
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if level != "DEBUG":  # library chatter (progress bars, deprecation notes) drowns our own log lines
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        logging.getLogger("huey").setLevel(logging.WARNING)
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF conversion's own progress bar
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-
-
 def _exit_on_sigterm(signum: int, frame: object) -> None:
     # uvicorn re-raises the SIGTERM it caught once it has shut down; exiting here (not dying of the signal)
     # lets `serve` stop its workers on the way out.
@@ -67,7 +52,7 @@ def serve(
     from app.supervisor import WorkerSupervisor
     from web.main import create_app
 
-    _logging()
+    configure_logging()
     migrate()
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     supervisor = WorkerSupervisor(workers).start()
@@ -91,7 +76,7 @@ def engine(
     """Run one base model's serving engine (started by the API; see functions/engine/server.py)."""
     # Read before the imports below, which take seconds: a parent that dies meanwhile is still noticed.
     parent = parent_pid or os.getppid()
-    _logging()
+    configure_logging()
     from functions.engine.server import serve_engine
 
     serve_engine(base_model, model_dir, "127.0.0.1", port, parent)
@@ -102,9 +87,11 @@ def worker(threads: int = typer.Option(0, help="Handler threads (0: LORAPLEX_WOR
     """Run a worker: validates datasets and trains adapters from the event queue."""
     from app.db import migrate
     from app.queue import run_worker
+    from app.worker import wire
 
-    _logging()
+    configure_logging()
     migrate()
+    wire()
     run_worker(threads or None)
 
 
@@ -116,7 +103,7 @@ def tenant_create(
     """Create a tenant and print its first API key (shown once)."""
     from app.db import migrate, session_scope
     from app.names import NAME
-    from app.tenants import create_tenant
+    from billing.signup import create_tenant
 
     if plan not in ("developer", "enterprise"):
         raise typer.BadParameter("developer or enterprise", param_hint="--plan")
@@ -174,7 +161,7 @@ def demo(
     from app.demo import run_demo
 
     os.environ.setdefault("LORAPLEX_LOG_LEVEL", "WARNING")
-    _logging()
+    configure_logging()
     raise typer.Exit(run_demo(port=port, dataset=dataset, epochs=epochs))
 
 

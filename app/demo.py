@@ -68,7 +68,8 @@ def _demo_key() -> str:
 
     from app.db import migrate, session_scope
     from app.models import Tenant
-    from app.tenants import create_key, create_tenant
+    from app.tenants import create_key
+    from billing.signup import create_tenant
 
     migrate()
     with session_scope() as s:

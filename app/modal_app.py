@@ -121,6 +121,9 @@ def _run_event(event_id: str) -> None:
     """Shared body of handle_event and train: fresh volume in, handler, writes committed out."""
     from app import volume as platform_volume
     from app.queue import process_event
+    from app.worker import wire
+
+    wire(spawn_event)  # a handler's retry re-submits its event through Modal's spawn
 
     # The uploader/trainer that produced our inputs committed from another container; without a reload
     # this container may still see the volume as it was when it started.
@@ -216,16 +219,18 @@ class Inference:
 @modal.concurrent(max_inputs=100)  # the API is async I/O bound: one container serves many requests
 @modal.asgi_app()
 def web() -> Any:
+    from app.worker import wire
     from web.main import create_app
 
+    wire(spawn_event)  # the API hands its events to the deployed event functions
     return create_app()
 
 
 def spawn_event(event_id: str, event_name: str) -> None:
     """Hand a durable event to the deployed app: GPU events to `train`, the rest to `handle_event`.
 
-    Called by the modal Runtime (app.runtime) right after the event row is written. Fire-and-forget: the
-    outcome is recorded on the event row by process_event, not returned here.
+    Called by app.queue.submit (wired in by `web` and the event functions) right after the event row is committed.
+    Fire-and-forget: the outcome is recorded on the event row by process_event, not returned here.
     """
     if not modal.is_local():
         # Inside a Modal container (the web function) the request just wrote the event's input (e.g. the

@@ -8,12 +8,12 @@ the handler runs, and any worker's reaper re-sends events whose lease ran out (t
 A lost or duplicated queue message is therefore harmless: a second claim of the same event fails.
 """
 
-import importlib
 import logging
 import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
@@ -30,11 +30,25 @@ from app.settings import get_settings
 
 log = logging.getLogger("loraplex.queue")
 
-# Event name -> module with `run(event)` and `fail(event, reason)`; imported lazily (training imports torch).
-HANDLERS = {
-    "dataset.uploaded": "functions.validate_dataset",
-    "finetune.requested": "functions.train",
-}
+EVENTS = ("dataset.uploaded", "finetune.requested")  # every event the platform emits
+
+# Filled by the entry points (app/worker.py's wire()), never looked up by name here: this module is the foundation
+# and imports nothing above it.
+HANDLERS: dict[str, "Callable[[], Handler]"] = {}  # event -> its handler, fetched when first needed (torch is slow)
+_spawner: Callable[[str, str], None] | None = None  # the Modal runtime's spawn(event_id, name)
+_periodic: list[Callable[[], None]] = []  # run on each pass of a worker's reaper (e.g. the Stripe outbox flush)
+
+
+def register(
+    handlers: dict[str, "Callable[[], Handler]"],
+    spawner: Callable[[str, str], None] | None = None,
+    periodic: tuple[Callable[[], None], ...] = (),
+) -> None:
+    """What the entry point running this process wires in: the handlers, Modal's spawn, the periodic work."""
+    global _spawner
+    HANDLERS.update(handlers)
+    _spawner = spawner or _spawner
+    _periodic[:] = list(periodic) or _periodic
 
 
 class PermanentError(Exception):
@@ -63,7 +77,7 @@ def now() -> datetime:
 
 def emit(session: Session, name: str, subject_id: str) -> Event:
     """Add an event in the caller's transaction; it is sent to a worker only once that transaction commits."""
-    if name not in HANDLERS:
+    if name not in EVENTS and name not in HANDLERS:
         raise ValueError(f"unknown event {name!r}")
     ev = Event(id=new_id("ev"), name=name, subject_id=subject_id)
     session.add(ev)
@@ -85,9 +99,9 @@ def _drop_after_rollback(session: Session) -> None:
 def submit(event_id: str, name: str, delay_seconds: float = 0.0) -> None:
     """Wake a worker for this event, in whichever runtime is configured."""
     if get_settings().runtime == "modal":
-        from app.modal_app import spawn_event
-
-        spawn_event(event_id, name)
+        if _spawner is None:
+            raise RuntimeError("LORAPLEX_RUNTIME=modal, but no Modal spawner is wired in (app/modal_app.py does)")
+        _spawner(event_id, name)
         return
     task = _huey_task()
     if delay_seconds > 0:
@@ -153,7 +167,9 @@ def process_event(event_id: str) -> None:
 
 
 def _handler(name: str) -> Handler:
-    return importlib.import_module(HANDLERS[name])  # type: ignore[return-value]
+    if name not in HANDLERS:
+        raise RuntimeError(f"no handler for {name!r} in this process: its entry point wires them (app/worker.py)")
+    return HANDLERS[name]()
 
 
 def _claim(event_id: str, me: str, lease_seconds: float) -> EventInfo | None:
@@ -261,12 +277,11 @@ def run_worker(threads: int | None = None) -> None:
                 reap()
             except Exception:  # noqa: BLE001 - keep reaping; the database may be briefly locked
                 log.warning("reaper pass failed", exc_info=True)
-            try:
-                import billing.outbox  # here, not at the top: the queue module stays free of billing imports
-
-                billing.outbox.flush_if_configured()  # owed Stripe calls; a no-op without a Stripe key
-            except Exception:  # noqa: BLE001 - keep reaping; the rows stay pending and are retried next pass
-                log.warning("Stripe outbox flush failed", exc_info=True)
+            for work in _periodic:
+                try:
+                    work()
+                except Exception:  # noqa: BLE001 - keep reaping; periodic work is retried on the next pass
+                    log.warning("periodic work %s failed", getattr(work, "__name__", work), exc_info=True)
             time.sleep(settings.reap_interval_seconds)
 
     threading.Thread(target=reaper, daemon=True, name="reaper").start()

@@ -49,6 +49,14 @@ def postgres_available() -> bool:
         return False
 
 
+@pytest.fixture(scope="session", autouse=True)
+def wired_queue() -> None:
+    """The queue's handlers, as `loraplex worker` wires them (the in-process worker below runs them)."""
+    from app.worker import wire
+
+    wire()
+
+
 @pytest.fixture(scope="session")
 def shared_volume(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One volume for the session: base-model weights are built once and shared by every test."""
@@ -201,7 +209,7 @@ def client(platform: Platform) -> Iterator["TestClient"]:  # type: ignore[name-d
 def make_tenant(name: str) -> tuple[str, dict[str, str]]:
     """(tenant id, auth headers) for a new tenant."""
     from app.db import session_scope
-    from app.tenants import create_tenant
+    from billing.signup import create_tenant
 
     with session_scope() as s:
         tenant, key = create_tenant(s, name)

@@ -31,7 +31,7 @@ def main() -> None:
     handed = time.monotonic()
     os.environ.update(command.get("env") or {})
 
-    from app.cli import _logging
+    from app.logs import configure_logging
     from app.settings import get_settings
 
     get_settings.cache_clear()  # settings read from the environment just given
@@ -39,7 +39,7 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    _logging()
+    configure_logging()
     timings: dict[str, Any] = {"imports_s": round(imported - began, 3), "idle_s": round(handed - imported, 3)}
     _time_engine_creation(timings, handed)
 

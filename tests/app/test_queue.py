@@ -36,7 +36,7 @@ def fail(event: queue.EventInfo, reason: str) -> None:
 
 @pytest.fixture(autouse=True)
 def test_handler(platform, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(queue.HANDLERS, "test.event", sys.modules[__name__].__name__)
+    monkeypatch.setitem(queue.HANDLERS, "test.event", lambda: sys.modules[__name__])
     CALLS.clear()
     FAILURES.clear()
     BEHAVIOUR["mode"] = "ok"

@@ -13,7 +13,7 @@ from conftest import Platform
 def test_a_bad_tenant_name_is_refused_and_nothing_is_written(platform: Platform, name: str) -> None:
     from app.db import session_scope
     from app.models import Tenant
-    from app.tenants import create_tenant
+    from billing.signup import create_tenant
 
     with pytest.raises(ValueError, match="letters, digits"), session_scope() as s:
         create_tenant(s, name)
