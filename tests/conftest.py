@@ -290,6 +290,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def process_alive(pid: int) -> bool:
+    """Whether the process runs: a zombie is dead, just not yet reaped; one that vanishes while /proc is read
+    (ESRCH, ProcessLookupError) is gone too."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
 def wait_for(condition: Callable[[], Any], timeout: float, message: str, every: float = 0.1) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

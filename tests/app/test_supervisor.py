@@ -8,11 +8,11 @@ import re
 import signal
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from app.supervisor import Backoff, WorkerSupervisor
+from conftest import process_alive
 
 SLEEPER = (sys.executable, "-c", "import time; time.sleep(600)")
 CRASHER = (sys.executable, "-c", "raise SystemExit(3)")
@@ -27,13 +27,6 @@ def test_backoff_grows_to_its_cap_and_starts_over_after_a_stable_run() -> None:
 
 def _pids(supervisor: WorkerSupervisor) -> list[int]:
     return [s.process.pid for s in supervisor._slots if s.process is not None and s.process.poll() is None]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"  # a zombie is dead, just not yet reaped
-    except FileNotFoundError:
-        return False
 
 
 def _wait(condition, timeout: float = 20):  # type: ignore[no-untyped-def]
@@ -58,7 +51,7 @@ def test_a_killed_worker_is_started_again_and_stop_ends_them_all() -> None:
         assert f"(pid {first[0]}) exited with code -9" in str(status["last_exit"])
     finally:
         supervisor.stop()
-    assert not any(_alive(pid) for pid in again)
+    assert not any(process_alive(pid) for pid in again)
 
 
 def test_a_worker_that_dies_at_once_is_restarted_after_growing_delays(caplog: pytest.LogCaptureFixture) -> None:

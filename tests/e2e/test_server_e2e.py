@@ -12,7 +12,7 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from conftest import TINY_MODEL, Platform, Processes, make_tenant
+from conftest import TINY_MODEL, Platform, Processes, make_tenant, process_alive
 
 SAMPLE = Path(__file__).parents[2] / "app" / "samples" / "support_triage.jsonl"
 
@@ -171,13 +171,6 @@ def _children(pid: int) -> list[int]:
     return [int(p) for task in Path(f"/proc/{pid}/task").iterdir() for p in (task / "children").read_text().split()]
 
 
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"  # a zombie is dead, just not yet reaped
-    except FileNotFoundError:
-        return False
-
-
 @pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL])
 def test_stopping_serve_stops_its_workers(processes: Processes, how: signal.Signals) -> None:
     processes.server(workers=1)
@@ -186,6 +179,6 @@ def test_stopping_serve_stops_its_workers(processes: Processes, how: signal.Sign
     serve.send_signal(how)
     serve.wait(timeout=30)
     deadline = time.monotonic() + 30
-    while _alive(worker_pid) and time.monotonic() < deadline:
+    while process_alive(worker_pid) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not _alive(worker_pid), "the worker outlived its server"
+    assert not process_alive(worker_pid), "the worker outlived its server"

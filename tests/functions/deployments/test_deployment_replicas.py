@@ -16,7 +16,7 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from conftest import TINY_MODEL, Platform, make_tenant
+from conftest import TINY_MODEL, Platform, make_tenant, process_alive
 from deployment_helpers import (
     FAST_ENV,
     Served,
@@ -139,7 +139,7 @@ def test_scales_from_zero_to_two_and_back_to_zero(served: Served, http: httpx.Cl
     # Back to 0 after the 2 s cooldown: Standby, and no replica process left.
     pids = served.runtime.replica_pids(d["id"])
     wait_status(http, "auto", "Standby", timeout=60)
-    wait_for(lambda: not any(_alive(p) for p in pids), 30, "a replica outlived the scale-down")
+    wait_for(lambda: not any(process_alive(p) for p in pids), 30, "a replica outlived the scale-down")
     last = transitions(http, "auto")[-1]
     assert (last["from_status"], last["to_status"], last["replicas"]) == ("Ready", "Standby", 0)
     assert "cooldown_time 2 s: 2 -> 0 replicas" in last["reason"]
@@ -168,13 +168,6 @@ def test_scales_from_zero_to_two_and_back_to_zero(served: Served, http: httpx.Cl
     assert "loraplex_deployment_inference_seconds_bucket{" in text
 
 
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 @pytest.mark.parametrize(
     ("extra_env", "kill", "reason"),
     [
@@ -194,7 +187,7 @@ def test_a_dead_or_hung_replica_is_replaced(
     new = wait_for(
         lambda: [p for p in served.runtime.replica_pids(d["id"]) if p != pid], 90, "the replica was not replaced"
     )
-    assert len(new) == 1 and not _alive(pid)
+    assert len(new) == 1 and not process_alive(pid)
     assert chat(http, "steady").status_code == 200
     path = status_path(http, "steady")
     assert path[-3:] == [("Initializing", "Ready"), ("Ready", "Initializing"), ("Initializing", "Ready")]
@@ -241,7 +234,7 @@ def test_a_config_update_rolls_replicas_without_dropping_requests(
     [replica] = [r for r in rolled["live"]["replicas"] if r["state"] == "ready"]  # the old one may still drain
     assert replica["config_version"] == 2 and replica["adapters"] == [adapter]
     assert old_pid not in served.runtime.replica_pids(d["id"])
-    wait_for(lambda: not _alive(old_pid), 30, "the old replica was not stopped")
+    wait_for(lambda: not process_alive(old_pid), 30, "the old replica was not stopped")
     assert status_path(http, "rolling")[-2:] == [("Ready", "Updating"), ("Updating", "Ready")]
     # The preloaded adapter answers on the new replica, and the base model next to it.
     assert chat(http, "rolling", model="greeter/1").status_code == 200

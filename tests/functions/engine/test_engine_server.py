@@ -11,14 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from conftest import TINY_MODEL, Platform, free_port, wait_for
-
-
-def _gone(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"  # a zombie is dead, just not yet reaped
-    except FileNotFoundError:
-        return True
+from conftest import TINY_MODEL, Platform, free_port, process_alive, wait_for
 
 
 def test_an_engine_exits_when_its_parent_dies_while_it_loads(sqlite_platform: Platform) -> None:
@@ -44,9 +37,9 @@ def test_an_engine_exits_when_its_parent_dies_while_it_loads(sqlite_platform: Pl
         parent.kill()
         parent.wait()
         # the engine's watch starts with its serve_engine, a few seconds of imports after its start on 2 cores
-        wait_for(lambda: _gone(engine), 20, "the engine outlived its parent")
+        wait_for(lambda: not process_alive(engine), 20, "the engine outlived its parent")
     finally:
-        if not _gone(engine):
+        if process_alive(engine):
             os.kill(engine, signal.SIGKILL)
 
 
