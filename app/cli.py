@@ -76,7 +76,7 @@ def worker(threads: int = typer.Option(0, help="Handler threads (0: LORAPLEX_WOR
     """Run a worker: validates datasets and trains adapters from the event queue."""
     from app.db import migrate
     from app.queue import run_worker
-    from app.worker import wire
+    from app.worker_main import wire
 
     configure_logging()
     migrate()

@@ -121,7 +121,7 @@ def _run_event(event_id: str) -> None:
     """Shared body of handle_event and train: fresh volume in, handler, writes committed out."""
     from app import volume as platform_volume
     from app.queue import process_event
-    from app.worker import wire
+    from app.worker_main import wire
 
     wire(spawn_event)  # a handler's retry re-submits its event through Modal's spawn
 
@@ -219,7 +219,7 @@ class Inference:
 @modal.concurrent(max_inputs=100)  # the API is async I/O bound: one container serves many requests
 @modal.asgi_app()
 def web() -> Any:
-    from app.worker import wire
+    from app.worker_main import wire
     from web.main import create_app
 
     wire(spawn_event)  # the API hands its events to the deployed event functions

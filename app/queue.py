@@ -32,7 +32,7 @@ log = logging.getLogger("loraplex.queue")
 
 EVENTS = ("dataset.uploaded", "finetune.requested")  # every event the platform emits
 
-# Filled by the entry points (app/worker.py's wire()), never looked up by name here: this module is the foundation
+# Filled by the entry points (app/worker_main.py's wire()), never looked up by name here: this module is the foundation
 # and imports nothing above it.
 HANDLERS: dict[str, "Callable[[], Handler]"] = {}  # event -> its handler, fetched when first needed (torch is slow)
 _spawner: Callable[[str, str], None] | None = None  # the Modal runtime's spawn(event_id, name)
@@ -168,7 +168,7 @@ def process_event(event_id: str) -> None:
 
 def _handler(name: str) -> Handler:
     if name not in HANDLERS:
-        raise RuntimeError(f"no handler for {name!r} in this process: its entry point wires them (app/worker.py)")
+        raise RuntimeError(f"no handler for {name!r} in this process: its entry point wires them (app/worker_main.py)")
     return HANDLERS[name]()
 
 

@@ -52,7 +52,7 @@ def postgres_available() -> bool:
 @pytest.fixture(scope="session", autouse=True)
 def wired_queue() -> None:
     """The queue's handlers, as `loraplex worker` wires them (the in-process worker below runs them)."""
-    from app.worker import wire
+    from app.worker_main import wire
 
     wire()
 
