@@ -7,6 +7,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app import errors as domain
+
 TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -19,6 +21,23 @@ TYPES = {
     429: "rate_limit_error",
     503: "service_unavailable",
 }
+
+
+# The one place a domain refusal (app/errors.py) becomes an HTTP status.
+STATUS_OF_KIND: dict[type[domain.Refusal], int] = {
+    domain.Invalid: 422,
+    domain.TooLarge: 413,
+    domain.NotFound: 404,
+    domain.Conflict: 409,
+    domain.PaymentRequired: 402,
+    domain.Busy: 429,
+    domain.Unavailable: 503,
+    domain.Failed: 500,
+}
+
+
+def status_of(refusal: domain.Refusal) -> int:
+    return STATUS_OF_KIND[domain.kind_of(refusal)]
 
 
 class APIError(Exception):
@@ -83,6 +102,13 @@ def install(app: FastAPI) -> None:
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
         response = error_response(exc.status, exc.message, exc.param, exc.code, **exc.extra)
         response.headers.update(exc.headers or {})
+        return response
+
+    @app.exception_handler(domain.Refusal)
+    async def _refused(_: Request, exc: domain.Refusal) -> JSONResponse:
+        response = error_response(status_of(exc), exc.message, exc.field, exc.code)
+        if exc.retry_after is not None:
+            response.headers["Retry-After"] = str(exc.retry_after)
         return response
 
     @app.exception_handler(RequestValidationError)
