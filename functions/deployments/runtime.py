@@ -30,6 +30,7 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy import select
 
 from app.db import session_scope
+from app.errors import Unavailable
 from app.models import BillingAccount, Deployment, DeploymentTransition, utcnow
 from app.settings import get_settings
 from billing import ledger
@@ -47,6 +48,7 @@ from functions.deployments.config import (
 from functions.deployments.metrics import DeploymentMetrics, Gauges
 from functions.deployments.replica import Replica, ReplicaFailed, Spare, replica_env
 from functions.deployments.routing import Candidate, pick
+from functions.deployments.rules import serving_refusal
 from functions.engine.protocol import AdapterRef, Delta, GenerationRequest
 from functions.engine.remote import STOP_GRACE_SECONDS
 from functions.engine.supervisor import UNHEALTHY_POLLS
@@ -58,14 +60,6 @@ FAILED_START_BACKOFF = 30.0  # seconds before another start once one failed whil
 WAIT_POLL = 0.02  # seconds between looks of a request waiting for a replica
 SPARE_QUIET_SECONDS = 5.0  # a spare is spawned this long after the last replica start ended: its imports would
 # otherwise take CPU from that replica's first requests
-
-
-class DeploymentUnavailable(RuntimeError):
-    """A request the deployment cannot take: stopped, errored, being deleted, or no replica in time."""
-
-    def __init__(self, status: int, code: str, message: str, retry_after: int | None = None) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message, self.retry_after = status, code, message, retry_after
 
 
 @dataclass(eq=False)
@@ -649,7 +643,7 @@ class DeploymentRuntime:
                     if live is None:
                         self._dirty = True  # created a moment ago: not read yet
                     else:
-                        refusal = _refusal(live)
+                        refusal = serving_refusal(live.name, live.status, live.target_state, live.status_reason)
                         if refusal is not None:
                             raise refusal
                         lease = self._take(live, key, adapter_name, began)
@@ -662,10 +656,9 @@ class DeploymentRuntime:
                                 live.wake_from = began
                 self._wake.set()
                 if self.clock() - began > timeout:
-                    raise DeploymentUnavailable(
-                        503,
-                        "deployment_starting",
+                    raise Unavailable(
                         f"no replica of the deployment became ready within {timeout:.0f} s; try again",
+                        code="deployment_starting",
                         retry_after=5,
                     )
                 await asyncio.sleep(WAIT_POLL)
@@ -802,26 +795,6 @@ def replica_price(session: Any, tenant_id: str, accelerator: str, milliseconds: 
 def _drain_order(replicas: list[Replica]) -> list[Replica]:
     """Which to drain first: replicas still starting (no traffic yet), then the least loaded, newest first."""
     return sorted(replicas, key=lambda r: (r.state != "starting", r.in_flight, -r.order))
-
-
-def _refusal(live: _Live) -> DeploymentUnavailable | None:
-    if live.target_state == "deleted" or live.status == DELETED:
-        return DeploymentUnavailable(409, "deployment_deleted", f"The deployment '{live.name}' is being deleted")
-    if live.target_state == "stopped" or live.status == STOPPED:
-        return DeploymentUnavailable(
-            409,
-            "deployment_stopped",
-            f"The deployment '{live.name}' is Stopped: it does not scale up until it is moved to Standby "
-            f"(POST /v1/deployments/{live.name}/standby)",
-        )
-    if live.status == ERRORED:
-        return DeploymentUnavailable(
-            503,
-            "deployment_errored",
-            f"The deployment '{live.name}' is Errored: {live.status_reason}. Update its config or move it to "
-            f"Standby (POST /v1/deployments/{live.name}/standby) to try again",
-        )
-    return None
 
 
 def _default_reason(status: str, live: _Live) -> str:

@@ -38,7 +38,8 @@ from functions.deployments.config import (
     check_replica_range,
     limits_message,
 )
-from functions.deployments.runtime import DeploymentEngine, DeploymentRuntime, DeploymentUnavailable, replica_price
+from functions.deployments.rules import being_deleted, serving_refusal
+from functions.deployments.runtime import DeploymentEngine, DeploymentRuntime, replica_price
 from functions.prompts import encode_chat
 from web.deps import CurrentTenant, Db
 from web.errors import APIError
@@ -341,32 +342,15 @@ async def _serve(
     request: Request,
     chat: bool,
 ) -> Any:
-    try:
-        return await _respond(body, max_tokens, prompt, target, engine, tenant, request, chat=chat, metered=False)
-    except DeploymentUnavailable as exc:
-        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
-        raise APIError(exc.status, exc.message, code=exc.code, headers=headers) from None
+    return await _respond(body, max_tokens, prompt, target, engine, tenant, request, chat=chat, metered=False)
 
 
 def _serving(db: Session, tenant_id: str, name: str) -> Deployment:
     """The deployment, refusing at once what cannot serve (the runtime refuses the same a moment later)."""
     deployment = find(db, tenant_id, name)
-    if deployment.target_state == "deleted":
-        raise APIError(409, f"The deployment '{name}' is being deleted", code="deployment_deleted")
-    if deployment.target_state == "stopped" or deployment.status == STOPPED:
-        raise APIError(
-            409,
-            f"The deployment '{name}' is Stopped: it does not scale up until it is moved to Standby "
-            f"(POST /v1/deployments/{name}/standby)",
-            code="deployment_stopped",
-        )
-    if deployment.status == ERRORED:
-        raise APIError(
-            503,
-            f"The deployment '{name}' is Errored: {deployment.status_reason}. Update its config or move it to "
-            f"Standby (POST /v1/deployments/{name}/standby) to try again",
-            code="deployment_errored",
-        )
+    refusal = serving_refusal(name, deployment.status, deployment.target_state, deployment.status_reason)
+    if refusal is not None:
+        raise refusal
     return deployment
 
 
@@ -424,7 +408,7 @@ def find(db: Session, tenant_id: str, name: str, missing_ok: bool = False) -> De
 
 def _not_deleting(deployment: Deployment) -> None:
     if deployment.target_state == "deleted":
-        raise APIError(409, f"The deployment '{deployment.name}' is being deleted", code="deployment_deleted")
+        raise being_deleted(deployment.name)
 
 
 def _check_platform(db: Session, tenant: Tenant, accelerator: str, max_replicas: int) -> None:
