@@ -1,14 +1,15 @@
-"""Dependencies shared by the routers: a database session and the calling tenant."""
+"""Dependencies shared by the routers: a database session, the calling tenant, the deployment runtime."""
 
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Header
+from fastapi import Depends, Header, Request
 from sqlalchemy.orm import Session
 
 from app.db import sessions
 from app.models import Tenant
 from app.tenants import authenticate
+from functions.deployments.runtime import DeploymentRuntime
 from web.errors import APIError
 
 
@@ -35,3 +36,13 @@ def current_tenant(db: Db, authorization: Annotated[str | None, Header()] = None
 
 
 CurrentTenant = Annotated[Tenant, Depends(current_tenant)]
+
+
+def deployment_runtime(request: Request) -> DeploymentRuntime:
+    runtime = getattr(request.app.state, "deployments", None)
+    if runtime is None:
+        raise APIError(503, "the deployment runtime is not running", code="runtime_unavailable")
+    return runtime
+
+
+Runtime = Annotated[DeploymentRuntime, Depends(deployment_runtime)]

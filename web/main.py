@@ -12,6 +12,7 @@ from web.bodies import RequestBodies
 from web.routers import (
     billing,
     datasets,
+    deployment_inference,
     deployments,
     finetuning,
     openai_compat,
@@ -50,7 +51,8 @@ def create_app() -> FastAPI:
 
     app.add_middleware(RequestBodies)  # body limits and sound JSON, before any route reads a body
 
-    for module in (datasets, finetuning, repos, usage, billing, stripe_webhook, openai_compat, deployments, prometheus):
+    platform = (datasets, finetuning, repos, usage, billing, stripe_webhook, deployments)
+    for module in (*platform, openai_compat, deployment_inference, prometheus):
         app.include_router(module.router)
     app.include_router(health.router)  # 503 when a component is degraded (web/health.py)
 
