@@ -1,6 +1,8 @@
 """The `loraplex` client commands: datasets, fine-tuning, jobs and deployments of a running server, over HTTP
 with the SDK (app/client.py). They import neither torch nor the database; app/cli.py mounts them."""
 
+import inspect
+import typing
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,6 +18,8 @@ jobs_app = typer.Typer(
 deployments_app = typer.Typer(
     help="Private deployments, over the API (LORAPLEX_API_URL, LORAPLEX_API_KEY).", no_args_is_help=True
 )
+# Older spellings of an option, still accepted: FinetuneConfig's field name -> extra flag declarations.
+CLI_ALIASES = {"apply_chat_template": ("--chat-template/--no-chat-template",)}
 
 
 # ---- client commands (over HTTP, with the SDK) -------------------------------------------------------------
@@ -66,41 +70,12 @@ def datasets_upload(
     )
 
 
-@finetune_app.command("start")
-def finetune_start(
-    dataset: str = typer.Option(..., help="Name of a ready dataset."),
-    repo: str = typer.Option(..., help="Adapter repository; the result is its next version, repo/N."),
-    base_model: str = typer.Option("smollm2-135m", help="Model to fine-tune."),
-    epochs: int | None = typer.Option(None, help="Passes over the training split (server default 3)."),
-    learning_rate: float | None = typer.Option(None, help="Peak learning rate (server default 2e-4)."),
-    rank: int | None = typer.Option(None, help="LoRA rank (server default 16)."),
-    lora_alpha: int | None = typer.Option(None, help="LoRA alpha (server default 2 x rank)."),
-    lora_dropout: float | None = typer.Option(None, help="LoRA dropout (server default 0.05)."),
-    target_modules: str | None = typer.Option(None, help="Comma-separated, e.g. q_proj,k_proj,v_proj,o_proj."),
-    max_seq_length: int | None = typer.Option(None, help="Truncate examples to this many tokens."),
-    effective_batch_size: int | None = typer.Option(None, help="Examples per optimizer step."),
-    seed: int | None = typer.Option(None, help="Seed for a reproducible run."),
-    chat_template: bool | None = typer.Option(None, "--chat-template/--no-chat-template", help="Apply it to rows."),
-    set_: list[str] = typer.Option([], "--set", help="Any other config field, KEY=VALUE (VALUE read as JSON)."),
-    watch: bool = typer.Option(False, "--watch", help="Follow the job with a progress bar until it ends."),
-) -> None:
+def finetune_start(dataset: str, repo: str, base_model: str, set_: list[str], watch: bool, **fields: Any) -> None:
     """Start a fine-tuning job; options left out take the server's defaults."""
     import json
 
-    options = {
-        "epochs": epochs,
-        "learning_rate": learning_rate,
-        "rank": rank,
-        "lora_alpha": lora_alpha,
-        "lora_dropout": lora_dropout,
-        "target_modules": [m.strip() for m in target_modules.split(",") if m.strip()] if target_modules else None,
-        "max_seq_length": max_seq_length,
-        "effective_batch_size": effective_batch_size,
-        "seed": seed,
-        "apply_chat_template": chat_template,
-    }
     config: dict[str, Any] = {"base_model": base_model, "dataset": dataset, "repo": repo}
-    config |= {key: value for key, value in options.items() if value is not None}
+    config |= {key: value for key, value in fields.items() if value is not None}
     for item in set_:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
@@ -117,6 +92,68 @@ def finetune_start(
         )
         if watch:
             _watch(client, job["id"])
+
+
+def _finetune_options() -> list[inspect.Parameter]:
+    """`finetune start`'s options: one per field of the API's FinetuneConfig (so the CLI, the API and its schema
+    cannot drift), typed from the field, with its description as help. An option left out is not sent, so the
+    server applies its default; the server alone checks ranges (its error names the field)."""
+    from functions.finetune_config import FinetuneConfig
+
+    def option(name: str, kind: Any, info: Any) -> inspect.Parameter:
+        return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=kind, default=info)
+
+    options = [
+        option("dataset", str, typer.Option(..., help="Name of a ready dataset.")),
+        option("repo", str, typer.Option(..., help="Adapter repository; the result is its next version, repo/N.")),
+        option("base_model", str, typer.Option("smollm2-135m", help="Model to fine-tune.")),
+    ]
+    for name, field in FinetuneConfig.model_fields.items():
+        if name in ("dataset", "repo", "base_model"):
+            continue
+        default = "" if field.default is None else f" (server default {field.default})"
+        help_text = f"{field.description}{default}"
+        kinds = set(typing.get_args(field.annotation) or (field.annotation,)) - {type(None)}
+        if kinds == {bool}:
+            flag = name.replace("_", "-")
+            decls = [f"--{flag}/--no-{flag}", *CLI_ALIASES.get(name, ())]
+            options.append(option(name, bool | None, typer.Option(None, *decls, help=help_text)))
+        elif len(kinds) == 1 and kinds <= {int, float}:
+            options.append(option(name, kinds.pop() | None, typer.Option(None, help=help_text)))
+        elif kinds == {list[str]}:
+            parse = _comma_separated
+            options.append(
+                option(name, str | None, typer.Option(None, help=f"{help_text} Comma-separated.", callback=parse))
+            )
+        else:  # a string, a choice of strings, or a choice of a string and a number ("epoch" or 100)
+            options.append(option(name, str | None, typer.Option(None, help=help_text, callback=_number_or_text)))
+    options.append(
+        option(
+            "set_", list[str], typer.Option([], "--set", help="Any other config field, KEY=VALUE (VALUE read as JSON).")
+        )
+    )
+    options.append(
+        option("watch", bool, typer.Option(False, "--watch", help="Follow the job with a progress bar until it ends."))
+    )
+    return options
+
+
+def _comma_separated(value: str | None) -> list[str] | None:
+    return [item.strip() for item in value.split(",") if item.strip()] if value is not None else None
+
+
+def _number_or_text(value: str | None) -> int | float | str | None:
+    """'100' is the number 100 ('checkpoint_every'), 'epoch' and 'repo/3' stay text."""
+    for kind in (int, float):
+        try:
+            return kind(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            pass
+    return value
+
+
+finetune_start.__signature__ = inspect.Signature(_finetune_options())  # type: ignore[attr-defined]
+finetune_app.command("start")(finetune_start)
 
 
 @jobs_app.command("watch")
