@@ -6,8 +6,9 @@ A step holds one decode token for every running request plus prefill chunks of n
 `prefill_chunk` prompt tokens per step, so a long prompt never stalls the running ones for long.
 
 Callers get an async iterator of Deltas (`generate`); tokens cross from the engine thread to the caller's
-event loop with `call_soon_threadsafe`. Adapters load in a loader thread (disk reads and checks), and are
-copied into a pool slot between steps, so loading one does not stall running requests.
+event loop with `call_soon_threadsafe`. Which adapters are resident, loading or pinned is the adapter manager's
+(adapter_manager.py): adapters are read on its loader thread and copied into a pool slot between steps, so loading
+one does not stall running requests.
 """
 
 import asyncio
@@ -15,16 +16,16 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from functions.engine.adapter_manager import AdapterManager
 from functions.engine.beams import BeamSearch
 from functions.engine.kv_cache import KVCache
 from functions.engine.llama import LlamaModel, Sequences
-from functions.engine.lora_pool import AdapterWeights, LoraPool, Segments, load_adapter, read_adapter
+from functions.engine.lora_pool import LoraPool, Segments
 from functions.engine.protocol import (
     Delta,
     EngineBusy,
@@ -137,11 +138,8 @@ class NativeEngine:
         self._waiting: list[_Seq] = []
         self._running: list[_Seq] = []
         self._wake = threading.Condition()
-        self._loader = ThreadPoolExecutor(1, thread_name_prefix="adapter-loader")
-        self._loading: set[str] = set()
-        self._loaded: dict[str, AdapterWeights | EngineError] = {}
-        self._adapter_configs: dict[str, dict] = {}
-        self.counters = {"requests": 0, "generated_tokens": 0, "prompt_tokens": 0, "adapter_loads": 0, "steps": 0}
+        self.adapters = AdapterManager(self.lora, base_model, m.num_layers, self._notify)
+        self.counters = {"requests": 0, "generated_tokens": 0, "prompt_tokens": 0, "steps": 0}
         self._closed = False
         self._broken = ""  # why the engine gave up (a step failed for every request, twice); "" while it serves
         self._progress_at = time.monotonic()  # last time the loop moved a request forward, or found nothing to do
@@ -164,7 +162,11 @@ class NativeEngine:
             "kv_capacity_tokens": self.kv.capacity_tokens,
             "resident_adapters": len(self.lora.resident),
             "adapter_slots": self.lora.slots,
-            **self.counters,
+            "requests": self.counters["requests"],
+            "generated_tokens": self.counters["generated_tokens"],
+            "prompt_tokens": self.counters["prompt_tokens"],
+            "adapter_loads": self.adapters.loads,
+            "steps": self.counters["steps"],
         }
 
     def healthy(self) -> tuple[bool, str]:
@@ -256,17 +258,7 @@ class NativeEngine:
         total = min(len(ids) + params.max_new_tokens, self.context_length) * params.num_beams
         if total > self.kv.capacity_tokens:
             raise EngineError(f"prompt + max_tokens ({total}) exceeds this engine's KV cache", "max_tokens")
-        config = None
-        if request.adapter is not None:
-            config = self._adapter_configs.get(request.adapter.key)
-            if config is None:
-                config = read_adapter(
-                    request.adapter.path,
-                    self.base_model,
-                    request.adapter.base_model,
-                    self.lora.max_rank,
-                )
-                self._adapter_configs[request.adapter.key] = config
+        config = self.adapters.check(request.adapter) if request.adapter is not None else None
         return _Seq(request, ids, config, sink=lambda item: None)
 
     def _submit(self, seq: _Seq) -> None:
@@ -276,8 +268,8 @@ class NativeEngine:
             if len(self._intake) + len(self._waiting) >= self.config.max_waiting:
                 raise EngineBusy("the engine's queue is full", retry_after=1.0)
             self._intake.append(seq)
-            if seq.adapter_key is not None and seq.adapter_key not in self.lora.resident:
-                self._start_loading(seq)  # now, not when the engine loop gets to it: the read overlaps a step
+            if seq.request.adapter is not None:
+                self.adapters.prefetch(seq.request.adapter, seq.adapter_config or {})  # the read overlaps a step
             self._wake.notify()
 
     def _notify(self) -> None:
@@ -289,7 +281,7 @@ class NativeEngine:
         self._notify()
         if self._thread is not None:
             self._thread.join(timeout=10)
-        self._loader.shutdown(wait=False)
+        self.adapters.close()
 
     # ---- engine thread --------------------------------------------------------------------------------
 
@@ -410,10 +402,17 @@ class NativeEngine:
         """Start one waiting request if its adapter is resident and its cache room is free: "started", "later"
         (its adapter is loading, or failed and the request was answered), or "full" (no cache room)."""
         slot = -1
-        if seq.adapter_key is not None:
-            slot = self._resident_slot(seq)
-            if slot is None:
-                return "later"  # loading; later requests may go ahead
+        if seq.request.adapter is not None:
+            resident = self.adapters.slot_for(seq.request.adapter, seq.adapter_config or {})
+            if isinstance(resident, EngineError):  # its read failed: answered, forgotten once none waits on it
+                seq.sink(("error", resident))
+                self._waiting.remove(seq)
+                if not any(s.adapter_key == seq.adapter_key for s in self._waiting):
+                    self.adapters.forget_failure(seq.request.adapter.key)
+                return "later"
+            if resident is None:
+                return "later"  # loading, or no slot free; later requests may go ahead
+            slot = resident
         params = seq.request.params
         total = min(len(seq.prompt_ids) + params.max_new_tokens, self.context_length)
         rooms = [self.kv.allocate(total) for _ in range(params.num_beams)]  # one room per beam
@@ -428,7 +427,7 @@ class NativeEngine:
             seq.beam = BeamSearch(params.num_beams, self.eos, params.max_new_tokens, params.min_new_tokens)
         seq.slot = slot
         if slot >= 0:
-            self.lora.pins[slot] += 1
+            self.adapters.pin(slot)
         seq.tokens = list(seq.prompt_ids)
         seed = seq.request.params.seed
         if not seq.request.params.greedy or seq.request.params.repetition_penalty != 1.0:
@@ -441,51 +440,6 @@ class NativeEngine:
         self.counters["prompt_tokens"] += len(seq.prompt_ids)
         self._progress_at = seq.started
         return "started"
-
-    def _resident_slot(self, seq: _Seq) -> int | None:
-        key, adapter = seq.adapter_key, seq.request.adapter
-        assert key is not None and adapter is not None
-        slot = self.lora.slot_of(key)
-        if slot is not None:
-            return slot
-        ready = self._loaded.get(key)
-        if isinstance(ready, EngineError):
-            seq.sink(("error", ready))
-            self._waiting.remove(seq)
-            if not any(s.adapter_key == key for s in self._waiting):
-                del self._loaded[key]
-            return None
-        if ready is None:
-            with self._wake:
-                self._start_loading(seq)
-            return None
-        slot = self.lora.free_slot()
-        if slot is None:
-            return None  # every slot holds an adapter in use: wait for one to finish
-        self.lora.install(key, slot, ready)
-        del self._loaded[key]
-        self.counters["adapter_loads"] += 1
-        return slot
-
-    def _start_loading(self, seq: _Seq) -> None:
-        """(holding self._wake) Read the request's adapter on the loader thread, unless it is read or being read."""
-        key, adapter = seq.adapter_key, seq.request.adapter
-        assert key is not None and adapter is not None
-        if key not in self._loading and key not in self._loaded:
-            self._loading.add(key)
-            self._loader.submit(self._load, key, adapter.path, seq.adapter_config or {})
-
-    def _load(self, key: str, path: Path, config: dict) -> None:
-        try:
-            weights: AdapterWeights | EngineError = load_adapter(path, config, self.model.num_layers)
-        except EngineError as exc:
-            weights = exc
-        except Exception as exc:  # noqa: BLE001 - unreadable files are the request's error
-            weights = EngineError(f"the adapter could not be read: {exc}", "model")
-        with self._wake:
-            self._loaded[key] = weights
-            self._loading.discard(key)
-            self._wake.notify()
 
     def _step(self, batch: list[_Seq]) -> None:
         """One forward pass over `batch` (running requests), then each request's next token. Nothing of a request's
@@ -648,5 +602,5 @@ class NativeEngine:
         self.kv.release(seq.blocks)
         seq.blocks = []
         if seq.slot >= 0:
-            self.lora.pins[seq.slot] -= 1
+            self.adapters.unpin(seq.slot)
             seq.slot = -1

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import TINY_MODEL, free_port, wait_for
-from functions.engine import native
+from functions.engine import adapter_manager, native
 from functions.engine.native import EngineConfig, NativeEngine
 from functions.engine.protocol import (
     AdapterRef,
@@ -180,13 +180,13 @@ def test_a_model_that_cannot_compute_breaks_the_engine_down_and_it_says_so(
 def blocked_loads(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
     """Adapter reads wait until the returned event is set: requests of an adapter sit in the engine's queue."""
     release = threading.Event()
-    real = native.load_adapter
+    real = adapter_manager.load_adapter
 
     def slow(*args: Any) -> Any:
         release.wait(timeout=30)
         return real(*args)
 
-    monkeypatch.setattr(native, "load_adapter", slow)
+    monkeypatch.setattr(adapter_manager, "load_adapter", slow)
     yield release
     release.set()
 
