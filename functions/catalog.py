@@ -1,4 +1,5 @@
-"""Base models users can fine-tune and serve. The parameter count sets the price tier."""
+"""Base models users can fine-tune and serve, and the linear layers of each a LoRA may wrap. The parameter count
+sets the price tier."""
 
 import json
 from dataclasses import dataclass
@@ -7,6 +8,11 @@ from app import volume
 
 B = 1_000_000_000
 LOCAL_CARD = "loraplex_model.json"  # written beside a model directory placed on the volume by hand or by tests
+# Linear layers a LoRA can wrap, by architecture family: Llama, Mistral, Qwen and Gemma share names; Phi-3 fuses
+# q/k/v and gate/up. The attention ones sit under a decoder layer's self_attn, the rest under its mlp.
+LLAMA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PHI3_MODULES = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj")
 
 
 @dataclass(frozen=True)
@@ -55,3 +61,8 @@ def get_model(name: str) -> BaseModel:
         if model.name == name:
             return model
     raise UnknownBaseModel(name)
+
+
+def linear_modules(base_model: str) -> tuple[str, ...]:
+    """The linear layers of `base_model` a LoRA may target, in the order a decoder layer runs them."""
+    return PHI3_MODULES if base_model.startswith("phi-3") else LLAMA_MODULES

@@ -12,7 +12,6 @@ back into a local Trainer checkpoint directory (`prepare_resume`); the Trainer c
 step, optimizer moments, learning-rate schedule and data order.
 """
 
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +22,13 @@ from sqlalchemy.orm import Session
 
 from app import volume
 from app.db import session_scope
+from app.errors import Invalid
 from app.models import AdapterVersion, Checkpoint, Repo
 from app.names import VERSION_REF
-from functions.adapter_io import CHECKPOINTS_DIR, CONFIG_FILE
-from functions.finetune_config import FinetuneConfig, linear_modules
+from functions.adapter_check import stored_config
+from functions.catalog import linear_modules
+from functions.finetune_config import FinetuneConfig
+from functions.repos import CHECKPOINTS_DIR
 
 RESUME_DIR = "resume"  # inside a checkpoint's directory: what only resuming needs
 WEIGHT_CONFIGS = ("adapter_config.json", "config.json", "generation_config.json")
@@ -69,12 +71,11 @@ class ResumePoint:
     trainer_dir: Path  # local Trainer checkpoint directory, for Trainer.train(resume_from_checkpoint=...)
 
 
-class Refused(ValueError):
+class Refused(Invalid):
     """A continue_from_version that cannot work; `field` names the config field at fault."""
 
     def __init__(self, message: str, field: str) -> None:
-        super().__init__(message)
-        self.message, self.field = message, field
+        super().__init__(message, field=field, code="invalid_value")
 
 
 # ---- references ------------------------------------------------------------------------------------------
@@ -170,7 +171,7 @@ def _continue_lora(given: dict[str, Any], source: Weights, config: FinetuneConfi
 
 
 def _lora_settings(path: Path, base_model: str) -> dict[str, Any]:
-    saved = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+    saved = stored_config(path)
     order = linear_modules(base_model)
     targets = sorted(saved["target_modules"], key=lambda m: order.index(m) if m in order else len(order))
     return {

@@ -5,18 +5,11 @@ from typing import Literal
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from app.names import NAME, VERSION_REF
-from functions.catalog import get_model
+from functions.catalog import get_model, linear_modules
 
 # Fields that shape a LoRA adapter: meaningless for full fine-tuning, inherited when continuing an adapter.
 LORA_FIELDS = ("rank", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "target_modules")
-# Linear layers a LoRA can wrap, by architecture family. Llama, Mistral, Qwen and Gemma share names.
-LLAMA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-PHI3_MODULES = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 MAX_STEPS = 1_000_000  # the most optimizer steps a job may ask for, and so the largest step count a field may name
-
-
-def linear_modules(base_model: str) -> tuple[str, ...]:
-    return PHI3_MODULES if base_model.startswith("phi-3") else LLAMA_MODULES
 
 
 class FinetuneConfig(BaseModel):

@@ -30,7 +30,6 @@ from app.queue import EventInfo, PermanentError
 from app.settings import get_settings
 from billing import ledger
 from functions import checkpoints
-from functions.adapter_io import allocate_version, publish_adapter
 from functions.base_models import BaseModelUnavailable, load_tokenizer
 from functions.catalog import get_model
 from functions.checkpoints import ResumePoint, TrainingTarget
@@ -38,6 +37,7 @@ from functions.datasets import detect_labels, parse_dataset, single_class_messag
 from functions.evaluate import EvalResult, evaluate
 from functions.finetune_config import FinetuneConfig
 from functions.prompts import Tokenized, tokenize_example
+from functions.repos import allocate_version, publish_adapter
 from functions.trainer import TrainingRun, build_trainer
 
 log = logging.getLogger("loraplex.train")
@@ -200,7 +200,7 @@ def _train(
 
 def _publish(job: FinetuneJob, config: FinetuneConfig, adapter_files: Path, stats: dict) -> None:
     """Rename the adapter into place and record it with the job and its usage record, in one transaction
-    (functions/adapter_io.publish_adapter, shared with imports); on any database error the files are removed."""
+    (functions/repos.publish_adapter, shared with imports); on any database error the files are removed."""
     params = get_model(config.base_model).params
     lora = config.kind == "lora"
 

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from app.names import DEPLOYMENT_NAME
 from app.settings import get_settings
-from functions import adapter_io, checkpoints
+from functions import adapter_check, checkpoints
 from functions.catalog import get_model
 
 # The statuses of DESIGN.md, exactly.
@@ -175,7 +175,7 @@ def check_references(session: Session, tenant_id: str, base_model: str, adapters
             )
         # Every replica would fail to start on it: an import refuses such a rank, but training may make one, and
         # the operator may lower the limit after an import. One small file read (a checkpoint's row has no rank).
-        rank, max_rank = adapter_io.stored_rank(weights.path), get_settings().max_lora_rank
+        rank, max_rank = adapter_check.stored_rank(weights.path), get_settings().max_lora_rank
         if rank > max_rank:
             raise Refused(
                 422,

@@ -14,8 +14,6 @@ merged into base weights.
 """
 
 import itertools
-import json
-import re
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from functions.adapter_check import LORA_KEY, WEIGHTS_FILE, Unservable, served_config
 from functions.engine.protocol import EngineError
 
 GROUPS = {  # fused group -> its projections, in the order llama.LlamaModel lays out their outputs
@@ -31,9 +30,7 @@ GROUPS = {  # fused group -> its projections, in the order llama.LlamaModel lays
     "gate_up": ("gate_proj", "up_proj"),
     "down": ("down_proj",),
 }
-MODULE_GROUP = {module: group for group, modules in GROUPS.items() for module in modules}
-# \Z, not $: "$" also matches before a final newline, and a weight key ending in "\n" is no LoRA weight
-_KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_(A\.weight|B\.weight|magnitude_vector)\Z")
+MODULE_GROUP = {module: group for group, modules in GROUPS.items() for module in modules}  # what this engine serves
 SHORT = 4  # segments up to this many tokens take the batched path
 MAX_BANDS = 4  # more runs of consecutive slots than this: gather the matrices instead
 
@@ -98,37 +95,18 @@ class Segments:
 
 
 def read_adapter(path: Path, base_model: str, ref_base_model: str, max_rank: int) -> dict:
-    """Check an adapter's config against this engine before anything is loaded. Returns the config."""
-    config_file = path / "adapter_config.json"
-    if ref_base_model != base_model:
-        raise EngineError(f"the adapter was trained on {ref_base_model!r}; this engine serves {base_model!r}", "model")
-    if not config_file.exists():
-        raise EngineError("the adapter's files are missing on the volume", "model")
-    config = json.loads(config_file.read_text())
-    problems = []
-    if config.get("peft_type") != "LORA":
-        problems.append(f"peft_type {config.get('peft_type')!r} (only LORA is served)")
-    if config.get("rank_pattern") or config.get("alpha_pattern"):
-        problems.append("per-module rank or alpha patterns")
-    if config.get("modules_to_save"):
-        problems.append(f"modules_to_save {config['modules_to_save']}")
-    if config.get("bias", "none") != "none":
-        problems.append(f"bias {config['bias']!r}")
-    if int(config.get("r", 0)) > max_rank:
-        problems.append(f"rank {config['r']} (this engine's max_lora_rank is {max_rank})")
-    targets = config.get("target_modules") or []
-    unknown = sorted(set([targets] if isinstance(targets, str) else targets) - set(MODULE_GROUP))
-    if unknown and not isinstance(targets, str):
-        problems.append(f"target modules {unknown} (served: {sorted(MODULE_GROUP)})")
-    if problems:
-        raise EngineError("this adapter cannot be served: " + "; ".join(problems), "model")
-    return config
+    """Check an adapter's config against this engine before anything is loaded (functions/adapter_check.py).
+    Returns the config."""
+    try:
+        return served_config(path, ref_base_model, base_model, max_rank, MODULE_GROUP)
+    except Unservable as exc:
+        raise EngineError(str(exc), "model") from None
 
 
 def load_adapter(path: Path, config: dict, layer_count: int) -> AdapterWeights:
     from safetensors.torch import load_file
 
-    files = [path / "adapter_model.safetensors"]
+    files = [path / WEIGHTS_FILE]
     if not files[0].exists():
         raise EngineError("the adapter has no adapter_model.safetensors", "model")
     tensors = load_file(str(files[0]))
@@ -137,12 +115,12 @@ def load_adapter(path: Path, config: dict, layer_count: int) -> AdapterWeights:
     scale = alpha / rank**0.5 if config.get("use_rslora") else alpha / rank
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
-        match = _KEY.search(key)
-        if match is None or match[2] not in MODULE_GROUP or int(match[1]) >= layer_count:
+        match = LORA_KEY.match(key)
+        if match is None or match["module"] not in MODULE_GROUP or int(match["layer"]) >= layer_count:
             raise EngineError(f"this adapter cannot be served: unexpected weight {key!r}", "model")
         if not bool(torch.isfinite(tensor).all()):  # import refuses these too; files on the volume can still change
             raise EngineError(f"this adapter cannot be served: weight {key!r} is not finite (NaN or Inf)", "model")
-        pairs.setdefault((int(match[1]), match[2]), {})[match[3][0]] = tensor  # "A", "B" or "m"
+        pairs.setdefault((int(match["layer"]), match["module"]), {})[match["half"][0]] = tensor  # "A", "B" or "m"
     weights = {where: (ab["A"], ab["B"]) for where, ab in pairs.items() if "A" in ab and "B" in ab}
     magnitudes = {where: ab["m"] for where, ab in pairs.items() if "m" in ab}
     return AdapterWeights(rank, scale, {MODULE_GROUP[m] for _, m in weights}, weights, magnitudes)

@@ -17,7 +17,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from functions.catalog import get_model
+from functions.adapter_check import Unservable, served_config
+from functions.catalog import get_model, linear_modules
 from functions.engine.protocol import (
     Delta,
     EngineBusy,
@@ -175,12 +176,13 @@ class VLLMEngine:
         """An adapter vLLM cannot load would fail inside its worker; say why here instead (once per adapter)."""
         adapter = request.adapter
         assert adapter is not None
-        if adapter.base_model != self.base_model:
-            raise EngineError(
-                f"the adapter was trained on {adapter.base_model!r}; this engine serves {self.base_model!r}", "model"
-            )
         if adapter.key not in self._adapter_checked:
-            self._adapter_checked[adapter.key] = _adapter_problem(adapter.path, self.max_lora_rank)
+            modules = linear_modules(self.base_model)  # vLLM serves LoRA on the model's linear layers
+            try:
+                served_config(adapter.path, adapter.base_model, self.base_model, self.max_lora_rank, modules)
+                self._adapter_checked[adapter.key] = None
+            except Unservable as exc:
+                self._adapter_checked[adapter.key] = EngineError(str(exc), "model")
         if (problem := self._adapter_checked[adapter.key]) is not None:
             raise problem
 
@@ -238,19 +240,6 @@ def _context_length(base_model: str, model_dir: Path) -> int:
     positions = config.get("max_position_embeddings") or config.get("text_config", {}).get("max_position_embeddings")
     catalog = get_model(base_model).context_length
     return min(catalog, int(positions)) if positions else catalog
-
-
-def _adapter_problem(path: Path, max_rank: int) -> EngineError | None:
-    config_file = path / "adapter_config.json"
-    if not config_file.exists():
-        return EngineError("the adapter's files are missing on the volume", "model")
-    config = json.loads(config_file.read_text())
-    if config.get("peft_type") != "LORA":
-        return EngineError(f"this adapter cannot be served: peft_type {config.get('peft_type')!r}", "model")
-    ranks = [int(config.get("r", 0)), *(int(r) for r in (config.get("rank_pattern") or {}).values())]
-    if max(ranks) > max_rank:
-        return EngineError(f"this adapter cannot be served: rank {max(ranks)} (max_lora_rank is {max_rank})", "model")
-    return None
 
 
 def _queue_ms(metrics: Any) -> float:

@@ -8,7 +8,7 @@ from sqlalchemy import text
 from app.db import MIGRATIONS_DIR, get_engine, session_scope
 from app.models import Repo
 from conftest import Platform, make_tenant
-from functions.adapter_io import allocate_version
+from functions.repos import allocate_version
 
 
 def _alembic(revision: str, down: bool = False) -> None:

@@ -601,7 +601,7 @@ def test_concurrent_publishers_get_distinct_versions_and_keep_their_files(platfo
     retries and takes N+1, and neither touches the other's directory."""
     import threading
 
-    from functions.adapter_io import publish_adapter
+    from functions.repos import publish_adapter
 
     tenant_id = make_tenant("alice")[0]
     barrier = threading.Barrier(2, timeout=30)

@@ -18,10 +18,10 @@ from app.models import FinetuneJob, JobMetric, UsageRecord, utcnow
 from app.queue import emit
 from billing import credits, ledger
 from functions import checkpoints
-from functions.adapter_io import get_or_create_repo
 from functions.catalog import get_model
 from functions.datasets import single_class_message
 from functions.finetune_config import MAX_STEPS, FinetuneConfig
+from functions.repos import get_or_create_repo
 from web.deps import CurrentTenant, Db
 from web.errors import APIError
 from web.routers.datasets import find_dataset

@@ -16,8 +16,10 @@ from starlette.background import BackgroundTask
 from app.models import AdapterVersion, Checkpoint, Repo
 from app.names import MAX_NUMBER, NAME
 from app.settings import get_settings
-from functions import adapter_io, checkpoints
+from functions import adapter_files, checkpoints
+from functions.adapter_check import check_peft_dir
 from functions.catalog import get_model
+from functions.repos import publish_adapter
 from web.deps import CurrentTenant, Db
 from web.errors import APIError
 from web.schemas import AdapterOut, CheckpointOut, RepoOut
@@ -70,24 +72,21 @@ def import_version(
             code="invalid_value",
         )
     limit = get_settings().max_upload_bytes
-    # The upload is unpacked and checked outside the volume; only a checked adapter is published onto it.
+    # The upload is unpacked and checked outside the volume; only a checked adapter is published onto it. A refusal
+    # (AdapterRejected, UploadTooLarge) reaches the API's error handler as it is.
     with tempfile.TemporaryDirectory(prefix="loraplex-import-") as work:
-        try:
-            if archive is not None:
-                received = adapter_io.unpack_archive(archive.file, Path(work) / "received", limit)
-            else:
-                received = adapter_io.save_files(
-                    ((f.filename or "", f.file) for f in uploads), Path(work) / "received", limit
-                )
-            info = adapter_io.check_peft_dir(received, base_model)
-        except adapter_io.AdapterRejected as exc:
-            code = "file_too_large" if exc.status == 413 else "invalid_adapter"
-            raise APIError(exc.status, exc.message, param=exc.field, code=code) from None
+        if archive is not None:
+            received = adapter_files.unpack_archive(archive.file, Path(work) / "received", limit)
+        else:
+            received = adapter_files.save_files(
+                ((f.filename or "", f.file) for f in uploads), Path(work) / "received", limit
+            )
+        info = check_peft_dir(received, base_model)
         checked = Path(work) / "checked"  # exactly the files that were checked; READMEs and the like stay out
         checked.mkdir()
-        for file_name in adapter_io.STORED_FILES:
+        for file_name in adapter_files.STORED_FILES:
             shutil.copyfile(received / file_name, checked / file_name)
-        published = adapter_io.publish_adapter(
+        published = publish_adapter(
             tenant.id,
             name,
             checked,
@@ -145,9 +144,9 @@ def _archive(weights: checkpoints.Weights, folder: str, mtime: float) -> FileRes
     try:
         with os.fdopen(fd, "wb") as out:
             if weights.kind == "full":
-                adapter_io.export_model_archive(weights.path, out, folder, mtime)
+                adapter_files.export_model_archive(weights.path, out, folder, mtime)
             else:
-                adapter_io.export_archive(weights.path, out, folder, weights.base_model, mtime)
+                adapter_files.export_archive(weights.path, out, folder, weights.base_model, mtime)
     except BaseException:
         os.unlink(tmp)
         raise

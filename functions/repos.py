@@ -1,0 +1,191 @@
+"""Adapter repos and their versions: a repo found or created, a version number allocated, a version published.
+
+Publishing is shared by imports (web/routers/repos.py) and training (functions/train.py): an import takes the
+repo's next version number from the repo row's counter (one UPDATE, which serializes concurrent publishers), a
+training job publishes the number it took when it started (its checkpoints are already saved under it), and the
+version row goes in before any file is moved, so the unique (repo, version) index guards the directory; the files
+are renamed into place in the same transaction. A full fine-tuning publishes a whole model directory the same way
+(kind "full").
+"""
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app import volume
+from app.db import session_scope
+from app.models import AdapterVersion, Repo
+
+CHECKPOINTS_DIR = "checkpoints"  # inside a version's directory (app/volume.py)
+
+
+# ---- repos and version numbers ---------------------------------------------------------------------------
+
+
+def get_or_create_repo(session: Session, tenant_id: str, name: str) -> Repo:
+    """The tenant's repo of this name, created (and flushed) if it does not exist yet."""
+    repo = session.scalar(select(Repo).where(Repo.tenant_id == tenant_id, Repo.name == name))
+    if repo is None:
+        repo = Repo(tenant_id=tenant_id, name=name)
+        session.add(repo)
+        session.flush()
+    return repo
+
+
+def allocate_version(session: Session, repo_id: str) -> int:
+    """Take the repo's next version number for good. The UPDATE locks the repo row until the caller's transaction
+    ends (PostgreSQL) or takes the database's write lock (SQLite), so concurrent takers get distinct numbers."""
+    session.execute(
+        update(Repo)
+        .where(Repo.id == repo_id)
+        .values(last_version=Repo.last_version + 1)
+        .execution_options(synchronize_session=False)
+    )
+    number = session.scalar(select(Repo.last_version).where(Repo.id == repo_id))
+    if number is None:
+        raise RuntimeError(f"repo {repo_id} vanished while taking a version number")
+    return number
+
+
+# ---- publishing ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VersionSpec:
+    """What the version row records about the files."""
+
+    base_model: str
+    adapter_type: str  # lora | none
+    rank: int  # 0 for a full model
+    target_modules: list[str]
+    kind: str = "lora"  # lora | full
+
+
+@dataclass(frozen=True)
+class Published:
+    """A version once published: its row id, number and directory."""
+
+    id: str
+    version: int
+    path: Path
+
+
+def publish_adapter(
+    tenant_id: str,
+    repo_name: str,
+    files_dir: Path,
+    *,
+    base_model: str,
+    adapter_type: str,
+    rank: int,
+    target_modules: list[str],
+    kind: str = "lora",
+    version: int | None = None,
+    repo_id: str | None = None,
+    job_id: str | None = None,
+    guard: Callable[[Session], bool] | None = None,
+    on_published: Callable[[Session, AdapterVersion], None] | None = None,
+) -> Published | None:
+    """Save the files of `files_dir` as version `repo/N` and record it, in one transaction.
+
+    N is `version` when given (a training job's number, taken when it started), else the repo's next number.
+    The repo is `repo_id`, or the tenant's repo named `repo_name`, created if missing (in the same transaction).
+    `guard(session)` runs first and may decline (returns False: nothing is kept, None is returned);
+    `on_published(session, version)` runs after the version row exists and writes whatever else must commit
+    with it (training: the job row and the usage record). On any failure the directory is removed again; the
+    checkpoints saved under the version while it trained stay where they are.
+    """
+    spec = VersionSpec(base_model, adapter_type, rank, target_modules, kind)
+    parent = volume.adapter_dir(tenant_id, repo_name, 0).parent
+    parent.mkdir(parents=True, exist_ok=True)
+    # Copied beside its final place before the transaction, so only a rename happens while rows are locked.
+    staged = Path(tempfile.mkdtemp(dir=parent, prefix=".incoming.", suffix=".tmp"))
+    try:
+        shutil.copytree(files_dir, staged, dirs_exist_ok=True)
+        for _ in range(3):  # another publisher to the same repo may take the same version number first
+            try:
+                return _publish_once(tenant_id, repo_name, repo_id, staged, spec, version, job_id, guard, on_published)
+            except IntegrityError:
+                continue
+        raise RuntimeError("could not allocate an adapter version after 3 tries")
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+
+
+def _publish_once(
+    tenant_id: str,
+    repo_name: str,
+    repo_id: str | None,
+    staged: Path,
+    spec: VersionSpec,
+    version: int | None,
+    job_id: str | None,
+    guard: Callable[[Session], bool] | None,
+    on_published: Callable[[Session, AdapterVersion], None] | None,
+) -> Published | None:
+    with session_scope() as s:
+        if guard is not None and not guard(s):
+            return None
+        if repo_id is None:  # a concurrent creator of the same name makes this an IntegrityError: retried
+            repo_id = get_or_create_repo(s, tenant_id, repo_name).id
+        number = version if version is not None else allocate_version(s, repo_id)
+        adapter = AdapterVersion(
+            repo_id=repo_id,
+            version=number,
+            base_model=spec.base_model,
+            adapter_type=spec.adapter_type,
+            kind=spec.kind,
+            rank=spec.rank,
+            target_modules=spec.target_modules,
+            job_id=job_id,
+        )
+        s.add(adapter)
+        # The row goes in before the files move: the unique (repo, version) index makes a concurrent publisher
+        # of the same number wait for this transaction and then fail, so it never touches this directory.
+        s.flush()
+        final = volume.adapter_dir(tenant_id, repo_name, number)
+        moved = False
+        try:
+            _adopt_checkpoints(final, staged)
+            if final.exists():  # left by an attempt that crashed before committing: no row owns it
+                shutil.rmtree(final)
+            os.replace(staged, final)
+            moved = True
+            if on_published is not None:
+                on_published(s, adapter)
+            s.commit()  # here rather than on leaving the block, so a failed commit still takes the files back
+        except BaseException:
+            # Taken back before the rollback releases the version number, so a publisher that takes the number
+            # next never has its directory touched by this one; a retry finds the files staged again.
+            if moved:
+                try:
+                    os.replace(final, staged)
+                except OSError:
+                    shutil.rmtree(final, ignore_errors=True)
+            _return_checkpoints(staged, final)
+            raise
+        return Published(adapter.id, number, final)
+
+
+def _adopt_checkpoints(final: Path, staged: Path) -> None:
+    """Move the checkpoints a job saved under its version while training into the staged directory, so that
+    renaming the staged directory into place keeps them (one rename: they are never copied)."""
+    saved = final / CHECKPOINTS_DIR
+    if saved.is_dir():
+        os.replace(saved, staged / CHECKPOINTS_DIR)
+
+
+def _return_checkpoints(staged: Path, final: Path) -> None:
+    """Undo _adopt_checkpoints after a failed publish: the checkpoints outlive the attempt (the staged directory
+    is removed), so a retry or a continued job still finds them."""
+    adopted = staged / CHECKPOINTS_DIR
+    if adopted.is_dir():
+        final.mkdir(parents=True, exist_ok=True)
+        os.replace(adopted, final / CHECKPOINTS_DIR)
