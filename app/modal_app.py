@@ -20,7 +20,7 @@ import logging
 import os
 import tomllib
 from collections.abc import Mapping
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import modal
@@ -99,7 +99,7 @@ serve_image = _serve_base_image.add_local_python_source(*PROJECT_PACKAGES, ignor
 
 volume = modal.Volume.from_name(VOLUME_NAME, create_if_missing=True)
 db_secret = modal.Secret.from_name(DB_SECRET_NAME)
-VOLUMES: dict[str, modal.Volume] = {VOLUME_PATH: volume}
+VOLUMES: dict[str | PurePosixPath, modal.Volume | modal.CloudBucketMount] = {VOLUME_PATH: volume}
 SECRETS: list[modal.Secret] = [db_secret]
 
 app = modal.App(APP_NAME, image=image)

@@ -17,11 +17,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
-from typing import Protocol
+from typing import Any, Protocol, cast
 
 from huey import Huey, RedisHuey, SqliteHuey
+from sqlalchemy import CursorResult, or_, select, update
 from sqlalchemy import event as sa_event
-from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from app.db import session_scope
@@ -127,7 +127,7 @@ def get_huey() -> Huey:
 
 
 @lru_cache
-def _huey_task():  # type: ignore[no-untyped-def]
+def _huey_task() -> Any:  # huey's task wrapper (huey has no type information)
     return get_huey().task(name="process_event")(process_event)
 
 
@@ -179,15 +179,19 @@ def _claim(event_id: str, me: str, lease_seconds: float) -> EventInfo | None:
             (Event.status == "pending") & (Event.run_after <= t + timedelta(seconds=1)),
             (Event.status == "running") & (Event.lease_expires_at < t),
         )
-        result = s.execute(
-            update(Event)
-            .where(Event.id == event_id, claimable)
-            .values(
-                status="running",
-                attempts=Event.attempts + 1,
-                worker=me,
-                lease_expires_at=t + timedelta(seconds=lease_seconds),
-            )
+        # An UPDATE's result is a CursorResult (it has rowcount); Session.execute is typed for any statement.
+        result = cast(
+            "CursorResult[Any]",
+            s.execute(
+                update(Event)
+                .where(Event.id == event_id, claimable)
+                .values(
+                    status="running",
+                    attempts=Event.attempts + 1,
+                    worker=me,
+                    lease_expires_at=t + timedelta(seconds=lease_seconds),
+                )
+            ),
         )
         if result.rowcount != 1:
             return None

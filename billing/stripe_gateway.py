@@ -21,9 +21,11 @@ import hashlib
 import logging
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any, Literal, TypeVar
+from typing import Literal, TypeVar
 
 import stripe
+from stripe.params.billing import CreditGrantCreateParams, MeterEventCreateParams
+from stripe.params.checkout import SessionCreateParams
 
 from app.settings import Settings, get_settings
 
@@ -116,7 +118,7 @@ class StripeGateway:
         Stripe de-duplicates meter events by `identifier` (at least 24 hours) and refuses a repeat with a 400;
         since our identifier names one ledger row, that refusal proves the event is already recorded: success.
         """
-        params: dict[str, Any] = {
+        params: MeterEventCreateParams = {
             "event_name": self.meter_event_name,
             "payload": {"stripe_customer_id": customer_id, "value": str(value_micro_usd)},
             "identifier": meter_identifier(identifier),
@@ -157,7 +159,7 @@ class StripeGateway:
             existing = self.find_credit_grant(customer_id, idempotency_key)
             if existing is not None:
                 return existing
-        params: dict[str, Any] = {
+        params: CreditGrantCreateParams = {
             "customer": customer_id,
             "amount": {"type": "monetary", "monetary": {"currency": CURRENCY, "value": cents}},
             "applicability_config": {"scope": {"price_type": "metered"}},
@@ -202,7 +204,7 @@ class StripeGateway:
         completed session grants amount_total cents x 10_000 micro-USD. Returns the page's URL.
         """
         metadata = {"purpose": purpose, "tenant_id": tenant_id}
-        params: dict[str, Any] = {
+        params: SessionCreateParams = {
             "customer": customer_id,
             "client_reference_id": tenant_id,
             "success_url": success_url,

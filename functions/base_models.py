@@ -9,6 +9,7 @@ import fcntl
 import importlib.util
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from app import volume
 from functions.catalog import get_model
@@ -52,7 +53,7 @@ def _convert_bundled_gguf(target: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=GGUF_FILE)
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF_FILE, dtype=torch.float32)
     # The weights are dequantized on load; drop the GGUF markers so the copy loads as plain safetensors.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]  # torch types Module attributes as tensors or modules
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     with volume.atomic_dir(target) as tmp:
@@ -74,7 +75,7 @@ def _download(hf_id: str, target: Path) -> None:
 
 
 @lru_cache(maxsize=4)
-def load_tokenizer(name: str):  # type: ignore[no-untyped-def]
+def load_tokenizer(name: str) -> Any:  # a transformers tokenizer
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(ensure_local(name))
@@ -83,12 +84,12 @@ def load_tokenizer(name: str):  # type: ignore[no-untyped-def]
     return tokenizer
 
 
-def load_model(name: str, dtype: str = "float32"):  # type: ignore[no-untyped-def]
+def load_model(name: str, dtype: str = "float32") -> Any:  # a transformers PreTrainedModel
     """A fresh copy of the base model (callers own it: training wraps it in PEFT, serving keeps one)."""
     return load_model_dir(ensure_local(name), dtype)
 
 
-def load_model_dir(path: Path, dtype: str = "float32"):  # type: ignore[no-untyped-def]
+def load_model_dir(path: Path, dtype: str = "float32") -> Any:
     """A model from a transformers directory: a base model's, or a full fine-tuning's version or checkpoint."""
     import torch
     from transformers import AutoModelForCausalLM

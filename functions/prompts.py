@@ -51,8 +51,10 @@ def example_ids(example: Example, tokenizer: Any, apply_chat_template: bool) -> 
         return [], encode_text(tokenizer, example.text) + eos
     if example.messages is not None:
         messages = list(example.messages)
-    else:
+    elif example.prompt is not None and example.completion is not None:
         messages = [{"role": "user", "content": example.prompt}, {"role": "assistant", "content": example.completion}]
+    else:
+        raise ValueError("an example has text, messages, or a prompt and a completion")  # validation made sure
     if not apply_chat_template:
         prompt = "\n".join(m["content"] for m in messages[:-1]) + "\n"
         return encode_text(tokenizer, prompt), encode_text(tokenizer, messages[-1]["content"]) + eos

@@ -128,7 +128,7 @@ def _trainable_model(config: FinetuneConfig, bf16: bool, init_from: Path | None)
     return get_peft_model(model, lora)
 
 
-def _activation_checkpointing(arguments: type) -> dict[str, bool]:
+def _activation_checkpointing(arguments: type) -> dict[str, Any]:
     """Recompute activations in the backward pass (the option's name changed in transformers 5.2x)."""
     fields = getattr(arguments, "__dataclass_fields__", {})
     return {"activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing": True}

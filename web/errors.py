@@ -81,14 +81,15 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
             return "the body is empty; send a JSON object", None
         if str(first.get("type", "")).endswith("_type"):
             return "the body must be a JSON object, sent with 'Content-Type: application/json'", None
-    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "form") and not _union_member(p)]
+    where = ("body", "query", "path", "form")
+    fields = [str(p) for p in first.get("loc", ()) if p not in where and not _union_member(p)]
     msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     if first.get("type") == "extra_forbidden":  # pydantic's "Extra inputs are not permitted" names no reason
         msg = "not a field of this request (unknown, or not implemented here)"
-    if not loc and ": " in msg:  # a cross-field check names its field at the start of the message
+    if not fields and ": " in msg:  # a cross-field check names its field at the start of the message
         field, _, rest = msg.partition(": ")
         return f"{field}: {rest}", field
-    param = ".".join(loc) or None
+    param = ".".join(fields) or None
     return (f"{param}: {msg}" if param else msg), param
 
 

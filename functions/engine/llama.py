@@ -190,7 +190,7 @@ class LlamaModel:
                 mask = torch.ones(n, cached + n, dtype=torch.bool, device=q.device).tril(cached)
                 out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=True)
             outputs.append(out[0].transpose(0, 1).reshape(n, -1))
-        if seqs.decode_slots is not None:
+        if seqs.decode_slots is not None and seqs.decode_mask is not None:  # both set when the step decodes
             b, lmax = seqs.decode_slots.shape
             flat = seqs.decode_slots.reshape(-1)
             ks = kc.index_select(0, flat).view(b, lmax, self.kv_heads, self.head_dim).transpose(1, 2)
