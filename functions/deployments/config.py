@@ -1,33 +1,25 @@
-"""The deployment config users send (create and update), its checks, and the deployment statuses.
+"""The deployment config users send (create and update) and its checks.
 
-Checks that need no database (ranges, min <= max, known accelerator and engine) are here; those that do (the base
-model exists, preloaded adapters are the tenant's, of the same base model and of a rank the engines serve) are in
-`check_references`.
-Every error names the field at fault.
+Checks that need no database (ranges, min <= max, a known base model, accelerator and engine) are pydantic
+validators; those of an update against the deployment it changes are `check_update`; those that need the
+database are `check_platform` (the replica limit, an accelerator the tenant's plan prices and this runtime runs)
+and `check_references` (preloaded adapters are the tenant's, of the same base model and of a rank the engines
+serve). Every error names the field at fault; the last three raise domain refusals (app/errors.py).
 """
 
-from typing import Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from sqlalchemy.orm import Session
 
+from app.errors import Invalid, NotFound
+from app.models import Deployment
 from app.names import DEPLOYMENT_NAME
 from app.settings import get_settings
+from billing.prices import PriceError
 from functions import adapter_check, checkpoints
 from functions.catalog import get_model
-
-# The statuses of DESIGN.md, exactly.
-PENDING, INITIALIZING, READY, STANDBY, STOPPED, ERRORED, UPDATING, DELETED = (
-    "Pending",
-    "Initializing",
-    "Ready",
-    "Standby",
-    "Stopped",
-    "Errored",
-    "Updating",
-    "Deleted",
-)
-STATUSES = (PENDING, INITIALIZING, READY, STANDBY, STOPPED, ERRORED, UPDATING, DELETED)
+from functions.deployments.metering import HOUR_MS, replica_price
 
 # Accelerators a deployment may ask for. Only `cpu` runs on the local runtime; the GPUs are Modal's.
 ACCELERATORS = ("cpu", "a10g", "l40s", "a100-80gb", "h100")
@@ -145,12 +137,57 @@ def check_replica_range(min_replicas: int, max_replicas: int) -> None:
         raise ValueError(f"min_replicas: {min_replicas} is more than max_replicas ({max_replicas})")
 
 
-class Refused(ValueError):
-    """A config the database says no to; `status` is 404 for what does not exist, 422 for what does not fit."""
+def check_update(session: Session, tenant_id: str, deployment: Deployment, update: DeploymentUpdate) -> dict[str, Any]:
+    """The fields the update sets, checked against the deployment it changes: its base model stays, the merged
+    config holds (min_replicas <= max_replicas, naming the field the update gave) and fits the platform, and the
+    preloaded adapters given are returned by their canonical names."""
+    if update.base_model is not None and update.base_model != deployment.base_model:
+        raise Invalid(
+            f"base_model: a deployment keeps its base model ({deployment.base_model!r}); create another deployment",
+            field="base_model",
+            code="invalid_value",
+        )
+    fields = update.model_dump(exclude_unset=True, exclude={"base_model"})
+    merged = {k: getattr(deployment, k) for k in ("min_replicas", "max_replicas", "accelerator")} | fields
+    try:
+        check_replica_range(merged["min_replicas"], merged["max_replicas"])
+    except ValueError as exc:
+        field = "min_replicas" if "min_replicas" in fields else "max_replicas"
+        raise Invalid(str(exc), field=field, code="invalid_value") from None
+    check_platform(session, tenant_id, merged["accelerator"], merged["max_replicas"])
+    if "preloaded_adapters" in fields:
+        fields["preloaded_adapters"] = check_references(
+            session, tenant_id, deployment.base_model, fields["preloaded_adapters"]
+        )
+    return fields
 
-    def __init__(self, status: int, field: str, message: str) -> None:
-        super().__init__(message)
-        self.status, self.field, self.message = status, field, message
+
+def check_platform(session: Session, tenant_id: str, accelerator: str, max_replicas: int) -> None:
+    """What this platform offers the tenant: at most LORAPLEX_DEPLOYMENT_MAX_REPLICAS replicas, an accelerator
+    the tenant's plan has a price for, and on the local runtime only the accelerators it runs."""
+    settings = get_settings()
+    limit = settings.deployment_max_replicas
+    if max_replicas > limit:
+        raise Invalid(
+            f"max_replicas: at most {limit} on this platform (LORAPLEX_DEPLOYMENT_MAX_REPLICAS)",
+            field="max_replicas",
+            code="invalid_value",
+        )
+    try:
+        replica_price(session, tenant_id, accelerator, HOUR_MS)
+    except PriceError:
+        raise Invalid(
+            f"accelerator: {accelerator!r} is offered on enterprise terms; your plan has no price for it",
+            field="accelerator",
+            code="invalid_value",
+        ) from None
+    if settings.runtime == "local" and accelerator not in LOCAL_ACCELERATORS:
+        raise Invalid(
+            f"accelerator: {accelerator!r} replicas run on the Modal runtime (LORAPLEX_RUNTIME=modal); this local "
+            f"runtime runs {', '.join(LOCAL_ACCELERATORS)} replicas",
+            field="accelerator",
+            code="invalid_value",
+        )
 
 
 def check_references(session: Session, tenant_id: str, base_model: str, adapters: list[str]) -> list[str]:
@@ -160,28 +197,32 @@ def check_references(session: Session, tenant_id: str, base_model: str, adapters
     for reference in adapters:
         weights = checkpoints.find(session, tenant_id, _latest(session, tenant_id, reference))
         if weights is None:
-            raise Refused(404, "preloaded_adapters", f"preloaded_adapters: the adapter {reference!r} does not exist")
+            raise NotFound(
+                f"preloaded_adapters: the adapter {reference!r} does not exist",
+                field="preloaded_adapters",
+                code="invalid_value",
+            )
         if weights.kind != "lora":
-            raise Refused(
-                422,
-                "preloaded_adapters",
+            raise Invalid(
                 f"preloaded_adapters: {reference!r} is a full fine-tuned model, not an adapter of {base_model!r}",
+                field="preloaded_adapters",
+                code="invalid_value",
             )
         if weights.base_model != base_model:
-            raise Refused(
-                422,
-                "preloaded_adapters",
+            raise Invalid(
                 f"preloaded_adapters: {reference!r} is an adapter of {weights.base_model!r}, not of {base_model!r}",
+                field="preloaded_adapters",
+                code="invalid_value",
             )
         # Every replica would fail to start on it: an import refuses such a rank, but training may make one, and
         # the operator may lower the limit after an import. One small file read (a checkpoint's row has no rank).
         rank, max_rank = adapter_check.stored_rank(weights.path), get_settings().max_lora_rank
         if rank > max_rank:
-            raise Refused(
-                422,
-                "preloaded_adapters",
+            raise Invalid(
                 f"preloaded_adapters: {reference!r} has rank {rank}; the engines serve ranks up to {max_rank} "
                 "(LORAPLEX_MAX_LORA_RANK)",
+                field="preloaded_adapters",
+                code="invalid_value",
             )
         if weights.name not in names:
             names.append(weights.name)
@@ -197,12 +238,3 @@ def _latest(session: Session, tenant_id: str, reference: str) -> str:
 
     repo = session.scalar(select(Repo).where(Repo.tenant_id == tenant_id, Repo.name == reference))
     return repo.versions[-1].name if repo is not None and repo.versions else f"{reference}/0"
-
-
-def limits_message(max_replicas: int, limit: int) -> str | None:
-    if max_replicas > limit:
-        return f"max_replicas: at most {limit} on this platform (LORAPLEX_DEPLOYMENT_MAX_REPLICAS)"
-    return None
-
-
-Status = Literal["Pending", "Initializing", "Ready", "Standby", "Stopped", "Errored", "Updating", "Deleted"]

@@ -17,12 +17,13 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import Literal
 
 import httpx
 
 from app.supervisor import die_with_parent
 from functions.deployments.launcher import TIMINGS_PREFIX
+from functions.deployments.prewarm import Spare
 from functions.engine.protocol import AdapterRef, GenerationRequest, SamplingParams, request_to_dict
 from functions.engine.remote import RemoteEngine, _free_port, wait_healthy
 
@@ -33,40 +34,6 @@ ENV_PREFIXES = ("LORAPLEX_", "DATABASE_URL", "HF_", "TRANSFORMERS_", "OMP_", "MK
 
 class ReplicaFailed(RuntimeError):
     """A replica did not become ready; the message says why."""
-
-
-class Spare:
-    """A launcher process that has done its imports and waits for its command on stdin."""
-
-    def __init__(self, log_dir: Path) -> None:
-        log_dir.mkdir(parents=True, exist_ok=True)
-        self.log_path = log_dir / f"spare-{os.getpid()}-{next(_order)}.log"
-        self._log: IO[bytes] = self.log_path.open("wb")
-        self.spawned_at = time.monotonic()
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "functions.deployments.launcher"],
-            stdin=subprocess.PIPE,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            preexec_fn=die_with_parent,
-        )
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def hand_off(self, command: dict[str, Any]) -> subprocess.Popen[bytes]:
-        assert self.process.stdin is not None
-        self.process.stdin.write((json.dumps(command) + "\n").encode())
-        self.process.stdin.close()
-        self._log.close()
-        return self.process
-
-    def discard(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=10)
-        self._log.close()
-        self.log_path.unlink(missing_ok=True)
 
 
 @dataclass(eq=False)

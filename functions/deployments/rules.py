@@ -5,7 +5,7 @@ later, from what it runs): both pass the same four facts.
 """
 
 from app.errors import Conflict, Refusal, Unavailable
-from functions.deployments.config import DELETED, ERRORED, STOPPED
+from functions.deployments.status import DELETED, ERRORED, STOPPED
 
 
 def being_deleted(name: str) -> Conflict:

@@ -1,0 +1,57 @@
+"""What the runtime holds of each deployment, shared by its loop, its pool threads and the request path.
+
+`Live` is one deployment as it runs here (its config as last read, its replicas, its status); `Fleet` is all of
+them with the lock that guards them and the event that wakes the loop. Everything that reads or changes a `Live`
+or its replicas does so under `Fleet.lock`; database writes decided under the lock are queued as `Effects` and
+run after it is released (requests take the same lock).
+"""
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from functions.deployments.autoscaler import ScalerMemory, ScalingConfig
+from functions.deployments.replica import Replica
+
+Effects = list[Callable[[], None]]  # database writes, run outside the lock in the order queued
+
+
+@dataclass(eq=False)
+class Live:
+    """A deployment as the runtime holds it."""
+
+    id: str
+    tenant_id: str
+    name: str
+    base_model: str
+    accelerator: str
+    engine: str
+    scaling: ScalingConfig
+    config_version: int
+    preloaded: list[str]
+    target_state: str
+    status: str
+    status_reason: str
+    memory: ScalerMemory
+    replicas: list[Replica] = field(default_factory=list)
+    waiting: int = 0  # requests waiting for a replica
+    wake_from: float | None = None  # when a request found no replica (the cold start's start)
+    hint: str = ""  # why a status change in this tick happens
+    scaled: tuple[int, str] | None = None  # an autoscaler decision that changed the replica count: (target, why)
+    no_start_before: float = 0.0
+    next_number: int = 1
+    adapter_names: dict[str, str] = field(default_factory=dict)  # adapter key -> "repo/3" (users see names)
+    replicas_written: int = -1  # the `replicas` figure last written to the row
+
+    def up(self) -> list[Replica]:
+        return [r for r in self.replicas if r.state in ("starting", "ready")]
+
+
+@dataclass(eq=False)
+class Fleet:
+    """Every deployment the runtime holds, by id, and how the request path and the pool threads reach the loop."""
+
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    deployments: dict[str, Live] = field(default_factory=dict)
+    wake: threading.Event = field(default_factory=threading.Event)  # set: the loop ticks now, not at its next tick
+    dirty: bool = True  # a row changed: the loop re-reads the rows on its next tick
