@@ -33,7 +33,8 @@ from functions import checkpoints
 from functions.base_models import BaseModelUnavailable, load_tokenizer
 from functions.catalog import get_model
 from functions.checkpoints import ResumePoint, TrainingTarget
-from functions.datasets import detect_labels, parse_dataset, single_class_message
+from functions.dataset_files import parse_dataset
+from functions.datasets import detect_labels, single_class_message
 from functions.evaluate import EvalResult, evaluate
 from functions.finetune_config import FinetuneConfig
 from functions.prompts import Tokenized, tokenize_example

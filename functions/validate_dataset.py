@@ -11,7 +11,8 @@ from app.models import Dataset
 from app.queue import EventInfo
 from app.settings import get_settings
 from functions.base_models import BaseModelUnavailable, load_tokenizer
-from functions.datasets import ParsedDataset, detect_labels, parse_dataset
+from functions.dataset_files import parse_dataset
+from functions.datasets import ParsedDataset, detect_labels
 from functions.prompts import tokenize_example
 
 # Rows over this many tokens are reported; fine-tuning truncates them to its max_seq_length (default 1024).

@@ -36,7 +36,7 @@ BATCH, LEARNING_RATE = 8, 1e-3
 
 def examples() -> list:
     from functions.base_models import load_tokenizer
-    from functions.datasets import parse_dataset
+    from functions.dataset_files import parse_dataset
     from functions.prompts import tokenize_example
 
     tokenizer = load_tokenizer(BASE_MODEL)

@@ -3,13 +3,13 @@ import random
 
 import pytest
 
+from functions.dataset_files import parse_dataset
 from functions.datasets import (
     MAX_REPORTED_ERRORS,
     Example,
     ParsedDataset,
     RowError,
     detect_file_format,
-    parse_dataset,
 )
 
 

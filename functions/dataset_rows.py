@@ -1,0 +1,225 @@
+"""One row of a dataset upload checked against the file's shape: its split, its texts, its messages and their roles.
+
+The readers (functions/dataset_files.py) hand each row over as a mapping of field names to values (JSON values, or
+CSV cells, where the messages are a JSON array in one cell); every problem is logged with the row's line and the
+field at fault ("completion", "messages[2].role", "split"), and only a row without problems becomes an Example.
+"""
+
+import json
+from collections.abc import Iterable, Mapping
+from typing import get_args
+
+from functions.datasets import DataFormat, ErrorLog, Example, Split
+
+_ROLES = ("system", "user", "assistant")
+_SPLITS: tuple[Split, ...] = get_args(Split)
+_SHAPES = "a 'messages' {0}, 'prompt' and 'completion' {0}s, or a 'text' {0}"
+_MAX_NAMES_SHOWN = 20
+
+# A problem found inside one row: (field, message). The caller adds the row's line.
+_Problem = tuple[str | None, str]
+
+
+class _Missing:
+    """Marks a field absent from the row, which reads differently from an explicit null."""
+
+
+class _Invalid:
+    """Marks a value already reported as invalid, so it is not reported again."""
+
+
+_MISSING = _Missing()
+_INVALID = _Invalid()
+
+
+def detect_format(keys: Iterable[str]) -> DataFormat | None:
+    names = set(keys)
+    if "messages" in names:
+        return "messages"
+    if {"prompt", "completion"} <= names:
+        return "prompt_completion"
+    if "text" in names:
+        return "text"
+    return None
+
+
+def unknown_shape(found: list[str], noun: str) -> str:
+    shown = ", ".join(repr(name) for name in found[:_MAX_NAMES_SHOWN])
+    if len(found) > _MAX_NAMES_SHOWN:
+        shown += f", ... ({len(found)} in all)"
+    return f"unrecognised dataset shape: expected {_SHAPES.format(noun)}; found {noun}s: {shown or 'none'}"
+
+
+def validate_row(
+    row: Mapping[str, object], data_format: DataFormat, line: int, log: ErrorLog, *, messages_as_json: bool = False
+) -> Example | None:
+    """Check one row against the file's format; log its problems and return the Example when there are none."""
+    problems: list[_Problem] = []
+    split = _check_split(row.get("split"), problems)
+    prompt: str | None = None
+    completion: str | None = None
+    text: str | None = None
+    messages: tuple[dict[str, str], ...] | None = None
+    if data_format == "messages":
+        value = row.get("messages", _MISSING)
+        if messages_as_json and isinstance(value, str):
+            value = _load_messages_cell(value, problems)
+        messages = _check_messages(value, problems)
+    elif data_format == "prompt_completion":
+        prompt = _check_text(row.get("prompt", _MISSING), "prompt", problems)
+        completion = _check_text(row.get("completion", _MISSING), "completion", problems)
+    else:
+        text = _check_text(row.get("text", _MISSING), "text", problems)
+    for field, message in problems:
+        log.add(line, field, message)
+    if problems or split is None:
+        return None
+    return Example(line, split, prompt=prompt, completion=completion, messages=messages, text=text)
+
+
+def _check_split(value: object, problems: list[_Problem]) -> Split | None:
+    if value is None or value == "":  # absent, null or an empty CSV cell all mean the default
+        return "train"
+    if not isinstance(value, str):
+        problems.append(("split", f"'split' must be a string, got {json_type(value)}"))
+        return None
+    normalised = value.strip().lower()
+    for split in _SPLITS:
+        if normalised == split:
+            return split
+    problems.append(("split", f"unknown split {short(value)!r}: expected 'train' or 'evaluation'"))
+    return None
+
+
+def _check_text(value: object, field: str, problems: list[_Problem]) -> str | None:
+    """A non-blank string; the value is kept as given, since leading spaces can matter to a tokenizer."""
+    if value is _MISSING:
+        problems.append((field, f"missing field '{field}'"))
+        return None
+    if not isinstance(value, str):
+        problems.append((field, f"'{field}' must be a string, got {json_type(value)}"))
+        return None
+    if not value.strip():
+        problems.append((field, f"'{field}' is empty"))
+        return None
+    if not _is_encodable(value):
+        problems.append((field, f"'{field}' contains an unpaired surrogate escape (\\ud800-\\udfff)"))
+        return None
+    return value
+
+
+def _is_encodable(value: str) -> bool:
+    # JSON allows "\ud800" on its own; such a string cannot be written back as UTF-8 or tokenized.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _load_messages_cell(cell: str, problems: list[_Problem]) -> object:
+    """Decode a CSV cell holding the messages as a JSON array; _INVALID (and a problem) when it cannot be."""
+    if not cell.strip():
+        problems.append(("messages", "'messages' is empty"))
+        return _INVALID
+    try:
+        return json.loads(cell)
+    except json.JSONDecodeError as exc:
+        problems.append(("messages", f"'messages' is not valid JSON: {exc.msg} (position {exc.pos})"))
+    except (ValueError, RecursionError) as exc:
+        problems.append(("messages", f"'messages' is not valid JSON: {short(str(exc) or type(exc).__name__)}"))
+    return _INVALID
+
+
+def _check_messages(value: object, problems: list[_Problem]) -> tuple[dict[str, str], ...] | None:
+    if value is _INVALID:
+        return None
+    if value is _MISSING:
+        problems.append(("messages", "missing field 'messages'"))
+        return None
+    if not isinstance(value, list):
+        problems.append(("messages", f"'messages' must be an array of messages, got {json_type(value)}"))
+        return None
+    if not value:
+        problems.append(("messages", "'messages' is empty"))
+        return None
+    before = len(problems)
+    checked = [_check_message(item, f"messages[{index}]", problems) for index, item in enumerate(value)]
+    roles = [role for role, _ in checked if role is not None]
+    # Judge the order only when every role is known, or one bad role would also be reported as bad order.
+    if len(roles) == len(checked) and (order_problem := _check_role_order(roles)):
+        problems.append(order_problem)
+    if len(problems) > before:
+        return None
+    return tuple(
+        {"role": role, "content": content} for role, content in checked if role is not None and content is not None
+    )
+
+
+def _check_message(item: object, field: str, problems: list[_Problem]) -> tuple[str | None, str | None]:
+    if not isinstance(item, dict):
+        problems.append((field, f"'{field}' must be an object with 'role' and 'content', got {json_type(item)}"))
+        return None, None
+    role = item.get("role", _MISSING)
+    if role is _MISSING:
+        problems.append((f"{field}.role", f"missing field '{field}.role'"))
+        role = None
+    elif not isinstance(role, str):
+        problems.append((f"{field}.role", f"'{field}.role' must be a string, got {json_type(role)}"))
+        role = None
+    elif role not in _ROLES:
+        problems.append((f"{field}.role", f"unknown role {short(role)!r}: expected 'system', 'user' or 'assistant'"))
+        role = None
+    content = _check_text(item.get("content", _MISSING), f"{field}.content", problems)
+    return role, content
+
+
+def _check_role_order(roles: list[str]) -> _Problem | None:
+    """The first problem with the order of the roles, if any.
+
+    Chat templates accept an optional leading system message, then user and assistant turns in strict
+    alternation, and we train on assistant replies, so the conversation must end with one.
+    """
+    for index, role in enumerate(roles[1:], start=1):
+        if role == "system":
+            return f"messages[{index}].role", "'system' is only allowed as the first message"
+    offset = 1 if roles[0] == "system" else 0
+    turns = roles[offset:]
+    if "user" not in turns:
+        return "messages", "'messages' needs at least one 'user' message"
+    for index, role in enumerate(turns):
+        expected = "user" if index % 2 == 0 else "assistant"
+        if role != expected:
+            return (
+                f"messages[{index + offset}].role",
+                f"expected role '{expected}', got '{role}': after the optional system message, "
+                "roles must alternate user, assistant, user, ...",
+            )
+    if turns[-1] != "assistant":
+        return f"messages[{len(roles) - 1}].role", "the last message must have role 'assistant'"
+    return None
+
+
+# --- Small helpers --------------------------------------------------------------------------------------
+
+
+def json_type(value: object) -> str:
+    """The JSON name of a value's type, as the user wrote it in the file."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
+
+
+def short(text: str, limit: int = 80) -> str:
+    # Errors echo user input; a 1 MB cell must not turn into a 1 MB error message.
+    return text if len(text) <= limit else text[: limit - 3] + "..."
