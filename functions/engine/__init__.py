@@ -61,7 +61,7 @@ def get_engine(base_model: str, model_dir: Path | None = None) -> Engine:
     key = engine_key(base_model, model_dir)
     with _lock:
         engine = _engines.get(key)
-        if engine is None or not getattr(engine, "alive", lambda: True)():  # a dead engine process is replaced
+        if engine is None or not engine.alive():  # a dead engine process is replaced
             if get_settings().engine_process:
                 from functions.engine.remote import RemoteEngine
 

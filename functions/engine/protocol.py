@@ -3,6 +3,11 @@
 Every engine (the native batched engine, vLLM, a client of an engine process) implements `Engine`:
 `generate(request)` is an async iterator of `Delta`s; closing it early (a client that went away) frees the
 request's slot in the batch at once.
+
+What an engine refuses or fails with is a domain refusal (app/errors.py): EngineError (Invalid, before anything is
+queued), EngineBusy (Busy), RequestFailed (Failed) and its kinds AdapterFault (Invalid) and EngineUnavailable
+(Unavailable). The engine process carries them to its client by kind (refusal_to_dict, refusal_from_dict); the API
+maps the kind to its status (web/errors.py).
 """
 
 import asyncio
@@ -12,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar
 
+from app.errors import KINDS, Busy, Failed, Invalid, Refusal, Unavailable, kind_of
 from functions.prompts import encode_text
 
 T = TypeVar("T")
@@ -87,43 +93,72 @@ class Completion:
     logprobs: tuple[TokenLogprob, ...] = ()
 
 
-class EngineError(ValueError):
-    """A request the engine refuses (too long, adapter of another base model); the message says why."""
+class EngineError(Invalid):
+    """A request the engine refuses before it is queued (too long, adapter of another base model); the message says
+    why and `field` names the request's field at fault. The API answers it apart (web/inference.py)."""
 
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
-
-
-class RequestFailed(RuntimeError):
-    """The engine could not finish this one request (a numeric fault in its adapter's output, a step that failed
-    for it alone, an engine that broke down under it); the engine goes on serving the others. `status` is the
-    HTTP status the API answers with, `code` its machine-readable cause."""
-
-    def __init__(self, message: str, code: str = "generation_failed", status: int = 500) -> None:
-        super().__init__(message)
-        self.code, self.status = code, status
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message, field=field)
 
 
-class EngineBusy(RuntimeError):
-    """The engine's waiting queue is full: try again after `retry_after` seconds."""
+class EngineBusy(Busy):
+    """The engine's waiting queue is full: try again after `retry_after` seconds (whole, at least 1)."""
 
     def __init__(self, message: str, retry_after: float) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
+        wait = max(1, round(retry_after))
+        super().__init__(f"{message}; retry after {wait} s", code="engine_busy", retry_after=wait)
+
+
+class RequestFailed(Failed):
+    """The engine could not finish this one request (a numeric fault in its output, a step that failed for it
+    alone, an engine that broke down under it); the engine goes on serving the others. `code` is its
+    machine-readable cause. The subclasses below are failures of another kind, named first among their bases (the
+    kind app.errors.kind_of reads)."""
+
+    def __init__(self, message: str, code: str = "generation_failed", field: str | None = None) -> None:
+        super().__init__(message, field=field, code=code)
+
+
+class AdapterFault(Invalid, RequestFailed):
+    """The request's adapter is at fault (its output is not finite): the user's `model`, not the engine."""
+
+    def __init__(self, message: str, code: str = "adapter_numeric_fault") -> None:
+        super().__init__(message, code, field="model")
+
+
+class EngineUnavailable(Unavailable, RequestFailed):
+    """The engine did not start, went away, or is restarting; the message says why. Try again later."""
+
+    def __init__(self, message: str, code: str = "engine_unavailable") -> None:
+        super().__init__(message, code)
+
+
+def refusal_to_dict(refusal: Refusal) -> dict[str, Any]:
+    """A refusal as the engine process sends it (server.py): its kind by name (app.errors.KINDS), message, field,
+    code and retry_after; `refused` marks an EngineError, which the API answers apart."""
+    return {
+        "error": refusal.message,
+        "kind": kind_of(refusal).__name__,
+        "field": refusal.field,
+        "code": refusal.code,
+        "retry_after": refusal.retry_after,
+        "refused": isinstance(refusal, EngineError),
+    }
+
+
+def refusal_from_dict(data: dict[str, Any]) -> Refusal:
+    """The inverse of refusal_to_dict, in the engine process's client (remote.py): an EngineError, or a refusal of
+    the kind named."""
+    if data.get("refused"):
+        return EngineError(data["error"], data.get("field"))
+    kind = KINDS[data["kind"]]
+    return kind(data["error"], field=data.get("field"), code=data.get("code"), retry_after=data.get("retry_after"))
 
 
 class Engine(Protocol):
     """What every engine offers. `tokenizer` is the base model's (a transformers tokenizer): callers encode chat
-    prompts with it (functions.prompts.encode_chat) before `generate`.
-
-    Two methods only some engines have, which callers look up with getattr/hasattr rather than through this
-    protocol:
-    - `alive() -> bool`: whether the engine's process still runs (engines in another process: RemoteEngine);
-      an engine without it is taken as alive (functions/engine/__init__.py, functions/engine/supervisor.py).
-    - `run() -> None`: the engine's own loop on the calling thread until close() (the native engine started with
-      background=False); an engine without it runs its own loop (vLLM) (functions/engine/server.py).
-    """
+    prompts with it (functions.prompts.encode_chat) before `generate`. An engine class names Engine among its bases
+    to take the defaults of `alive` and `run`."""
 
     base_model: str
     context_length: int
@@ -142,6 +177,16 @@ class Engine(Protocol):
     def healthy(self) -> tuple[bool, str]:
         """(whether it makes progress, why not): an unhealthy engine is replaced by whoever started it."""
         ...
+
+    def alive(self) -> bool:
+        """Whether the engine can still serve at all: False once an engine's process exited (RemoteEngine), which
+        is then replaced at once (functions/engine/__init__.py, supervisor.py). An engine in this process is."""
+        return True
+
+    def run(self) -> None:
+        """Run the engine's loop on the calling thread until close() (the native engine started with
+        background=False, in the engine process: server.py). An engine that runs its own loop returns at once."""
+        return None
 
     def close(self) -> None:
         """Stop the engine (its thread or process); it serves nothing afterwards."""
@@ -216,7 +261,7 @@ def request_from_dict(data: dict) -> GenerationRequest:
 
 async def collect(deltas: AsyncIterator[Delta]) -> Completion:
     """Run a stream to its end and join it into one completion. A stream that ends without a finish reason was cut
-    short (its engine went away): that is a RequestFailed, never a complete answer."""
+    short (its engine went away): that is an EngineUnavailable, never a complete answer."""
     text: list[str] = []
     logprobs: list[TokenLogprob] = []
     last = Delta("")
@@ -225,5 +270,5 @@ async def collect(deltas: AsyncIterator[Delta]) -> Completion:
         logprobs.extend(delta.logprobs)
         last = delta
     if last.finish_reason is None:
-        raise RequestFailed("the engine ended the answer before it was complete", "engine_unavailable", 503)
+        raise EngineUnavailable("the engine ended the answer before it was complete")
     return Completion("".join(text), last.finish_reason, last.prompt_tokens, last.completion_tokens, tuple(logprobs))

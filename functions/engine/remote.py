@@ -20,23 +20,17 @@ import httpx
 from app.settings import get_settings
 from functions.engine.protocol import (
     Delta,
-    EngineBusy,
-    EngineError,
+    Engine,
+    EngineUnavailable,
     GenerationRequest,
     RequestFailed,
     TokenLogprob,
+    refusal_from_dict,
     request_to_dict,
 )
 from functions.prompts import encode_text
 
 STOP_GRACE_SECONDS = 5.0
-
-
-class EngineUnavailable(RequestFailed):
-    """The engine process did not start or went away; the message says why."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, "engine_unavailable", 503)
 
 
 def _free_port() -> int:
@@ -69,7 +63,7 @@ def wait_healthy(url: str, process: subprocess.Popen[bytes], timeout: float) -> 
     raise EngineUnavailable(f"the engine did not answer within {timeout:.0f} s")
 
 
-class RemoteEngine:
+class RemoteEngine(Engine):
     def __init__(self, base_model: str, url: str, context_length: int, model_dir: Path | None = None) -> None:
         from functions.base_models import load_tokenizer
 
@@ -94,8 +88,8 @@ class RemoteEngine:
     def healthy(self) -> tuple[bool, str]:
         """(healthy, why not), from the process's GET /health: 503 carries the engine's own reason; no answer
         within a poll interval (at least 1 s) is unhealthy too."""
-        if not self.alive():
-            return False, f"the engine process exited with code {self.process.returncode}"  # type: ignore[union-attr]
+        if self.process is not None and self.process.poll() is not None:
+            return False, f"the engine process exited with code {self.process.returncode}"
         timeout = max(1.0, get_settings().engine_health_interval)
         try:
             response = httpx.get(f"{self.url}/health", timeout=timeout)
@@ -119,26 +113,15 @@ class RemoteEngine:
         client = self._client_for_loop()
         try:
             async with client.stream("POST", "/generate", json=request_to_dict(request)) as response:
-                if response.status_code == 400:
-                    body = json.loads(await response.aread())
-                    raise EngineError(body["error"], body.get("param"))
-                if response.status_code == 429:
-                    body = json.loads(await response.aread())
-                    raise EngineBusy(body["error"], float(body.get("retry_after", 1)))
                 if response.status_code != 200:
-                    raw = await response.aread()
-                    try:
-                        body = json.loads(raw)
-                    except ValueError:  # not one of ours (a crash page): its first words are the reason
-                        body = {"error": f"the engine answered {response.status_code}: {raw[:200]!r}"}
-                    raise RequestFailed(body["error"], body.get("code", "generation_failed"), response.status_code)
+                    raise _refusal(response.status_code, await response.aread())
                 finished = False
                 async for line in response.aiter_lines():
                     if not line:
                         continue
                     data = json.loads(line)
                     if "error" in data:  # the request failed in the engine after it began streaming
-                        raise RequestFailed(data["error"], data["code"], data["status"])
+                        raise refusal_from_dict(data)
                     delta = _delta(data)
                     finished = delta.finish_reason is not None
                     yield delta
@@ -170,6 +153,18 @@ class RemoteEngine:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+def _refusal(status: int, raw: bytes) -> Exception:
+    """What the engine refused or failed with before streaming (its body names the kind); a body not of ours (a
+    crash page) is a RequestFailed whose first words are the reason."""
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and "kind" in body:
+        return refusal_from_dict(body)
+    return RequestFailed(f"the engine answered {status}: {raw[:200]!r}")
 
 
 def _delta(data: dict) -> Delta:

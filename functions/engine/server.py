@@ -2,9 +2,8 @@
 
     POST /generate   a GenerationRequest (protocol.request_to_dict) -> NDJSON, one Delta per line, the last with
                      its finish_reason; a request that fails once streaming ends with one line
-                     {"error", "code", "status"} instead. Before streaming: 400 {"error", "param"} for a refused
-                     request, 429 + Retry-After when the queue is full, {"error", "code"} with the status of a
-                     request that failed (RequestFailed)
+                     {"error", "kind", ...} instead (protocol.refusal_to_dict: the refusal by kind). Before
+                     streaming, a request refused or failed is a 400 with that body
     GET  /health     200 {"status": "ok", ...load figures} once the model is loaded and while it makes progress;
                      503 {"status": "unhealthy", "reason", ...} when it does not (the API then replaces it)
 
@@ -24,12 +23,12 @@ from typing import Any
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from app.errors import Refusal
 from functions.engine.protocol import (
     ClientGone,
     Engine,
-    EngineBusy,
-    EngineError,
     RequestFailed,
+    refusal_to_dict,
     request_from_dict,
     unless_gone,
 )
@@ -52,13 +51,8 @@ def create_engine_app(engine: Engine) -> FastAPI:
             first = await unless_gone(anext(stream), http.is_disconnected)  # a queued request whose caller left
         except ClientGone:
             return Response(status_code=499)  # nobody reads it
-        except EngineError as exc:
-            return JSONResponse({"error": str(exc), "param": exc.param}, status_code=400)
-        except EngineBusy as exc:
-            headers = {"Retry-After": str(max(1, round(exc.retry_after)))}
-            return JSONResponse({"error": str(exc), "retry_after": exc.retry_after}, 429, headers=headers)
-        except RequestFailed as exc:
-            return JSONResponse({"error": str(exc), "code": exc.code}, status_code=exc.status)
+        except Refusal as exc:  # the client rebuilds it by kind; the API gives it its status
+            return JSONResponse(refusal_to_dict(exc), status_code=400)
 
         async def lines() -> Any:
             try:
@@ -66,8 +60,8 @@ def create_engine_app(engine: Engine) -> FastAPI:
                 async for delta in stream:
                     yield json.dumps(asdict(delta)) + "\n"
             except Exception as exc:  # noqa: BLE001 - the stream ends with the reason, never as if complete
-                failed = exc if isinstance(exc, RequestFailed) else RequestFailed(f"{type(exc).__name__}: {exc}")
-                yield json.dumps({"error": str(failed), "code": failed.code, "status": failed.status}) + "\n"
+                failed = exc if isinstance(exc, Refusal) else RequestFailed(f"{type(exc).__name__}: {exc}")
+                yield json.dumps(refusal_to_dict(failed)) + "\n"
             finally:
                 await stream.aclose()  # the API went away: free the request's slot at once
 
@@ -92,10 +86,10 @@ def serve_engine(base_model: str, model_dir: Path | None, host: str, port: int, 
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     parent = parent or os.getppid()
     threading.Thread(target=_exit_with_parent, args=(parent,), name="parent-watch", daemon=True).start()
-    engine: Any = create_engine(base_model, model_dir, background=False)
+    engine: Engine = create_engine(base_model, model_dir, background=False)
     config = uvicorn.Config(create_engine_app(engine), host=host, port=port, log_level="warning", timeout_keep_alive=30)
     server = uvicorn.Server(config)
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign] - signals are ours, below
+    # uvicorn installs its signal handlers only when it runs on the main thread: here signals are ours, below
     http = threading.Thread(target=server.run, name="engine-http", daemon=True)
 
     def stop(signum: int, frame: object) -> None:
@@ -105,11 +99,9 @@ def serve_engine(base_model: str, model_dir: Path | None, host: str, port: int, 
     signal.signal(signal.SIGTERM, stop)  # serving from here: requests in flight end before the process does
     signal.signal(signal.SIGINT, stop)
     http.start()
-    if hasattr(engine, "run"):
-        engine.run()  # returns after close()
-    else:  # engines with their own loop (vLLM)
-        while not server.should_exit:
-            time.sleep(0.5)
+    engine.run()  # the native engine's loop, until close(); an engine with its own loop (vLLM) returns at once
+    while not server.should_exit:
+        time.sleep(0.5)
     http.join(timeout=10)
 
 

@@ -25,11 +25,10 @@ UNHEALTHY_POLLS = 3  # failed polls in a row before an engine that still runs is
 
 
 def probe(engine: Engine) -> tuple[bool, bool, str]:
-    """(alive, healthy, why not) of an engine: an engine process that exited is dead; the engine's own health check,
-    where it has one (the native engine, in a process or on a thread), says whether it makes progress."""
-    alive = getattr(engine, "alive", lambda: True)()
-    healthy = getattr(engine, "healthy", None)
-    ok, reason = healthy() if healthy is not None else (alive, "" if alive else "the engine process exited")
+    """(alive, healthy, why not) of an engine: an engine process that exited is dead; the engine's own health check
+    says whether it makes progress."""
+    alive = engine.alive()
+    ok, reason = engine.healthy()
     return alive, ok and alive, reason
 
 
@@ -74,7 +73,7 @@ class EngineSupervisor:
 
     def status(self) -> dict[str, Any]:
         with self._lock:
-            engines = [
+            engines: list[dict[str, Any]] = [
                 {
                     "base_model": w.base_model,
                     "full_model": w.full_model,

@@ -21,10 +21,11 @@ from functions.adapter_check import Unservable, served_config
 from functions.catalog import get_model, linear_modules
 from functions.engine.protocol import (
     Delta,
+    Engine,
     EngineBusy,
     EngineError,
+    EngineUnavailable,
     GenerationRequest,
-    RequestFailed,
     TokenLogprob,
     check_request,
 )
@@ -33,7 +34,7 @@ from functions.prompts import encode_text
 GiB = 1024**3
 
 
-class VLLMEngine:
+class VLLMEngine(Engine):
     def __init__(
         self,
         base_model: str,
@@ -142,7 +143,7 @@ class VLLMEngine:
         except VLLMClientError as exc:  # a request vLLM refuses that our checks let through
             raise EngineError(str(exc), getattr(exc, "parameter", None)) from exc
         except EngineDeadError as exc:  # its engine-core process died: the replica is replaced (healthy() says so)
-            raise RequestFailed(f"vLLM's engine stopped: {exc}", "engine_restarting", 503) from exc
+            raise EngineUnavailable(f"vLLM's engine stopped: {exc}", "engine_restarting") from exc
         finally:
             if not finished:  # the caller went away (or it failed): free its batch slot and KV cache at once
                 with contextlib.suppress(EngineDeadError):  # nothing left to free; keep the original error

@@ -41,7 +41,7 @@ def _tenant_id(name: str) -> str:
 def test_checkpoints_are_recorded_listed_served_and_downloaded(
     client: TestClient, alice: dict[str, str], platform: Platform
 ) -> None:
-    from web.routers.openai_compat import resolve_model
+    from functions.model_targets import resolve_model
 
     ready_dataset(client, alice, ROWS, "greetings")
     job = train(client, alice, repo="greet", checkpoint_every=3, **CONFIG)

@@ -50,7 +50,7 @@ def test_full_fine_tuning_publishes_a_whole_servable_model(
 ) -> None:
     from transformers import AutoModelForCausalLM
 
-    from web.routers.openai_compat import resolve_model
+    from functions.model_targets import resolve_model
 
     ready_dataset(client, alice, GREETINGS, "greetings")
     full = {"dataset": "greetings", "repo": "full", "adapter": "none", "effective_batch_size": 3}

@@ -11,19 +11,17 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from sqlalchemy.orm import Session
-from starlette.concurrency import run_in_threadpool
 
-from app.models import Deployment, Tenant
-from functions.base_models import BaseModelUnavailable, load_tokenizer
+from app.models import Deployment
+from functions.base_models import load_tokenizer
 from functions.catalog import get_model
 from functions.deployments.rules import serving_refusal
 from functions.deployments.runtime import DeploymentEngine, DeploymentRuntime
-from functions.prompts import encode_chat
+from functions.model_targets import Target, deployment_target
 from web.deps import CurrentTenant, Db, Runtime
-from web.errors import APIError
+from web.inference import loading, respond
 from web.openai_schemas import ChatCompletionRequest, CompletionRequest
 from web.routers.deployments import find
-from web.routers.openai_compat import Target, _respond, resolve_model
 
 router = APIRouter(prefix="/v1/deployments", tags=["deployments"])
 
@@ -33,11 +31,9 @@ async def chat_completions(
     name: str, body: ChatCompletionRequest, tenant: CurrentTenant, db: Db, request: Request, runtime: Runtime
 ) -> Any:
     deployment = _serving(db, tenant.id, name)
-    target = _target(db, tenant.id, deployment, body.model)
+    target = deployment_target(db, tenant.id, deployment.name, deployment.base_model, body.model)
     engine = await _engine(runtime, deployment, target)
-    messages = [{"role": m.role, "content": m.text} for m in body.messages]
-    prompt = encode_chat(engine.tokenizer, messages)
-    return await _serve(body, body.requested_max_tokens, prompt, target, engine, tenant, request, chat=True)
+    return await respond(body, target, engine, tenant, request, metered=False)
 
 
 @router.post("/{name}/completions", response_model=None)
@@ -45,22 +41,9 @@ async def completions(
     name: str, body: CompletionRequest, tenant: CurrentTenant, db: Db, request: Request, runtime: Runtime
 ) -> Any:
     deployment = _serving(db, tenant.id, name)
-    target = _target(db, tenant.id, deployment, body.model)
+    target = deployment_target(db, tenant.id, deployment.name, deployment.base_model, body.model)
     engine = await _engine(runtime, deployment, target)
-    return await _serve(body, body.requested_max_tokens, body.prompt_text, target, engine, tenant, request, chat=False)
-
-
-async def _serve(
-    body: Any,
-    max_tokens: int | None,
-    prompt: tuple[int, ...] | str,  # the chat template's token ids, or a completion's text
-    target: Target,
-    engine: DeploymentEngine,
-    tenant: Tenant,
-    request: Request,
-    chat: bool,
-) -> Any:
-    return await _respond(body, max_tokens, prompt, target, engine, tenant, request, chat=chat, metered=False)
+    return await respond(body, target, engine, tenant, request, metered=False)
 
 
 def _serving(db: Session, tenant_id: str, name: str) -> Deployment:
@@ -72,39 +55,11 @@ def _serving(db: Session, tenant_id: str, name: str) -> Deployment:
     return deployment
 
 
-def _target(db: Session, tenant_id: str, deployment: Deployment, model: str) -> Target:
-    """`model`: "" or the base model for the base model alone; else one of the tenant's adapters of it."""
-    if model in ("", deployment.base_model):
-        return Target(model or deployment.base_model, deployment.base_model, None, None)
-    target = resolve_model(db, tenant_id, model)
-    if target.adapter is None:
-        raise APIError(
-            422,
-            f"model: the deployment '{deployment.name}' serves {deployment.base_model!r} and its LoRA adapters; "
-            f"{model!r} is another model",
-            param="model",
-            code="model_not_served",
-        )
-    if target.base_model != deployment.base_model:
-        raise APIError(
-            422,
-            f"model: {model!r} is an adapter of {target.base_model!r}; the deployment '{deployment.name}' serves "
-            f"{deployment.base_model!r}",
-            param="model",
-            code="model_not_served",
-        )
-    return target
-
-
 async def _engine(runtime: DeploymentRuntime, deployment: Deployment, target: Target) -> DeploymentEngine:
-    try:
-        tokenizer = await run_in_threadpool(load_tokenizer, deployment.base_model)
-    except BaseModelUnavailable as exc:
-        raise APIError(400, str(exc), param="model", code="model_unavailable") from None
+    """The Engine protocol over the deployment's replicas, for this request's adapter."""
+    tokenizer = await loading(load_tokenizer, deployment.base_model)
     engine = DeploymentEngine(
         runtime, deployment.id, deployment.base_model, tokenizer, get_model(deployment.base_model).context_length
     )
     engine.adapter_name = target.adapter_name
     return engine
-
-

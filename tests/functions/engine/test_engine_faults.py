@@ -28,6 +28,7 @@ from functions.engine.protocol import (
     collect,
 )
 from lora_helpers import build_lora
+from web.errors import status_of
 
 PROMPTS = ["The cat sat on the", "Once upon a time, in a land far away,", "def add(a, b):", "Write a poem."]
 
@@ -90,7 +91,7 @@ def test_adapter_with_non_finite_output_fails_alone_in_a_mixed_batch(
     results = asyncio.run(gather(engine, requests))
     failed = results[2]
     assert isinstance(failed, RequestFailed), failed
-    assert (failed.code, failed.status) == ("adapter_numeric_fault", 422)
+    assert (failed.code, status_of(failed)) == ("adapter_numeric_fault", 422)
     others = [results[0], results[1], results[3]]
     assert [(c.text, c.completion_tokens, c.finish_reason) for c in others] == [  # type: ignore[union-attr]
         (c.text, c.completion_tokens, c.finish_reason) for c in alone
@@ -107,7 +108,7 @@ def test_adapter_with_non_finite_output_fails_alone_in_a_mixed_batch(
 def test_adapter_with_nan_weights_is_refused_at_load(engine: NativeEngine, adapters: dict[str, Path]) -> None:
     with pytest.raises(EngineError, match="not finite") as refused:
         asyncio.run(collect(engine.generate(GenerationRequest(PROMPTS[0], greedy(), ref(adapters, "nan")))))
-    assert refused.value.param == "model"
+    assert refused.value.field == "model"
     assert "ad_nan" not in engine.lora.resident
     idle(engine)
 
@@ -120,7 +121,7 @@ def test_seed_out_of_range_is_refused_and_a_request_that_cannot_start_fails_alon
     huge = SamplingParams(max_new_tokens=8, temperature=0.7, seed=2**64)
     with pytest.raises(EngineError, match="seed") as refused:
         asyncio.run(collect(engine.generate(GenerationRequest(PROMPTS[0], huge))))
-    assert refused.value.param == "seed"
+    assert refused.value.field == "seed"
 
     monkeypatch.setattr(native, "check_request", lambda *args: None)  # as if the check had a hole
     fine = GenerationRequest(PROMPTS[1], greedy(), ref(adapters, "good"))
@@ -172,7 +173,7 @@ def test_a_model_that_cannot_compute_breaks_the_engine_down_and_it_says_so(
     assert not ok and "failed for every request" in reason
     with pytest.raises(RequestFailed) as refused:  # new requests are refused at once, not queued behind a dead loop
         asyncio.run(collect(engine.generate(GenerationRequest(PROMPTS[0], greedy()))))
-    assert (refused.value.code, refused.value.status) == ("engine_restarting", 503)
+    assert (refused.value.code, status_of(refused.value)) == ("engine_restarting", 503)
     assert engine.kv.used_fraction == 0
 
 

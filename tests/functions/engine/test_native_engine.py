@@ -226,7 +226,7 @@ def test_refusals_are_clear_and_the_engine_keeps_serving(
         return info.value
 
     too_long = "word " * (engine.context_length + 10)
-    assert refuse(GenerationRequest(too_long)).param == "prompt"
+    assert refuse(GenerationRequest(too_long)).field == "prompt"
     other_base = AdapterRef("x", adapters[0], "llama-3-1-8b-instruct")
     assert "trained on 'llama-3-1-8b-instruct'" in str(refuse(GenerationRequest("hi", greedy(4), other_base)))
     missing = AdapterRef("missing", tmp_path / "nothing", BASE)
@@ -237,10 +237,10 @@ def test_refusals_are_clear_and_the_engine_keeps_serving(
     (big / "adapter_config.json").write_text(json.dumps(config | {"r": 64, "modules_to_save": ["lm_head"]}))
     message = str(refuse(GenerationRequest("hi", greedy(4), AdapterRef("big", big, BASE))))
     assert "rank 64" in message and "modules_to_save" in message
-    assert refuse(GenerationRequest("hi", SamplingParams(top_p=0))).param == "temperature"
-    assert refuse(GenerationRequest("hi", SamplingParams(max_new_tokens=0))).param == "max_tokens"
-    assert refuse(GenerationRequest("hi", SamplingParams(top_logprobs=99))).param == "top_logprobs"
-    assert refuse(GenerationRequest("hi", SamplingParams(num_beams=9))).param == "num_beams"
+    assert refuse(GenerationRequest("hi", SamplingParams(top_p=0))).field == "temperature"
+    assert refuse(GenerationRequest("hi", SamplingParams(max_new_tokens=0))).field == "max_tokens"
+    assert refuse(GenerationRequest("hi", SamplingParams(top_logprobs=99))).field == "top_logprobs"
+    assert refuse(GenerationRequest("hi", SamplingParams(num_beams=9))).field == "num_beams"
     # still serving, nothing left behind
     assert run(collect(engine.generate(GenerationRequest("hi", greedy(4))))).completion_tokens == 4
     assert engine.stats()["running"] == 0 and engine.stats()["kv_used_fraction"] == 0

@@ -175,7 +175,7 @@ def test_refusals_come_before_the_first_delta(run: Callable, engine: Any, prompt
     for request, param, words in cases:
         with pytest.raises(EngineError, match=words) as caught:
             run(first(request))
-        assert caught.value.param == param
+        assert caught.value.field == param
     assert engine.stats()["running"] == 0
 
 

@@ -1,0 +1,176 @@
+"""Answering an OpenAI-shaped completion request on an engine, end to end, for the shared endpoints
+(web/routers/openai_compat.py) and private deployments (web/routers/deployment_inference.py) alike.
+
+`respond` submits the request, waits for its first delta (or its whole answer) while watching for the client to
+leave, and answers whole or as server-sent events (web/replies.py builds the shapes); on the shared endpoints it
+writes a priced usage record. What the engine refuses or fails with is a domain refusal (app/errors.py) which
+reaches the API's error handler as it is, except where the API adds context: a refused request's field and status.
+"""
+
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+import anyio
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from app.db import session_scope
+from app.errors import Refusal
+from app.models import Tenant
+from billing import ledger
+from functions.base_models import BaseModelUnavailable
+from functions.catalog import get_model
+from functions.engine import get_engine
+from functions.engine.protocol import (
+    ClientGone,
+    Delta,
+    Engine,
+    EngineError,
+    EngineUnavailable,
+    GenerationRequest,
+    RequestFailed,
+    collect,
+    unless_gone,
+)
+from functions.model_targets import Target
+from functions.prompts import encode_chat
+from web.errors import APIError
+from web.openai_schemas import ChatCompletionRequest, CompletionRequest
+from web.replies import DONE, Reply, error_event, event
+
+T = TypeVar("T")
+
+
+async def loading(load: Callable[..., T], *args: Any) -> T:
+    """Run `load` (an engine's start, a tokenizer's read) on a worker thread; weights that cannot be had here are
+    the user's error on `model`."""
+    try:
+        return await run_in_threadpool(load, *args)
+    except BaseModelUnavailable as exc:
+        raise APIError(400, str(exc), param="model", code="model_unavailable") from None
+
+
+async def shared_engine(target: Target) -> Engine:
+    """The shared engine of the target's base model (or full fine-tuning), started on first use."""
+    return await loading(get_engine, target.base_model, target.model_dir)
+
+
+async def respond(
+    body: ChatCompletionRequest | CompletionRequest,
+    target: Target,
+    engine: Engine,
+    tenant: Tenant,
+    http: Request,
+    metered: bool = True,
+) -> Any:
+    """Run the request on `engine` and answer it, streamed or whole. `metered`: write a priced usage record (the
+    shared endpoints); private deployments are billed per replica-second instead."""
+    chat = isinstance(body, ChatCompletionRequest)
+    prompt: tuple[int, ...] | str  # the chat template's token ids, or a completion's text
+    if isinstance(body, ChatCompletionRequest):
+        prompt = encode_chat(engine.tokenizer, [{"role": m.role, "content": m.text} for m in body.messages])
+    else:
+        prompt = body.prompt_text
+    gen = GenerationRequest(prompt=prompt, params=body.sampling(body.requested_max_tokens), adapter=target.adapter)
+    reply = Reply(target.model, chat)
+    meter = _Meter(reply.id, target, tenant, engine, metered)
+    stream = engine.generate(gen)
+    first = await _until_answered(anext(stream), http, chat)
+    if body.stream:
+        events = _events(reply, meter, first, stream, body.include_usage)
+        return StreamingResponse(events, media_type="text/event-stream")
+    completion = await _until_answered(collect(_chain(first, stream)), http, chat)
+    cost = await run_in_threadpool(meter.record, completion.prompt_tokens, completion.completion_tokens)
+    return reply.full(completion, cost)
+
+
+async def _until_answered(awaitable: Any, http: Request, chat: bool) -> Any:
+    """Await a request's first delta, or a whole non-streaming answer; a request whose client went away leaves the
+    engine's queue. What the engine refuses before queueing (EngineError) is the API's 400 on the user's field (a
+    chat's prompt is its messages); any other refusal reaches the error handler as it is."""
+    try:
+        return await unless_gone(awaitable, http.is_disconnected)
+    except ClientGone:
+        raise APIError(499, "the client closed the request", code="client_closed") from None
+    except EngineError as exc:
+        param = "messages" if chat and exc.field == "prompt" else exc.field
+        raise APIError(400, exc.message, param=param, code="invalid_request") from None
+
+
+async def _chain(first: Delta, rest: AsyncIterator[Delta]) -> AsyncIterator[Delta]:
+    yield first
+    async for delta in rest:
+        yield delta
+
+
+class _Meter:
+    """Writes one request's priced usage record, under the reply's id; nothing when not `metered`."""
+
+    def __init__(self, reply_id: str, target: Target, tenant: Tenant, engine: Engine, metered: bool) -> None:
+        self.reply_id, self.target, self.tenant, self.engine, self.metered = reply_id, target, tenant, engine, metered
+        self.started = time.monotonic()
+
+    def record(self, prompt_tokens: int, completion_tokens: int) -> int:
+        """The request's price in micro-USD (0 when not metered)."""
+        if not self.metered:
+            return 0
+        params = get_model(self.engine.base_model).params
+        with session_scope() as s:
+            amount = ledger.inference_charge(s, self.tenant.id, params, prompt_tokens + completion_tokens)
+            ledger.record(
+                s,
+                ledger.Usage(
+                    idempotency_key=f"inference:{self.reply_id}",
+                    tenant_id=self.tenant.id,
+                    kind="inference",
+                    technique="inference",
+                    base_model=self.target.base_model,
+                    adapter=self.target.adapter_name,
+                    input_tokens=prompt_tokens,
+                    output_tokens=completion_tokens,
+                    compute_ms=int((time.monotonic() - self.started) * 1000),
+                    amount_micro_usd=amount,
+                    reference=self.reply_id,
+                ),
+            )
+        return amount
+
+
+async def _events(
+    reply: Reply, meter: _Meter, first: Delta, stream: AsyncIterator[Delta], include_usage: bool
+) -> AsyncIterator[str]:
+    """Server-sent events. A client that goes away cancels this generator: the engine stream is closed, which frees
+    the request's batch slot at once, and the tokens generated until then are charged. A stream that cannot complete
+    ends with an error event (replies.error_event), and the tokens sent until then are charged."""
+    last = first
+    try:
+        if reply.chat:
+            yield event(reply.chunk(Delta(""), None, role=True))
+        delta: Delta | None = first
+        while delta is not None:
+            last = delta
+            if delta.text or delta.logprobs:
+                yield event(reply.chunk(delta, None))
+            if delta.finish_reason is not None:
+                break
+            try:
+                delta = await anext(stream, None)
+            except Exception as exc:  # noqa: BLE001 - whatever ended it, the client is told, in the API's shape
+                failed = exc if isinstance(exc, Refusal) else RequestFailed(f"{type(exc).__name__}: {exc}")
+                yield error_event(failed)
+                return
+        if last.finish_reason is None:  # the stream ran dry without an end: cut short, never passed off as whole
+            yield error_event(EngineUnavailable("the engine ended the answer before it was complete"))
+            return
+        cost = await run_in_threadpool(meter.record, last.prompt_tokens, last.completion_tokens)
+        yield event(reply.chunk(None, last.finish_reason or "stop"))
+        if include_usage:
+            yield event(reply.usage_chunk(last.prompt_tokens, last.completion_tokens, cost))
+        yield DONE
+    finally:
+        with anyio.CancelScope(shield=True):  # a disconnect cancels this task; the clean-up must still run
+            await stream.aclose()
+            if last.finish_reason is None:  # torn down mid-stream: charge what was generated until now
+                await run_in_threadpool(meter.record, last.prompt_tokens, last.completion_tokens)
