@@ -7,10 +7,10 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict
+from pydantic import BaseModel, BeforeValidator
 
 from app.models import Deployment, DeploymentTransition
-from web.schemas import Money
+from web.schemas import FROM_ROWS, Money, with_values
 
 
 def _iso(value: Any) -> Any:
@@ -18,7 +18,6 @@ def _iso(value: Any) -> Any:
 
 
 IsoTime = Annotated[str, BeforeValidator(_iso)]
-FROM_ROWS = ConfigDict(from_attributes=True)
 
 
 class TransitionOut(BaseModel):
@@ -63,7 +62,7 @@ class DeploymentOut(BaseModel):
         cls, row: Deployment, live: dict[str, Any], price_micro_usd: int, transitions: Sequence[DeploymentTransition]
     ) -> "DeploymentOut":
         """`live` is the runtime's describe(), `price_micro_usd` one replica-hour's."""
-        shown = _With(
+        shown = with_values(
             row,
             replicas=sum(1 for r in live["replicas"] if r["state"] in ("ready", "draining")),
             price_per_replica_hour=Money.of(price_micro_usd),
@@ -71,14 +70,4 @@ class DeploymentOut(BaseModel):
             live=live,
             transitions=transitions,
         )
-        return cls.model_validate(shown, from_attributes=True)
-
-
-class _With:
-    """A row's attributes and a few values added, read as one object (pydantic's from_attributes)."""
-
-    def __init__(self, row: object, **added: Any) -> None:
-        self._row, self._added = row, added
-
-    def __getattr__(self, name: str) -> Any:
-        return self._added[name] if name in self._added else getattr(self._row, name)
+        return cls.model_validate(shown)

@@ -1,12 +1,16 @@
-"""Response bodies, one per entity. Users see names (`repo/3`, dataset names), never paths."""
+"""Response bodies, one per entity, read from the ORM rows by attribute name (pydantic `from_attributes`): a field
+whose name differs from the row's says where it reads (`validation_alias`), and the few values a row lacks are
+passed in beside it (`with_values`). Users see names (`repo/3`, dataset names), never paths."""
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel
+from pydantic import AliasPath, BaseModel, BeforeValidator, ConfigDict, Field
 
-from app.models import AdapterVersion, Checkpoint, Dataset, FinetuneJob, JobMetric, Repo, UsageRecord
+from app.models import FinetuneJob
 from billing.prices import usd
+
+FROM_ROWS = ConfigDict(from_attributes=True)
 
 
 class Money(BaseModel):
@@ -18,7 +22,26 @@ class Money(BaseModel):
         return cls(micro_usd=micro_usd, usd=usd(micro_usd))
 
 
+# A row's micro-USD column, shown as Money.
+MoneyColumn = Annotated[Money, BeforeValidator(lambda value: Money.of(value) if isinstance(value, int) else value)]
+
+
+def with_values(row: object, **added: Any) -> Any:
+    """The row's attributes and a few values added, read as one object by `model_validate`."""
+    return _With(row, added)
+
+
+class _With:
+    def __init__(self, row: object, added: dict[str, Any]) -> None:
+        self._row, self._added = row, added
+
+    def __getattr__(self, name: str) -> Any:
+        return self._added[name] if name in self._added else getattr(self._row, name)
+
+
 class DatasetOut(BaseModel):
+    model_config = FROM_ROWS
+
     id: str
     name: str
     status: str  # validating | ready | invalid
@@ -30,21 +53,6 @@ class DatasetOut(BaseModel):
     errors: list[dict[str, Any]]
     created_at: datetime
 
-    @classmethod
-    def of(cls, d: Dataset) -> "DatasetOut":
-        return cls(
-            id=d.id,
-            name=d.name,
-            status=d.status,
-            file_format=d.file_format,
-            data_format=d.data_format,
-            base_model=d.base_model,
-            size_bytes=d.size_bytes,
-            stats=d.stats,
-            errors=d.errors,
-            created_at=d.created_at,
-        )
-
 
 class Estimate(BaseModel):
     tokens: int  # dataset training tokens x epochs
@@ -52,51 +60,34 @@ class Estimate(BaseModel):
 
 
 class JobOut(BaseModel):
+    model_config = FROM_ROWS
+
     id: str
     status: str  # queued | training | completed | failed | cancelled
     base_model: str
-    dataset: str
-    repo: str
-    adapter: str | None  # "repo/3" once completed
+    dataset: str = Field(validation_alias=AliasPath("dataset", "name"))
+    repo: str = Field(validation_alias=AliasPath("repo", "name"))
+    # "repo/3" once completed
+    adapter: str | None = Field(default=None, validation_alias=AliasPath("adapter_version", "name"))
     version: int | None  # the version number it trains, taken when training starts
-    checkpoints: list[str]  # "repo/3@1", ... as they are saved
+    # "repo/3@1", ... as they are saved
+    checkpoints: Annotated[list[str], BeforeValidator(lambda rows: [c.name for c in rows])]
     config: dict[str, Any]
     estimate: Estimate
-    charge: Money | None  # the actual charge once completed
+    charge: Money | None = None  # the actual charge once completed
     error: str | None
     attempts: int
     total_steps: int | None
-    summary: dict[str, Any]  # steps_done, stopped_early, baseline / best / final evaluation
+    # steps_done, stopped_early, baseline / best / final evaluation
+    summary: Annotated[dict[str, Any], BeforeValidator(lambda value: value or {})]
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
 
-    @classmethod
-    def of(cls, job: FinetuneJob, charge_micro_usd: int | None = None) -> "JobOut":
-        adapter = job.adapter_version
-        return cls(
-            id=job.id,
-            status=job.status,
-            base_model=job.base_model,
-            dataset=job.dataset.name,
-            repo=job.repo.name,
-            adapter=f"{job.repo.name}/{adapter.version}" if adapter else None,
-            version=job.version,
-            checkpoints=[f"{job.repo.name}/{c.version}@{c.number}" for c in job.checkpoints],
-            config=job.config,
-            estimate=Estimate(tokens=job.estimated_tokens, cost=Money.of(job.estimate_micro_usd)),
-            charge=Money.of(charge_micro_usd) if charge_micro_usd is not None else None,
-            error=job.error,
-            attempts=job.attempts,
-            total_steps=job.total_steps,
-            summary=job.summary or {},
-            created_at=job.created_at,
-            started_at=job.started_at,
-            finished_at=job.finished_at,
-        )
-
 
 class MetricOut(BaseModel):
+    model_config = FROM_ROWS
+
     kind: str  # train: one row per optimizer step; eval: one row per evaluation (step 0: before training)
     step: int
     epoch: float
@@ -111,31 +102,15 @@ class MetricOut(BaseModel):
     # "confusion_matrix": {"rows": reference labels, "columns": answered labels + "(other)", "counts"}}
     classification: dict[str, Any] | None = None
     attempt: int
-    at: datetime
-
-    @classmethod
-    def of(cls, m: JobMetric) -> "MetricOut":
-        return cls(
-            kind=m.kind,
-            step=m.step,
-            epoch=m.epoch,
-            loss=m.loss,
-            learning_rate=m.learning_rate,
-            tokens_per_second=m.tokens_per_second,
-            perplexity=m.perplexity,
-            token_accuracy=m.token_accuracy,
-            sequence_accuracy=m.sequence_accuracy,
-            char_error_rate=m.char_error_rate,
-            classification=m.classification,
-            attempt=m.attempt,
-            at=m.created_at,
-        )
+    at: datetime = Field(validation_alias="created_at")
 
 
 class CheckpointOut(BaseModel):
+    model_config = FROM_ROWS
+
     name: str  # "repo/3@2": servable and downloadable like a version
     version: int
-    checkpoint: int
+    checkpoint: int = Field(validation_alias="number")
     step: int
     epoch: float
     kind: str  # lora | full
@@ -143,22 +118,10 @@ class CheckpointOut(BaseModel):
     job_id: str
     created_at: datetime
 
-    @classmethod
-    def of(cls, c: Checkpoint) -> "CheckpointOut":
-        return cls(
-            name=c.name,
-            version=c.version,
-            checkpoint=c.number,
-            step=c.step,
-            epoch=c.epoch,
-            kind=c.kind,
-            base_model=c.base_model,
-            job_id=c.job_id,
-            created_at=c.created_at,
-        )
-
 
 class AdapterOut(BaseModel):
+    model_config = FROM_ROWS
+
     name: str  # "repo/3"
     version: int
     kind: str  # lora: a PEFT adapter of base_model | full: a whole model (full fine-tuning)
@@ -169,40 +132,20 @@ class AdapterOut(BaseModel):
     job_id: str | None
     created_at: datetime
 
-    @classmethod
-    def of(cls, a: AdapterVersion) -> "AdapterOut":
-        return cls(
-            name=a.name,
-            version=a.version,
-            kind=a.kind,
-            base_model=a.base_model,
-            adapter_type=a.adapter_type,
-            rank=a.rank,
-            target_modules=a.target_modules,
-            job_id=a.job_id,
-            created_at=a.created_at,
-        )
-
 
 class RepoOut(BaseModel):
+    model_config = FROM_ROWS
+
     name: str
     description: str
     versions: list[AdapterOut]
     checkpoints: list[CheckpointOut]  # of published versions and of versions still training
     created_at: datetime
 
-    @classmethod
-    def of(cls, r: Repo) -> "RepoOut":
-        return cls(
-            name=r.name,
-            description=r.description,
-            versions=[AdapterOut.of(v) for v in r.versions],
-            checkpoints=[CheckpointOut.of(c) for c in r.checkpoints],
-            created_at=r.created_at,
-        )
-
 
 class UsageOut(BaseModel):
+    model_config = FROM_ROWS
+
     kind: str
     technique: str
     base_model: str
@@ -210,21 +153,12 @@ class UsageOut(BaseModel):
     input_tokens: int
     output_tokens: int
     compute_ms: int
-    cost: Money
+    cost: MoneyColumn = Field(validation_alias="amount_micro_usd")
     reference: str | None
     created_at: datetime
 
-    @classmethod
-    def of(cls, u: UsageRecord) -> "UsageOut":
-        return cls(
-            kind=u.kind,
-            technique=u.technique,
-            base_model=u.base_model,
-            adapter=u.adapter,
-            input_tokens=u.input_tokens,
-            output_tokens=u.output_tokens,
-            compute_ms=u.compute_ms,
-            cost=Money.of(u.amount_micro_usd),
-            reference=u.reference,
-            created_at=u.created_at,
-        )
+
+def job_out(job: FinetuneJob, charge_micro_usd: int | None = None) -> JobOut:
+    estimate = Estimate(tokens=job.estimated_tokens, cost=Money.of(job.estimate_micro_usd))
+    charge = Money.of(charge_micro_usd) if charge_micro_usd is not None else None
+    return JobOut.model_validate(with_values(job, estimate=estimate, charge=charge))

@@ -63,18 +63,18 @@ async def upload_dataset(
         raise
     if wait:
         return await _wait_for_validation(db, dataset)
-    return JSONResponse(DatasetOut.of(dataset).model_dump(mode="json"), status_code=status.HTTP_202_ACCEPTED)
+    return _still_validating(dataset)
 
 
 @router.get("", response_model=list[DatasetOut])
 def list_datasets(tenant: CurrentTenant, db: Db) -> list[DatasetOut]:
     rows = db.scalars(select(Dataset).where(Dataset.tenant_id == tenant.id).order_by(Dataset.created_at))
-    return [DatasetOut.of(d) for d in rows]
+    return [DatasetOut.model_validate(d) for d in rows]
 
 
 @router.get("/{name}", response_model=DatasetOut)
 def get_dataset(name: str, tenant: CurrentTenant, db: Db) -> DatasetOut:
-    return DatasetOut.of(find_dataset(db, tenant.id, name))
+    return DatasetOut.model_validate(find_dataset(db, tenant.id, name))
 
 
 @router.delete("/{name}", status_code=status.HTTP_204_NO_CONTENT)
@@ -125,7 +125,7 @@ async def _wait_for_validation(db: Db, dataset: Dataset) -> JSONResponse | Datas
         db.rollback()  # end the read transaction so the next read sees the worker's commit
         db.refresh(dataset)
     if dataset.status == "validating":
-        return JSONResponse(DatasetOut.of(dataset).model_dump(mode="json"), status_code=status.HTTP_202_ACCEPTED)
+        return _still_validating(dataset)
     if dataset.status == "invalid":
         errors = dataset.errors
         db.delete(dataset)
@@ -134,7 +134,7 @@ async def _wait_for_validation(db: Db, dataset: Dataset) -> JSONResponse | Datas
         # A whole-file problem may belong to another field (base_model whose tokenizer cannot be had).
         param = errors[0]["field"] if not errors[0]["line"] and errors[0].get("field") == "base_model" else "file"
         raise APIError(422, _summary(errors, param), param=param, code="invalid_dataset", errors=errors)
-    return DatasetOut.of(dataset)
+    return DatasetOut.model_validate(dataset)
 
 
 def _summary(errors: list[dict], param: str) -> str:
@@ -146,3 +146,9 @@ def _summary(errors: list[dict], param: str) -> str:
     if param != "file":
         return f"{param}: {first['message']}"
     return f"file: {where + ': ' if where else ''}{first['message']}{more}"
+
+
+def _still_validating(dataset: Dataset) -> JSONResponse:
+    """202: the upload is stored and its validation still runs; GET /v1/datasets/{name} tells when it is done."""
+    body = DatasetOut.model_validate(dataset).model_dump(mode="json")
+    return JSONResponse(body, status_code=status.HTTP_202_ACCEPTED)

@@ -25,7 +25,7 @@ from functions.repos import get_or_create_repo
 from web.deps import CurrentTenant, Db
 from web.errors import APIError
 from web.routers.datasets import find_dataset
-from web.schemas import JobOut, MetricOut
+from web.schemas import JobOut, MetricOut, job_out
 
 # The step after which metrics are wanted (-1: all): beyond the most steps a job may take it would name none, and
 # overflow the database's integers.
@@ -74,7 +74,7 @@ def create_job(config: FinetuneConfig, tenant: CurrentTenant, db: Db) -> JobOut:
     db.flush()
     emit(db, "finetune.requested", job.id)
     db.commit()
-    return JobOut.of(job)
+    return job_out(job)
 
 
 @router.get("", response_model=list[JobOut])
@@ -116,7 +116,7 @@ def job_metrics(job_id: str, tenant: CurrentTenant, db: Db, after_step: AfterSte
         .where(JobMetric.job_id == job.id, JobMetric.attempt == max(job.attempts, 1), JobMetric.step > after_step)
         .order_by(JobMetric.step, JobMetric.id)
     )
-    return [MetricOut.of(m) for m in rows]
+    return [MetricOut.model_validate(m) for m in rows]
 
 
 @router.get(
@@ -197,7 +197,7 @@ def _poll_job(
     query = select(JobMetric).where(JobMetric.job_id == job_id, JobMetric.attempt == max(job.attempts, 1))
     query = query.where(JobMetric.id > after_id) if after_id is not None else query.where(JobMetric.step > after_step)
     rows = db.scalars(query.order_by(JobMetric.id)).all()
-    metrics = [(row.id, MetricOut.of(row).model_dump(mode="json")) for row in rows]
+    metrics = [(row.id, MetricOut.model_validate(row).model_dump(mode="json")) for row in rows]
     return _out(db, job).model_dump(mode="json"), metrics
 
 
@@ -223,4 +223,4 @@ def find_job(db: Db, tenant_id: str, job_id: str) -> FinetuneJob:
 
 def _out(db: Db, job: FinetuneJob) -> JobOut:
     charge = db.scalar(select(UsageRecord.amount_micro_usd).where(UsageRecord.idempotency_key == f"finetune:{job.id}"))
-    return JobOut.of(job, charge)
+    return job_out(job, charge)

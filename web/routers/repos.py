@@ -32,7 +32,8 @@ Number = Annotated[int, InPath(ge=1, le=MAX_NUMBER)]
 
 @router.get("", response_model=list[RepoOut])
 def list_repos(tenant: CurrentTenant, db: Db) -> list[RepoOut]:
-    return [RepoOut.of(r) for r in db.scalars(select(Repo).where(Repo.tenant_id == tenant.id).order_by(Repo.name))]
+    repos = db.scalars(select(Repo).where(Repo.tenant_id == tenant.id).order_by(Repo.name))
+    return [RepoOut.model_validate(r) for r in repos]
 
 
 @router.get("/{name}", response_model=RepoOut)
@@ -40,7 +41,7 @@ def get_repo(name: str, tenant: CurrentTenant, db: Db) -> RepoOut:
     repo = db.scalar(select(Repo).where(Repo.tenant_id == tenant.id, Repo.name == name))
     if repo is None:
         raise APIError(404, f"repo {name!r} not found", param="name", code="repo_not_found")
-    return RepoOut.of(repo)
+    return RepoOut.model_validate(repo)
 
 
 @router.post("/{name}/versions", status_code=status.HTTP_201_CREATED, response_model=AdapterOut)
@@ -97,7 +98,7 @@ def import_version(
         )
     if published is None:  # only a guard declines, and none was given
         raise RuntimeError("publish_adapter declined without a guard")
-    return AdapterOut.of(db.get_one(AdapterVersion, published.id))
+    return AdapterOut.model_validate(db.get_one(AdapterVersion, published.id))
 
 
 @router.get("/{name}/versions/{version}/download", response_class=FileResponse)
@@ -123,7 +124,7 @@ def list_checkpoints(name: str, version: Number, tenant: CurrentTenant, db: Db) 
     ).all()
     if not rows and checkpoints.find_parts(db, tenant.id, name, version, None) is None:
         raise APIError(404, f"adapter {name}/{version} not found", param="version", code="adapter_not_found")
-    return [CheckpointOut.of(c) for c in rows]
+    return [CheckpointOut.model_validate(c) for c in rows]
 
 
 @router.get("/{name}/versions/{version}/checkpoints/{checkpoint}/download", response_class=FileResponse)

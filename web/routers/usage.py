@@ -35,7 +35,7 @@ def usage(tenant: CurrentTenant, db: Db, since: datetime | None = None, limit: i
         query = query.where(UsageRecord.created_at >= since)
     rows = db.scalars(query.order_by(UsageRecord.id.desc()).limit(max(1, min(limit, 1000))))
     return UsageReport(
-        records=[UsageOut.of(r) for r in rows],
+        records=[UsageOut.model_validate(r) for r in rows],
         totals=_totals(ledger.totals(db, tenant.id, since)),
         by_kind={
             k: _totals(ledger.totals(db, tenant.id, since, kind=k)) for k in ("finetune", "inference", "deployment")
