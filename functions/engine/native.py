@@ -3,40 +3,40 @@
 One engine thread owns the model and runs steps. Between two steps it takes in new requests, drops finished
 and cancelled ones, and admits waiting requests whose adapter is resident and whose KV cache room is free.
 A step holds one decode token for every running request plus prefill chunks of new requests, at most
-`prefill_chunk` prompt tokens per step, so a long prompt never stalls the running ones for long.
-
-Callers get an async iterator of Deltas (`generate`); tokens cross from the engine thread to the caller's
-event loop with `call_soon_threadsafe`. Which adapters are resident, loading or pinned is the adapter manager's
-(adapter_manager.py): adapters are read on its loader thread and copied into a pool slot between steps, so loading
-one does not stall running requests.
+`prefill_chunk` prompt tokens per step, so a long prompt never stalls the running ones for long (its layout:
+batch.py). Callers get an async iterator of Deltas (`generate`, deltas.py); tokens cross from the engine thread
+to the caller's event loop with `call_soon_threadsafe`. Adapters are read on the adapter manager's loader thread
+and copied into a pool slot between steps (adapter_manager.py), so loading one does not stall running requests.
 """
 
 import asyncio
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from functions.engine.adapter_manager import AdapterManager
-from functions.engine.beams import BeamSearch
+from functions.engine.batch import Seq, Step, lay_out, probe_step
+from functions.engine.deltas import DeltaStream
 from functions.engine.kv_cache import KVCache
-from functions.engine.llama import LlamaModel, Sequences
-from functions.engine.lora_pool import LoraPool, Segments
+from functions.engine.llama import LlamaModel
+from functions.engine.lora_pool import LoraPool
 from functions.engine.protocol import (
+    AdapterFault,
     Delta,
+    Engine,
     EngineBusy,
     EngineError,
+    EngineUnavailable,
     GenerationRequest,
     RequestFailed,
-    TokenLogprob,
     check_request,
 )
 from functions.engine.sampling import Choice, RowState, choose
-from functions.engine.text import TextStream
 from functions.precision import use_bf16
 from functions.prompts import encode_text
 
@@ -60,40 +60,12 @@ class EngineConfig:
     stall_seconds: float = 30.0  # no progress this long with requests queued: the engine reports itself unhealthy
 
 
-@dataclass(eq=False)
-class _Seq:
-    request: GenerationRequest
-    prompt_ids: list[int]
-    adapter_config: dict | None
-    sink: Callable[[tuple], None]
-    submitted: float = field(default_factory=time.monotonic)
-    cancelled: bool = False  # set by the caller's side; the engine drops the request before its next step
-    # engine-thread state
-    tokens: list[int] = field(default_factory=list)  # prompt + generated
-    computed: int = 0  # positions whose keys and values are in the cache
-    slot: int = -1  # adapter slot; -1 = the base model alone
-    blocks: list[int] = field(default_factory=list)
-    beam_slots: list[torch.Tensor] = field(default_factory=list)  # cache slot of each position, per beam
-    beam: BeamSearch | None = None  # beam search (num_beams > 1)
-    generator: torch.Generator | None = None
-    started: float = 0.0  # admitted
-    first_token_at: float = 0.0
-
-    @property
-    def generated(self) -> int:
-        return self.beam.generated if self.beam else len(self.tokens) - len(self.prompt_ids)
-
-    @property
-    def adapter_key(self) -> str | None:
-        return self.request.adapter.key if self.request.adapter else None
-
-
 def resolve_dtype(name: str) -> torch.dtype:
     """auto: bf16 where the hardware runs it natively, as training decides (functions/precision.py)."""
     return torch.bfloat16 if use_bf16({"float32": "fp32", "bfloat16": "bf16"}.get(name, name)) else torch.float32
 
 
-class NativeEngine:
+class NativeEngine(Engine):
     def __init__(
         self,
         base_model: str,
@@ -134,12 +106,13 @@ class NativeEngine:
             m.module_weight,
         )
 
-        self._intake: deque[_Seq] = deque()
-        self._waiting: list[_Seq] = []
-        self._running: list[_Seq] = []
+        self._intake: deque[Seq] = deque()
+        self._waiting: list[Seq] = []
+        self._running: list[Seq] = []
         self._wake = threading.Condition()
         self.adapters = AdapterManager(self.lora, base_model, m.num_layers, self._notify)
-        self.counters = {"requests": 0, "generated_tokens": 0, "prompt_tokens": 0, "steps": 0}
+        self.counters = {"requests": 0, "generated_tokens": 0, "prompt_tokens": 0}
+        self.steps = 0
         self._closed = False
         self._broken = ""  # why the engine gave up (a step failed for every request, twice); "" while it serves
         self._progress_at = time.monotonic()  # last time the loop moved a request forward, or found nothing to do
@@ -162,11 +135,9 @@ class NativeEngine:
             "kv_capacity_tokens": self.kv.capacity_tokens,
             "resident_adapters": len(self.lora.resident),
             "adapter_slots": self.lora.slots,
-            "requests": self.counters["requests"],
-            "generated_tokens": self.counters["generated_tokens"],
-            "prompt_tokens": self.counters["prompt_tokens"],
+            **self.counters,
             "adapter_loads": self.adapters.loads,
-            "steps": self.counters["steps"],
+            "steps": self.steps,
         }
 
     def healthy(self) -> tuple[bool, str]:
@@ -195,60 +166,19 @@ class NativeEngine:
 
         seq.sink = sink
         self._submit(seq)
-        text = TextStream(self.tokenizer, request.params.stop)
-        pending: list[TokenLogprob] = []
+        deltas = DeltaStream(self.tokenizer, self.eos, request.params.stop, len(seq.prompt_ids))
         try:
-            while True:
-                item = await items.get()
-                if item[0] == "error":
-                    raise item[1]  # EngineError before the first token; RequestFailed at any time
-                if item[0] == "end":
-                    _, finish, queue_ms, first_ms = item
-                    tail = text.finish()
-                    yield Delta(
-                        tail,
-                        finish_reason="stop" if text.stopped else finish,
-                        prompt_tokens=len(seq.prompt_ids),
-                        completion_tokens=len(text.ids),
-                        logprobs=tuple(pending),
-                        queue_ms=queue_ms,
-                        first_token_ms=first_ms,
-                    )
-                    return
-                _, token, choice = item
-                if token == self.eos:
-                    continue  # the end item follows
-                piece = text.push(token)
-                if choice is not None:
-                    pending.append(self._token_logprob(choice))
-                if text.stopped:  # a stop sequence ended it: free the slot now, report the end
+            while not deltas.done:
+                delta = deltas.take(await items.get())
+                if deltas.done:  # ended: by a stop sequence (free its slot now), or in the engine
                     seq.cancelled = True
-                    yield Delta(
-                        piece,
-                        finish_reason="stop",
-                        prompt_tokens=len(seq.prompt_ids),
-                        completion_tokens=len(text.ids),
-                        logprobs=tuple(pending),
-                    )
-                    return
-                if piece:  # token counts so far ride along: a client that leaves mid-stream is charged for them
-                    yield Delta(
-                        piece,
-                        prompt_tokens=len(seq.prompt_ids),
-                        completion_tokens=len(text.ids),
-                        logprobs=tuple(pending),
-                    )
-                    pending = []
+                if delta is not None:
+                    yield delta
         finally:
             seq.cancelled = True  # the caller went away, or the request ended: either way its slot is free
             self._notify()
 
-    def _token_logprob(self, choice: Choice) -> TokenLogprob:
-        decode = self.tokenizer.decode
-        top = tuple((decode([t]), lp) for t, lp in choice.top or [])
-        return TokenLogprob(decode([choice.token]), choice.logprob or 0.0, top)
-
-    def _prepare(self, request: GenerationRequest) -> _Seq:
+    def _prepare(self, request: GenerationRequest) -> Seq:
         """Refuse what can never run, before anything is queued."""
         params = request.params
         ids = request.prompt_ids(self.tokenizer)
@@ -259,12 +189,12 @@ class NativeEngine:
         if total > self.kv.capacity_tokens:
             raise EngineError(f"prompt + max_tokens ({total}) exceeds this engine's KV cache", "max_tokens")
         config = self.adapters.check(request.adapter) if request.adapter is not None else None
-        return _Seq(request, ids, config, sink=lambda item: None)
+        return Seq(request, ids, config, sink=lambda item: None)
 
-    def _submit(self, seq: _Seq) -> None:
+    def _submit(self, seq: Seq) -> None:
         with self._wake:
             if self._broken or self._closed:
-                raise RequestFailed(f"the engine is restarting: {self._broken or 'closed'}", "engine_restarting", 503)
+                raise EngineUnavailable(f"the engine is restarting: {self._broken or 'closed'}", "engine_restarting")
             if len(self._intake) + len(self._waiting) >= self.config.max_waiting:
                 raise EngineBusy("the engine's queue is full", retry_after=1.0)
             self._intake.append(seq)
@@ -342,17 +272,7 @@ class NativeEngine:
         try:
             for _ in range(2):
                 try:
-                    logits = self.model.forward(
-                        torch.tensor([self.eos], dtype=torch.long, device=self.device),
-                        torch.zeros(1, dtype=torch.long, device=self.device),
-                        Sequences([(0, 1, 0, slots)], 1, None, None, slots),
-                        Segments([], []),
-                        self.lora,
-                        self.kv.k,
-                        self.kv.v,
-                        torch.zeros(1, dtype=torch.long, device=self.device),
-                    )
-                    if bool(torch.isfinite(logits).all()):
+                    if bool(torch.isfinite(self._forward(probe_step(self.eos, slots, self.device))).all()):
                         return True
                 except Exception:  # noqa: BLE001 - a failed probe is the answer
                     pass
@@ -363,7 +283,7 @@ class NativeEngine:
     def _break_down(self, reason: str) -> None:
         """Fail every request the engine holds with the reason, and refuse new ones: the engine is replaced."""
         self._broken = reason
-        failure = RequestFailed(f"the engine failed and is restarting: {reason}", "engine_restarting", 503)
+        failure = EngineUnavailable(f"the engine failed and is restarting: {reason}", "engine_restarting")
         with self._wake:
             while self._intake:
                 self._waiting.append(self._intake.popleft())
@@ -372,7 +292,7 @@ class NativeEngine:
             self._release(seq)
         self._running, self._waiting = [], []
 
-    def _fail(self, seq: _Seq, error: Exception) -> None:
+    def _fail(self, seq: Seq, error: Exception) -> None:
         """End one running request with an error; its cache blocks and adapter slot are free at once."""
         self._release(seq)
         if seq in self._running:
@@ -398,7 +318,7 @@ class NativeEngine:
                     self._waiting.remove(seq)
                 seq.sink(("error", RequestFailed(f"the request could not start: {type(exc).__name__}: {exc}")))
 
-    def _admit_one(self, seq: _Seq) -> str:
+    def _admit_one(self, seq: Seq) -> str:
         """Start one waiting request if its adapter is resident and its cache room is free: "started", "later"
         (its adapter is loading, or failed and the request was answered), or "full" (no cache room)."""
         slot = -1
@@ -413,27 +333,11 @@ class NativeEngine:
             if resident is None:
                 return "later"  # loading, or no slot free; later requests may go ahead
             slot = resident
-        params = seq.request.params
-        total = min(len(seq.prompt_ids) + params.max_new_tokens, self.context_length)
-        rooms = [self.kv.allocate(total) for _ in range(params.num_beams)]  # one room per beam
-        if any(room is None for room in rooms):
-            for room in rooms:
-                if room is not None:
-                    self.kv.release(room[0])
+        if not seq.start(self.kv, self.context_length, self.eos, self.device):
             return "full"
-        seq.blocks = [block for room in rooms for block in room[0]]  # type: ignore[index]
-        seq.beam_slots = [room[1] for room in rooms]  # type: ignore[index]
-        if params.num_beams > 1:
-            seq.beam = BeamSearch(params.num_beams, self.eos, params.max_new_tokens, params.min_new_tokens)
         seq.slot = slot
         if slot >= 0:
             self.adapters.pin(slot)
-        seq.tokens = list(seq.prompt_ids)
-        seed = seq.request.params.seed
-        if not seq.request.params.greedy or seq.request.params.repetition_penalty != 1.0:
-            seq.generator = torch.Generator(self.device)
-            seq.generator.manual_seed(seed if seed is not None else torch.seed())
-        seq.started = time.monotonic()
         self._waiting.remove(seq)
         self._running.append(seq)
         self.counters["requests"] += 1
@@ -441,91 +345,24 @@ class NativeEngine:
         self._progress_at = seq.started
         return "started"
 
-    def _step(self, batch: list[_Seq]) -> None:
+    def _step(self, batch: list[Seq]) -> None:
         """One forward pass over `batch` (running requests), then each request's next token. Nothing of a request's
         state moves before the forward pass has succeeded (the cache writes it made are rewritten alike by a retry);
         a fault in one request's logits or sampling fails that request alone."""
-        prefill, decode = [], []
-        budget = self.config.prefill_chunk
-        for seq in batch:
-            if seq.generated > 0:
-                decode += [(seq, j) for j in range(len(seq.beam.beams))] if seq.beam else [(seq, -1)]
-            elif budget > 0:
-                n = min(len(seq.tokens) - seq.computed, budget)
-                prefill.append((seq, n))
-                budget -= n
-        decode.sort(key=lambda row: row[0].slot)  # tokens of one adapter side by side: one segment each
-
-        tokens: list[int] = []
-        positions: list[torch.Tensor] = []
-        write: list[torch.Tensor] = []
-        runs: list[tuple[int, int, int]] = []
-        attention: list[tuple[int, int, int, torch.Tensor]] = []
-        logit_rows: list[int] = []
-        sampled: list[tuple[_Seq, int]] = []  # (request, beam or -1) of each logits row
-        for seq, n in prefill:
-            start = len(tokens)
-            tokens += seq.tokens[seq.computed : seq.computed + n]
-            positions.append(torch.arange(seq.computed, seq.computed + n))
-            slots = seq.beam_slots[0]
-            write.append(slots[seq.computed : seq.computed + n])
-            attention.append((start, n, seq.computed, slots[: seq.computed + n]))
-            if seq.slot >= 0:
-                runs.append((seq.slot, start, n))
-            if seq.computed + n == len(seq.tokens):
-                logit_rows.append(start + n - 1)
-                sampled.append((seq, 0 if seq.beam else -1))
-        decode_start = len(tokens)
-        decode_slots = decode_mask = None
-        if decode:
-            lengths = [seq.computed + 1 for seq, _ in decode]
-            tokens += [seq.beam.beams[j][-1] if seq.beam else seq.tokens[-1] for seq, j in decode]
-            positions.append(torch.tensor([seq.computed for seq, _ in decode]))
-            slot_rows = [seq.beam_slots[max(j, 0)] for seq, j in decode]
-            write.append(torch.stack([s[n - 1] for s, n in zip(slot_rows, lengths, strict=True)]))
-            decode_slots = torch.nn.utils.rnn.pad_sequence(
-                [s[:n] for s, n in zip(slot_rows, lengths, strict=True)], batch_first=True
-            )
-            decode_mask = (torch.arange(decode_slots.shape[1]) < torch.tensor(lengths)[:, None])[:, None, None, :]
-            for i, (seq, _) in enumerate(decode):
-                if seq.slot < 0:
-                    continue
-                if runs and runs[-1][0] == seq.slot and runs[-1][1] + runs[-1][2] == decode_start + i:
-                    runs[-1] = (seq.slot, runs[-1][1], runs[-1][2] + 1)
-                else:
-                    runs.append((seq.slot, decode_start + i, 1))
-            logit_rows += range(decode_start, decode_start + len(decode))
-            sampled += decode
-
-        device = self.device
-        seqs = Sequences(
-            prefill=[(start, n, cached, slots.to(device)) for start, n, cached, slots in attention],
-            decode_start=decode_start,
-            decode_slots=None if decode_slots is None else decode_slots.to(device),
-            decode_mask=None if decode_mask is None else decode_mask.to(device),
-            write_slots=torch.cat(write).to(device),
-        )
-        logits = self.model.forward(
-            torch.tensor(tokens, dtype=torch.long, device=device),
-            torch.cat(positions).to(device),
-            seqs,
-            Segments.build(runs, self.lora.dtype, device),
-            self.lora,
-            self.kv.k,
-            self.kv.v,
-            torch.tensor(logit_rows, dtype=torch.long, device=device),
-        )
-        for seq, n in prefill:
+        step = lay_out(batch, self.config.prefill_chunk, self.lora.dtype, self.device)
+        logits = self._forward(step)
+        for seq, n in step.prefill:
             seq.computed += n
-        for seq in {seq for seq, _ in decode}:
+        for seq in {seq for seq, _ in step.decode}:
             seq.computed += 1
-        self.counters["steps"] += 1
+        self.steps += 1
         finite = torch.isfinite(logits).all(-1).tolist()  # a NaN/Inf row: that request's adapter (or input) broke
+        sampled = step.sampled
         for seq in {seq for (seq, _), ok in zip(sampled, finite, strict=True) if not ok}:
             self._fail(seq, self._numeric_fault(seq))
         plain = [i for i, (seq, beam) in enumerate(sampled) if beam < 0 and finite[i]]
         self._emit_samples(logits[plain], [sampled[i][0] for i in plain])
-        beams: dict[_Seq, list[int]] = {}
+        beams: dict[Seq, list[int]] = {}
         for i, (seq, j) in enumerate(sampled):
             if j >= 0 and seq in self._running:
                 beams.setdefault(seq, []).append(i)
@@ -535,13 +372,19 @@ class NativeEngine:
             except Exception as exc:  # noqa: BLE001 - this request's fault alone
                 self._fail(seq, RequestFailed(f"beam search failed: {type(exc).__name__}: {exc}"))
 
-    def _numeric_fault(self, seq: _Seq) -> RequestFailed:
+    def _forward(self, step: Step) -> torch.Tensor:
+        """The logits [len(step.logit_rows), V] of one step; its keys and values are written to the cache."""
+        return self.model.forward(
+            step.tokens, step.positions, step.sequences, step.segments, self.lora, self.kv.k, self.kv.v, step.logit_rows
+        )
+
+    def _numeric_fault(self, seq: Seq) -> RequestFailed:
         if seq.slot >= 0:  # the base model is shared and was finite for the other requests: the adapter is at fault
             message = "the adapter's output is not finite (NaN or Inf): its weights are numerically broken"
-            return RequestFailed(message, "adapter_numeric_fault", 422)
-        return RequestFailed("the model's output is not finite (NaN or Inf)", "numeric_fault", 500)
+            return AdapterFault(message)
+        return RequestFailed("the model's output is not finite (NaN or Inf)", "numeric_fault")
 
-    def _emit_samples(self, logits: torch.Tensor, seqs: list[_Seq]) -> None:
+    def _emit_samples(self, logits: torch.Tensor, seqs: list[Seq]) -> None:
         """logits: [len(seqs), V]: the next token of each request (not beam search). Sampling that raises for the
         batch is redone row by row, and a row that raises alone fails its request alone."""
         if not seqs:
@@ -572,7 +415,7 @@ class NativeEngine:
             elif seq.generated >= params.max_new_tokens or len(seq.tokens) >= self.context_length:
                 self._finish(seq, "length")
 
-    def _advance_beams(self, seq: _Seq, logits: torch.Tensor) -> None:
+    def _advance_beams(self, seq: Seq, logits: torch.Tensor) -> None:
         """One beam-search step; the keys and values of each kept beam's parent are copied into its slots."""
         beam = seq.beam
         assert beam is not None
@@ -591,14 +434,14 @@ class NativeEngine:
                 seq.sink(("token", token, None))
             self._finish(seq, "stop" if best and best[-1] == self.eos else "length")
 
-    def _finish(self, seq: _Seq, reason: str) -> None:
+    def _finish(self, seq: Seq, reason: str) -> None:
         queue_ms = (seq.started - seq.submitted) * 1000
         first_ms = ((seq.first_token_at or seq.started) - seq.submitted) * 1000
         self._release(seq)
         self._running.remove(seq)
         seq.sink(("end", reason, queue_ms, first_ms))  # last: whoever reads the end sees the engine without it
 
-    def _release(self, seq: _Seq) -> None:
+    def _release(self, seq: Seq) -> None:
         self.kv.release(seq.blocks)
         seq.blocks = []
         if seq.slot >= 0:
