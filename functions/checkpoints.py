@@ -23,29 +23,18 @@ from sqlalchemy.orm import Session
 from app import volume
 from app.db import session_scope
 from app.errors import Invalid
-from app.models import AdapterVersion, Checkpoint, Repo
-from app.names import VERSION_REF
+from app.models import Checkpoint
+from functions import repos
 from functions.adapter_check import stored_config
 from functions.catalog import linear_modules
 from functions.finetune_config import FinetuneConfig
-from functions.repos import CHECKPOINTS_DIR
+from functions.repos import CHECKPOINTS_DIR, Weights
 
 RESUME_DIR = "resume"  # inside a checkpoint's directory: what only resuming needs
 WEIGHT_CONFIGS = ("adapter_config.json", "config.json", "generation_config.json")
 SKIPPED_FILES = ("README.md",)  # PEFT's model card, which names a server path
 # LoRA settings that decide what the saved weights compute: a continued adapter must keep them.
 SHAPE_FIELDS = ("rank", "lora_alpha", "use_rslora", "use_dora", "target_modules")
-
-
-@dataclass(frozen=True)
-class Weights:
-    """A version or checkpoint of a tenant, as serving and continuing need it."""
-
-    name: str  # "repo/3" or "repo/3@2"
-    key: str  # its row id: stable and unique per version and per checkpoint
-    kind: str  # lora | full
-    base_model: str
-    path: Path  # PEFT directory, or whole-model directory
 
 
 @dataclass(frozen=True)
@@ -78,45 +67,6 @@ class Refused(Invalid):
         super().__init__(message, field=field, code="invalid_value")
 
 
-# ---- references ------------------------------------------------------------------------------------------
-
-
-def find(session: Session, tenant_id: str, reference: str) -> Weights | None:
-    """The tenant's version ('repo/3') or checkpoint ('repo/3@2'); None when it does not exist (or is another
-    tenant's: both read the same)."""
-    match = VERSION_REF.fullmatch(reference)
-    if match is None:
-        return None
-    checkpoint = int(match["checkpoint"]) if match["checkpoint"] is not None else None
-    return find_parts(session, tenant_id, match["repo"], int(match["version"]), checkpoint)
-
-
-def find_parts(session: Session, tenant_id: str, repo: str, version: int, checkpoint: int | None) -> Weights | None:
-    if checkpoint is None:
-        row = session.scalar(
-            select(AdapterVersion)
-            .join(Repo)
-            .where(Repo.tenant_id == tenant_id, Repo.name == repo, AdapterVersion.version == version)
-        )
-        if row is None:
-            return None
-        return Weights(row.name, row.id, row.kind, row.base_model, volume.adapter_dir(tenant_id, repo, version))
-    found = session.scalar(
-        select(Checkpoint)
-        .join(Repo)
-        .where(
-            Repo.tenant_id == tenant_id,
-            Repo.name == repo,
-            Checkpoint.version == version,
-            Checkpoint.number == checkpoint,
-        )
-    )
-    if found is None:
-        return None
-    path = volume.checkpoint_dir(tenant_id, repo, version, checkpoint)
-    return Weights(found.name, found.id, found.kind, found.base_model, path)
-
-
 # ---- continuing from a version or checkpoint -------------------------------------------------------------
 
 
@@ -126,7 +76,7 @@ def continuation(session: Session, tenant_id: str, config: FinetuneConfig) -> tu
     over, and one set to another value is refused (Refused names the field)."""
     if config.continue_from_version is None:
         return config, None
-    source = find(session, tenant_id, config.continue_from_version)
+    source = repos.find(session, tenant_id, config.continue_from_version)
     if source is None:
         raise Refused(
             f"continue_from_version: {config.continue_from_version!r} is not one of your versions or checkpoints",

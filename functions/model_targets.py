@@ -9,12 +9,10 @@ own base model and the tenant's LoRA adapters of it.
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.errors import Invalid, NotFound
-from app.models import Repo
-from functions import checkpoints
+from functions import repos
 from functions.catalog import get_model
 from functions.engine.protocol import AdapterRef
 
@@ -37,17 +35,12 @@ def resolve_model(db: Session, tenant_id: str, model: str) -> Target:
     model directory. Another tenant's adapter resolves exactly like one that does not exist (NotFound, same
     message)."""
     not_found = NotFound(f"The model '{model}' does not exist", field="model", code="model_not_found")
-    reference = model
     if "/" not in model:
         try:
             return Target(model, get_model(model).name, None, None)
         except KeyError:
-            pass
-        repo = db.scalar(select(Repo).where(Repo.tenant_id == tenant_id, Repo.name == model))
-        if repo is None or not repo.versions:
-            raise not_found
-        reference = repo.versions[-1].name
-    weights = checkpoints.find(db, tenant_id, reference)
+            pass  # a repo's name: its latest version
+    weights = repos.find(db, tenant_id, model)
     if weights is None:
         raise not_found
     if weights.kind == "full":

@@ -1,4 +1,5 @@
-"""Adapter repos and their versions: a repo found or created, a version number allocated, a version published.
+"""Adapter repos, their versions and checkpoints: a repo found or created, a version number allocated, a version
+published, and a reference ('repo', 'repo/3', 'repo/3@2') resolved to its weights.
 
 Publishing is shared by imports (web/routers/repos.py) and training (functions/train.py): an import takes the
 repo's next version number from the repo row's counter (one UPDATE, which serializes concurrent publishers), a
@@ -21,12 +22,24 @@ from sqlalchemy.orm import Session
 
 from app import volume
 from app.db import session_scope
-from app.models import AdapterVersion, Repo
+from app.models import AdapterVersion, Checkpoint, Repo
+from app.names import VERSION_REF
 
 CHECKPOINTS_DIR = "checkpoints"  # inside a version's directory (app/volume.py)
 
 
 # ---- repos and version numbers ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Weights:
+    """A version or checkpoint of a tenant, as serving and continuing need it."""
+
+    name: str  # "repo/3" or "repo/3@2"
+    key: str  # its row id: stable and unique per version and per checkpoint
+    kind: str  # lora | full
+    base_model: str
+    path: Path  # PEFT directory, or whole-model directory
 
 
 def get_or_create_repo(session: Session, tenant_id: str, name: str) -> Repo:
@@ -189,3 +202,47 @@ def _return_checkpoints(staged: Path, final: Path) -> None:
     if adopted.is_dir():
         final.mkdir(parents=True, exist_ok=True)
         os.replace(adopted, final / CHECKPOINTS_DIR)
+
+
+# ---- resolving a reference: 'repo', 'repo/3', 'repo/3@2' -------------------------------------------------------
+
+
+def find(session: Session, tenant_id: str, reference: str) -> Weights | None:
+    """The tenant's version ('repo/3'), checkpoint ('repo/3@2') or latest version of a repo ('repo'); None when it
+    does not exist (or is another tenant's: both read the same)."""
+    if "/" not in reference:
+        repo = session.scalar(select(Repo).where(Repo.tenant_id == tenant_id, Repo.name == reference))
+        if repo is None or not repo.versions:
+            return None
+        reference = repo.versions[-1].name
+    match = VERSION_REF.fullmatch(reference)
+    if match is None:
+        return None
+    checkpoint = int(match["checkpoint"]) if match["checkpoint"] is not None else None
+    return find_parts(session, tenant_id, match["repo"], int(match["version"]), checkpoint)
+
+
+def find_parts(session: Session, tenant_id: str, repo: str, version: int, checkpoint: int | None) -> Weights | None:
+    if checkpoint is None:
+        row = session.scalar(
+            select(AdapterVersion)
+            .join(Repo)
+            .where(Repo.tenant_id == tenant_id, Repo.name == repo, AdapterVersion.version == version)
+        )
+        if row is None:
+            return None
+        return Weights(row.name, row.id, row.kind, row.base_model, volume.adapter_dir(tenant_id, repo, version))
+    found = session.scalar(
+        select(Checkpoint)
+        .join(Repo)
+        .where(
+            Repo.tenant_id == tenant_id,
+            Repo.name == repo,
+            Checkpoint.version == version,
+            Checkpoint.number == checkpoint,
+        )
+    )
+    if found is None:
+        return None
+    path = volume.checkpoint_dir(tenant_id, repo, version, checkpoint)
+    return Weights(found.name, found.id, found.kind, found.base_model, path)

@@ -29,7 +29,7 @@ from app.models import AdapterVersion, FinetuneJob, JobMetric
 from app.queue import EventInfo, PermanentError
 from app.settings import get_settings
 from billing import ledger
-from functions import checkpoints
+from functions import checkpoints, repos
 from functions.base_models import BaseModelUnavailable, load_tokenizer
 from functions.catalog import get_model
 from functions.checkpoints import ResumePoint, TrainingTarget
@@ -38,7 +38,6 @@ from functions.datasets import detect_labels, single_class_message
 from functions.evaluate import EvalResult, evaluate
 from functions.finetune_config import FinetuneConfig
 from functions.prompts import Tokenized, tokenize_example
-from functions.repos import allocate_version, publish_adapter
 from functions.trainer import TrainingRun, build_trainer
 
 log = logging.getLogger("loraplex.train")
@@ -111,7 +110,7 @@ def _start(event: EventInfo) -> FinetuneJob | None:
         job.status, job.attempts = "training", event.attempt
         job.started_at = job.started_at or datetime.now(UTC)
         if job.version is None:  # taken once: retries train (and checkpoint) under the same number
-            job.version = allocate_version(s, job.repo_id)
+            job.version = repos.allocate_version(s, job.repo_id)
         s.flush()
         s.refresh(job, ["dataset", "repo"])
         return job
@@ -129,7 +128,7 @@ def _source(job: FinetuneJob, config: FinetuneConfig) -> Path | None:
     if config.continue_from_version is None:
         return None
     with session_scope() as s:
-        source = checkpoints.find(s, job.tenant_id, config.continue_from_version)
+        source = repos.find(s, job.tenant_id, config.continue_from_version)
     if source is None or source.base_model != config.base_model:
         raise PermanentError(f"continue_from_version: {config.continue_from_version!r} is no longer available")
     return source.path
@@ -230,7 +229,7 @@ def _publish(job: FinetuneJob, config: FinetuneConfig, adapter_files: Path, stat
             ),
         )
 
-    publish_adapter(
+    repos.publish_adapter(
         job.tenant_id,
         job.repo.name,
         adapter_files,

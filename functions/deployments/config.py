@@ -17,7 +17,7 @@ from app.models import Deployment
 from app.names import DEPLOYMENT_NAME
 from app.settings import get_settings
 from billing.prices import PriceError
-from functions import adapter_check, checkpoints
+from functions import adapter_check, repos
 from functions.catalog import get_model
 from functions.deployments.metering import HOUR_MS, replica_price
 
@@ -195,7 +195,7 @@ def check_references(session: Session, tenant_id: str, base_model: str, adapters
     reads exactly like one that does not exist."""
     names: list[str] = []
     for reference in adapters:
-        weights = checkpoints.find(session, tenant_id, _latest(session, tenant_id, reference))
+        weights = repos.find(session, tenant_id, reference)
         if weights is None:
             raise NotFound(
                 f"preloaded_adapters: the adapter {reference!r} does not exist",
@@ -227,14 +227,3 @@ def check_references(session: Session, tenant_id: str, base_model: str, adapters
         if weights.name not in names:
             names.append(weights.name)
     return names
-
-
-def _latest(session: Session, tenant_id: str, reference: str) -> str:
-    if "/" in reference:
-        return reference
-    from sqlalchemy import select
-
-    from app.models import Repo
-
-    repo = session.scalar(select(Repo).where(Repo.tenant_id == tenant_id, Repo.name == reference))
-    return repo.versions[-1].name if repo is not None and repo.versions else f"{reference}/0"

@@ -14,7 +14,7 @@ from pathlib import Path
 from app.db import session_scope
 from app.models import Deployment, utcnow
 from app.settings import Settings
-from functions import checkpoints
+from functions import repos
 from functions.deployments.live import Effects, Fleet, Live
 from functions.deployments.metering import meter
 from functions.deployments.metrics import DeploymentMetrics
@@ -73,7 +73,7 @@ class Lifecycle:
         if preload:
             with session_scope() as s:
                 for name in preload:
-                    weights = checkpoints.find(s, tenant_id, name)
+                    weights = repos.find(s, tenant_id, name)
                     if weights is None:
                         r.stop_process()
                         raise ReplicaFailed(f"preloaded adapter {name!r} no longer exists")

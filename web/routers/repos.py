@@ -16,10 +16,9 @@ from starlette.background import BackgroundTask
 from app.models import AdapterVersion, Checkpoint, Repo
 from app.names import MAX_NUMBER, NAME
 from app.settings import get_settings
-from functions import adapter_files, checkpoints
+from functions import adapter_files, repos
 from functions.adapter_check import check_peft_dir
 from functions.catalog import get_model
-from functions.repos import publish_adapter
 from web.deps import CurrentTenant, Db
 from web.errors import APIError
 from web.schemas import AdapterOut, CheckpointOut, RepoOut
@@ -87,7 +86,7 @@ def import_version(
         checked.mkdir()
         for file_name in adapter_files.STORED_FILES:
             shutil.copyfile(received / file_name, checked / file_name)
-        published = publish_adapter(
+        published = repos.publish_adapter(
             tenant.id,
             name,
             checked,
@@ -106,7 +105,7 @@ def download_version(name: str, version: Number, tenant: CurrentTenant, db: Db) 
     """The version as a .tar.gz (folder `<repo>-<N>/`): its PEFT directory, loadable with
     PeftModel.from_pretrained, or for a full fine-tuning the whole model directory (safetensors, config,
     tokenizer), loadable with AutoModelForCausalLM.from_pretrained."""
-    weights = checkpoints.find_parts(db, tenant.id, name, version, None)
+    weights = repos.find_parts(db, tenant.id, name, version, None)
     if weights is None:  # another tenant's answers exactly like a missing one
         raise APIError(404, f"adapter {name}/{version} not found", param="version", code="adapter_not_found")
     created = db.get_one(AdapterVersion, weights.key).created_at
@@ -122,7 +121,7 @@ def list_checkpoints(name: str, version: Number, tenant: CurrentTenant, db: Db) 
         .where(Repo.tenant_id == tenant.id, Repo.name == name, Checkpoint.version == version)
         .order_by(Checkpoint.number)
     ).all()
-    if not rows and checkpoints.find_parts(db, tenant.id, name, version, None) is None:
+    if not rows and repos.find_parts(db, tenant.id, name, version, None) is None:
         raise APIError(404, f"adapter {name}/{version} not found", param="version", code="adapter_not_found")
     return [CheckpointOut.model_validate(c) for c in rows]
 
@@ -130,7 +129,7 @@ def list_checkpoints(name: str, version: Number, tenant: CurrentTenant, db: Db) 
 @router.get("/{name}/versions/{version}/checkpoints/{checkpoint}/download", response_class=FileResponse)
 def download_checkpoint(name: str, version: Number, checkpoint: Number, tenant: CurrentTenant, db: Db) -> FileResponse:
     """Checkpoint `repo/N@K` as a .tar.gz (folder `<repo>-<N>-checkpoint-<K>/`), in the same format as a version."""
-    weights = checkpoints.find_parts(db, tenant.id, name, version, checkpoint)
+    weights = repos.find_parts(db, tenant.id, name, version, checkpoint)
     if weights is None:
         raise APIError(
             404, f"checkpoint {name}/{version}@{checkpoint} not found", param="checkpoint", code="checkpoint_not_found"
@@ -139,7 +138,7 @@ def download_checkpoint(name: str, version: Number, checkpoint: Number, tenant: 
     return _archive(weights, f"{name}-{version}-checkpoint-{checkpoint}", created.timestamp())
 
 
-def _archive(weights: checkpoints.Weights, folder: str, mtime: float) -> FileResponse:
+def _archive(weights: repos.Weights, folder: str, mtime: float) -> FileResponse:
     """A temporary .tar.gz of the weights' directory, removed once sent."""
     fd, tmp = tempfile.mkstemp(prefix="loraplex-export-", suffix=".tar.gz")
     try:
