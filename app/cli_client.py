@@ -146,12 +146,13 @@ def _number_or_text(value: str | None) -> int | float | str | None:
     """'100' is the number 100 ('checkpoint_every'), 'epoch' and 'repo/3' stay text."""
     for kind in (int, float):
         try:
-            return kind(value)  # type: ignore[arg-type]
-        except (TypeError, ValueError):
+            return kind(value) if value is not None else None
+        except ValueError:
             pass
     return value
 
 
+# typer reads the options from the function's signature (mypy knows no __signature__ on functions)
 finetune_start.__signature__ = inspect.Signature(_finetune_options())  # type: ignore[attr-defined]
 finetune_app.command("start")(finetune_start)
 

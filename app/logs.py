@@ -4,10 +4,12 @@ import logging
 import os
 import warnings
 
+from app.settings import get_settings
+
 
 def configure_logging() -> None:
     """LORAPLEX_LOG_LEVEL for our loggers; below DEBUG, the libraries' chatter is silenced."""
-    level = os.environ.get("LORAPLEX_LOG_LEVEL", "INFO")
+    level = get_settings().log_level
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if level != "DEBUG":  # library chatter (progress bars, deprecation notes) drowns our own log lines
         warnings.filterwarnings("ignore", category=FutureWarning)

@@ -142,12 +142,12 @@ def process_event(event_id: str) -> None:
     """Claim the event, run its handler under a heartbeat, then record the outcome. Safe to call twice."""
     settings = get_settings()
     me = worker_name()
-    info = _claim(event_id, me, settings.lease_seconds)
+    info = _claim(event_id, me, settings.queue.lease_seconds)
     if info is None:
         return  # done, taken by a live worker, or not due yet
     handler = _handler(info.name)
     stop = threading.Event()
-    beat = threading.Thread(target=_heartbeat, args=(event_id, me, settings.lease_seconds, stop), daemon=True)
+    beat = threading.Thread(target=_heartbeat, args=(event_id, me, settings.queue.lease_seconds, stop), daemon=True)
     beat.start()
     try:
         handler.run(info)
@@ -156,10 +156,10 @@ def process_event(event_id: str) -> None:
     except Exception as exc:  # noqa: BLE001 - any handler error is retried, then reported on the resource
         log.exception("event %s (%s) attempt %d failed", info.id, info.name, info.attempt)
         reason = f"{type(exc).__name__}: {exc}"
-        if info.attempt >= settings.max_attempts:
+        if info.attempt >= settings.queue.max_attempts:
             _finish(info, handler, "failed", f"failed after {info.attempt} attempts: {reason}")
         else:
-            _retry_later(info, reason, settings.retry_base_seconds * 2 ** (info.attempt - 1))
+            _retry_later(info, reason, settings.queue.retry_base_seconds * 2 ** (info.attempt - 1))
     else:
         _finish(info, handler, "done", None)
     finally:
@@ -248,13 +248,14 @@ def reap() -> int:
             select(Event).where(
                 or_(
                     (Event.status == "running") & (Event.lease_expires_at < t),
-                    (Event.status == "pending") & (Event.run_after < t - timedelta(seconds=settings.lease_seconds)),
+                    (Event.status == "pending")
+                    & (Event.run_after < t - timedelta(seconds=settings.queue.lease_seconds)),
                 )
             )
         ).all()
         found = [(ev.id, ev.name, ev.subject_id, ev.attempts, ev.status) for ev in stale]
     for event_id, name, subject_id, attempts, status in found:
-        if status == "running" and attempts >= settings.max_attempts:
+        if status == "running" and attempts >= settings.queue.max_attempts:
             info = EventInfo(event_id, name, subject_id, attempts)
             _finish(
                 info, _handler(name), "failed", f"worker stopped responding during attempt {attempts}; no tries left"
@@ -286,11 +287,11 @@ def run_worker(threads: int | None = None) -> None:
                     work()
                 except Exception:  # noqa: BLE001 - keep reaping; periodic work is retried on the next pass
                     log.warning("periodic work %s failed", getattr(work, "__name__", work), exc_info=True)
-            time.sleep(settings.reap_interval_seconds)
+            time.sleep(settings.queue.reap_interval_seconds)
 
     threading.Thread(target=reaper, daemon=True, name="reaper").start()
     consumer = get_huey().create_consumer(
-        workers=threads or settings.worker_threads,
+        workers=threads or settings.queue.worker_threads,
         worker_type="thread",
         periodic=False,
         initial_delay=0.05,

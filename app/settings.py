@@ -1,6 +1,12 @@
-"""One settings class for the whole platform, read from the environment (prefix LORAPLEX_)."""
+"""The platform's settings, read from the environment (prefix LORAPLEX_; a .env file too), grouped by concern.
 
-from functools import lru_cache
+Every LORAPLEX_* variable the platform reads is a field here: `get_settings().engine.kv_cache_mb` is
+LORAPLEX_KV_CACHE_MB. Each group reads its own fields from the environment, so a variable's name is the field's
+name with the prefix, whatever its group. The SDK and CLI client (app/client.py) read their own three variables
+(LORAPLEX_API_URL, LORAPLEX_API_KEY, LORAPLEX_MAX_RETRIES): they run on a user's machine without the platform.
+"""
+
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Literal
 
@@ -8,24 +14,14 @@ from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MB = 1024 * 1024
+FROM_ENV = SettingsConfigDict(env_prefix="LORAPLEX_", env_file=".env", extra="ignore")
 
 
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="LORAPLEX_", env_file=".env", extra="ignore")
+class LimitSettings(BaseSettings):
+    """What one request may ask: sizes, rows, tokens, and the shared endpoints' request rate."""
 
-    data_dir: Path = Field(default=Path(".data"), description="Root of the volume and the default SQLite files.")
-    database_url: str | None = Field(
-        default=None,
-        validation_alias=AliasChoices("DATABASE_URL", "LORAPLEX_DATABASE_URL"),
-        description="SQLAlchemy URL; a SQLite file under data_dir when unset.",
-    )
-    queue_url: str | None = Field(
-        default=None,
-        description="Event queue: sqlite:///path (default, under data_dir) or redis://host:port/db to scale out.",
-    )
-    runtime: Literal["local", "modal"] = Field(default="local", description="Where handlers run.")
+    model_config = FROM_ENV
 
-    # Limits
     max_upload_bytes: int = Field(default=50 * MB, gt=0, description="Largest dataset file accepted.")
     max_json_body_bytes: int = Field(
         default=1 * MB, gt=0, description="Largest JSON request body (inference, jobs, deployments, billing)."
@@ -37,10 +33,21 @@ class Settings(BaseSettings):
     upload_wait_seconds: float = Field(
         default=60.0, ge=0, description="How long an upload waits for validation before answering 202."
     )
+    # The shared endpoints' token limits are the free allowance (BillingSettings.free_tokens_per_*).
+    shared_requests_per_second: float = Field(
+        default=10.0, ge=0, description="Requests a tenant may send the shared endpoints a second; 0: no limit."
+    )
 
-    # Serving engine
-    engine: Literal["native", "vllm"] = Field(
-        default="native", description="native: our batched multi-LoRA engine (CPU, CUDA); vllm: vLLM (GPU deployments)."
+
+class EngineSettings(BaseSettings):
+    """The serving engines: which, where, their memory and batch sizes, and how they are watched."""
+
+    model_config = FROM_ENV
+
+    kind: Literal["native", "vllm"] = Field(
+        default="native",
+        validation_alias="LORAPLEX_ENGINE",
+        description="native: our batched multi-LoRA engine (CPU, CUDA); vllm: vLLM (GPU deployments).",
     )
     engine_process: bool = Field(
         default=True, description="Run each base model's engine in its own process (false: inside the API process)."
@@ -67,13 +74,13 @@ class Settings(BaseSettings):
         "waits, at least 1 s); one unhealthy 3 polls in a row, or dead, is replaced.",
     )
 
-    # Shared endpoints (/v1/chat/completions, /v1/completions): per-tenant limits of the free tier; 0 turns one off.
-    # Enterprise tenants have no token limits there (they pay for what is beyond the free allowance).
-    shared_requests_per_second: float = Field(default=10.0, ge=0, description="Requests a tenant may send a second.")
-    shared_tokens_per_day: int = Field(default=1_000_000, ge=0, description="Tokens a tenant may use a UTC day.")
-    shared_tokens_per_month: int = Field(default=10_000_000, ge=0, description="Tokens a tenant may use a month.")
 
-    # Private deployments (functions/deployments/): replicas are engine processes the API process starts and stops
+class DeploymentSettings(BaseSettings):
+    """Private deployments (functions/deployments/): replicas are engine processes the API process starts and
+    stops."""
+
+    model_config = FROM_ENV
+
     deployment_tick_seconds: float = Field(default=0.25, gt=0, description="How often the autoscaler looks.")
     deployment_wake_timeout: float = Field(
         default=120.0, gt=0, description="How long a request waits for a replica (a wake from Standby) before a 503."
@@ -91,19 +98,13 @@ class Settings(BaseSettings):
         description="Keep one engine interpreter with torch and transformers imported, ready to become a replica "
         "(a wake from Standby then only loads weights).",
     )
-    cpu_replica_micro_usd_per_hour: int = Field(
-        default=100_000, ge=0, description="Price of a CPU replica-hour, micro-USD (the GPU rates are in prices.py)."
-    )
-    metrics_token: SecretStr | None = Field(
-        default=None, description="Bearer token GET /metrics asks for; unset: it is closed unless metrics_public."
-    )
-    metrics_public: bool = Field(
-        default=False,
-        description="Serve GET /metrics without a token when none is set (only on a port that tenants cannot reach: "
-        "it names tenants, deployments and adapters).",
-    )
 
-    # Queue behaviour
+
+class QueueSettings(BaseSettings):
+    """The event queue's workers: threads, leases, retries."""
+
+    model_config = FROM_ENV
+
     worker_threads: int = Field(default=2, gt=0, description="Handler threads per worker process.")
     lease_seconds: float = Field(
         default=60.0, gt=0, description="A running event is retaken after this long without a heartbeat."
@@ -114,18 +115,31 @@ class Settings(BaseSettings):
         default=2.0, ge=0, description="Backoff before retry n is base * 2**(n-1) seconds."
     )
 
-    # Training
+
+class TrainingSettings(BaseSettings):
+    model_config = FROM_ENV
+
     train_precision: Literal["auto", "fp32", "bf16"] = Field(
         default="auto",
         description="auto: bf16 base weights with autocast on GPUs and on CPUs with native bf16 (AVX512-BF16, AMX).",
     )
     train_threads: int | None = Field(default=None, description="torch threads for training; all cores when unset.")
 
-    # Billing
+
+class BillingSettings(BaseSettings):
+    """Credits, the free tier, prices set by the operator, and Stripe."""
+
+    model_config = FROM_ENV
+
     signup_credit_micro_usd: int = Field(default=25_000_000, ge=0, description="Free credits for a new tenant.")
     signup_credit_days: int = Field(default=30, gt=0, description="Days before the sign-up credits expire.")
-    free_tokens_per_day: int = Field(default=1_000_000, ge=0, description="Free shared-endpoint tokens a day.")
+    # The free tier of the shared endpoints: these tokens are free; a tenant on enterprise terms pays for what is
+    # beyond them, any other tenant is refused (429) beyond them. 0 turns one off (nothing free, no limit).
+    free_tokens_per_day: int = Field(default=1_000_000, ge=0, description="Free shared-endpoint tokens a UTC day.")
     free_tokens_per_month: int = Field(default=10_000_000, ge=0, description="Free shared-endpoint tokens a month.")
+    cpu_replica_micro_usd_per_hour: int = Field(
+        default=100_000, ge=0, description="Price of a CPU replica-hour, micro-USD (the GPU rates are in prices.py)."
+    )
     stripe_api_key: SecretStr | None = Field(default=None, description="Stripe secret key; unset: no Stripe sync.")
     stripe_webhook_secret: SecretStr | None = Field(
         default=None, description="Signing secret of the webhook endpoint; unset: webhooks are refused."
@@ -137,6 +151,59 @@ class Settings(BaseSettings):
     )
     stripe_meter_event_name: str = Field(default="loraplex_usage", description="Meter that sums usage, micro-USD.")
     public_url: str = Field(default="http://127.0.0.1:8000", description="Where Checkout and portal return to.")
+
+
+class Settings(BaseSettings):
+    """Where the platform keeps its state and runs its work, and the groups above."""
+
+    model_config = FROM_ENV
+
+    data_dir: Path = Field(default=Path(".data"), description="Root of the volume and the default SQLite files.")
+    database_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("DATABASE_URL", "LORAPLEX_DATABASE_URL"),
+        description="SQLAlchemy URL; a SQLite file under data_dir when unset.",
+    )
+    queue_url: str | None = Field(
+        default=None,
+        description="Event queue: sqlite:///path (default, under data_dir) or redis://host:port/db to scale out.",
+    )
+    runtime: Literal["local", "modal"] = Field(default="local", description="Where handlers run.")
+    log_level: str = Field(default="INFO", description="Python logging level of the server, workers and engines.")
+    metrics_token: SecretStr | None = Field(
+        default=None, description="Bearer token GET /metrics asks for; unset: it is closed unless metrics_public."
+    )
+    metrics_public: bool = Field(
+        default=False,
+        description="Serve GET /metrics without a token when none is set (only on a port that tenants cannot reach: "
+        "it names tenants, deployments and adapters).",
+    )
+
+    # The groups, each read from the environment when first used (not fields: a field named `engine` would read
+    # LORAPLEX_ENGINE as the whole group).
+    @cached_property
+    def limits(self) -> LimitSettings:
+        return LimitSettings()
+
+    @cached_property
+    def engine(self) -> EngineSettings:
+        return EngineSettings()
+
+    @cached_property
+    def deployments(self) -> DeploymentSettings:
+        return DeploymentSettings()
+
+    @cached_property
+    def queue(self) -> QueueSettings:
+        return QueueSettings()
+
+    @cached_property
+    def training(self) -> TrainingSettings:
+        return TrainingSettings()
+
+    @cached_property
+    def billing(self) -> BillingSettings:
+        return BillingSettings()
 
     @property
     def volume_dir(self) -> Path:

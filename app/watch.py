@@ -89,7 +89,7 @@ def watch_job(client: Loraplex, job_id: str, console: Console | None = None) -> 
                 total = job["total_steps"] if job else None
                 steps_between = last["step"] - first["step"]
                 per_step = (
-                    (_timestamp(last["at"]) - _timestamp(first["at"])) / steps_between  # type: ignore[operator]
+                    (_timestamp(last["at"]) - _timestamp(first["at"])) / steps_between  # type: ignore[operator]  # metric rows have times
                     if steps_between > 0
                     else None
                 )

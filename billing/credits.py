@@ -59,17 +59,17 @@ def grant_credit(
 
 def grant_signup_credits(session: Session, tenant_id: str, now: datetime | None = None) -> CreditGrant | None:
     settings = get_settings()
-    if settings.signup_credit_micro_usd <= 0:
+    if settings.billing.signup_credit_micro_usd <= 0:
         return None
     now = now or utcnow()
     return grant_credit(
         session,
         tenant_id,
-        settings.signup_credit_micro_usd,
+        settings.billing.signup_credit_micro_usd,
         category="promotional",
         reason="developer sign-up",
         idempotency_key=f"signup:{tenant_id}",
-        expires_at=now + timedelta(days=settings.signup_credit_days),
+        expires_at=now + timedelta(days=settings.billing.signup_credit_days),
     )
 
 

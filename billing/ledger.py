@@ -98,7 +98,9 @@ def inference_charge(session: Session, tenant_id: str, params: int, tokens: int,
     now = now or utcnow()
     day = now.replace(hour=0, minute=0, second=0, microsecond=0)
     used_today, used_month = _inference_tokens(session, tenant_id, day)
-    free_left = max(0, min(settings.free_tokens_per_day - used_today, settings.free_tokens_per_month - used_month))
+    free_left = max(
+        0, min(settings.billing.free_tokens_per_day - used_today, settings.billing.free_tokens_per_month - used_month)
+    )
     return price_book(session, tenant_id).inference(params, max(0, tokens - free_left))
 
 

@@ -10,10 +10,10 @@ de-duplicates on (meter event identifier, Idempotency-Key).
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import stripe
-from sqlalchemy import select, update
+from sqlalchemy import CursorResult, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -105,7 +105,7 @@ def flush_if_configured() -> FlushResult | None:
     """Flush with the configured gateway; None when no Stripe key is set (rows wait, unsent)."""
     from app.settings import get_settings
 
-    settings = get_settings()
+    settings = get_settings().billing
     if settings.stripe_api_key is None:
         return None
     key = (
@@ -154,12 +154,13 @@ def ensure_stripe_customer(gateway: StripeGateway, tenant_id: str) -> str:
 def _claim(row_id: int, now: datetime) -> _Row | None:
     """Take a due row for this flush: one conditional UPDATE, so two flushers never send it at once."""
     with session_scope() as s:
-        taken = s.execute(
+        claim = (
             update(StripeOutbox)
             .where(StripeOutbox.id == row_id, StripeOutbox.status == "pending", StripeOutbox.next_attempt_at <= now)
             .values(next_attempt_at=now + timedelta(seconds=CLAIM_SECONDS))
         )
-        if taken.rowcount != 1:  # type: ignore[attr-defined]
+        taken = cast("CursorResult[Any]", s.execute(claim))  # an UPDATE's result has rowcount (see app/queue.py)
+        if taken.rowcount != 1:
             return None
         r = s.get_one(StripeOutbox, row_id)
         return _Row(r.id, r.tenant_id, r.kind, r.idempotency_key, dict(r.payload), r.attempts)

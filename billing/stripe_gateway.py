@@ -27,7 +27,7 @@ import stripe
 from stripe.params.billing import CreditGrantCreateParams, MeterEventCreateParams
 from stripe.params.checkout import SessionCreateParams
 
-from app.settings import Settings, get_settings
+from app.settings import BillingSettings, get_settings
 
 log = logging.getLogger("loraplex.stripe")
 T = TypeVar("T")
@@ -80,9 +80,9 @@ class StripeGateway:
         )
 
     @classmethod
-    def from_settings(cls, settings: Settings | None = None) -> "StripeGateway | None":
+    def from_settings(cls, settings: BillingSettings | None = None) -> "StripeGateway | None":
         """The configured gateway, or None when no Stripe key is set (Stripe sync is off)."""
-        settings = settings or get_settings()
+        settings = settings or get_settings().billing
         if settings.stripe_api_key is None or not settings.stripe_api_key.get_secret_value():
             return None
         return cls(

@@ -248,7 +248,7 @@ def _check_lora_config(config: dict[str, Any], base_model: str) -> set[str]:
         raise reject("task_type", f"{config['task_type']!r}; adapters are served for text generation (CAUSAL_LM)")
     # Types are checked above; these are the ranges (written so that NaN and infinity, which json.loads reads from
     # NaN and Infinity, fail them too) and the keys PEFT would default but an adapter must state.
-    rank, max_rank = config.get("r"), get_settings().max_lora_rank
+    rank, max_rank = config.get("r"), get_settings().engine.max_lora_rank
     if not isinstance(rank, int) or not 1 <= rank <= max_rank:
         raise reject(
             "r",

@@ -140,7 +140,7 @@ def _tokenize(job: FinetuneJob, config: FinetuneConfig) -> Data:
     rows."""
     dataset = job.dataset
     data = volume.dataset_path(dataset.tenant_id, dataset.id, dataset.file_format).read_bytes()
-    parsed = parse_dataset(data, dataset.file_format, get_settings().max_dataset_rows)  # type: ignore[arg-type]
+    parsed = parse_dataset(data, dataset.file_format, get_settings().limits.max_dataset_rows)  # type: ignore[arg-type]  # a FileFormat, checked at upload
     if not parsed.ok:
         raise PermanentError(f"dataset {dataset.name!r} no longer validates: {parsed.errors[0].message}")
     try:
@@ -312,17 +312,17 @@ class _Progress:
         progress = self
 
         class Callback(TrainerCallback):
-            def on_train_begin(self, args, state, control, model=None, **kwargs):  # type: ignore[no-untyped-def]
+            def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
                 progress.max_steps, progress.start_epoch = state.max_steps, state.epoch or 0.0
                 with session_scope() as s:
                     s.get_one(FinetuneJob, progress.job_id).total_steps = state.max_steps
                 progress.evaluate(model, 0)  # the model before training: the baseline users compare against
 
-            def on_log(self, args, state, control, logs=None, **kwargs):  # type: ignore[no-untyped-def]
+            def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
                 if logs and "loss" in logs:
                     progress.log(state.global_step, logs)
 
-            def on_step_end(self, args, state, control, model=None, **kwargs):  # type: ignore[no-untyped-def]
+            def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
                 if progress.is_cancelled():
                     progress.cancelled = True
                     control.should_training_stop = True
@@ -331,12 +331,12 @@ class _Progress:
                 if every and state.global_step % every == 0 and progress.evaluate(model, state.global_step):
                     control.should_training_stop = True
 
-            def on_epoch_end(self, args, state, control, model=None, **kwargs):  # type: ignore[no-untyped-def]
+            def on_epoch_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
                 evaluate_now = not progress.config.eval_steps and not progress.cancelled
                 if evaluate_now and progress.evaluate(model, state.global_step):
                     control.should_training_stop = True
 
-            def on_save(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+            def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
                 # After the Trainer wrote checkpoint-<step>/ (and the step's metrics and evaluation rows).
                 if not progress.cancelled:
                     local = Path(args.output_dir) / f"checkpoint-{state.global_step}"

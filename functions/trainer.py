@@ -65,8 +65,8 @@ def build_trainer(
     settings = get_settings()
     cuda = torch.cuda.is_available()
     if not cuda:
-        torch.set_num_threads(settings.train_threads or os.cpu_count() or 1)
-    bf16 = use_bf16(precision or settings.train_precision)
+        torch.set_num_threads(settings.training.train_threads or os.cpu_count() or 1)
+    bf16 = use_bf16(precision or settings.training.train_precision)
     set_seed(config.seed)
     tokenizer = load_tokenizer(config.base_model)
     model = _trainable_model(config, bf16, init_from)

@@ -24,7 +24,7 @@ def run(event: EventInfo) -> None:
     if dataset is None or dataset.status in ("ready", "invalid"):
         return  # deleted, or already handled by an earlier attempt
     data = volume.dataset_path(dataset.tenant_id, dataset.id, dataset.file_format).read_bytes()
-    parsed = parse_dataset(data, dataset.file_format, get_settings().max_dataset_rows)  # type: ignore[arg-type]
+    parsed = parse_dataset(data, dataset.file_format, get_settings().limits.max_dataset_rows)  # type: ignore[arg-type]  # a FileFormat, checked at upload
     if not parsed.ok:
         _save(dataset.id, "invalid", parsed, errors=[e.to_dict() for e in parsed.errors], stats=_row_stats(parsed))
         return

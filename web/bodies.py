@@ -43,7 +43,7 @@ class RequestBodies:
             await self._whole(scope, receive, send, _declared_length(headers), _is_json(media_type))
 
     async def _upload(self, scope: Scope, receive: Receive, send: Send, declared: int | None) -> None:
-        limit = get_settings().max_upload_bytes
+        limit = get_settings().limits.max_upload_bytes
         allowed = limit + MULTIPART_OVERHEAD
         refusal = error_response(
             413,
@@ -81,7 +81,7 @@ class RequestBodies:
             await refusal(scope, receive, send)
 
     async def _whole(self, scope: Scope, receive: Receive, send: Send, declared: int | None, is_json: bool) -> None:
-        limit = get_settings().max_json_body_bytes
+        limit = get_settings().limits.max_json_body_bytes
         refusal = error_response(
             413,
             f"the request body is larger than the {size_text(limit)} allowed for a JSON body "

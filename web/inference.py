@@ -8,7 +8,7 @@ reaches the API's error handler as it is, except where the API adds context: a r
 """
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any, TypeVar
 
 import anyio
@@ -139,7 +139,7 @@ class _Meter:
 
 
 async def _events(
-    reply: Reply, meter: _Meter, first: Delta, stream: AsyncIterator[Delta], include_usage: bool
+    reply: Reply, meter: _Meter, first: Delta, stream: AsyncGenerator[Delta, None], include_usage: bool
 ) -> AsyncIterator[str]:
     """Server-sent events. A client that goes away cancels this generator: the engine stream is closed, which frees
     the request's batch slot at once, and the tokens generated until then are charged. A stream that cannot complete

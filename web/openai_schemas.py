@@ -69,7 +69,7 @@ class SamplingFields(Body):
     @field_validator("max_tokens", "max_completion_tokens", check_fields=False)
     @classmethod
     def _max_tokens(cls, value: int | None) -> int | None:
-        limit = get_settings().max_new_tokens_limit
+        limit = get_settings().limits.max_new_tokens_limit
         if value is not None and value > limit:
             raise ValueError(f"at most {limit} (LORAPLEX_MAX_NEW_TOKENS_LIMIT)")
         return value

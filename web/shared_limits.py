@@ -32,8 +32,8 @@ class SharedLimiter:
     def check(self, db: Session, tenant: Tenant) -> None:
         """Raise a 429 APIError when the tenant is over a limit; otherwise count this request."""
         settings = get_settings()
-        self._tokens(db, tenant, settings.shared_tokens_per_day, settings.shared_tokens_per_month)
-        self._rate(tenant.id, settings.shared_requests_per_second)
+        self._tokens(db, tenant, settings.billing.free_tokens_per_day, settings.billing.free_tokens_per_month)
+        self._rate(tenant.id, settings.limits.shared_requests_per_second)
 
     def _rate(self, tenant_id: str, per_second: float) -> None:
         if per_second <= 0:

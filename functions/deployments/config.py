@@ -166,7 +166,7 @@ def check_platform(session: Session, tenant_id: str, accelerator: str, max_repli
     """What this platform offers the tenant: at most LORAPLEX_DEPLOYMENT_MAX_REPLICAS replicas, an accelerator
     the tenant's plan has a price for, and on the local runtime only the accelerators it runs."""
     settings = get_settings()
-    limit = settings.deployment_max_replicas
+    limit = settings.deployments.deployment_max_replicas
     if max_replicas > limit:
         raise Invalid(
             f"max_replicas: at most {limit} on this platform (LORAPLEX_DEPLOYMENT_MAX_REPLICAS)",
@@ -216,7 +216,7 @@ def check_references(session: Session, tenant_id: str, base_model: str, adapters
             )
         # Every replica would fail to start on it: an import refuses such a rank, but training may make one, and
         # the operator may lower the limit after an import. One small file read (a checkpoint's row has no rank).
-        rank, max_rank = adapter_check.stored_rank(weights.path), get_settings().max_lora_rank
+        rank, max_rank = adapter_check.stored_rank(weights.path), get_settings().engine.max_lora_rank
         if rank > max_rank:
             raise Invalid(
                 f"preloaded_adapters: {reference!r} has rank {rank}; the engines serve ranks up to {max_rank} "

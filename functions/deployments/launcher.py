@@ -77,7 +77,7 @@ def _time_engine_creation(timings: dict[str, Any], handed: float) -> None:
         print(TIMINGS_PREFIX + json.dumps(timings), flush=True)
         return engine
 
-    engines.create_engine = timed  # type: ignore[assignment]
+    engines.create_engine = timed
 
 
 if __name__ == "__main__":

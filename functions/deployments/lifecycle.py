@@ -78,7 +78,7 @@ class Lifecycle:
                         r.stop_process()
                         raise ReplicaFailed(f"preloaded adapter {name!r} no longer exists")
                     refs.append(AdapterRef(weights.key, weights.path, weights.base_model))
-        r.wait_ready(self.settings.engine_start_timeout, refs)
+        r.wait_ready(self.settings.engine.engine_start_timeout, refs)
         with self.fleet.lock:
             live = self.fleet.deployments.get(r.deployment_id)
             if live is not None:
@@ -136,7 +136,7 @@ class Lifecycle:
 
     def stop_drained(self, live: Live, now: float) -> None:
         """Stop (on a pool thread) the draining replicas with no request left, or draining past the timeout."""
-        timeout = self.settings.deployment_drain_timeout
+        timeout = self.settings.deployments.deployment_drain_timeout
         for r in [r for r in live.replicas if r.state == "draining"]:
             if r.in_flight == 0 or (r.drain_since is not None and now - r.drain_since > timeout):
                 r.state = "stopping"
@@ -169,8 +169,8 @@ class Lifecycle:
         with self.fleet.lock:
             replicas = [(live, r) for live in self.fleet.deployments.values() for r in live.replicas]
         for _, r in replicas:
-            if r.alive():
-                r.process.terminate()  # type: ignore[union-attr]
+            if r.alive() and r.process is not None:
+                r.process.terminate()
         now = self.clock()
         for live, r in replicas:
             r.stop_process(timeout=10)
@@ -183,7 +183,7 @@ class Lifecycle:
         """Every engine_health_interval, ask each ready replica's GET /health, on pool threads: the tick must not wait
         for a hung one. A replica unhealthy UNHEALTHY_POLLS polls in a row is stopped, and `reap_dead` replaces it
         as it replaces one that died."""
-        if now - self._polled_at < self.settings.engine_health_interval:
+        if now - self._polled_at < self.settings.engine.engine_health_interval:
             return
         self._polled_at = now
         with self.fleet.lock:

@@ -73,7 +73,7 @@ def replica_price(session: Any, tenant_id: str, accelerator: str, milliseconds: 
     account = session.get(BillingAccount, tenant_id)
     own = ((account.prices or {}).get("accelerator_per_hour") or {}) if account is not None else {}
     if accelerator == "cpu" and "cpu" not in own:
-        rates = {**book.accelerator_per_hour, "cpu": get_settings().cpu_replica_micro_usd_per_hour}
+        rates = {**book.accelerator_per_hour, "cpu": get_settings().billing.cpu_replica_micro_usd_per_hour}
         book = replace(book, accelerator_per_hour=rates)
     return book.deployment(accelerator, milliseconds)
 

@@ -255,8 +255,8 @@ class _Collector(Collector):
             status.add_metric([*values, g.status], 1)
             in_flight.add_metric(values, g.in_flight)
             waiting.add_metric(values, g.waiting)
-            t = totals.get(g.deployment_id)
-            seconds.add_metric(values, t.replica_seconds if t else 0.0)
-            if t and t.cold_starts:
-                cold.add_metric(values, t.cold_starts[-1]["seconds"])
+            kept = totals.get(g.deployment_id)
+            seconds.add_metric(values, kept.replica_seconds if kept else 0.0)
+            if kept and kept.cold_starts:
+                cold.add_metric(values, kept.cold_starts[-1]["seconds"])
         yield from (replicas, status, in_flight, waiting, seconds, cold)

@@ -19,7 +19,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -48,7 +48,7 @@ from functions.deployments.status import (
     settle,
     transition,
 )
-from functions.engine.protocol import AdapterRef, Delta, GenerationRequest
+from functions.engine.protocol import AdapterRef, Delta, Engine, GenerationRequest
 from functions.prompts import encode_text
 
 log = logging.getLogger(__name__)
@@ -63,13 +63,17 @@ class DeploymentRuntime:
         self.settings = get_settings()
         self.clock = clock
         self.fleet = Fleet()
-        self.metrics = DeploymentMetrics(self.settings.deployment_metrics_interval)
+        self.metrics = DeploymentMetrics(self.settings.deployments.deployment_metrics_interval)
         self.log_dir = self.settings.data_dir / "deployments"
         self.prewarm = Prewarm(self.log_dir / "spares")
         self.lifecycle = Lifecycle(self.fleet, self.settings, clock, self.metrics, self.prewarm, self.log_dir)
         self.sampler = Sampler(self.fleet, self.metrics)
         self.leasing = Leasing(
-            self.fleet, self.metrics, clock, self.settings.deployment_wake_timeout, self.settings.adapter_cache_size
+            self.fleet,
+            self.metrics,
+            clock,
+            self.settings.deployments.deployment_wake_timeout,
+            self.settings.engine.adapter_cache_size,
         )
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self.metrics.collector(self.gauges))
@@ -106,7 +110,7 @@ class DeploymentRuntime:
         self.fleet.wake.set()
 
     def _run(self) -> None:
-        tick = self.settings.deployment_tick_seconds
+        tick = self.settings.deployments.deployment_tick_seconds
         while not self._stopping.is_set():
             try:
                 self._tick()
@@ -143,7 +147,7 @@ class DeploymentRuntime:
                 self._reconcile(live, now, effects)
         for effect in effects:  # database writes, outside the lock the requests take
             effect()
-        meter_due(self.fleet, now, self.settings.deployment_metering_seconds)
+        meter_due(self.fleet, now, self.settings.deployments.deployment_metering_seconds)
         self.sampler.sample(max(0.0, now - self._last_tick))
         self._keep_spare()
         self.lifecycle.poll_health(now)
@@ -268,7 +272,7 @@ class DeploymentRuntime:
 
     def _keep_spare(self) -> None:
         """One pre-warmed interpreter while some deployment may need a replica (prewarm.py)."""
-        if not self.settings.deployment_prewarm:
+        if not self.settings.deployments.deployment_prewarm:
             return
         with self.fleet.lock:
             wanted = any(
@@ -295,7 +299,7 @@ class DeploymentRuntime:
         return snapshot.replica_pids(self.fleet, deployment_id)
 
 
-class DeploymentEngine:
+class DeploymentEngine(Engine):
     """The Engine protocol over a deployment's replicas, so the OpenAI-compatible handlers serve deployments
     exactly as they serve shared endpoints: `generate` leases a replica (waking the deployment if it is in
     Standby), streams from it, and gives it back."""
@@ -317,7 +321,10 @@ class DeploymentEngine:
         """Always: its replicas' health is the runtime's to watch, and it replaces one that is not healthy."""
         return True, ""
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+    def close(self) -> None:
+        """Nothing to stop: the runtime owns the replicas; this object lives for one request."""
+
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]:
         began = time.monotonic()
         lease = await self.runtime.acquire(self.deployment_id, request.adapter, self.adapter_name)
         assert lease.replica.engine is not None

@@ -23,29 +23,29 @@ def engine_config(settings: Settings) -> "EngineConfig":
     from functions.engine.native import EngineConfig
 
     return EngineConfig(
-        dtype=settings.engine_dtype,
-        adapter_slots=settings.adapter_cache_size,
-        max_lora_rank=settings.max_lora_rank,
-        kv_cache_bytes=settings.kv_cache_mb * 1024 * 1024,
-        max_batch=settings.max_batch_size,
-        max_waiting=settings.max_queued_requests,
-        prefill_chunk=settings.prefill_chunk_tokens,
-        stall_seconds=settings.engine_stall_seconds,
+        dtype=settings.engine.engine_dtype,
+        adapter_slots=settings.engine.adapter_cache_size,
+        max_lora_rank=settings.engine.max_lora_rank,
+        kv_cache_bytes=settings.engine.kv_cache_mb * 1024 * 1024,
+        max_batch=settings.engine.max_batch_size,
+        max_waiting=settings.engine.max_queued_requests,
+        prefill_chunk=settings.engine.prefill_chunk_tokens,
+        stall_seconds=settings.engine.engine_stall_seconds,
     )
 
 
 def create_engine(base_model: str, model_dir: Path | None = None, background: bool = True) -> Engine:
     """An engine in this process, of the configured kind."""
     settings = get_settings()
-    if settings.engine == "vllm":
+    if settings.engine.kind == "vllm":
         from functions.base_models import ensure_local
         from functions.engine.vllm_engine import VLLMEngine
 
         return VLLMEngine(
             base_model,
             model_dir or ensure_local(base_model),
-            max_loras=settings.adapter_cache_size,
-            max_lora_rank=settings.max_lora_rank,
+            max_loras=settings.engine.adapter_cache_size,
+            max_lora_rank=settings.engine.max_lora_rank,
         )
     from functions.engine.native import NativeEngine
 
@@ -62,7 +62,7 @@ def get_engine(base_model: str, model_dir: Path | None = None) -> Engine:
     with _lock:
         engine = _engines.get(key)
         if engine is None or not engine.alive():  # a dead engine process is replaced
-            if get_settings().engine_process:
+            if get_settings().engine.engine_process:
                 from functions.engine.remote import RemoteEngine
 
                 engine = RemoteEngine.start(base_model, model_dir)

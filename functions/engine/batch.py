@@ -55,13 +55,13 @@ class Seq:
         params = self.request.params
         total = min(len(self.prompt_ids) + params.max_new_tokens, context_length)
         rooms = [kv.allocate(total) for _ in range(params.num_beams)]
-        if any(room is None for room in rooms):
-            for room in rooms:
-                if room is not None:
-                    kv.release(room[0])
+        allocated = [room for room in rooms if room is not None]
+        if len(allocated) < len(rooms):
+            for blocks, _ in allocated:
+                kv.release(blocks)
             return False
-        self.blocks = [block for room in rooms for block in room[0]]  # type: ignore[index]
-        self.beam_slots = [room[1] for room in rooms]  # type: ignore[index]
+        self.blocks = [block for blocks, _ in allocated for block in blocks]
+        self.beam_slots = [slots for _, slots in allocated]
         if params.num_beams > 1:
             self.beam = BeamSearch(params.num_beams, eos, params.max_new_tokens, params.min_new_tokens)
         self.tokens = list(self.prompt_ids)

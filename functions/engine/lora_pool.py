@@ -242,9 +242,9 @@ class LoraPool:
             for j, (b_pool, (lo, hi)) in enumerate(zip(b_pools, columns, strict=True)):
                 lora = h[:, j * r : (j + 1) * r] @ b_pool[slot].T
                 if self.dora[slot] and g_pool is not None:  # PEFT's DoRA: (g - 1) * base + g * lora * scaling
-                    g = g_pool[slot, lo:hi]
+                    mag = g_pool[slot, lo:hi]
                     base = y[start:end, lo:hi].to(self.dtype)
-                    y[start:end, lo:hi] += ((g - 1) * base + g * lora * self.scales[slot]).to(y.dtype)
+                    y[start:end, lo:hi] += ((mag - 1) * base + mag * lora * self.scales[slot]).to(y.dtype)
                 else:
                     y[start:end, lo:hi] += (lora * self.scales[slot]).to(y.dtype)
         for band in segments.bands:

@@ -13,7 +13,7 @@ import asyncio
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,7 +153,7 @@ class NativeEngine(Engine):
             return False, f"no progress for {stalled:.0f} s with {queued} requests in the engine"
         return True, ""
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]:
         seq = self._prepare(request)
         loop = asyncio.get_running_loop()
         items: asyncio.Queue[tuple] = asyncio.Queue()

@@ -12,7 +12,7 @@ maps the kind to its status (web/errors.py).
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar
@@ -166,7 +166,7 @@ class Engine(Protocol):
 
     def count_tokens(self, text: str) -> int: ...
 
-    def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+    def generate(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]:
         """Validates the request before the first delta (EngineError, EngineBusy) and then streams."""
         ...
 

@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +77,7 @@ class RemoteEngine(Engine):
         port = _free_port()
         process = start_engine_process(base_model, model_dir, port)
         url = f"http://127.0.0.1:{port}"
-        health = wait_healthy(url, process, get_settings().engine_start_timeout)
+        health = wait_healthy(url, process, get_settings().engine.engine_start_timeout)
         engine = cls(base_model, url, int(health["context_length"]), model_dir)
         engine.process = process
         return engine
@@ -90,7 +90,7 @@ class RemoteEngine(Engine):
         within a poll interval (at least 1 s) is unhealthy too."""
         if self.process is not None and self.process.poll() is not None:
             return False, f"the engine process exited with code {self.process.returncode}"
-        timeout = max(1.0, get_settings().engine_health_interval)
+        timeout = max(1.0, get_settings().engine.engine_health_interval)
         try:
             response = httpx.get(f"{self.url}/health", timeout=timeout)
         except httpx.HTTPError as exc:
@@ -109,7 +109,7 @@ class RemoteEngine(Engine):
     def stats(self) -> dict:
         return httpx.get(f"{self.url}/health", timeout=5).json()
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]:
         client = self._client_for_loop()
         try:
             async with client.stream("POST", "/generate", json=request_to_dict(request)) as response:

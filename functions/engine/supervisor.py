@@ -54,7 +54,7 @@ class _Watched:
 
 class EngineSupervisor:
     def __init__(self, interval: float | None = None) -> None:
-        self.interval = interval or get_settings().engine_health_interval
+        self.interval = interval or get_settings().engine.engine_health_interval
         self._watched: dict[str, _Watched] = {}
         self._lock = threading.Lock()  # guards _watched against status() from request threads
         self._stopping = threading.Event()

@@ -13,9 +13,9 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from functions.adapter_check import Unservable, served_config
 from functions.catalog import get_model, linear_modules
@@ -60,11 +60,11 @@ class VLLMEngine(Engine):
         self._scheduler: dict[str, Any] = {}  # the latest scheduler figures vLLM reported (see _stats_logger)
         args = AsyncEngineArgs(
             model=str(model_dir),
-            dtype=dtype,  # type: ignore[arg-type]
+            dtype=dtype,
             max_model_len=self.context_length,
             enable_lora=True,
             max_loras=max_loras,
-            max_lora_rank=max_lora_rank,  # type: ignore[arg-type]
+            max_lora_rank=max_lora_rank,
             max_cpu_loras=max_cpu_loras,
             kv_cache_memory_bytes=int(kv_cache_gib * GiB),
             # No periodic log lines; our stat logger below still turns per-request metrics (queue time) on.
@@ -96,7 +96,7 @@ class VLLMEngine(Engine):
             **self.counters,
         }
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]:
         from vllm.exceptions import GracefulHTTPError, VLLMClientError
         from vllm.inputs import tokens_input
         from vllm.v1.engine.exceptions import EngineDeadError
@@ -232,7 +232,9 @@ class VLLMEngine(Engine):
         return result
 
     def _token_text(self, token_id: int, logprob: Any) -> str:
-        return logprob.decoded_token if logprob.decoded_token is not None else self.tokenizer.decode([token_id])
+        if logprob.decoded_token is not None:
+            return logprob.decoded_token
+        return cast(str, self.tokenizer.decode([token_id]))  # one sequence of ids decodes to one string
 
 
 def _context_length(base_model: str, model_dir: Path) -> int:

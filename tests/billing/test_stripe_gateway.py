@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import stripe
 
-from app.settings import Settings
+from app.settings import BillingSettings
 from billing.stripe_gateway import StripeGateway, StripeUnavailable, meter_identifier
 from fake_stripe_billing import API_KEY, METER_EVENT_NAME, FakeStripeBilling, localstripe_get
 
@@ -38,8 +38,8 @@ def gateway(localstripe: str, fake: FakeStripeBilling, http: RecordingClient) ->
 
 
 def test_from_settings_needs_a_key() -> None:
-    assert StripeGateway.from_settings(Settings(stripe_api_key=None)) is None
-    gateway = StripeGateway.from_settings(Settings(stripe_api_key="sk_test_1", stripe_meter_event_name="m"))
+    assert StripeGateway.from_settings(BillingSettings(stripe_api_key=None)) is None
+    gateway = StripeGateway.from_settings(BillingSettings(stripe_api_key="sk_test_1", stripe_meter_event_name="m"))
     assert gateway is not None and gateway.meter_event_name == "m"
 
 

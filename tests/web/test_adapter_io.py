@@ -559,7 +559,7 @@ def test_unpacked_size_is_capped(
     from app.settings import get_settings
 
     limit = 256 * 1024
-    monkeypatch.setattr(get_settings(), "max_upload_bytes", limit)
+    monkeypatch.setattr(get_settings().limits, "max_upload_bytes", limit)
     bomb = [*peft_files(lora_dir), ("padding.txt", bytes(4 * limit))]
     for data, filename in ((zip_bytes(bomb), "a.zip"), (tar_gz(bomb), "a.tar.gz")):
         assert len(data) < limit  # the upload itself is small

@@ -309,7 +309,7 @@ def test_file_over_the_limit(
 ) -> None:
     monkeypatch.setenv("LORAPLEX_MAX_UPLOAD_BYTES", "100")
     get_settings.cache_clear()
-    assert get_settings().max_upload_bytes == 100
+    assert get_settings().limits.max_upload_bytes == 100
     err = error_of(upload(client, alice, "big.jsonl", jsonl(PC_ROWS)), 413)
     assert (err["type"], err["param"], err["code"]) == ("invalid_request_error", "file", "file_too_large")
     assert "100 bytes" in err["message"]

@@ -181,7 +181,7 @@ def test_preloading_an_adapter_above_the_served_rank_is_refused(
 
     adapter = import_adapter(client, alice, "greeter", lora_files(tiny_model_dir, tmp_path))  # rank 4
     assert client.post("/v1/deployments", headers=alice, json=BASE | {"name": "plain"}).status_code == 201
-    monkeypatch.setattr(get_settings(), "max_lora_rank", 2)
+    monkeypatch.setattr(get_settings().engine, "max_lora_rank", 2)
     for r in (
         client.post("/v1/deployments", headers=alice, json=BASE | {"preloaded_adapters": ["greeter"]}),
         client.patch("/v1/deployments/plain", headers=alice, json={"preloaded_adapters": [adapter]}),

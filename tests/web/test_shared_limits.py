@@ -20,8 +20,9 @@ BODY = {"model": TINY_MODEL, "messages": [{"role": "user", "content": "Say hi"}]
 def limits(monkeypatch: pytest.MonkeyPatch, **values: Any) -> None:
     from app.settings import get_settings
 
-    for key, value in values.items():
-        monkeypatch.setenv(f"LORAPLEX_SHARED_{key.upper()}", str(value))
+    for key, value in values.items():  # the token limits are the free tier's allowance
+        group = "FREE" if key.startswith("tokens_") else "SHARED"
+        monkeypatch.setenv(f"LORAPLEX_{group}_{key.upper()}", str(value))
     get_settings.cache_clear()
 
 

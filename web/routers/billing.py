@@ -1,8 +1,9 @@
 """/v1/billing: balance, credits with expiry, usage this month by category, statements, Checkout and portal."""
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 from fastapi import APIRouter
 from pydantic import BaseModel, field_validator
@@ -15,6 +16,10 @@ from web.deps import CurrentTenant, Db
 from web.errors import APIError
 from web.schemas import Money
 
+if TYPE_CHECKING:
+    from billing.stripe_gateway import StripeGateway  # imported on use: it imports the stripe SDK
+
+T = TypeVar("T")
 router = APIRouter(prefix="/v1/billing", tags=["billing"])
 TOPUP_MIN_USD, TOPUP_MAX_USD = Decimal(5), Decimal(10_000)
 
@@ -64,6 +69,7 @@ class CheckoutIn(BaseModel):
             amount = Decimal(str(value))
         except InvalidOperation:
             raise ValueError(f"not a number: {value!r}") from None
+        # A finite Decimal's exponent is an int (typeshed also allows the 'n'/'N'/'F' of NaN and infinities)
         if not amount.is_finite() or amount.as_tuple().exponent < -2:  # type: ignore[operator]
             raise ValueError("dollars with at most two decimals, e.g. '25.50'")
         if not TOPUP_MIN_USD <= amount <= TOPUP_MAX_USD:
@@ -142,7 +148,7 @@ def checkout(body: CheckoutIn, tenant: CurrentTenant) -> UrlOut:
         raise APIError(422, "amount_usd: required for a top-up", param="amount_usd", code="invalid_value")
     gateway, customer_id = _stripe(tenant)
     amount = int(Decimal(body.amount_usd) * MICRO_USD_PER_USD) if body.amount_usd else None
-    base = get_settings().public_url
+    base = get_settings().billing.public_url
     url = _call(
         lambda: gateway.checkout_session(
             customer_id,
@@ -160,7 +166,9 @@ def checkout(body: CheckoutIn, tenant: CurrentTenant) -> UrlOut:
 def portal(tenant: CurrentTenant) -> UrlOut:
     """A Stripe customer-portal link: cards, invoices, receipts."""
     gateway, customer_id = _stripe(tenant)
-    return UrlOut(url=_call(lambda: gateway.portal_session(customer_id, f"{get_settings().public_url}/billing")))
+    return UrlOut(
+        url=_call(lambda: gateway.portal_session(customer_id, f"{get_settings().billing.public_url}/billing"))
+    )
 
 
 def _account(db: Db, tenant: Tenant) -> BillingAccount:
@@ -172,7 +180,7 @@ def _account(db: Db, tenant: Tenant) -> BillingAccount:
     return account
 
 
-def _stripe(tenant: Tenant):  # type: ignore[no-untyped-def]
+def _stripe(tenant: Tenant) -> tuple["StripeGateway", str]:
     from billing.outbox import ensure_stripe_customer
     from billing.stripe_gateway import StripeGateway
 
@@ -182,7 +190,7 @@ def _stripe(tenant: Tenant):  # type: ignore[no-untyped-def]
     return gateway, _call(lambda: ensure_stripe_customer(gateway, tenant.id))
 
 
-def _call(fn):  # type: ignore[no-untyped-def]
+def _call(fn: Callable[[], T]) -> T:
     """Stripe down: 503, try again. Stripe refusing the call (a customer deleted there, no portal configured): 502
     with Stripe's reason, since nothing in the request was wrong."""
     import stripe

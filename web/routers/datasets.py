@@ -51,7 +51,7 @@ async def upload_dataset(
     db.flush()  # assigns the id used in the file name
     path = volume.dataset_path(tenant.id, dataset.id, file_format)
     with volume.atomic_file(path) as tmp:
-        dataset.size_bytes = await _save_limited(file, tmp, get_settings().max_upload_bytes)
+        dataset.size_bytes = await _save_limited(file, tmp, get_settings().limits.max_upload_bytes)
     try:
         emit(db, "dataset.uploaded", dataset.id)
         db.commit()
@@ -119,7 +119,7 @@ async def _save_limited(file: UploadFile, target: Path, limit: int) -> int:
 
 async def _wait_for_validation(db: Db, dataset: Dataset) -> JSONResponse | DatasetOut:
     """Poll the row the worker updates. An invalid upload is removed whole and answered with its errors."""
-    deadline = time.monotonic() + get_settings().upload_wait_seconds
+    deadline = time.monotonic() + get_settings().limits.upload_wait_seconds
     while dataset.status == "validating" and time.monotonic() < deadline:
         await asyncio.sleep(POLL_SECONDS)
         db.rollback()  # end the read transaction so the next read sees the worker's commit

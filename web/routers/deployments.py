@@ -37,7 +37,7 @@ router = APIRouter(prefix="/v1/deployments", tags=["deployments"])
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=DeploymentOut)
 def create_deployment(config: DeploymentConfig, tenant: CurrentTenant, db: Db, runtime: Runtime) -> DeploymentOut:
     check_platform(db, tenant.id, config.accelerator, config.max_replicas)
-    if find(db, tenant.id, config.name, missing_ok=True) is not None:
+    if _named(db, tenant.id, config.name) is not None:
         raise Conflict(f"name: a deployment named {config.name!r} exists", field="name", code="name_taken")
     adapters = check_references(db, tenant.id, config.base_model, config.preloaded_adapters)
     deployment = Deployment(
@@ -176,17 +176,21 @@ def metrics(
 # ---- helpers -----------------------------------------------------------------------------------------------
 
 
-def find(db: Session, tenant_id: str, name: str, missing_ok: bool = False) -> Deployment:
+def find(db: Session, tenant_id: str, name: str) -> Deployment:
     """The tenant's deployment of that name that is not Deleted (another tenant's reads as missing)."""
-    deployment = db.scalar(
+    deployment = _named(db, tenant_id, name)
+    if deployment is None:
+        raise NotFound(f"The deployment '{name}' does not exist", field="name", code="deployment_not_found")
+    return deployment
+
+
+def _named(db: Session, tenant_id: str, name: str) -> Deployment | None:
+    return db.scalar(
         select(Deployment)
         .where(Deployment.tenant_id == tenant_id, Deployment.name == name, Deployment.status != DELETED)
         .order_by(Deployment.created_at.desc())
         .limit(1)
     )
-    if deployment is None and not missing_ok:
-        raise NotFound(f"The deployment '{name}' does not exist", field="name", code="deployment_not_found")
-    return deployment  # type: ignore[return-value]
 
 
 def _not_deleting(deployment: Deployment) -> None:

@@ -71,7 +71,7 @@ def import_version(
             param="files" if archive is None else "archive",
             code="invalid_value",
         )
-    limit = get_settings().max_upload_bytes
+    limit = get_settings().limits.max_upload_bytes
     # The upload is unpacked and checked outside the volume; only a checked adapter is published onto it. A refusal
     # (AdapterRejected, UploadTooLarge) reaches the API's error handler as it is.
     with tempfile.TemporaryDirectory(prefix="loraplex-import-") as work:

@@ -43,7 +43,7 @@ def stripe_webhook(
     payload: Annotated[bytes, Depends(_raw_body)],
     stripe_signature: Annotated[str | None, Header()] = None,
 ) -> dict[str, Any]:
-    secret = get_settings().stripe_webhook_secret
+    secret = get_settings().billing.stripe_webhook_secret
     if secret is None or not secret.get_secret_value():
         raise APIError(
             503,
