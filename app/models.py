@@ -80,7 +80,7 @@ class Repo(Base):
     name: Mapped[str] = mapped_column(String(100))
     description: Mapped[str] = mapped_column(Text, default="")
     # The last version number handed out (to an import, or to a job when it starts training). Bumped with one
-    # UPDATE, so the repo row is what serializes concurrent publishers and jobs (functions/adapter_io.py).
+    # UPDATE, so the repo row is what serializes concurrent publishers and jobs (functions/repos.py).
     last_version: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     versions: Mapped[list["AdapterVersion"]] = relationship(back_populates="repo", order_by="AdapterVersion.version")

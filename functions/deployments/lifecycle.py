@@ -12,10 +12,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from app.db import session_scope
-from app.models import Deployment, utcnow
+from app.models import utcnow
 from app.settings import Settings
 from functions import repos
-from functions.deployments.live import Effects, Fleet, Live
+from functions.deployments.live import Effects, Fleet, Live, set_columns
 from functions.deployments.metering import meter
 from functions.deployments.metrics import DeploymentMetrics
 from functions.deployments.prewarm import Prewarm
@@ -122,15 +122,7 @@ class Lifecycle:
         live.hint = (
             f"replica {r.id} ready: cold start {seconds:.1f} s ({'pre-warmed' if r.prewarmed else 'new'} process)"
         )
-        ms = int(seconds * 1000)
-
-        def write() -> None:
-            with session_scope() as s:
-                row = s.get(Deployment, live.id)
-                if row is not None:
-                    row.cold_start_ms = ms
-
-        effects.append(write)
+        set_columns(effects, live.id, cold_start_ms=int(seconds * 1000))
 
     # ---- stopping ---------------------------------------------------------------------------------------
 

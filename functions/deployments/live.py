@@ -9,11 +9,27 @@ run after it is released (requests take the same lock).
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
+from app.db import session_scope
+from app.models import Deployment
 from functions.deployments.autoscaler import ScalerMemory, ScalingConfig
 from functions.deployments.replica import Replica
 
 Effects = list[Callable[[], None]]  # database writes, run outside the lock in the order queued
+
+
+def set_columns(effects: Effects, deployment_id: str, **values: Any) -> None:
+    """Queue a write of some columns of the deployment's row (skipped if the row is gone)."""
+
+    def write() -> None:
+        with session_scope() as s:
+            row = s.get(Deployment, deployment_id)
+            if row is not None:
+                for column, value in values.items():
+                    setattr(row, column, value)
+
+    effects.append(write)
 
 
 @dataclass(eq=False)

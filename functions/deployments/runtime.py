@@ -32,7 +32,7 @@ from functions.deployments import snapshot
 from functions.deployments.autoscaler import ReplicaView, ScalerMemory, ScalingConfig, decide
 from functions.deployments.leases import Lease, Leasing
 from functions.deployments.lifecycle import Lifecycle, drain, drain_order
-from functions.deployments.live import Effects, Fleet, Live
+from functions.deployments.live import Effects, Fleet, Live, set_columns
 from functions.deployments.metering import meter_due
 from functions.deployments.metrics import DeploymentMetrics, Gauges
 from functions.deployments.prewarm import Prewarm
@@ -261,14 +261,7 @@ class DeploymentRuntime:
         if count == live.replicas_written:
             return
         live.replicas_written = count
-
-        def write() -> None:
-            with session_scope() as s:
-                row = s.get(Deployment, live.id)
-                if row is not None:
-                    row.replicas = count
-
-        effects.append(write)
+        set_columns(effects, live.id, replicas=count)
 
     def _keep_spare(self) -> None:
         """One pre-warmed interpreter while some deployment may need a replica (prewarm.py)."""

@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from sqlalchemy.orm import Session
 
-from app.models import Deployment
+from app.models import Deployment, Tenant
 from functions.base_models import load_tokenizer
 from functions.catalog import get_model
 from functions.deployments.rules import serving_refusal
@@ -30,16 +30,26 @@ router = APIRouter(prefix="/v1/deployments", tags=["deployments"])
 async def chat_completions(
     name: str, body: ChatCompletionRequest, tenant: CurrentTenant, db: Db, request: Request, runtime: Runtime
 ) -> Any:
-    deployment = _serving(db, tenant.id, name)
-    target = deployment_target(db, tenant.id, deployment.name, deployment.base_model, body.model)
-    engine = await _engine(runtime, deployment, target)
-    return await respond(body, target, engine, tenant, request, metered=False)
+    return await _answer(name, body, tenant, db, request, runtime)
 
 
 @router.post("/{name}/completions", response_model=None)
 async def completions(
     name: str, body: CompletionRequest, tenant: CurrentTenant, db: Db, request: Request, runtime: Runtime
 ) -> Any:
+    return await _answer(name, body, tenant, db, request, runtime)
+
+
+async def _answer(
+    name: str,
+    body: ChatCompletionRequest | CompletionRequest,
+    tenant: Tenant,
+    db: Session,
+    request: Request,
+    runtime: DeploymentRuntime,
+) -> Any:
+    """Refuse what the deployment cannot serve, resolve `model` on it, and answer through one of its replicas
+    (not metered per token: its replicas are billed by the second)."""
     deployment = _serving(db, tenant.id, name)
     target = deployment_target(db, tenant.id, deployment.name, deployment.base_model, body.model)
     engine = await _engine(runtime, deployment, target)
