@@ -320,3 +320,28 @@ class DeploymentTransition(Base):
     reason: Mapped[str] = mapped_column(Text, default="")
     replicas: Mapped[int | None] = mapped_column(Integer, default=None)  # replicas wanted after it (scaling)
     at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ReplicaRecord(Base):
+    """One replica of a private deployment, as every API process sees it: a local engine process (started by the
+    API process that holds the deployment runtime's lease) or a Modal container (which writes its own row when it
+    starts, becomes ready and stops). Its time up is billed from these rows (`metered_until`), so a replica whose
+    holder died is still billed for the time it ran, and never twice."""
+
+    __tablename__ = "replicas"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("rep"))
+    deployment_id: Mapped[str] = mapped_column(ForeignKey("deployments.id", ondelete="CASCADE"), index=True)
+    runtime: Mapped[str] = mapped_column(String(10))  # local | modal
+    accelerator: Mapped[str] = mapped_column(String(30))  # what it runs on, as priced: cpu | a10g | l40s | ...
+    config_version: Mapped[int] = mapped_column(Integer)  # the deployment's config it serves
+    state: Mapped[str] = mapped_column(String(12), default="starting")  # starting | ready | draining | stopped | failed
+    url: Mapped[str | None] = mapped_column(String(200), default=None)  # a local engine server's address
+    process: Mapped[str | None] = mapped_column(String(100), default=None)  # "host:pid", or Modal's container id
+    holder: Mapped[str | None] = mapped_column(String(100), default=None)  # the API process that runs it ("host:pid")
+    in_flight: Mapped[int] = mapped_column(Integer, default=0)  # requests it serves now, as last reported
+    reason: Mapped[str] = mapped_column(Text, default="")  # why it stopped or failed
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    ready_at: Mapped[datetime | None] = mapped_column(default=None)
+    stopped_at: Mapped[datetime | None] = mapped_column(default=None)
+    heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)  # its last report: a silent replica is gone
+    metered_until: Mapped[datetime | None] = mapped_column(default=None)  # its time up to here is in the ledger
