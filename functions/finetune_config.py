@@ -5,6 +5,8 @@ from typing import Literal
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from app.names import NAME, VERSION_REF
+from app.settings import get_settings
+from functions import accelerators
 from functions.catalog import get_model, linear_modules
 
 # Fields that shape a LoRA adapter: meaningless for full fine-tuning, inherited when continuing an adapter.
@@ -74,6 +76,12 @@ class FinetuneConfig(BaseModel):
         description="Start from the weights of one of your versions ('repo/3') or checkpoints ('repo/3@2') of the "
         "same base model instead of from the base model; its LoRA settings carry over.",
     )
+    accelerator: str | None = Field(
+        default=None,
+        description="GPU to train on, on the Modal runtime: a10g, l40s, a100-80gb or h100; if unset, the first GPU "
+        "of the model's size tier (a10g up to 16B parameters, a100-80gb above) that holds the job. The local runtime "
+        "trains on its own device: leave it unset there.",
+    )
 
     @field_validator("repo")
     @classmethod
@@ -105,6 +113,23 @@ class FinetuneConfig(BaseModel):
             raise ValueError(f"expected 'repo/N' (a version) or 'repo/N@K' (one of its checkpoints), got {value!r}")
         return value
 
+    @field_validator("accelerator")
+    @classmethod
+    def _accelerator(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        value = value.lower()
+        if value not in accelerators.GPUS:
+            raise ValueError(
+                f"unknown accelerator {value!r}; one of {', '.join(accelerators.GPUS)} (or leave it unset)"
+            )
+        if get_settings().runtime != "modal":
+            raise ValueError(
+                f"{value!r} is a GPU of the Modal runtime (LORAPLEX_RUNTIME=modal); this local runtime trains on its "
+                "own device: leave accelerator unset"
+            )
+        return value
+
     @model_validator(mode="after")
     def _fits_model(self) -> "FinetuneConfig":
         try:
@@ -129,6 +154,19 @@ class FinetuneConfig(BaseModel):
                 raise ValueError(
                     f"{lora_only[0]}: applies to LoRA adapters only; adapter 'none' trains every weight of the model"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _fits_gpu(self) -> "FinetuneConfig":
+        """On the Modal runtime the job trains on one GPU: the one it names must hold it, and without one some GPU
+        must (a job refused here is never queued nor charged)."""
+        if get_settings().runtime != "modal":
+            return self
+        need = accelerators.training_need(self.base_model, self.kind)
+        if self.accelerator is not None and not accelerators.fits(need, self.accelerator):
+            raise ValueError(f"accelerator: {accelerators.misfit(need, self.accelerator)}")
+        if accelerators.training_gpu(self.base_model, self.kind, self.accelerator) is None:
+            raise ValueError(f"base_model: {accelerators.misfit(need)}")
         return self
 
     def stored(self) -> dict:

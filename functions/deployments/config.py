@@ -2,9 +2,10 @@
 
 Checks that need no database (ranges, min <= max, a known base model, accelerator and engine) are pydantic
 validators; those of an update against the deployment it changes are `check_update`; those that need the
-database are `check_platform` (the replica limit, an accelerator the tenant's plan prices and this runtime runs)
-and `check_references` (preloaded adapters are the tenant's, of the same base model and of a rank the engines
-serve). Every error names the field at fault; the last three raise domain refusals (app/errors.py).
+database are `check_platform` (the replica limit, an accelerator the tenant's plan prices and this runtime runs,
+a GPU whose memory holds the model: functions/accelerators.py) and `check_references` (preloaded adapters are the
+tenant's, of the same base model and of a rank the engines serve). Every error names the field at fault; the last
+three raise domain refusals (app/errors.py).
 """
 
 from typing import Any
@@ -17,7 +18,7 @@ from app.models import Deployment
 from app.names import DEPLOYMENT_NAME
 from app.settings import get_settings
 from billing.prices import PriceError
-from functions import adapter_check, repos
+from functions import accelerators, adapter_check, repos
 from functions.catalog import get_model
 from functions.deployments.metering import HOUR_MS, replica_price
 
@@ -154,7 +155,7 @@ def check_update(session: Session, tenant_id: str, deployment: Deployment, updat
     except ValueError as exc:
         field = "min_replicas" if "min_replicas" in fields else "max_replicas"
         raise Invalid(str(exc), field=field, code="invalid_value") from None
-    check_platform(session, tenant_id, merged["accelerator"], merged["max_replicas"])
+    check_platform(session, tenant_id, merged["accelerator"], merged["max_replicas"], base_model=deployment.base_model)
     if "preloaded_adapters" in fields:
         fields["preloaded_adapters"] = check_references(
             session, tenant_id, deployment.base_model, fields["preloaded_adapters"]
@@ -162,9 +163,10 @@ def check_update(session: Session, tenant_id: str, deployment: Deployment, updat
     return fields
 
 
-def check_platform(session: Session, tenant_id: str, accelerator: str, max_replicas: int) -> None:
+def check_platform(session: Session, tenant_id: str, accelerator: str, max_replicas: int, *, base_model: str) -> None:
     """What this platform offers the tenant: at most LORAPLEX_DEPLOYMENT_MAX_REPLICAS replicas, an accelerator
-    the tenant's plan has a price for, and on the local runtime only the accelerators it runs."""
+    the tenant's plan has a price for, on the local runtime only the accelerators it runs, and a GPU whose memory
+    holds `base_model` (a replica that cannot load it would fail to start, and be billed while it tried)."""
     settings = get_settings()
     limit = settings.deployments.deployment_max_replicas
     if max_replicas > limit:
@@ -188,6 +190,12 @@ def check_platform(session: Session, tenant_id: str, accelerator: str, max_repli
             field="accelerator",
             code="invalid_value",
         )
+    if accelerator in accelerators.GPUS:
+        need = accelerators.serving_need(base_model)
+        if not accelerators.fits(need, accelerator):
+            raise Invalid(
+                f"accelerator: {accelerators.misfit(need, accelerator)}", field="accelerator", code="invalid_value"
+            )
 
 
 def check_references(session: Session, tenant_id: str, base_model: str, adapters: list[str]) -> list[str]:

@@ -36,7 +36,7 @@ router = APIRouter(prefix="/v1/deployments", tags=["deployments"])
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=DeploymentOut)
 def create_deployment(config: DeploymentConfig, tenant: CurrentTenant, db: Db, runtime: Runtime) -> DeploymentOut:
-    check_platform(db, tenant.id, config.accelerator, config.max_replicas)
+    check_platform(db, tenant.id, config.accelerator, config.max_replicas, base_model=config.base_model)
     if _named(db, tenant.id, config.name) is not None:
         raise Conflict(f"name: a deployment named {config.name!r} exists", field="name", code="name_taken")
     adapters = check_references(db, tenant.id, config.base_model, config.preloaded_adapters)
