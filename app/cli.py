@@ -132,6 +132,17 @@ def tenant_prices(name: str, prices_json: Path = typer.Argument(..., help="Overr
     typer.echo(f"tenant {name}: enterprise prices saved")
 
 
+@app.command("modal-check")
+def modal_check(
+    stripe: bool = typer.Option(True, "--stripe/--without-stripe", help="Check the Stripe keys (billing sync)."),
+) -> None:
+    """Check a Modal set-up: the loraplex-db secret, the database (this shell's DATABASE_URL), the volume; exit 1 and
+    say what is missing if anything is (app/cli_modal.py)."""
+    from app.cli_modal import check, live_lookups, report
+
+    raise typer.Exit(report(check(live_lookups(), stripe=stripe)))
+
+
 @app.command()
 def prepare(base_model: str = "smollm2-135m") -> None:
     """Put a base model's weights on the volume (the bundled model is converted from GGUF once)."""
