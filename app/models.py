@@ -302,6 +302,7 @@ class Deployment(Base):
     config_version: Mapped[int] = mapped_column(Integer, default=1)
     replicas: Mapped[int] = mapped_column(Integer, default=0)  # replicas up, as last observed
     cold_start_ms: Mapped[int | None] = mapped_column(Integer, default=None)  # the last wake from zero
+    cold_starts: Mapped[list[Any]] = mapped_column(default=list)  # the last 20 wakes' records (seconds, breakdown)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     deleted_at: Mapped[datetime | None] = mapped_column(default=None)
@@ -345,3 +346,91 @@ class ReplicaRecord(Base):
     stopped_at: Mapped[datetime | None] = mapped_column(default=None)
     heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)  # its last report: a silent replica is gone
     metered_until: Mapped[datetime | None] = mapped_column(default=None)  # its time up to here is in the ledger
+    adapters: Mapped[list[Any]] = mapped_column(default=list)  # [[key, name], ...] it holds, least recent first
+    served: Mapped[int] = mapped_column(Integer, default=0)  # requests it took, as last reported
+
+
+class ControlLease(Base):
+    """Who runs a control loop now (one row per loop, e.g. "deployments"): the API process that holds it renews
+    `expires_at`; another takes it over once that passed (app/control_lease.py)."""
+
+    __tablename__ = "control_leases"
+    name: Mapped[str] = mapped_column(String(40), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(100))  # "host:pid"
+    acquired_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column()
+
+
+class LoadReport(Base):
+    """One API process's load on one deployment, rewritten while it changes: requests waiting for a replica,
+    requests it streams per replica, adapters it sent to each. The holder of the deployments lease adds them up
+    for the autoscaler; a report not renewed for a while is a process gone, and ignored."""
+
+    __tablename__ = "load_reports"
+    process: Mapped[str] = mapped_column(String(100), primary_key=True)  # "host:pid"
+    deployment_id: Mapped[str] = mapped_column(ForeignKey("deployments.id", ondelete="CASCADE"), primary_key=True)
+    waiting: Mapped[int] = mapped_column(Integer, default=0)
+    in_flight: Mapped[dict[str, Any]] = mapped_column(default=dict)  # replica id -> requests
+    adapters: Mapped[dict[str, Any]] = mapped_column(default=dict)  # replica id -> [[key, name], ...] sent to it
+    reported_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class DeploymentPoint(Base):
+    """A deployment's health figures over one time bucket (`period` = epoch seconds // the metrics interval; -1:
+    running totals since it was created), per adapter label ("" is the deployment's own row: replica samples).
+    Every API process adds to them with `SET x = x + n` (app/counters.py) and reads the same figures."""
+
+    __tablename__ = "deployment_points"
+    deployment_id: Mapped[str] = mapped_column(ForeignKey("deployments.id", ondelete="CASCADE"), primary_key=True)
+    adapter: Mapped[str] = mapped_column(String(200), primary_key=True)
+    period: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    requests: Mapped[int] = mapped_column(Integer, default=0)
+    errors: Mapped[int] = mapped_column(Integer, default=0)
+    generated_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    inference_ms: Mapped[float] = mapped_column(Float, default=0.0)  # summed over requests
+    queue_ms: Mapped[float] = mapped_column(Float, default=0.0)
+    samples: Mapped[int] = mapped_column(Integer, default=0)  # replica samples taken (one per runtime tick)
+    replicas_sum: Mapped[float] = mapped_column(Float, default=0.0)  # replicas up, summed over samples
+    busy_sum: Mapped[float] = mapped_column(Float, default=0.0)  # share of them serving, summed over samples
+    cpu_samples: Mapped[int] = mapped_column(Integer, default=0)
+    cpu_sum: Mapped[float] = mapped_column(Float, default=0.0)
+    replica_seconds: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+class DeploymentLatency(Base):
+    """Requests per inference-time bucket (Prometheus histogram), per deployment and adapter label, since created."""
+
+    __tablename__ = "deployment_latency"
+    deployment_id: Mapped[str] = mapped_column(ForeignKey("deployments.id", ondelete="CASCADE"), primary_key=True)
+    adapter: Mapped[str] = mapped_column(String(200), primary_key=True)
+    bucket: Mapped[int] = mapped_column(Integer, primary_key=True)  # index into INFERENCE_BUCKETS; last: +Inf
+    count: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class RateLog(Base):
+    """Requests let through under one key ("shared:<tenant id>"), by the microsecond they arrived (`at`), for a
+    per-second limit that holds across every API process (web/shared_limits.py). The row at -1 is the key's lock:
+    each check first writes it, so one key's checks run one at a time whichever process makes them."""
+
+    __tablename__ = "rate_log"
+    key: Mapped[str] = mapped_column(String(80), primary_key=True)
+    at: Mapped[int] = mapped_column(BigInteger, primary_key=True)  # epoch microseconds; -1: the lock row
+    count: Mapped[int] = mapped_column(Integer, default=0)  # requests let through at that microsecond
+
+
+class SharedEngine(Base):
+    """The shared endpoints' engine process of one base model (or full fine-tuned version) on this machine, as
+    every API process sees it: the process that started it watches it and renews `heartbeat_at`; the others
+    stream from it by `url` instead of starting their own (functions/engine/registry.py)."""
+
+    __tablename__ = "shared_engines"
+    host: Mapped[str] = mapped_column(String(100), primary_key=True)  # its machine: only that one's processes reach it
+    key: Mapped[str] = mapped_column(String(500), primary_key=True)  # the base model, or the version's directory
+    base_model: Mapped[str] = mapped_column(String(100))
+    url: Mapped[str] = mapped_column(String(200))  # "": being started (by `holder`, since `started_at`)
+    pid: Mapped[int] = mapped_column(Integer)
+    holder: Mapped[str] = mapped_column(String(100))  # the API process that started and watches it ("host:pid")
+    context_length: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -93,6 +93,12 @@ class DeploymentSettings(BaseSettings):
     )
     deployment_metrics_interval: float = Field(default=10.0, gt=0, description="Width of a time-series point, s.")
     deployment_max_replicas: int = Field(default=8, gt=0, description="Largest max_replicas a deployment may ask.")
+    deployment_lease_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="Of the API processes sharing a database, one runs the replicas: it renews its lease every half "
+        "of this, and another takes over once it has not renewed it for this long.",
+    )
     deployment_prewarm: bool = Field(
         default=True,
         description="Keep one engine interpreter with torch and transformers imported, ready to become a replica "

@@ -6,7 +6,8 @@
 The status code carries the verdict because that is what load balancers and probes read. Components: the
 database (a query), the workers `serve` runs (app/supervisor.py: expected, alive, restarts), the shared endpoints'
 engines (functions/engine/supervisor.py: each one's state, from its own /health, and restarts) and the deployment
-runtime. It is public, so it names no tenant, deployment or adapter.
+runtime (its `role`: "holder" in the one API process that runs the replicas, "follower" in the others). It is
+public, so it names no tenant, deployment or adapter.
 """
 
 from typing import Any

@@ -2,32 +2,36 @@
 month. Over one, a 429 whose message names the limit and whose Retry-After says when it lifts.
 
 Tokens are read from the ledger (prompt + generated of every shared-endpoint request), so the count survives
-restarts and is the same for every API process; the requests-per-second window is kept in this process.
+restarts and is the same for every API process. Requests per second are counted in the database too (the
+requests let through in the last second, `rate_log`), one tenant's checks one at a time whichever process makes
+them, so the limit holds across every API process.
 Enterprise tenants have no token limits (what is beyond the free allowance is priced on their own terms).
 """
 
 import math
-import threading
 import time
-from collections import defaultdict, deque
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
-from app.models import BillingAccount, Tenant, utcnow
+from app import counters
+from app.db import session_scope
+from app.models import BillingAccount, RateLog, Tenant, utcnow
 from app.settings import get_settings
 from billing import ledger
 from web.errors import APIError
 
-WINDOW_SECONDS = 1.0
+MICROS = 1_000_000  # the log's unit: microseconds
+LOCK = -1  # the `at` of a key's lock row
 
 
 class SharedLimiter:
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    """`clock`: wall-clock seconds (every API process must read the same clock: the windows are shared)."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
-        self._lock = threading.Lock()
-        self._recent: dict[str, deque[float]] = defaultdict(deque)  # tenant id -> times of its last requests
 
     def check(self, db: Session, tenant: Tenant) -> None:
         """Raise a 429 APIError when the tenant is over a limit; otherwise count this request."""
@@ -38,22 +42,27 @@ class SharedLimiter:
     def _rate(self, tenant_id: str, per_second: float) -> None:
         if per_second <= 0:
             return
-        now = self._clock()
-        allowed = max(1, math.floor(per_second * WINDOW_SECONDS))
-        with self._lock:
-            recent = self._recent[tenant_id]
-            while recent and recent[0] <= now - WINDOW_SECONDS:
-                recent.popleft()
-            if len(recent) >= allowed:
-                wait = max(1, math.ceil(recent[0] + WINDOW_SECONDS - now))
-                raise APIError(
-                    429,
-                    f"requests per second: the shared endpoints take at most {per_second:g} requests a second "
-                    f"per tenant; retry after {wait} s, or create a private deployment (POST /v1/deployments)",
-                    code="rate_limit_requests_per_second",
-                    headers={"Retry-After": str(wait)},
-                )
-            recent.append(now)
+        allowed = max(1, math.floor(per_second))
+        key = f"shared:{tenant_id}"
+        at = int(self._clock() * MICROS)
+        with session_scope() as s:  # its own transaction, committed at once: the other processes count on it
+            counters.add(s, RateLog, {"key": key, "at": LOCK}, {"count": 0})  # the key's checks: one at a time
+            recent = (RateLog.key == key, RateLog.at > at - MICROS)
+            count, oldest = s.execute(
+                select(func.coalesce(func.sum(RateLog.count), 0), func.min(RateLog.at)).where(*recent)
+            ).one()
+            if count < allowed:
+                counters.add(s, RateLog, {"key": key, "at": at}, {"count": 1})
+                s.execute(delete(RateLog).where(RateLog.key == key, RateLog.at >= 0, RateLog.at <= at - MICROS))
+        if count >= allowed:
+            wait = max(1, math.ceil((oldest + MICROS - at) / MICROS))
+            raise APIError(
+                429,
+                f"requests per second: the shared endpoints take at most {per_second:g} requests a second "
+                f"per tenant; retry after {wait} s, or create a private deployment (POST /v1/deployments)",
+                code="rate_limit_requests_per_second",
+                headers={"Retry-After": str(wait)},
+            )
 
     def _tokens(self, db: Session, tenant: Tenant, per_day: int, per_month: int) -> None:
         if per_day <= 0 and per_month <= 0:

@@ -11,11 +11,14 @@ launcher.py    a replica's process before it becomes an engine (the imports, the
 live.py        what the runtime holds of each deployment (its replicas, its status) and the lock over it
 lifecycle.py   the runtime's side of the replicas: start, take in when ready, drain, stop, reap, health polls
 leases.py      the request path: a request leases a ready replica, or waits while one starts
+records.py     the replicas and every API process's load as rows all of them see; what the API shows of them
+remote_leases.py  the request path of an API process that does not run the replicas: by their published address
+peers.py       what the runtime exchanges with the other API processes each tick (through records.py)
 metering.py    replica time on the ledger, and its price
-metrics.py     per-deployment time series and the Prometheus collector
+metrics.py     per-deployment time series and the Prometheus collector, in the database
 sampling.py    the health figures sampled once per tick (replicas busy, CPU share)
-snapshot.py    what the runtime holds, read for the API, Prometheus and the tests
-runtime.py     the manager that runs in the API process: its loop reconciles the database rows with live
-               replicas, applies the autoscaler's decisions and records transitions; DeploymentEngine serves one
-               deployment through the Engine protocol
+snapshot.py    the replicas' process ids, read under the runtime's lock (tests, operators)
+runtime.py     the manager that runs in every API process; the one holding the deployments lease
+               (app/control_lease.py) reconciles the database rows with live replicas, applies the autoscaler's
+               decisions and records transitions; DeploymentEngine serves one deployment through the Engine protocol
 """

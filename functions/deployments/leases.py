@@ -14,7 +14,7 @@ from functions.deployments.metrics import DeploymentMetrics
 from functions.deployments.replica import Replica
 from functions.deployments.routing import Candidate, pick
 from functions.deployments.rules import serving_refusal
-from functions.engine.protocol import AdapterRef, Delta
+from functions.engine.protocol import AdapterRef, Delta, Engine
 
 WAIT_POLL = 0.02  # seconds between looks of a request waiting for a replica
 
@@ -29,6 +29,11 @@ class Lease:
     replica: Replica
     waited_ms: float
     released: bool = False
+
+    @property
+    def engine(self) -> Engine:
+        assert self.replica.engine is not None  # a ready replica has its client
+        return self.replica.engine
 
     def release(self, adapter_name: str | None, last: Delta | None, ok: bool, began: float) -> None:
         if self.released:
@@ -101,7 +106,7 @@ class Leasing:
     def _take(self, live: Live, key: str | None, adapter_name: str | None, began: float) -> Lease | None:
         ready = [r for r in live.replicas if r.state == "ready"]
         chosen = pick(
-            [Candidate(r.id, r.in_flight, frozenset(r.adapters), r.order) for r in ready],
+            [Candidate(r.id, r.load, frozenset(r.adapters), r.order) for r in ready],
             key,
             live.scaling.scale_up_threshold,
         )

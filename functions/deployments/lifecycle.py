@@ -130,7 +130,7 @@ class Lifecycle:
         """Stop (on a pool thread) the draining replicas with no request left, or draining past the timeout."""
         timeout = self.settings.deployments.deployment_drain_timeout
         for r in [r for r in live.replicas if r.state == "draining"]:
-            if r.in_flight == 0 or (r.drain_since is not None and now - r.drain_since > timeout):
+            if r.load == 0 or (r.drain_since is not None and now - r.drain_since > timeout):
                 r.state = "stopping"
                 self.pool.submit(self._stop_replica, live, r)
 
@@ -208,4 +208,4 @@ def drain(r: Replica, now: float) -> None:
 
 def drain_order(replicas: list[Replica]) -> list[Replica]:
     """Which to drain first: replicas still starting (no traffic yet), then the least loaded, newest first."""
-    return sorted(replicas, key=lambda r: (r.state != "starting", r.in_flight, -r.order))
+    return sorted(replicas, key=lambda r: (r.state != "starting", r.load, -r.order))

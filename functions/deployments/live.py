@@ -50,7 +50,8 @@ class Live:
     status_reason: str
     memory: ScalerMemory
     replicas: list[Replica] = field(default_factory=list)
-    waiting: int = 0  # requests waiting for a replica
+    waiting: int = 0  # requests of this process waiting for a replica
+    remote_waiting: int = 0  # the other API processes' requests waiting, as they last reported
     wake_from: float | None = None  # when a request found no replica (the cold start's start)
     hint: str = ""  # why a status change in this tick happens
     scaled: tuple[int, str] | None = None  # an autoscaler decision that changed the replica count: (target, why)

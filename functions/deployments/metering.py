@@ -10,7 +10,7 @@ from dataclasses import replace
 from typing import Any
 
 from app.db import session_scope
-from app.models import BillingAccount
+from app.models import BillingAccount, ReplicaRecord, utcnow
 from app.settings import get_settings
 from billing import ledger
 from billing.prices import PriceError
@@ -36,7 +36,7 @@ def meter_due(fleet: Fleet, now: float, every: float) -> None:
 
 def meter(live: Live, r: Replica, until: float) -> None:
     """Write the replica's time since its last record to the ledger (replicas that never became ready are
-    not billed). Idempotent per (replica, period)."""
+    not billed). Idempotent per (replica, period); its row's `metered_until` says how far."""
     if r.ready_at is None:
         return
     ms = int((until - r.metered_at) * 1000)
@@ -50,7 +50,7 @@ def meter(live: Live, r: Replica, until: float) -> None:
             ledger.record(
                 s,
                 ledger.Usage(
-                    idempotency_key=f"replica:{r.log_path.stem}:{period}",
+                    idempotency_key=f"replica:{r.record_id}:{period}",
                     tenant_id=live.tenant_id,
                     kind="deployment",
                     technique="replica",
@@ -61,6 +61,9 @@ def meter(live: Live, r: Replica, until: float) -> None:
                     reference=live.id,
                 ),
             )
+            row = s.get(ReplicaRecord, r.record_id)
+            if row is not None:  # every process sees how far it is billed
+                row.metered_until = utcnow()
     except Exception:  # noqa: BLE001 - a failed write is retried with the next period's time
         r.metered_at, r.metered_periods = r.metered_at - ms / 1000, period
         log.exception("metering replica %s failed", r.id)

@@ -1,11 +1,15 @@
 """Per-deployment health figures: time series for the API (requests/s, generated tokens/s, inference time, queue
 duration, replicas, utilization, each also per adapter) and running totals for Prometheus.
 
-Kept in memory by the API process that runs the replicas, one point per `interval` seconds over the last hour.
-Utilization is the share of replica time with at least one request being served (what a GPU's "utilization"
-reports: the accelerator was busy), and cpu_utilization the replicas' processes' CPU time over the machine's.
+Kept in the database (`deployment_points`, `deployment_latency`, the deployment row's `cold_starts`), so every API
+process answers the same figures: each process buffers what it served (and the lease holder its replica samples)
+and adds them to the rows once per runtime tick, atomically (app/counters.py). One point per `interval` seconds
+over the last hour; the running totals (period TOTAL) are kept while the deployment is. Utilization is the share of
+replica time with at least one request being served (what a GPU's "utilization" reports: the accelerator was
+busy), and cpu_utilization the replicas' processes' CPU time over the machine's.
 """
 
+import logging
 import threading
 import time
 from collections import defaultdict
@@ -16,55 +20,56 @@ from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+from sqlalchemy import delete, select
 
+from app import counters
+from app.db import session_scope
+from app.models import Deployment, DeploymentLatency, DeploymentPoint
+
+log = logging.getLogger(__name__)
 KEEP_SECONDS = 3600.0
 BASE = "base"  # the adapter label of requests to the base model alone
+OWN = ""  # the adapter label of a deployment's own row (replica samples)
+TOTAL = -1  # the period of the running totals
 INFERENCE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)  # seconds
+REQUEST_COLUMNS = ("requests", "errors", "generated_tokens", "prompt_tokens", "inference_ms", "queue_ms")
+SAMPLE_COLUMNS = ("samples", "replicas_sum", "busy_sum", "cpu_samples", "cpu_sum", "replica_seconds")
+
+
+def _point(row: Any, interval: float) -> dict[str, Any]:
+    """A point's request figures, from a row (or a sum of rows) with the REQUEST_COLUMNS."""
+    n = max(row.requests, 1)
+    return {
+        "requests": row.requests,
+        "errors": row.errors,
+        "requests_per_second": round(row.requests / interval, 4),
+        "generated_tokens_per_second": round(row.generated_tokens / interval, 3),
+        "inference_time_ms": round(row.inference_ms / n, 1) if row.requests else None,
+        "queue_duration_ms": round(row.queue_ms / n, 1) if row.requests else None,
+    }
 
 
 @dataclass
-class _Figures:
+class _Sum:
+    """REQUEST_COLUMNS summed over rows."""
+
     requests: int = 0
     errors: int = 0
     generated_tokens: int = 0
     prompt_tokens: int = 0
-    inference_ms: float = 0.0  # summed over requests
+    inference_ms: float = 0.0
     queue_ms: float = 0.0
 
-    def add(self, tokens: int, prompt: int, inference_ms: float, queue_ms: float, ok: bool) -> None:
-        self.requests += 1
-        self.errors += 0 if ok else 1
-        self.generated_tokens += tokens
-        self.prompt_tokens += prompt
-        self.inference_ms += inference_ms
-        self.queue_ms += queue_ms
-
-    def point(self, interval: float) -> dict[str, Any]:
-        n = max(self.requests, 1)
-        return {
-            "requests": self.requests,
-            "errors": self.errors,
-            "requests_per_second": round(self.requests / interval, 4),
-            "generated_tokens_per_second": round(self.generated_tokens / interval, 3),
-            "inference_time_ms": round(self.inference_ms / n, 1) if self.requests else None,
-            "queue_duration_ms": round(self.queue_ms / n, 1) if self.requests else None,
-        }
-
-
-@dataclass
-class _Bucket:
-    figures: _Figures = field(default_factory=_Figures)
-    adapters: dict[str, _Figures] = field(default_factory=lambda: defaultdict(_Figures))
-    replica_samples: list[int] = field(default_factory=list)
-    busy_samples: list[float] = field(default_factory=list)  # per sample: busy replicas / replicas
-    cpu_samples: list[float] = field(default_factory=list)
+    def add(self, row: Any) -> None:
+        for column in REQUEST_COLUMNS:
+            setattr(self, column, getattr(self, column) + getattr(row, column))
 
 
 @dataclass
 class _Totals:
-    """Since the API process started, for Prometheus counters."""
+    """Since the deployment was created, for Prometheus counters (read from the TOTAL rows)."""
 
-    by_adapter: dict[str, _Figures] = field(default_factory=lambda: defaultdict(_Figures))
+    by_adapter: dict[str, Any] = field(default_factory=dict)  # label -> its TOTAL row
     histogram: dict[str, list[int]] = field(default_factory=dict)  # adapter -> counts per bucket (+Inf last)
     replica_seconds: float = 0.0
     cold_starts: list[dict[str, Any]] = field(default_factory=list)  # the last few
@@ -85,23 +90,22 @@ class Gauges:
 
 
 class DeploymentMetrics:
+    """This process's figures not yet added to the rows, and the reading of the rows. `clock`: wall-clock seconds
+    (the periods are shared by every process)."""
+
     def __init__(self, interval: float, clock: Any = time.time) -> None:
         self.interval = interval
         self._clock = clock
         self._lock = threading.Lock()
-        self._series: dict[str, dict[int, _Bucket]] = defaultdict(dict)
-        self._totals: dict[str, _Totals] = defaultdict(_Totals)
+        self._amounts: dict[tuple[str, str, int], dict[str, float]] = {}  # (deployment, label, period) -> column -> n
+        self._latency: dict[tuple[str, str, int], int] = defaultdict(int)  # (deployment, label, bucket) -> requests
+        self._cold_starts: list[tuple[str, dict[str, Any]]] = []
+        self._pruned_at = 0.0
 
-    def _bucket(self, deployment_id: str) -> _Bucket:
-        index = int(self._clock() // self.interval)
-        series = self._series[deployment_id]
-        bucket = series.get(index)
-        if bucket is None:
-            bucket = series[index] = _Bucket()
-            oldest = index - int(KEEP_SECONDS // self.interval)
-            for old in [i for i in series if i < oldest]:
-                del series[old]
-        return bucket
+    def _add(self, key: tuple[str, str, int], **amounts: float) -> None:
+        kept = self._amounts.setdefault(key, {})
+        for column, amount in amounts.items():
+            kept[column] = kept.get(column, 0) + amount
 
     def request(
         self,
@@ -114,75 +118,157 @@ class DeploymentMetrics:
         ok: bool,
     ) -> None:
         label = adapter or BASE
+        period = int(self._clock() // self.interval)
+        figures = {
+            "requests": 1,
+            "errors": 0 if ok else 1,
+            "generated_tokens": generated_tokens,
+            "prompt_tokens": prompt_tokens,
+            "inference_ms": inference_ms,
+            "queue_ms": queue_ms,
+        }
+        seconds = inference_ms / 1000
+        bucket = next((i for i, edge in enumerate(INFERENCE_BUCKETS) if seconds <= edge), len(INFERENCE_BUCKETS))
         with self._lock:
-            bucket = self._bucket(deployment_id)
-            for figures in (bucket.figures, bucket.adapters[label], self._totals[deployment_id].by_adapter[label]):
-                figures.add(generated_tokens, prompt_tokens, inference_ms, queue_ms, ok)
-            counts = self._totals[deployment_id].histogram.setdefault(label, [0] * (len(INFERENCE_BUCKETS) + 1))
-            seconds = inference_ms / 1000
-            index = next((i for i, edge in enumerate(INFERENCE_BUCKETS) if seconds <= edge), len(INFERENCE_BUCKETS))
-            counts[index] += 1
+            self._add((deployment_id, label, period), **figures)
+            self._add((deployment_id, label, TOTAL), **figures)
+            self._latency[(deployment_id, label, bucket)] += 1
 
     def sample(self, deployment_id: str, replicas: int, busy: int, cpu_fraction: float | None, seconds: float) -> None:
-        """One look at the replicas (every tick): how many are up, how many serve a request, their CPU."""
+        """One look at the replicas (every tick of the lease holder): how many are up, how many serve, their CPU."""
+        period = int(self._clock() // self.interval)
+        figures: dict[str, float] = {
+            "samples": 1,
+            "replicas_sum": replicas,
+            "busy_sum": busy / replicas if replicas else 0.0,
+        }
+        if cpu_fraction is not None:
+            figures |= {"cpu_samples": 1, "cpu_sum": cpu_fraction}
         with self._lock:
-            bucket = self._bucket(deployment_id)
-            bucket.replica_samples.append(replicas)
-            bucket.busy_samples.append(busy / replicas if replicas else 0.0)
-            if cpu_fraction is not None:
-                bucket.cpu_samples.append(cpu_fraction)
-            self._totals[deployment_id].replica_seconds += replicas * seconds
+            self._add((deployment_id, OWN, period), **figures, replica_seconds=replicas * seconds)
+            self._add((deployment_id, OWN, TOTAL), replica_seconds=replicas * seconds)
 
     def cold_start(self, deployment_id: str, record: dict[str, Any]) -> None:
         with self._lock:
-            starts = self._totals[deployment_id].cold_starts
-            starts.append(record)
-            del starts[:-20]
+            self._cold_starts.append((deployment_id, record))
+
+    def flush(self) -> None:
+        """Add what this process gathered since the last flush to the rows (every runtime tick). A flush that fails
+        keeps its figures for the next one."""
+        with self._lock:
+            amounts, self._amounts = self._amounts, {}
+            latency, self._latency = self._latency, defaultdict(int)
+            starts, self._cold_starts = self._cold_starts, []
+        if not amounts and not latency and not starts:
+            return
+        try:
+            with session_scope() as s:
+                ids = {k[0] for k in amounts} | {k[0] for k in latency} | {d for d, _ in starts}
+                live = set(s.scalars(select(Deployment.id).where(Deployment.id.in_(ids))))  # deleted: dropped
+                for (deployment_id, label, period), values in sorted(amounts.items()):
+                    if deployment_id in live:
+                        key = {"deployment_id": deployment_id, "adapter": label, "period": period}
+                        counters.add(s, DeploymentPoint, key, values)
+                for (deployment_id, label, bucket), count in sorted(latency.items()):
+                    if deployment_id in live:
+                        key = {"deployment_id": deployment_id, "adapter": label, "bucket": bucket}
+                        counters.add(s, DeploymentLatency, key, {"count": count})
+                for deployment_id, record in starts:
+                    row = s.get(Deployment, deployment_id)
+                    if row is not None:
+                        row.cold_starts = [*(row.cold_starts or []), record][-20:]
+        except Exception:  # noqa: BLE001 - the figures are kept for the next flush
+            log.warning("could not write deployment figures; keeping them for the next flush", exc_info=True)
+            with self._lock:
+                for kept, values in amounts.items():
+                    self._add(kept, **values)
+                for bucket_key, count in latency.items():
+                    self._latency[bucket_key] += count
+                self._cold_starts[:0] = starts
+
+    def prune(self) -> None:
+        """Forget points older than KEEP_SECONDS (the lease holder, once a minute)."""
+        now = self._clock()
+        if now - self._pruned_at < 60:
+            return
+        self._pruned_at = now
+        oldest = int((now - KEEP_SECONDS) // self.interval)
+        with session_scope() as s:
+            s.execute(delete(DeploymentPoint).where(DeploymentPoint.period >= 0, DeploymentPoint.period < oldest))
 
     def forget(self, deployment_id: str) -> None:
+        """A deployment deleted: its figures go."""
         with self._lock:
-            self._series.pop(deployment_id, None)
-            self._totals.pop(deployment_id, None)
+            self._amounts = {k: v for k, v in self._amounts.items() if k[0] != deployment_id}
+        with session_scope() as s:
+            s.execute(delete(DeploymentPoint).where(DeploymentPoint.deployment_id == deployment_id))
+            s.execute(delete(DeploymentLatency).where(DeploymentLatency.deployment_id == deployment_id))
 
     def series(self, deployment_id: str, minutes: float) -> dict[str, Any]:
-        """Points oldest first over the last `minutes`; intervals without samples (no runtime then) are left out."""
-        with self._lock:
-            now = int(self._clock() // self.interval)
-            first = now - int(minutes * 60 // self.interval)
-            buckets = sorted((i, b) for i, b in self._series.get(deployment_id, {}).items() if i >= first)
-            points, adapters = [], defaultdict(list)
-            for index, bucket in buckets:
-                at = datetime.fromtimestamp(index * self.interval, UTC).isoformat()
-                point = {"t": at} | bucket.figures.point(self.interval)
-                point["replicas"] = _mean(bucket.replica_samples)
-                point["utilization"] = _mean(bucket.busy_samples)
-                point["cpu_utilization"] = _mean(bucket.cpu_samples)
-                points.append(point)
-                for label, figures in bucket.adapters.items():
-                    adapters[label].append({"t": at} | figures.point(self.interval))
-            totals = self._totals.get(deployment_id, _Totals())
-            return {
-                "interval_seconds": self.interval,
-                "points": points,
-                "adapters": dict(adapters),
-                "cold_starts": list(totals.cold_starts),
-            }
+        """Points oldest first over the last `minutes`; intervals without figures (no runtime then) are left out."""
+        now = int(self._clock() // self.interval)
+        first = now - int(minutes * 60 // self.interval)
+        with session_scope() as s:
+            rows = s.scalars(
+                select(DeploymentPoint)
+                .where(DeploymentPoint.deployment_id == deployment_id, DeploymentPoint.period >= first)
+                .order_by(DeploymentPoint.period, DeploymentPoint.adapter)
+            ).all()
+            deployment = s.get(Deployment, deployment_id)
+            cold_starts = list(deployment.cold_starts or []) if deployment is not None else []
+        by_period: dict[int, list[DeploymentPoint]] = defaultdict(list)
+        for row in rows:
+            by_period[row.period].append(row)
+        points, adapters = [], defaultdict(list)
+        for period, kept in sorted(by_period.items()):
+            at = datetime.fromtimestamp(period * self.interval, UTC).isoformat()
+            summed = _Sum()
+            own = None
+            for row in kept:
+                if row.adapter == OWN:
+                    own = row
+                    continue
+                summed.add(row)
+                adapters[row.adapter].append({"t": at} | _point(row, self.interval))
+            point = {"t": at} | _point(summed, self.interval)
+            point["replicas"] = round(own.replicas_sum / own.samples, 4) if own and own.samples else None
+            point["utilization"] = round(own.busy_sum / own.samples, 4) if own and own.samples else None
+            point["cpu_utilization"] = round(own.cpu_sum / own.cpu_samples, 4) if own and own.cpu_samples else None
+            points.append(point)
+        return {
+            "interval_seconds": self.interval,
+            "points": points,
+            "adapters": dict(adapters),
+            "cold_starts": cold_starts,
+        }
 
     def collector(self, gauges: Any) -> Collector:
-        """A Prometheus collector reading these figures and the runtime's `gauges()` at scrape time."""
+        """A Prometheus collector reading the rows and the runtime's `gauges()` at scrape time."""
         return _Collector(self, gauges)
 
     def _snapshot(self) -> dict[str, _Totals]:
-        with self._lock:
-            return {
-                k: _Totals(
-                    by_adapter={a: _Figures(**vars(f)) for a, f in t.by_adapter.items()},
-                    histogram={a: list(c) for a, c in t.histogram.items()},
-                    replica_seconds=t.replica_seconds,
-                    cold_starts=list(t.cold_starts),
-                )
-                for k, t in self._totals.items()
-            }
+        """Every deployment's running totals, from the rows."""
+        with session_scope() as s:
+            rows = s.scalars(select(DeploymentPoint).where(DeploymentPoint.period == TOTAL)).all()
+            latency = s.scalars(select(DeploymentLatency)).all()
+            starts = s.execute(
+                select(Deployment.id, Deployment.cold_starts).where(Deployment.status != "Deleted")
+            ).all()
+        totals: dict[str, _Totals] = defaultdict(_Totals)
+        for row in rows:
+            if row.adapter == OWN:
+                totals[row.deployment_id].replica_seconds = row.replica_seconds
+            else:
+                totals[row.deployment_id].by_adapter[row.adapter] = row
+        for bucket in latency:
+            counts = totals[bucket.deployment_id].histogram.setdefault(
+                bucket.adapter, [0] * (len(INFERENCE_BUCKETS) + 1)
+            )
+            counts[bucket.bucket] += bucket.count
+        for deployment_id, cold_starts in starts:
+            if cold_starts:
+                totals[deployment_id].cold_starts = list(cold_starts)
+        return dict(totals)
 
 
 def _mean(values: list[float] | list[int]) -> float | None:

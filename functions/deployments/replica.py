@@ -16,11 +16,13 @@ import sys
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
 import httpx
 
+from app.models import new_id, utcnow
 from app.supervisor import die_with_parent
 from functions.deployments.launcher import TIMINGS_PREFIX
 from functions.deployments.prewarm import Spare
@@ -38,7 +40,7 @@ class ReplicaFailed(RuntimeError):
 
 @dataclass(eq=False)
 class Replica:
-    id: str
+    id: str  # "<deployment>-r<n>", as reasons name it
     deployment_id: str
     base_model: str
     config_version: int
@@ -51,7 +53,8 @@ class Replica:
     spawned_at: float = field(default_factory=time.monotonic)  # the runtime's clock
     ready_at: float | None = None
     drain_since: float | None = None
-    in_flight: int = 0
+    in_flight: int = 0  # requests this process streams from it
+    remote_in_flight: int = 0  # requests the other API processes stream from it, as they last reported
     served: int = 0
     error: str | None = None
     timings: dict[str, float] = field(default_factory=dict)  # cold-start breakdown, seconds
@@ -61,6 +64,13 @@ class Replica:
     metered_periods: int = 0
     failed_polls: int = 0  # health polls in a row that found it unhealthy (runtime.py replaces it at 3)
     polling: bool = False  # a health poll is under way
+    record_id: str = field(default_factory=lambda: new_id("rep"))  # its `replicas` row (records.py)
+    started_wall: datetime = field(default_factory=utcnow)
+
+    @property
+    def load(self) -> int:
+        """Requests it serves now, from every API process."""
+        return self.in_flight + self.remote_in_flight
 
     @property
     def pid(self) -> int | None:

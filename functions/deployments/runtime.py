@@ -1,20 +1,25 @@
-"""The deployment manager of the embedded runtime: runs in the API process (a thread started by web/main.py's
-lifespan) and owns every replica process.
+"""The deployment manager of the embedded runtime: runs in every API process (a thread started by web/main.py's
+lifespan); the one holding the deployments lease (app/control_lease.py) owns every replica process.
 
-Each tick (LORAPLEX_DEPLOYMENT_TICK_SECONDS) it
+Each tick (LORAPLEX_DEPLOYMENT_TICK_SECONDS) it takes or renews the lease; holding it, it
   1. reads the deployment rows when the API changed one (and every few seconds regardless),
   2. per deployment: takes in replicas that finished starting, notices dead ones, stops drained ones, asks the
      autoscaler for a replica count, starts or drains replicas to reach it (rolling old-config replicas one at a
      time: a new one starts, takes traffic, then an old one drains), and derives the status, recording every
      transition with its reason,
-  3. writes replica time to the ledger, samples the health figures, and keeps one pre-warmed interpreter ready.
+  3. writes replica time to the ledger, samples the health figures, and keeps one pre-warmed interpreter ready,
+  4. publishes its replicas (records.py) and reads the other processes' load reports into the autoscaler's figures.
+Every process, holder or not, then reports its own load and adds the health figures it gathered to the rows.
 
-Requests reach replicas through `acquire` (leases.py); `DeploymentEngine` is the Engine protocol over that, so
-the OpenAI-compatible handlers serve a deployment exactly as they serve a shared endpoint. The database rows are
-the truth for what tenants asked (config, target_state); this process is the truth for what runs. One API process
-runs the replicas: with several, each would start its own.
+Requests reach replicas through `acquire`: the holder's own (leases.py), or, in the other processes, the replicas
+the holder published (remote_leases.py). `DeploymentEngine` is the Engine protocol over that, so the
+OpenAI-compatible handlers serve a deployment exactly as they serve a shared endpoint. The database rows are the
+truth for what tenants asked (config, target_state) and, through the holder, for what runs: N API processes run
+one set of replicas, and answer the same figures.
 """
 
+import asyncio
+import functools
 import logging
 import math
 import threading
@@ -25,10 +30,12 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 from sqlalchemy import select
 
+from app.control_lease import Lease as ControlLease
+from app.control_lease import this_process
 from app.db import session_scope
 from app.models import Deployment
 from app.settings import get_settings
-from functions.deployments import snapshot
+from functions.deployments import peers, records, snapshot
 from functions.deployments.autoscaler import ReplicaView, ScalerMemory, ScalingConfig, decide
 from functions.deployments.leases import Lease, Leasing
 from functions.deployments.lifecycle import Lifecycle, drain, drain_order
@@ -36,6 +43,7 @@ from functions.deployments.live import Effects, Fleet, Live, set_columns
 from functions.deployments.metering import meter_due
 from functions.deployments.metrics import DeploymentMetrics, Gauges
 from functions.deployments.prewarm import Prewarm
+from functions.deployments.remote_leases import RemoteLease, RemoteLeasing
 from functions.deployments.sampling import Sampler
 from functions.deployments.status import (
     DELETED,
@@ -53,6 +61,7 @@ from functions.prompts import encode_text
 
 log = logging.getLogger(__name__)
 SYNC_SECONDS = 2.0  # the rows are re-read at least this often (changes made by another process, the CLI)
+FIRST_TICK_SECONDS = 10.0  # a request arriving at start waits this long at most for the loop's first look
 
 
 class DeploymentRuntime:
@@ -75,8 +84,20 @@ class DeploymentRuntime:
             self.settings.deployments.deployment_wake_timeout,
             self.settings.engine.adapter_cache_size,
         )
+        self.me = this_process()
+        self.lease = ControlLease("deployments", self.me, self.settings.deployments.deployment_lease_seconds)
+        self.holding = False  # whether this process ran the replicas at its last tick
+        self.published = records.Published(self.me)
+        self.reports = records.Reports(self.me)
+        self.remote = RemoteLeasing(
+            self.metrics,
+            self.fleet.wake,
+            self.settings.deployments.deployment_wake_timeout,
+            self.settings.engine.adapter_cache_size,
+        )
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self.metrics.collector(self.gauges))
+        self._ticked = threading.Event()  # set after the first tick: whether this process holds the lease is known
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._synced_at = -math.inf
@@ -98,11 +119,13 @@ class DeploymentRuntime:
         self.lifecycle.pool.shutdown(wait=False, cancel_futures=True)
 
     def health(self) -> dict[str, Any]:
-        """For GET /health: whether the loop that keeps the replicas runs (no deployment names: /health is public)."""
+        """For GET /health: whether the loop runs, and whether this process runs the replicas (role "holder") or
+        serves through the holder's ("follower"); no deployment names: /health is public."""
         with self.fleet.lock:
             ready = sum(1 for live in self.fleet.deployments.values() for r in live.replicas if r.state == "ready")
         running = self._thread is not None and self._thread.is_alive() and not self._stopping.is_set()
-        return {"status": "ok" if running else "degraded", "ready_replicas": ready}
+        role = "holder" if self.holding else "follower"
+        return {"status": "ok" if running else "degraded", "role": role, "ready_replicas": ready}
 
     def notify(self) -> None:
         """A row changed (created, updated, stopped, deleted): look at once."""
@@ -121,6 +144,7 @@ class DeploymentRuntime:
         self._shutdown()
 
     def _shutdown(self) -> None:
+        """Stop this process's replicas and record it; give the lease up so another process takes over at once."""
         self.lifecycle.stop_all()
         effects: Effects = []
         with self.fleet.lock:
@@ -128,16 +152,50 @@ class DeploymentRuntime:
                 live.replicas.clear()
                 if live.status in (READY, UPDATING, INITIALIZING):
                     transition(live, STANDBY, "the API process stopped, and its replicas with it", effects)
+        if self.holding:
+            effects += [lambda: self.published.publish([]), self.lease.release]
+        effects += [self.reports.withdraw, self.metrics.flush]
         for effect in effects:
             try:
                 effect()
             except Exception:  # noqa: BLE001 - the database may be gone already (tests drop it)
-                log.warning("could not record a deployment's status at shutdown", exc_info=True)
+                log.warning("could not record the deployments' state at shutdown", exc_info=True)
 
     # ---- the tick ------------------------------------------------------------------------------------
 
     def _tick(self) -> None:
         now = self.clock()
+        holding = self.lease.hold()
+        if holding and not self.holding:
+            self._take_over()
+        elif self.holding and not holding:
+            self._step_down()
+        self.holding = holding
+        if holding:
+            self._run_replicas(now)
+        self.reports.write(peers.loads(self.fleet, self.remote))
+        self.metrics.flush()
+        self._ticked.set()
+        self._last_tick = now
+
+    def _take_over(self) -> None:
+        """This process now runs the replicas: those of the process that ran them before died with it (or were
+        stopped when it lost the lease), so their rows are closed; the deployments are read afresh."""
+        for row in records.orphans(self.me):
+            records.retire(row.id, f"its API process ({row.holder}) stopped running the deployments")
+        self.fleet.dirty = True
+        log.info("this process (%s) runs the deployments' replicas now", self.me)
+
+    def _step_down(self) -> None:
+        """Another process took the lease (this one stalled past it): its replicas are that one's to run now."""
+        log.warning("the deployments lease went to another process; stopping this process's replicas")
+        self.lifecycle.stop_all()
+        with self.fleet.lock:
+            self.fleet.deployments.clear()
+        self.published.publish([])
+
+    def _run_replicas(self, now: float) -> None:
+        """The holder's part of a tick."""
         if self.fleet.dirty or now - self._synced_at >= SYNC_SECONDS:
             self.fleet.dirty = False
             self._sync(now)
@@ -151,7 +209,9 @@ class DeploymentRuntime:
         self.sampler.sample(max(0.0, now - self._last_tick))
         self._keep_spare()
         self.lifecycle.poll_health(now)
-        self._last_tick = now
+        peers.publish(self.fleet, self.published)
+        peers.merge_reports(self.fleet, records.others(self.me), now, self.settings.engine.adapter_cache_size)
+        self.metrics.prune()
 
     def _sync(self, now: float) -> None:
         with session_scope() as s:
@@ -208,7 +268,7 @@ class DeploymentRuntime:
         status = settle(live, effects)
         if status == DELETED and not live.replicas:
             del self.fleet.deployments[live.id]
-            self.metrics.forget(live.id)
+            effects.append(functools.partial(self.metrics.forget, live.id))
             return
         self._write_replica_count(live, effects)
 
@@ -221,11 +281,11 @@ class DeploymentRuntime:
         new = [r for r in up if r.config_version == live.config_version]
         paired = set(map(id, old[: len(new)]))  # old replicas a new one is replacing: not counted twice
         views = tuple(
-            ReplicaView(r.id, "draining" if r.state == "draining" or id(r) in paired else r.state, r.in_flight)
+            ReplicaView(r.id, "draining" if r.state == "draining" or id(r) in paired else r.state, r.load)
             for r in live.replicas
             if r.state in ("starting", "ready", "draining")
         )
-        decision = decide(live.scaling, views, live.waiting, live.memory, now)
+        decision = decide(live.scaling, views, live.waiting + live.remote_waiting, live.memory, now)
         current = sum(1 for v in views if v.state != "draining")
         if decision.target != current:
             live.hint = live.hint or decision.reason  # a replica's death or readiness this tick says more
@@ -277,18 +337,33 @@ class DeploymentRuntime:
 
     # ---- the request path and reading ------------------------------------------------------------------
 
-    async def acquire(self, deployment_id: str, adapter: AdapterRef | None, adapter_name: str | None) -> Lease:
-        """A replica for one request (leases.py): at once when one is ready, else after waiting for one to start."""
-        return await self.leasing.acquire(deployment_id, adapter, adapter_name)
+    async def acquire(
+        self, deployment_id: str, adapter: AdapterRef | None, adapter_name: str | None
+    ) -> Lease | RemoteLease:
+        """A replica for one request: at once when one is ready, else after waiting for one to start; this
+        process's own (leases.py) while it holds the lease, else one the holder published (remote_leases.py)."""
+        waited = 0.0
+        while not self._ticked.is_set() and waited < FIRST_TICK_SECONDS:
+            await asyncio.sleep(0.02)
+            waited += 0.02
+        while True:
+            if self.holding:
+                return await self.leasing.acquire(deployment_id, adapter, adapter_name)
+            lease = await self.remote.acquire(deployment_id, adapter, adapter_name, lambda: self.holding)
+            if lease is not None:
+                return lease
 
     def describe(self, deployment_id: str) -> dict[str, Any]:
-        """Live replicas and load, for GET /v1/deployments/{name}."""
-        return snapshot.describe(self.fleet, deployment_id, self.clock())
+        """The replicas that run and the load, for GET /v1/deployments/{name}: from the rows, so the same from
+        every API process."""
+        return records.describe(deployment_id)
 
     def gauges(self) -> list[Gauges]:
-        return snapshot.gauges(self.fleet)
+        """For Prometheus, from the rows (records.py)."""
+        return records.gauges()
 
     def replica_pids(self, deployment_id: str) -> list[int]:
+        """The process ids of the deployment's ready replicas, when this process runs them."""
         return snapshot.replica_pids(self.fleet, deployment_id)
 
 
@@ -320,11 +395,10 @@ class DeploymentEngine(Engine):
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]:
         began = time.monotonic()
         lease = await self.runtime.acquire(self.deployment_id, request.adapter, self.adapter_name)
-        assert lease.replica.engine is not None
         last: Delta | None = None
         ok = False
         try:
-            async for delta in lease.replica.engine.generate(request):
+            async for delta in lease.engine.generate(request):
                 last = delta
                 yield delta
             ok = True

@@ -21,7 +21,7 @@ class Sampler:
             figures = []
             for live in self.fleet.deployments.values():
                 serving = [r for r in live.replicas if r.state in ("ready", "draining")]
-                figures.append((live.id, len(serving), sum(1 for r in serving if r.in_flight > 0), serving))
+                figures.append((live.id, len(serving), sum(1 for r in serving if r.load > 0), serving))
         for deployment_id, count, busy, serving in figures:
             cpu = self.cpu_fraction(serving)
             self.metrics.sample(deployment_id, count, busy, cpu, seconds)

@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 
 from app.db import session_scope
 from app.models import BillingAccount
-from conftest import TINY_MODEL, make_tenant
+from conftest import TINY_MODEL, Platform, make_tenant
 from web.errors import APIError
 from web.shared_limits import SharedLimiter, _next_month, _seconds_until
 
@@ -74,8 +74,8 @@ def test_requests_per_second(client: TestClient, monkeypatch: pytest.MonkeyPatch
     assert r.json()["error"]["message"].startswith("requests per second: the shared endpoints take at most 1")
 
 
-def test_the_window_with_a_made_up_clock() -> None:
-    now = [100.0]
+def test_the_window_with_a_made_up_clock(sqlite_platform: Platform) -> None:
+    now = [100.0]  # the counts are kept in the database, shared by every API process
     limiter = SharedLimiter(clock=lambda: now[0])
     for _ in range(3):
         limiter._rate("t1", 3)
