@@ -1,4 +1,6 @@
 """Supervision of the shared endpoints' engines, from a thread of the API process (started by web/main.py's lifespan).
+Each engine process is watched by the API process that started it (other API processes use it through its row,
+registry.py, which this supervisor renews every poll).
 
 Every LORAPLEX_ENGINE_HEALTH_INTERVAL seconds it asks each engine started so far (the registry in __init__.py)
 whether it is healthy: an engine process that exited is replaced at once; one whose GET /health answers 503 (its
@@ -16,7 +18,7 @@ from typing import Any
 
 from app.settings import get_settings
 from app.supervisor import Backoff
-from functions.engine import current_engine, replace_engine, started_engines
+from functions.engine import current_engine, owned_engines, registry, replace_engine, started_engines
 from functions.engine.protocol import Engine
 
 log = logging.getLogger("loraplex.engines")
@@ -97,8 +99,11 @@ class EngineSupervisor:
                 log.exception("engine supervision failed; trying again")
 
     def check(self) -> None:
-        """One round: take in engines started since the last one, probe each, restart those due."""
+        """One round: renew the rows of the engines this process started (the other API processes use them too),
+        take in engines started since the last one, probe each, restart those due."""
         now = time.monotonic()
+        if get_settings().engine.engine_process:
+            registry.beat(owned_engines())
         for key, (base_model, model_dir) in started_engines().items():
             engine = current_engine(key)
             with self._lock:
