@@ -6,8 +6,9 @@ Deploy with `modal deploy -m app.modal_app` (or `modal deploy app/modal_app.py`)
 Layout on Modal:
     handle_event   CPU function: CPU-bound events ("dataset.uploaded": validation, token counting)
     train          GPU function: "finetune.requested" (LoRA training), up to a day per run
-    Inference      GPU class: one engine per base model (a `modal.parameter`), serving many adapters
-    web            the FastAPI app (REST + OpenAI-compatible API) as an ASGI endpoint
+    Inference      GPU class: every inference, streamed back (a generator method); one container pool per base model
+                   and per private deployment config (its `modal.parameter`s), each serving many adapters
+    web            the FastAPI app (REST + OpenAI-compatible API) as an ASGI endpoint; loads no model
 Every function mounts one Volume at /vol (datasets, adapters, base-model weights) and gets the
 `loraplex-db` secret, whose DATABASE_URL points at a hosted Postgres: Modal has no shared SQLite, since
 containers do not share a filesystem except through the Volume, and SQLite's locking does not work there.
@@ -19,7 +20,7 @@ they exist in the image, not necessarily where this file is imported (`modal dep
 import logging
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -40,6 +41,9 @@ DEFAULT_TRAIN_GPU = "A10G"
 TRAIN_GPU_ENV = "LORAPLEX_TRAIN_GPU"
 SERVE_GPU = "L40S"
 DEFAULT_BASE_MODEL = "smollm2-135m"
+SERVE_CLASS = "Inference"  # the serving class's name as deployed (app/modal_pools.py looks it up by it)
+SERVE_MAX_INPUTS = 64  # requests one serving container takes at once (its engine batches them)
+SERVE_TARGET_INPUTS = 16  # requests per container the autoscaler aims at, by default
 
 # GPU serving runs vLLM (functions/engine/vllm_engine.py) in its own image: vllm pins its own torch, which would
 # fight the torch the trainer is tested with. LORAPLEX_SERVE_VLLM=0 at deploy time serves with the native engine.
@@ -180,33 +184,52 @@ def reap() -> None:
     gpu=SERVE_GPU,
     volumes=VOLUMES,
     secrets=SECRETS,
-    # Loading a base model is the slow part; keep a warm container around between bursts of requests.
+    # Loading a base model is the slow part; keep a warm container around between bursts of requests. A private
+    # deployment's pool gets its own window (cooldown_time) through update_autoscaler.
     scaledown_window=10 * MINUTES,
     timeout=10 * MINUTES,
 )
+# The engine batches whatever requests it holds (continuous batching): one container takes many at once, and the
+# autoscaler adds a container once they average SERVE_TARGET_INPUTS each (a deployment's scale_up_threshold
+# replaces it through with_concurrency).
+@modal.concurrent(max_inputs=SERVE_MAX_INPUTS, target_inputs=SERVE_TARGET_INPUTS)
 class Inference:
-    """One engine per base model; adapters are loaded per request from the volume."""
+    """The GPU serving class: every inference of the API runs here and streams back (app/modal_serving.py has the
+    bodies). Each set of parameter values is its own pool of containers: one per base model (or full fine-tuning)
+    for the shared endpoints, one per private deployment's config (app/modal_pools.py picks them)."""
 
-    # A modal.parameter makes each base model its own pool of containers: Inference(base_model="...").
     base_model: str = modal.parameter(default=DEFAULT_BASE_MODEL)
+    model_dir: str = modal.parameter(default="")  # a full fine-tuning's weights on the volume
+    deployment: str = modal.parameter(default="")  # a private deployment's id ("" = the shared endpoints)
+    config_version: int = modal.parameter(default=0)  # the deployment's config these containers serve
+    accelerator: str = modal.parameter(default="")  # the deployment's accelerator, as priced (its GPU)
+    engine: str = modal.parameter(default="")  # native | vllm ("" = the image's, vLLM)
 
     @modal.enter()
     def load(self) -> None:
-        from functions.engine import create_engine
+        from app.modal_serving import ServingContainer
 
-        _reload_volume_best_effort()
-        self.engine: Any = create_engine(self.base_model)
+        self.container = ServingContainer(
+            self.base_model,
+            self.model_dir,
+            self.deployment,
+            self.config_version,
+            self.accelerator,
+            self.engine,
+            reload_volume=_reload_volume_best_effort,
+        )
+        self.container.start()
 
-    @modal.method()
-    async def generate(self, request: dict) -> dict:
-        """request: GenerationRequest as a dict (see functions.engine.protocol.request_from_dict)."""
-        from dataclasses import asdict
+    @modal.method(is_generator=True)
+    async def generate(self, request: dict) -> AsyncIterator[dict]:
+        """request: GenerationRequest as a dict (functions.engine.protocol.request_to_dict); yields each Delta as a
+        dict, or a last {"error": ...} (functions.engine.pool.serve_stream)."""
+        async for item in self.container.generate(request):
+            yield item
 
-        from functions.engine.protocol import collect, request_from_dict
-
-        # A warm container started before an adapter was trained would not see it without a reload.
-        _reload_volume_best_effort()
-        return asdict(await collect(self.engine.generate(request_from_dict(request))))
+    @modal.exit()
+    def stop(self) -> None:
+        self.container.stop()
 
 
 @app.function(
@@ -219,11 +242,13 @@ class Inference:
 @modal.concurrent(max_inputs=100)  # the API is async I/O bound: one container serves many requests
 @modal.asgi_app()
 def web() -> Any:
+    from app.modal_pools import ModalPools
     from app.worker_main import wire
     from web.main import create_app
 
     wire(spawn_event)  # the API hands its events to the deployed event functions
-    return create_app()
+    # Every inference runs in the serving class (streamed back); this container loads no model.
+    return create_app(pools=ModalPools(APP_NAME, SERVE_CLASS, SERVE_MAX_INPUTS))
 
 
 def spawn_event(event_id: str, event_name: str) -> None:

@@ -52,8 +52,12 @@ async def loading(load: Callable[..., T], *args: Any) -> T:
         raise APIError(400, str(exc), param="model", code="model_unavailable") from None
 
 
-async def shared_engine(target: Target) -> Engine:
-    """The shared engine of the target's base model (or full fine-tuning), started on first use."""
+async def shared_engine(target: Target, http: Request) -> Engine:
+    """The shared engine of the target's base model (or full fine-tuning), started on first use; where the API loads
+    no model (Modal), the serving pool's (web/main.py)."""
+    pools = getattr(http.app.state, "shared_pools", None)
+    if pools is not None:
+        return await loading(pools.engine, target.base_model, target.model_dir)
     return await loading(get_engine, target.base_model, target.model_dir)
 
 

@@ -2,11 +2,14 @@
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from app.db import migrate
+from app.settings import get_settings
+from functions.engine.pool import PoolCalls, SharedPools
 from web import errors, health
 from web.bodies import RequestBodies
 from web.routers import (
@@ -33,7 +36,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     from functions.engine.supervisor import EngineSupervisor
 
     migrate()
-    runtime = DeploymentRuntime().start()
+    runtime = _pool_runtime(app) or DeploymentRuntime().start()
     app.state.deployments = runtime
     app.state.engines = EngineSupervisor().start()
     try:
@@ -44,8 +47,19 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await run_in_threadpool(close_engines)  # the shared endpoints' engine processes
 
 
-def create_app() -> FastAPI:
+def _pool_runtime(app: FastAPI) -> Any:
+    """Under LORAPLEX_RUNTIME=modal, private deployments are container pools (functions/deployments/modal_runtime.py)
+    over the pools the entry point injected (app/modal_app.py's `web`); None on the local runtime."""
+    if app.state.pools is None and get_settings().runtime == "modal":
+        raise RuntimeError("LORAPLEX_RUNTIME=modal, but no serving pools are wired in (app/modal_app.py's web does)")
+    return None
+
+
+def create_app(pools: PoolCalls | None = None) -> FastAPI:
+    """`pools`: where inference runs when the API loads no model (Modal's GPU serving class); None: engines here."""
     app = FastAPI(title="Loraplex", version="0.1.0", lifespan=lifespan)
+    app.state.pools = pools
+    app.state.shared_pools = SharedPools(pools) if pools is not None else None  # the shared endpoints' engines
     app.state.shared_limiter = SharedLimiter()
     errors.install(app)
 

@@ -56,7 +56,7 @@ async def _answer(body: ChatCompletionRequest | CompletionRequest, tenant: Tenan
     _shared_limits(request, db, tenant)
     target = resolve_model(db, tenant.id, body.model)
     db.close()  # hand the connection back now: a stream may last minutes, and usage is written on its own session
-    engine = await shared_engine(target)
+    engine = await shared_engine(target, request)
     return await respond(body, target, engine, tenant, request)
 
 
