@@ -8,6 +8,7 @@ the deployment's preloaded adapters before it says it is ready. Adapters are rea
 container has not seen yet may have been published after it started, so the Volume is reloaded first.
 """
 
+import asyncio
 import logging
 import os
 import socket
@@ -38,6 +39,7 @@ class ServingContainer:
         self.config_version, self.accelerator, self.kind = config_version, accelerator, engine
         self.reload_volume = reload_volume
         self.engine: Any = None
+        self.report: Any = None  # a ContainerReport for a deployment's container
         self.in_flight = 0
         self.seen_adapters: set[str] = set()
 
@@ -46,7 +48,49 @@ class ServingContainer:
     def start(self) -> None:
         """Report the start, load the engine and the preloaded adapters, report readiness (or the failure)."""
         self.reload_volume()
-        self.engine = _create_engine(self.base_model, Path(self.model_dir) if self.model_dir else None, self.kind)
+        if self.deployment:
+            from functions.deployments.containers import ContainerReport
+
+            settings = get_settings()
+            self.report = ContainerReport(
+                self.deployment,
+                container_id(),
+                self.accelerator,
+                self.config_version,
+                every=settings.engine.engine_health_interval,  # silent 3 of them, the API closes its row
+                meter_every=settings.deployments.deployment_metering_seconds,
+                in_flight=lambda: self.in_flight,
+            ).started()
+        try:
+            self.engine = _create_engine(self.base_model, Path(self.model_dir) if self.model_dir else None, self.kind)
+            if self.deployment:
+                self._preload()
+        except Exception as exc:
+            if self.report is not None:
+                self.report.failed(f"{type(exc).__name__}: {exc}")
+            raise
+        if self.report is not None:
+            self.report.ready()
+
+    def _preload(self) -> None:
+        """One single-token request per preloaded adapter: the engine loads it into a slot, as for any request."""
+        from app.db import session_scope
+        from app.models import Deployment
+        from functions import repos
+        from functions.engine.protocol import AdapterRef, GenerationRequest, SamplingParams, collect
+
+        with session_scope() as s:
+            row = s.get_one(Deployment, self.deployment)
+            refs = []
+            for name in row.preloaded_adapters or []:
+                weights = repos.find(s, row.tenant_id, name)
+                if weights is None:
+                    raise RuntimeError(f"preloaded adapter {name!r} no longer exists")
+                refs.append(AdapterRef(weights.key, weights.path, weights.base_model))
+        for ref in refs:
+            request = GenerationRequest("Hi", SamplingParams(max_new_tokens=1, temperature=0), ref)
+            asyncio.run(collect(self.engine.generate(request)))
+            self.seen_adapters.add(ref.key)
 
     # ---- @modal.method, a generator ---------------------------------------------------------------------
 
@@ -68,7 +112,9 @@ class ServingContainer:
     # ---- @modal.exit ------------------------------------------------------------------------------------
 
     def stop(self) -> None:
-        """Stop the engine."""
+        """Report the stop (the row closed, its time billed up to now), then stop the engine."""
+        if self.report is not None:
+            self.report.stopped()
         if self.engine is not None:
             self.engine.close()
 

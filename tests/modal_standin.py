@@ -69,6 +69,7 @@ class StandInModal:
     containers: list[Container] = field(default_factory=list)  # every container started, in order
     bounds: dict[Key, dict[str, Any]] = field(default_factory=dict)  # each pool's autoscaler settings, merged
     starting: dict[Key, int] = field(default_factory=dict)  # containers starting to reach min_containers
+    failed_starts: list[tuple[Key, Exception]] = field(default_factory=list)  # @modal.enter raised
 
     def __post_init__(self) -> None:
         self.user_cls = self.serving_cls._get_user_cls()
@@ -156,6 +157,8 @@ class StandInModal:
     def _start_kept(self, key: Key) -> None:
         try:
             self.start(key)
+        except Exception as exc:  # noqa: BLE001 - a container whose @modal.enter raised: Modal logs it, goes on
+            self.failed_starts.append((key, exc))
         finally:
             with self.lock:
                 self.starting[key] -= 1

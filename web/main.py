@@ -50,9 +50,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 def _pool_runtime(app: FastAPI) -> Any:
     """Under LORAPLEX_RUNTIME=modal, private deployments are container pools (functions/deployments/modal_runtime.py)
     over the pools the entry point injected (app/modal_app.py's `web`); None on the local runtime."""
-    if app.state.pools is None and get_settings().runtime == "modal":
-        raise RuntimeError("LORAPLEX_RUNTIME=modal, but no serving pools are wired in (app/modal_app.py's web does)")
-    return None
+    if app.state.pools is None:
+        if get_settings().runtime == "modal":
+            raise RuntimeError("LORAPLEX_RUNTIME=modal, but no serving pools are wired in (modal_app.py's web does)")
+        return None
+    from functions.deployments.modal_runtime import PoolRuntime
+
+    return PoolRuntime(app.state.pools).start()
 
 
 def create_app(pools: PoolCalls | None = None) -> FastAPI:

@@ -190,6 +190,13 @@ def check_platform(session: Session, tenant_id: str, accelerator: str, max_repli
             field="accelerator",
             code="invalid_value",
         )
+    if settings.runtime == "modal" and accelerator not in accelerators.GPUS:
+        raise Invalid(  # the Modal runtime's replicas are containers of the GPU serving class (app/modal_app.py)
+            f"accelerator: {accelerator!r} replicas run on the local runtime; the Modal runtime serves on "
+            f"{', '.join(accelerators.GPUS)}",
+            field="accelerator",
+            code="invalid_value",
+        )
     if accelerator in accelerators.GPUS:
         need = accelerators.serving_need(base_model)
         if not accelerators.fits(need, accelerator):
