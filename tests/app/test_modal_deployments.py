@@ -198,6 +198,31 @@ def test_a_container_that_fails_to_start_errors_the_deployment_until_its_config_
     assert container.parameters["config_version"] == 2 and container.parameters["engine"] == "native"
 
 
+def test_a_deleted_deployment_lets_its_pool_go_and_is_deleted_once_its_containers_stopped(
+    client: Any, headers: dict[str, str], standin: StandInModal
+) -> None:
+    d = create(client, headers, "gone", accelerator="a10g", min_replicas=1)
+    status_of(client, headers, "gone", "Ready")
+    r = client.delete("/v1/deployments/gone", headers=headers, params={"wait": 0})
+    assert r.status_code == 202, r.text  # its container is still up
+    wait_for(lambda: calls_for(standin, d["id"])[-1][2]["min_containers"] == 0, 10, "the pool was not let go")
+    assert calls_for(standin, d["id"])[-1][2]["scaledown_window"] == 2
+    assert standin.scale_down() == 1  # idle past the shortest window: Modal stops it, its @modal.exit reports it
+    deleted = wait_for(
+        lambda: next(
+            (
+                x
+                for x in client.get("/v1/deployments?include_deleted=true", headers=headers).json()
+                if x["id"] == d["id"] and x["status"] == "Deleted"
+            ),
+            None,
+        ),  # fmt: skip
+        30,
+        "never Deleted",
+    )
+    assert deleted["replicas"] == 0
+
+
 def test_preloaded_adapters_load_at_container_start(
     client: Any, headers: dict[str, str], standin: StandInModal, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
