@@ -58,7 +58,8 @@ GPU_EVENTS = frozenset({"finetune.requested"})
 
 
 def _train_gpu(environ: Mapping[str, str]) -> str:
-    """The training GPU, overridable at deploy time (e.g. LORAPLEX_TRAIN_GPU=H100 modal deploy ...)."""
+    """The GPU `train` is declared with, overridable at deploy time (e.g. LORAPLEX_TRAIN_GPU=H100 modal deploy ...).
+    Each job is spawned on its own GPU (spawn_event); this one runs only an event whose job cannot be read."""
     return environ.get(TRAIN_GPU_ENV) or DEFAULT_TRAIN_GPU
 
 
@@ -175,7 +176,9 @@ def reap() -> None:
     """The queue's reaper on Modal: re-spawns events whose container died (lease expired) or whose retry
     came due (a delayed retry cannot be spawned with a delay, so it waits here)."""
     from app.queue import reap as reap_events
+    from app.worker_main import wire
 
+    wire(spawn_event)  # a fresh container has nothing wired: the re-spawn goes through spawn_event (the job's GPU)
     reap_events()
 
 
@@ -261,6 +264,24 @@ def spawn_event(event_id: str, event_name: str) -> None:
         # Inside a Modal container (the web function) the request just wrote the event's input (e.g. the
         # uploaded dataset) to the volume; commit so the spawned container can see it.
         volume.commit()
-    function_name = TRAIN_FUNCTION if event_name in GPU_EVENTS else HANDLE_EVENT_FUNCTION
-    function = modal.Function.from_name(APP_NAME, function_name)
+    if event_name not in GPU_EVENTS:
+        modal.Function.from_name(APP_NAME, HANDLE_EVENT_FUNCTION).spawn(event_id)
+        return
+    function = modal.Function.from_name(APP_NAME, TRAIN_FUNCTION)
+    gpu = _training_gpu(event_id)
+    if gpu is not None:
+        # with_options gives this call the job's GPU (a container pool of its own per GPU type). Modal's retry of a
+        # preempted call stays in that pool; the reaper's re-spawn once the lease ran out comes back through here.
+        function = function.with_options(gpu=gpu)
     function.spawn(event_id)
+
+
+def _training_gpu(event_id: str) -> str | None:
+    """Modal's GPU type for a fine-tuning event's job: the accelerator it names, else its size tier's
+    (functions/accelerators.py). Modal's types are our accelerator names upper-cased (a100-80gb: A100-80GB)."""
+    from app.db import session_scope
+    from functions.accelerators import training_gpu_of_event
+
+    with session_scope() as session:
+        gpu = training_gpu_of_event(session, event_id)
+    return gpu.upper() if gpu is not None else None

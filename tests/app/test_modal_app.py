@@ -201,8 +201,9 @@ def fake_volume(monkeypatch: pytest.MonkeyPatch) -> _RecordingVolume:
 
 
 def test_spawn_event_sends_finetunes_to_the_gpu_train_function(
-    spawned: list[tuple[str, str, str]], fake_volume: _RecordingVolume
+    spawned: list[tuple[str, str, str]], fake_volume: _RecordingVolume, sqlite_platform: Any
 ) -> None:
+    # No such event in the database: the declared GPU (a job's own GPU: tests/app/test_modal_training.py)
     modal_app.spawn_event("evt-1", "finetune.requested")
     assert spawned == [("loraplex", "train", "evt-1")]
 
