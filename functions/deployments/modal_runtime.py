@@ -18,6 +18,10 @@ Each tick (LORAPLEX_DEPLOYMENT_TICK_SECONDS) the loop
      status.py, recording every transition with its reason,
   4. samples the health figures (replicas up, replicas serving) and adds this process's figures to the rows every
      API process reads.
+Modal runs the web function in as many containers as traffic needs: steps 1 and 3's writes (closing rows, setting
+bounds, recording transitions) and the replica time of step 4 are done by the one holding the "modal-pools" lease
+(app/control_lease.py), so N web containers record each transition and each replica-second once. The others
+refresh their view of the rows (for requests and reads) and add their own request figures.
 """
 
 import asyncio
@@ -33,6 +37,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 from sqlalchemy import or_, select
 
+from app.control_lease import Lease as ControlLease
+from app.control_lease import this_process
 from app.db import session_scope
 from app.models import Deployment, ReplicaRecord, utcnow
 from app.settings import get_settings
@@ -76,7 +82,10 @@ def pool_of(row: Deployment) -> Pool:
 class PoolRuntime:
     """The deployments' side of the API under the Modal runtime; `clock` is monotonic seconds."""
 
-    def __init__(self, calls: PoolCalls, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, calls: PoolCalls, clock: Callable[[], float] = time.monotonic, holder: str | None = None
+    ) -> None:
+        """`holder`: how the lease names this web container ("host:pid" unless given)."""
         self.settings = get_settings()
         self.calls, self.clock = calls, clock
         self.metrics = DeploymentMetrics(self.settings.deployments.deployment_metrics_interval)
@@ -93,6 +102,8 @@ class PoolRuntime:
         self._thread: threading.Thread | None = None
         self._since = utcnow()
         self._last_tick = clock()
+        seconds = self.settings.deployments.deployment_lease_seconds
+        self.lease = ControlLease("modal-pools", holder or this_process(), seconds)
 
     # ---- lifecycle ------------------------------------------------------------------------------------
 
@@ -136,7 +147,9 @@ class PoolRuntime:
 
     def tick(self) -> None:
         now = self.clock()
-        close_silent(SILENT_POLLS * self.settings.engine.engine_health_interval)
+        leader = self.lease.hold()
+        if leader:
+            close_silent(SILENT_POLLS * self.settings.engine.engine_health_interval)
         with session_scope() as s:
             rows = s.scalars(select(Deployment).where(Deployment.status != DELETED)).all()
             replicas = s.scalars(
@@ -152,12 +165,14 @@ class PoolRuntime:
             by_deployment.setdefault(record.deployment_id, []).append(record)
         effects: Effects = []
         for row in rows:
-            self._autoscale(row)
+            if leader:
+                self._autoscale(row)
             with self.lock:
                 self._reconcile(row, by_deployment.get(row.id, []), now, effects)
-        for effect in effects:  # database writes, outside the lock requests take
+        for effect in effects if leader else ():  # database writes, outside the lock requests take
             effect()
-        self._sample(max(0.0, now - self._last_tick))
+        if leader:
+            self._sample(max(0.0, now - self._last_tick))
         self.metrics.flush()  # the figures go to the rows every API process reads (metrics.py)
         self.metrics.prune()
         self._last_tick = now

@@ -149,6 +149,28 @@ def test_a_deployment_is_its_own_pool_on_its_gpu_with_the_autoscaler_set_live(
     assert new[0]["target_inputs"] == 8 and new[2]["max_containers"] == 2
 
 
+def test_a_second_web_container_records_nothing_twice(
+    client: Any, headers: dict[str, str], standin: StandInModal
+) -> None:
+    """Modal runs the web function in many containers: only the one holding the pools' lease sets the autoscaler
+    and records transitions; another one serves reads from the same rows."""
+    from app.modal_pools import ModalPools
+    from functions.deployments.modal_runtime import PoolRuntime
+
+    d = create(client, headers, "twice", accelerator="a10g", min_replicas=1)
+    status_of(client, headers, "twice", "Ready")
+    calls_before, transitions_before = len(calls_for(standin, d["id"])), transitions(client, headers, "twice")
+
+    other = PoolRuntime(ModalPools(modal_app.APP_NAME, modal_app.SERVE_CLASS, modal_app.SERVE_MAX_INPUTS),
+                        holder="web-container-2")  # fmt: skip
+    for _ in range(5):
+        other.tick()
+    assert not other.lease.held  # the first container holds it
+    assert other.describe(d["id"])["replicas"][0]["state"] == "ready"  # it reads the same container rows
+    assert len(calls_for(standin, d["id"])) == calls_before  # it set no autoscaler
+    assert transitions(client, headers, "twice") == transitions_before  # and recorded no transition
+
+
 def test_standby_wakes_on_a_request_and_stopped_refuses(
     client: Any, headers: dict[str, str], standin: StandInModal
 ) -> None:
