@@ -156,8 +156,9 @@ class Lifecycle:
             live.status_reason = reason
             r.state = "stopped"
 
-    def stop_all(self) -> None:
-        """At shutdown: every replica's process stopped (all asked at once, then each waited for) and metered."""
+    def stop_all(self, meter_them: bool = True) -> None:
+        """At shutdown: every replica's process stopped (all asked at once, then each waited for) and metered
+        (unless `meter_them` is False: another process bills them)."""
         with self.fleet.lock:
             replicas = [(live, r) for live in self.fleet.deployments.values() for r in live.replicas]
         for _, r in replicas:
@@ -166,7 +167,8 @@ class Lifecycle:
         now = self.clock()
         for live, r in replicas:
             r.stop_process(timeout=10)
-            meter(live, r, now)
+            if meter_them:
+                meter(live, r, now)
         self.prewarm.discard()
 
     # ---- health -----------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from app.control_lease import this_process
 from app.db import session_scope
 from app.models import Deployment
 from app.settings import get_settings
-from functions.deployments import peers, records, snapshot
+from functions.deployments import containers, peers, records, snapshot
 from functions.deployments.autoscaler import ReplicaView, ScalerMemory, ScalingConfig, decide
 from functions.deployments.leases import Lease, Leasing
 from functions.deployments.lifecycle import Lifecycle, drain, drain_order
@@ -180,16 +180,18 @@ class DeploymentRuntime:
 
     def _take_over(self) -> None:
         """This process now runs the replicas: those of the process that ran them before died with it (or were
-        stopped when it lost the lease), so their rows are closed; the deployments are read afresh."""
+        stopped when it lost the lease), so their rows are closed, stopped and billed as of their last heartbeat
+        (containers.meter: never twice); the deployments are read afresh."""
         for row in records.orphans(self.me):
             records.retire(row.id, f"its API process ({row.holder}) stopped running the deployments")
+            containers.meter(row.id, row.heartbeat_at)
         self.fleet.dirty = True
         log.info("this process (%s) runs the deployments' replicas now", self.me)
 
     def _step_down(self) -> None:
         """Another process took the lease (this one stalled past it): its replicas are that one's to run now."""
         log.warning("the deployments lease went to another process; stopping this process's replicas")
-        self.lifecycle.stop_all()
+        self.lifecycle.stop_all(meter_them=False)  # the new holder bills them up to their last heartbeat
         with self.fleet.lock:
             self.fleet.deployments.clear()
         self.published.publish([])

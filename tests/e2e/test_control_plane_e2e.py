@@ -88,15 +88,13 @@ def launchers(pid: int) -> list[int]:
     return children(pid, "functions.deployments.launcher")
 
 
-def replica_rows(deployment_id: str) -> list[Any]:
+def replica_rows(deployment_id: str, state: str = "ready") -> list[Any]:
     from app.db import session_scope
     from app.models import ReplicaRecord
 
     with session_scope() as s:
-        ready = select(ReplicaRecord).where(
-            ReplicaRecord.deployment_id == deployment_id, ReplicaRecord.state == "ready"
-        )
-        return list(s.scalars(ready))
+        rows = select(ReplicaRecord).where(ReplicaRecord.deployment_id == deployment_id, ReplicaRecord.state == state)
+        return list(s.scalars(rows))
 
 
 def test_a_deployment_called_through_both_processes_runs_exactly_its_replicas(apis: Apis) -> None:
@@ -185,7 +183,14 @@ def test_when_the_process_running_the_replicas_dies_the_other_takes_over(apis: A
     r = apis.http[0].patch("/v1/deployments/both", json={"min_replicas": 1, "max_replicas": 1})  # a quicker restart
     assert r.status_code == 200, r.text
     deployment_id = r.json()["id"]
-    wait_for(lambda: len(launchers(apis.pid(holder))) == 1, 30, "the deployment did not scale down to one replica")
+    wait_for(
+        lambda: (
+            len(launchers(apis.pid(holder))) == 1
+            and len(apis.http[0].get("/v1/deployments/both").json()["live"]["replicas"]) == 1
+        ),
+        30,
+        "the deployment did not scale down to one replica",
+    )
     old = launchers(apis.pid(holder))
     os.kill(apis.pid(holder), signal.SIGKILL)  # its replicas die with it (PR_SET_PDEATHSIG)
 
@@ -199,4 +204,8 @@ def test_when_the_process_running_the_replicas_dies_the_other_takes_over(apis: A
     wait_for(runs_it, 90, "the new holder did not start the deployment's replica")
     wait_for(lambda: not any(process_alive(p) for p in old), 30, "a replica outlived the process that ran it")
     assert len(launchers(apis.pid(survivor))) == 1
+    # The dead process's replica row is closed as of its last heartbeat, and its time billed up to there.
+    [gone] = [row for row in replica_rows(deployment_id, "stopped") if "stopped running the deploy" in row.reason]
+    assert gone.holder.endswith(f":{apis.pid(holder)}") and gone.stopped_at is not None
+    assert gone.metered_until is not None and gone.metered_until >= gone.stopped_at
     assert chat(apis.http[survivor], "both").status_code == 200
