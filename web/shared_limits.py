@@ -17,7 +17,6 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from app import counters
-from app.db import session_scope
 from app.models import BillingAccount, RateLog, Tenant, utcnow
 from app.settings import get_settings
 from billing import ledger
@@ -37,23 +36,29 @@ class SharedLimiter:
         """Raise a 429 APIError when the tenant is over a limit; otherwise count this request."""
         settings = get_settings()
         self._tokens(db, tenant, settings.billing.free_tokens_per_day, settings.billing.free_tokens_per_month)
-        self._rate(tenant.id, settings.limits.shared_requests_per_second)
+        self._rate(db, tenant.id, settings.limits.shared_requests_per_second)
 
-    def _rate(self, tenant_id: str, per_second: float) -> None:
+    def _rate(self, db: Session, tenant_id: str, per_second: float) -> None:
         if per_second <= 0:
             return
         allowed = max(1, math.floor(per_second))
         key = f"shared:{tenant_id}"
         at = int(self._clock() * MICROS)
-        with session_scope() as s:  # its own transaction, committed at once: the other processes count on it
-            counters.add(s, RateLog, {"key": key, "at": LOCK}, {"count": 0})  # the key's checks: one at a time
+        # On the request's own session (a second one per request would deadlock the connection pool under load:
+        # every request holding one, waiting for another), committed at once: the other processes count on it.
+        try:
+            counters.add(db, RateLog, {"key": key, "at": LOCK}, {"count": 0})  # the key's checks: one at a time
             recent = (RateLog.key == key, RateLog.at > at - MICROS)
-            count, oldest = s.execute(
+            count, oldest = db.execute(
                 select(func.coalesce(func.sum(RateLog.count), 0), func.min(RateLog.at)).where(*recent)
             ).one()
             if count < allowed:
-                counters.add(s, RateLog, {"key": key, "at": at}, {"count": 1})
-                s.execute(delete(RateLog).where(RateLog.key == key, RateLog.at >= 0, RateLog.at <= at - MICROS))
+                counters.add(db, RateLog, {"key": key, "at": at}, {"count": 1})
+                db.execute(delete(RateLog).where(RateLog.key == key, RateLog.at >= 0, RateLog.at <= at - MICROS))
+            db.commit()
+        except Exception:
+            db.rollback()
+            raise
         if count >= allowed:
             wait = max(1, math.ceil((oldest + MICROS - at) / MICROS))
             raise APIError(

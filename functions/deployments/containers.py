@@ -23,8 +23,7 @@ from sqlalchemy.orm import Session
 
 from app.db import session_scope
 from app.models import Deployment, ReplicaRecord, utcnow
-from billing import ledger
-from functions.deployments.metering import replica_price
+from functions.deployments.metering import record_time
 
 log = logging.getLogger(__name__)
 RUNTIME = "modal"
@@ -53,22 +52,8 @@ def meter(replica_id: str, until: datetime) -> int:
         ):
             return 0  # another writer took this period
         deployment = s.get_one(Deployment, row.deployment_id)
-        amount = replica_price(s, deployment.tenant_id, row.accelerator, ms)
-        ledger.record(
-            s,
-            ledger.Usage(
-                idempotency_key=f"replica:{row.id}:{int(start.timestamp() * 1000)}",
-                tenant_id=deployment.tenant_id,
-                kind="deployment",
-                technique="replica",
-                base_model=deployment.base_model,
-                compute_ms=ms,
-                accelerator=row.accelerator,
-                amount_micro_usd=amount,
-                reference=deployment.id,
-            ),
-        )
-        return amount
+        key = f"{row.id}:{int(start.timestamp() * 1000)}"
+        return record_time(s, deployment.tenant_id, deployment.id, deployment.base_model, row.accelerator, ms, key)
 
 
 def close_silent(silent_after: float, now: datetime | None = None) -> list[str]:

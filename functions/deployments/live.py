@@ -60,6 +60,26 @@ class Live:
     adapter_names: dict[str, str] = field(default_factory=dict)  # adapter key -> "repo/3" (users see names)
     replicas_written: int = -1  # the `replicas` figure last written to the row
 
+    @classmethod
+    def of_row(cls, row: Deployment, now: float) -> "Live":
+        """The deployment as its row says, with no replica yet; `now` starts its autoscaler's memory."""
+        return cls(
+            id=row.id,
+            tenant_id=row.tenant_id,
+            name=row.name,
+            base_model=row.base_model,
+            accelerator=row.accelerator,
+            engine=row.engine,
+            scaling=ScalingConfig(row.min_replicas, row.max_replicas, row.scale_up_threshold, row.cooldown_time),
+            config_version=row.config_version,
+            preloaded=list(row.preloaded_adapters or []),
+            target_state=row.target_state,
+            status=row.status,
+            status_reason=row.status_reason,
+            memory=ScalerMemory(now),
+            replicas_written=row.replicas,
+        )
+
     def up(self) -> list[Replica]:
         return [r for r in self.replicas if r.state in ("starting", "ready")]
 

@@ -46,27 +46,36 @@ def meter(live: Live, r: Replica, until: float) -> None:
     r.metered_at, r.metered_periods = until, period + 1
     try:
         with session_scope() as s:
-            amount = replica_price(s, live.tenant_id, live.accelerator, ms)
-            ledger.record(
-                s,
-                ledger.Usage(
-                    idempotency_key=f"replica:{r.record_id}:{period}",
-                    tenant_id=live.tenant_id,
-                    kind="deployment",
-                    technique="replica",
-                    base_model=live.base_model,
-                    compute_ms=ms,
-                    accelerator=live.accelerator,
-                    amount_micro_usd=amount,
-                    reference=live.id,
-                ),
-            )
+            record_time(s, live.tenant_id, live.id, live.base_model, live.accelerator, ms, f"{r.record_id}:{period}")
             row = s.get(ReplicaRecord, r.record_id)
             if row is not None:  # every process sees how far it is billed
                 row.metered_until = utcnow()
     except Exception:  # noqa: BLE001 - a failed write is retried with the next period's time
         r.metered_at, r.metered_periods = r.metered_at - ms / 1000, period
         log.exception("metering replica %s failed", r.id)
+
+
+def record_time(
+    session: Any, tenant_id: str, deployment_id: str, base_model: str, accelerator: str, ms: int, key: str
+) -> int:
+    """One ledger record of `ms` of a replica's time, priced by its accelerator; `key` names the replica and the
+    period, so a record written twice counts once. Returns the price, micro-USD."""
+    amount = replica_price(session, tenant_id, accelerator, ms)
+    ledger.record(
+        session,
+        ledger.Usage(
+            idempotency_key=f"replica:{key}",
+            tenant_id=tenant_id,
+            kind="deployment",
+            technique="replica",
+            base_model=base_model,
+            compute_ms=ms,
+            accelerator=accelerator,
+            amount_micro_usd=amount,
+            reference=deployment_id,
+        ),
+    )
+    return amount
 
 
 def replica_price(session: Any, tenant_id: str, accelerator: str, milliseconds: int) -> int:

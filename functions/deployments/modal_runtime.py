@@ -42,7 +42,7 @@ from app.control_lease import this_process
 from app.db import session_scope
 from app.models import Deployment, ReplicaRecord, utcnow
 from app.settings import get_settings
-from functions.deployments.autoscaler import ScalerMemory, ScalingConfig
+from functions.deployments.autoscaler import ScalingConfig
 from functions.deployments.containers import RUNTIME, close_silent
 from functions.deployments.live import Effects, Live, set_columns
 from functions.deployments.metrics import DeploymentMetrics, Gauges
@@ -237,22 +237,7 @@ class PoolRuntime:
         scaling = ScalingConfig(row.min_replicas, row.max_replicas, row.scale_up_threshold, row.cooldown_time)
         live = self.lives.get(row.id)
         if live is None:
-            live = self.lives[row.id] = Live(
-                id=row.id,
-                tenant_id=row.tenant_id,
-                name=row.name,
-                base_model=row.base_model,
-                accelerator=row.accelerator,
-                engine=row.engine,
-                scaling=scaling,
-                config_version=row.config_version,
-                preloaded=list(row.preloaded_adapters or []),
-                target_state=row.target_state,
-                status=row.status,
-                status_reason=row.status_reason,
-                memory=ScalerMemory(now),
-                replicas_written=row.replicas,
-            )
+            live = self.lives[row.id] = Live.of_row(row, now)
         live.scaling, live.config_version, live.target_state = scaling, row.config_version, row.target_state
         live.accelerator, live.engine = row.accelerator, row.engine
         live.status, live.status_reason = row.status, row.status_reason

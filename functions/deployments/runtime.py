@@ -36,7 +36,7 @@ from app.db import session_scope
 from app.models import Deployment
 from app.settings import get_settings
 from functions.deployments import containers, peers, records, snapshot
-from functions.deployments.autoscaler import ReplicaView, ScalerMemory, ScalingConfig, decide
+from functions.deployments.autoscaler import ReplicaView, ScalingConfig, decide
 from functions.deployments.leases import Lease, Leasing
 from functions.deployments.lifecycle import Lifecycle, drain, drain_order
 from functions.deployments.live import Effects, Fleet, Live, set_columns
@@ -231,21 +231,8 @@ class DeploymentRuntime:
         scaling = ScalingConfig(row.min_replicas, row.max_replicas, row.scale_up_threshold, row.cooldown_time)
         live = self.fleet.deployments.get(row.id)
         if live is None:
-            live = Live(
-                id=row.id,
-                tenant_id=row.tenant_id,
-                name=row.name,
-                base_model=row.base_model,
-                accelerator=row.accelerator,
-                engine=row.engine,
-                scaling=scaling,
-                config_version=row.config_version,
-                preloaded=list(row.preloaded_adapters or []),
-                target_state=row.target_state,
-                status=row.status,
-                status_reason=row.status_reason,
-                memory=ScalerMemory(now),
-            )
+            live = Live.of_row(row, now)
+            live.replicas_written = -1  # this process has written no count yet
             if row.status in (READY, INITIALIZING, UPDATING):
                 live.hint = "the API process started with no replica up"
             self.fleet.deployments[row.id] = live

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from app.db import session_scope
+from app.db import session_scope, sessions
 from app.models import BillingAccount
 from conftest import TINY_MODEL, Platform, make_tenant
 from web.errors import APIError
@@ -77,14 +77,15 @@ def test_requests_per_second(client: TestClient, monkeypatch: pytest.MonkeyPatch
 def test_the_window_with_a_made_up_clock(sqlite_platform: Platform) -> None:
     now = [100.0]  # the counts are kept in the database, shared by every API process
     limiter = SharedLimiter(clock=lambda: now[0])
+    db = sessions()()  # the request's session, which the check commits
     for _ in range(3):
-        limiter._rate("t1", 3)
+        limiter._rate(db, "t1", 3)
     with pytest.raises(APIError) as refused:
-        limiter._rate("t1", 3)
+        limiter._rate(db, "t1", 3)
     assert refused.value.status == 429 and refused.value.headers == {"Retry-After": "1"}
-    limiter._rate("t2", 3)  # another tenant's own window
+    limiter._rate(db, "t2", 3)  # another tenant's own window
     now[0] = 101.01  # the first three left the window
-    limiter._rate("t1", 3)
+    limiter._rate(db, "t1", 3)
 
 
 def test_month_boundaries() -> None:

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from app.control_lease import Lease
-from app.db import session_scope
+from app.db import session_scope, sessions
 from app.models import Deployment, RateLog
 from conftest import TINY_MODEL, Platform, make_tenant
 from web.errors import APIError
@@ -47,20 +47,21 @@ def test_concurrent_additions_lose_no_count(platform: Platform) -> None:
 def test_the_requests_per_second_limit_holds_across_two_limiters(platform: Platform) -> None:
     now = [100.2]
     processes = [SharedLimiter(clock=lambda: now[0]), SharedLimiter(clock=lambda: now[0])]
+    db = sessions()()  # the request's session, which the check commits
     refused = 0
     for i in range(7):  # 3 allowed in any second: 4 refused, whichever process each request reaches
         now[0] += 0.1
         try:
-            processes[i % 2]._rate("t1", 3)
+            processes[i % 2]._rate(db, "t1", 3)
         except APIError as error:
             assert error.status == 429 and error.headers == {"Retry-After": "1"}
             refused += 1
     assert refused == 4
-    processes[0]._rate("t2", 3)  # another tenant's own count
+    processes[0]._rate(db, "t2", 3)  # another tenant's own count
     now[0] = 101.35  # the first request (at 100.3) left the last second: one more goes through, not two
-    processes[1]._rate("t1", 3)
+    processes[1]._rate(db, "t1", 3)
     with pytest.raises(APIError):
-        processes[0]._rate("t1", 3)
+        processes[0]._rate(db, "t1", 3)
 
 
 def test_health_figures_written_by_two_processes_read_the_same_from_either(platform: Platform) -> None:
