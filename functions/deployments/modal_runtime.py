@@ -266,7 +266,7 @@ class PoolRuntime:
         with self.lock:
             self.in_flight[deployment_id] = self.in_flight.get(deployment_id, 0) + 1
         engine = PoolEngine(self.calls, pool_of(row), None, 0)
-        return PoolLease(self, deployment_id, _Holder(engine))
+        return PoolLease(self, deployment_id, engine)
 
     def describe(self, deployment_id: str) -> dict[str, Any]:
         """The deployment's containers as they reported themselves, for GET /v1/deployments/{name}."""
@@ -317,25 +317,14 @@ class PoolRuntime:
 
 
 @dataclass
-class _Holder:
-    """What DeploymentEngine reads of a lease's replica: the engine to stream from (the pool's)."""
-
-    engine: PoolEngine
-
-
-@dataclass
 class PoolLease:
-    """One request's use of a deployment's pool, from acquire to release (the health figures). DeploymentEngine
-    streams from `engine` (`replica.engine` in the lease's older shape)."""
+    """One request's use of a deployment's pool, from acquire to release (the health figures); DeploymentEngine
+    streams from `engine`."""
 
     runtime: PoolRuntime
     deployment_id: str
-    replica: _Holder
+    engine: PoolEngine
     released: bool = False
-
-    @property
-    def engine(self) -> PoolEngine:
-        return self.replica.engine
 
     def release(self, adapter_name: str | None, last: Delta | None, ok: bool, began: float) -> None:
         if self.released:
