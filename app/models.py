@@ -66,6 +66,9 @@ class Dataset(Base):
     data_format: Mapped[str | None] = mapped_column(String(30), default=None)  # prompt_completion | messages | text
     errors: Mapped[list[Any]] = mapped_column(default=list)  # [{"line": 3, "field": "prompt", "message": ...}]
     stats: Mapped[dict[str, Any]] = mapped_column(default=dict)  # rows, tokens, ... (functions/validate_dataset.py)
+    # [[prompt tokens, completion tokens], ...] per training row, for a job's "auto" values and truncation
+    # (functions/auto_config.py). Deferred: up to max_dataset_rows pairs, read only when a job is created.
+    train_lengths: Mapped[list[Any] | None] = mapped_column(default=None, deferred=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 

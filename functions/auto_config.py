@@ -1,0 +1,206 @@
+"""A fine-tuning config's "auto" fields, derived from its dataset, and what truncation will cost the job.
+
+The rules come from scripts/bench_quality.py (scripts/results/quality.md): the same 135M model, four public
+datasets, our defaults against hand settings. What they found and what follows:
+- learning_rate: LoRA on a small model learns its task in ~100 steps at 1e-3; 2e-4 (the common default for 7B
+  models) left classification near chance after two epochs. Larger models take smaller rates (the rule halves it
+  per size tier); full fine-tuning moves every weight, so it takes a rate 20x below LoRA's.
+- epochs: about TARGET_STEPS optimizer steps, whatever the dataset's size: a 400-row dataset gets 2 epochs, a
+  10,000-row one 1; evaluations every ~1/5 of the job, with the best one published, keep the extra steps from
+  overfitting.
+- effective_batch_size: 8 below 2,000 rows (more, smaller steps), 16 above.
+- max_seq_length: the longest row rounded up to 64, so nothing is cut unless the model's context (or 2,048, the
+  most this runtime trains cheaply) is shorter than a row.
+- eval_steps: TARGET_EVALUATIONS evaluations over the job.
+
+Truncation is told, never silent: every job records how many rows were cut, how many completion tokens were lost
+and how many rows were dropped for having no completion token left; over MAX_LOST_SHARE of the completion tokens
+the job is refused before any compute, naming max_seq_length.
+"""
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from app import volume
+from app.errors import Invalid
+from app.models import Dataset
+from app.settings import get_settings
+from functions.catalog import get_model
+from functions.dataset_files import parse_dataset
+from functions.finetune_config import AUTO_FIELDS, FinetuneConfig
+
+TARGET_STEPS = 100  # optimizer steps an "auto" job aims for
+MAX_AUTO_EPOCHS = 10
+TARGET_EVALUATIONS = 5
+MAX_AUTO_SEQ_LENGTH = 2048
+SEQ_LENGTH_MULTIPLE = 64
+LARGE_DATASET_ROWS = 2000  # from here on, batches of 16
+MAX_LOST_SHARE = 0.10  # of the train split's completion tokens, lost to truncation: over it the job is refused
+MIN_ROWS_TO_HOLD_OUT = 10  # smaller datasets without an evaluation split train on every row
+
+
+@dataclass(frozen=True)
+class Truncation:
+    """What max_seq_length cuts from the train split. A row's length is (prompt tokens, completion tokens)."""
+
+    max_seq_length: int
+    rows: int
+    rows_cut: int  # longer than max_seq_length
+    rows_dropped: int  # no completion token left: not trained on
+    completion_tokens: int
+    completion_tokens_lost: int
+    tokens: int  # tokens trained on per epoch, after truncation (what the job is priced on)
+    longest: int  # the longest row, before truncation
+
+    @classmethod
+    def of(cls, lengths: Sequence[tuple[int, int]], max_seq_length: int) -> "Truncation":
+        kept = [(p, c) for p, c in lengths if p < max_seq_length]
+        return cls(
+            max_seq_length=max_seq_length,
+            rows=len(lengths),
+            rows_cut=sum(1 for p, c in lengths if p + c > max_seq_length),
+            rows_dropped=len(lengths) - len(kept),
+            completion_tokens=sum(c for _, c in lengths),
+            completion_tokens_lost=sum(min(c, max(0, p + c - max_seq_length)) for p, c in lengths),
+            tokens=sum(min(p + c, max_seq_length) for p, c in kept),
+            longest=max((p + c for p, c in lengths), default=0),
+        )
+
+    @property
+    def lost_share(self) -> float:
+        return self.completion_tokens_lost / self.completion_tokens if self.completion_tokens else 0.0
+
+    def refusal(self) -> str | None:
+        """Why the job must not run, or None."""
+        if self.lost_share <= MAX_LOST_SHARE:
+            return None
+        return (
+            f"max_seq_length: {self.max_seq_length} tokens would cut {self.rows_cut} of {self.rows} training rows and "
+            f"lose {self.lost_share:.0%} of their completion tokens ({self.rows_dropped} rows would keep none and be "
+            f"dropped); at most {MAX_LOST_SHARE:.0%} may be lost. Raise max_seq_length (the longest row has "
+            f"{self.longest} tokens) or shorten the rows"
+        )
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "max_seq_length": self.max_seq_length,
+            "rows": self.rows,
+            "rows_cut": self.rows_cut,
+            "rows_dropped": self.rows_dropped,
+            "completion_tokens": self.completion_tokens,
+            "completion_tokens_lost": self.completion_tokens_lost,
+        }
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What the rules read of a dataset: its train rows' (prompt, completion) token lengths, and more."""
+
+    lengths: list[tuple[int, int]]  # train split, one per row
+    evaluation_rows: int
+    classification: bool
+
+    @property
+    def train_rows(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def longest(self) -> int:
+        return max((p + c for p, c in self.lengths), default=0)
+
+
+def dataset_profile(dataset: Dataset) -> Profile:
+    """The profile of a validated dataset. One validated before lengths were kept has them counted now, once."""
+    if dataset.train_lengths is None:
+        from functions.validate_dataset import row_lengths  # the validation handler's own counting
+
+        data = volume.dataset_path(dataset.tenant_id, dataset.id, dataset.file_format).read_bytes()
+        parsed = parse_dataset(data, dataset.file_format, get_settings().limits.max_dataset_rows)  # type: ignore[arg-type]  # a FileFormat, checked at upload
+        dataset.train_lengths = [list(pair) for pair in row_lengths(parsed, dataset.base_model)["train"]]
+    return Profile(
+        lengths=[(int(p), int(c)) for p, c in dataset.train_lengths],
+        evaluation_rows=int(dataset.stats.get("evaluation_rows", 0)),
+        classification=dataset.stats.get("labels") is not None,
+    )
+
+
+@dataclass(frozen=True)
+class Resolved:
+    config: FinetuneConfig  # no "auto" left
+    auto: dict[str, Any]  # the fields that were "auto", with the values used
+    warnings: list[str]
+    truncation: Truncation
+
+    def record(self) -> dict[str, Any]:
+        """What the job keeps of it in its summary."""
+        return {"auto": self.auto, "warnings": self.warnings, "truncation": self.truncation.record()}
+
+
+def resolve(config: FinetuneConfig, profile: Profile) -> Resolved:
+    """The config with its "auto" fields derived from `profile`; raises Invalid (naming max_seq_length) when
+    truncation would lose too much."""
+    chosen: dict[str, Any] = {}
+    auto = [name for name in AUTO_FIELDS if getattr(config, name) == "auto"]
+    if config.train_steps is not None and "epochs" in auto:
+        auto.remove("epochs")  # train_steps decides the length of the job
+    context = get_model(config.base_model).context_length
+    if "max_seq_length" in auto:
+        longest = math.ceil(max(profile.longest, 1) / SEQ_LENGTH_MULTIPLE) * SEQ_LENGTH_MULTIPLE
+        chosen["max_seq_length"] = max(16, min(longest, context, MAX_AUTO_SEQ_LENGTH))
+    if "effective_batch_size" in auto:
+        chosen["effective_batch_size"] = 8 if profile.train_rows < LARGE_DATASET_ROWS else 16
+    batch = chosen.get("effective_batch_size", config.effective_batch_size)
+    held_out = _held_out(config, profile)
+    rows = profile.train_rows - held_out
+    steps_per_epoch = max(1, math.ceil(rows / int(batch)))
+    if "epochs" in auto:
+        chosen["epochs"] = max(1, min(MAX_AUTO_EPOCHS, round(TARGET_STEPS / steps_per_epoch)))
+    if "learning_rate" in auto:
+        chosen["learning_rate"] = _learning_rate(config)
+    if "eval_steps" in auto:
+        total = config.train_steps or steps_per_epoch * int(chosen.get("epochs", config.epochs))
+        chosen["eval_steps"] = max(1, total // TARGET_EVALUATIONS)
+    resolved = config.model_copy(update=chosen)
+    truncation = Truncation.of(profile.lengths, resolved.values().max_seq_length)
+    refusal = truncation.refusal()
+    if refusal is not None:
+        raise Invalid(refusal, field="max_seq_length", code="truncation")
+    return Resolved(resolved, chosen, _warnings(resolved, profile, held_out, truncation), truncation)
+
+
+def _learning_rate(config: FinetuneConfig) -> float:
+    params = get_model(config.base_model).params
+    lora = 1e-3 if params < 1e9 else 5e-4 if params < 10e9 else 2e-4
+    return lora if config.kind == "lora" else lora / 20
+
+
+def _held_out(config: FinetuneConfig, profile: Profile) -> int:
+    """Rows the job will hold out of the train split for evaluation (functions/train.py draws them)."""
+    if profile.evaluation_rows or config.eval_fraction == 0 or profile.train_rows < MIN_ROWS_TO_HOLD_OUT:
+        return 0
+    return max(1, round(profile.train_rows * config.eval_fraction))
+
+
+def _warnings(config: FinetuneConfig, profile: Profile, held_out: int, truncation: Truncation) -> list[str]:
+    warnings = []
+    if not profile.evaluation_rows and not held_out:
+        why = (
+            "eval_fraction is 0"
+            if config.eval_fraction == 0
+            else f"{profile.train_rows} rows are too few to hold out an evaluation split (at least "
+            f"{MIN_ROWS_TO_HOLD_OUT} are needed)"
+        )
+        warnings.append(
+            f"no evaluation: the dataset has no evaluation split and {why}. The job trains on every row, cannot "
+            "stop early or pick its best step, and publishes its last step; defaults were derived from the "
+            f"{profile.train_rows} training rows alone"
+        )
+    if truncation.rows_cut:
+        warnings.append(
+            f"max_seq_length {truncation.max_seq_length}: {truncation.rows_cut} of {truncation.rows} training rows "
+            f"are cut, losing {truncation.completion_tokens_lost} of {truncation.completion_tokens} completion tokens"
+            + (f"; {truncation.rows_dropped} keep no completion token: dropped" if truncation.rows_dropped else "")
+        )
+    return warnings
