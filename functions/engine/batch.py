@@ -20,6 +20,7 @@ from functions.engine.kv_cache import KVCache
 from functions.engine.llama import Sequences
 from functions.engine.lora_pool import Segments
 from functions.engine.protocol import GenerationRequest
+from functions.engine.sampling import ChoiceTrie
 
 
 @dataclass(eq=False)
@@ -28,6 +29,7 @@ class Seq:
     prompt_ids: list[int]
     adapter_config: dict | None
     sink: Callable[[tuple], None]
+    choices: ChoiceTrie | None = None  # the request's choices (SamplingParams.choices), as token sequences
     submitted: float = field(default_factory=time.monotonic)
     cancelled: bool = False  # set by the caller's side; the engine drops the request before its next step
     # engine-thread state
@@ -63,7 +65,8 @@ class Seq:
         self.blocks = [block for blocks, _ in allocated for block in blocks]
         self.beam_slots = [slots for _, slots in allocated]
         if params.num_beams > 1:
-            self.beam = BeamSearch(params.num_beams, eos, params.max_new_tokens, params.min_new_tokens)
+            min_new = 0 if self.choices is not None else params.min_new_tokens  # a choice's end is its own
+            self.beam = BeamSearch(params.num_beams, eos, params.max_new_tokens, min_new)
         self.tokens = list(self.prompt_ids)
         if not params.greedy or params.repetition_penalty != 1.0:
             self.generator = torch.Generator(device)

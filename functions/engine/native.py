@@ -36,7 +36,7 @@ from functions.engine.protocol import (
     RequestFailed,
     check_request,
 )
-from functions.engine.sampling import Choice, RowState, choose
+from functions.engine.sampling import Choice, ChoiceTrie, RowState, choose, mask_choices
 from functions.precision import use_bf16
 from functions.prompts import encode_text
 
@@ -189,7 +189,8 @@ class NativeEngine(Engine):
         if total > self.kv.capacity_tokens:
             raise EngineError(f"prompt + max_tokens ({total}) exceeds this engine's KV cache", "max_tokens")
         config = self.adapters.check(request.adapter) if request.adapter is not None else None
-        return Seq(request, ids, config, sink=lambda item: None)
+        choices = ChoiceTrie.of(self.tokenizer, params.choices, self.eos) if params.choices else None
+        return Seq(request, ids, config, sink=lambda item: None, choices=choices)
 
     def _submit(self, seq: Seq) -> None:
         with self._wake:
@@ -389,7 +390,7 @@ class NativeEngine(Engine):
         batch is redone row by row, and a row that raises alone fails its request alone."""
         if not seqs:
             return
-        states = [RowState(s.request.params, s.tokens, s.generated, s.generator, self.eos) for s in seqs]
+        states = [RowState(s.request.params, s.tokens, s.generated, s.generator, self.eos, s.choices) for s in seqs]
         try:
             choices: list[Choice | None] = list(choose(logits, states))
         except Exception:  # noqa: BLE001 - find the row at fault
@@ -419,6 +420,8 @@ class NativeEngine(Engine):
         """One beam-search step; the keys and values of each kept beam's parent are copied into its slots."""
         beam = seq.beam
         assert beam is not None
+        if seq.choices is not None:  # each beam continues one of the choices (its rows: beams in order)
+            logits = mask_choices(logits, [seq.choices.allowed(tokens) for tokens in beam.beams])
         parents = beam.step(logits)
         self.counters["generated_tokens"] += len(parents)
         if parents != list(range(len(parents))):

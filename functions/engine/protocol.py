@@ -43,6 +43,10 @@ class SamplingParams:
     num_beams: int = 1  # > 1: beam search (deterministic; sampling fields are ignored)
     logprobs: bool = False  # per generated token: its log-probability under the model
     top_logprobs: int = 0  # and this many most likely alternatives (0-20)
+    # When non-empty, the completion is exactly one of these strings, then the end of the sequence (a
+    # classification adapter's labels): each step may only continue one of them, each encoded as plain text
+    # (prompts.encode_text). min_new_tokens does not apply; logprobs are over the allowed tokens, renormalised.
+    choices: tuple[str, ...] = ()
 
     @property
     def greedy(self) -> bool:
@@ -194,6 +198,7 @@ class Engine(Protocol):
 
 
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit integer
+MAX_CHOICES = 64  # a classification dataset has at most 50 labels (functions/datasets.MAX_CLASSES)
 
 
 def check_request(prompt_ids: list[int], params: SamplingParams, context_length: int) -> None:
@@ -212,6 +217,10 @@ def check_request(prompt_ids: list[int], params: SamplingParams, context_length:
         raise EngineError("top_logprobs must be between 0 and 20", "top_logprobs")
     if params.seed is not None and not 0 <= params.seed <= MAX_SEED:
         raise EngineError(f"seed must be between 0 and {MAX_SEED}", "seed")
+    if len(params.choices) > MAX_CHOICES:
+        raise EngineError(f"choices: at most {MAX_CHOICES}, got {len(params.choices)}", "choices")
+    if not all(isinstance(choice, str) and choice for choice in params.choices):
+        raise EngineError("choices must be non-empty strings", "choices")
 
 
 class ClientGone(Exception):
@@ -250,6 +259,7 @@ def request_from_dict(data: dict) -> GenerationRequest:
     """The inverse of request_to_dict, for engines reached over HTTP or RPC (engine process, Modal)."""
     params = dict(data.get("params") or {})
     params["stop"] = tuple(params.get("stop", ()))
+    params["choices"] = tuple(params.get("choices", ()))
     adapter = data.get("adapter")
     prompt = data["prompt"]
     return GenerationRequest(

@@ -1,13 +1,58 @@
 """Next-token choice for one step's batch: greedy rows in one argmax, the rest row by row.
 
 The order of logit processing follows transformers' generate (repetition penalty, temperature, top-k, top-p),
-so the same seed gives the same tokens run after run."""
+so the same seed gives the same tokens run after run.
 
-from dataclasses import dataclass
+A row whose request names `choices` (SamplingParams.choices) first has every token masked but those that continue
+one of its choices (ChoiceTrie), or only end-of-sequence once it spelled a whole one; greedy, sampling and logprobs
+then see the masked logits, so the logprobs are over the allowed tokens, renormalised. Rows without choices take
+the same path as before, with no extra work."""
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from functions.engine.protocol import SamplingParams
+from functions.prompts import encode_text
+
+
+@dataclass
+class _Node:
+    children: dict[int, "_Node"] = field(default_factory=dict)
+    end: bool = False  # a whole choice ends here: end-of-sequence is allowed
+    allowed: list[int] = field(default_factory=list)  # children's tokens, plus eos where `end`; set once built
+
+
+class ChoiceTrie:
+    """The token sequences of a request's choices, as a trie: which tokens may follow what was generated. A choice
+    that is a prefix of another keeps both paths open (end-of-sequence and the longer choice's next token)."""
+
+    def __init__(self, sequences: Sequence[Sequence[int]], eos: int) -> None:
+        self.root = _Node()
+        for tokens in sequences:
+            node = self.root
+            for token in tokens:
+                node = node.children.setdefault(token, _Node())
+            node.end = True
+        stack = [self.root]
+        while stack:
+            node = stack.pop()
+            node.allowed = list(node.children) + ([eos] if node.end else [])
+            stack.extend(node.children.values())
+
+    @classmethod
+    def of(cls, tokenizer: Any, choices: Sequence[str], eos: int) -> "ChoiceTrie":
+        """Each choice as training encodes a completion after the chat template's assistant header."""
+        return cls([encode_text(tokenizer, choice) for choice in choices], eos)
+
+    def allowed(self, generated: Sequence[int]) -> list[int]:
+        """The tokens that may follow `generated` (the tokens generated so far, all on one path of the trie)."""
+        node = self.root
+        for token in generated:
+            node = node.children[token]
+        return node.allowed
 
 
 @dataclass
@@ -19,6 +64,11 @@ class RowState:
     generated: int
     generator: torch.Generator | None
     eos: int
+    choices: ChoiceTrie | None = None  # the request's choices, when it names any
+
+    def allowed(self) -> list[int]:
+        assert self.choices is not None
+        return self.choices.allowed(self.tokens[len(self.tokens) - self.generated :])
 
 
 @dataclass
@@ -31,8 +81,13 @@ class Choice:
 def choose(logits: torch.Tensor, rows: list[RowState]) -> list[Choice]:
     """logits: [B, V] fp32, one row per entry of `rows`."""
     simple = [
-        r.params.greedy and r.params.repetition_penalty == 1.0 and r.generated >= r.params.min_new_tokens for r in rows
+        r.params.greedy
+        and r.params.repetition_penalty == 1.0
+        and (r.generated >= r.params.min_new_tokens or r.choices is not None)
+        for r in rows
     ]
+    if any(r.choices is not None for r in rows):
+        logits = mask_choices(logits, [r.allowed() if r.choices is not None else None for r in rows])
     greedy = logits.argmax(-1).tolist() if any(simple) else []
     choices = []
     for i, row in enumerate(rows):
@@ -43,15 +98,29 @@ def choose(logits: torch.Tensor, rows: list[RowState]) -> list[Choice]:
             choice.logprob = float(logprobs[token])
             if row.params.top_logprobs:
                 values, ids = logprobs.topk(row.params.top_logprobs)
-                choice.top = list(zip(ids.tolist(), values.tolist(), strict=True))
+                top = zip(ids.tolist(), values.tolist(), strict=True)
+                # a masked token (-inf: not one of the row's choices) is no alternative, and no JSON number
+                choice.top = [(t, v) for t, v in top if v != -float("inf")]
         choices.append(choice)
     return choices
+
+
+def mask_choices(logits: torch.Tensor, allowed: Sequence[list[int] | None]) -> torch.Tensor:
+    """A copy of logits [B, V] where, in each row with a list of allowed tokens, every other token is -inf (rows
+    with None are left as they are)."""
+    masked = logits.clone()
+    for i, tokens in enumerate(allowed):
+        if tokens is not None:
+            keep = torch.tensor(tokens, dtype=torch.long, device=logits.device)
+            masked[i].fill_(-float("inf"))
+            masked[i, keep] = logits[i, keep]
+    return masked
 
 
 def _sample(row_logits: torch.Tensor, row: RowState) -> int:
     params = row.params
     scores = row_logits.clone()
-    if row.generated < params.min_new_tokens:
+    if row.generated < params.min_new_tokens and row.choices is None:  # a choice's end is its own
         scores[row.eos] = -float("inf")
     if params.repetition_penalty != 1.0:
         seen = torch.tensor(sorted(set(row.tokens)), device=scores.device)

@@ -189,17 +189,23 @@ class VLLMEngine(Engine):
 
     def _sampling_params(self, request: GenerationRequest, prompt_len: int) -> Any:
         from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
         params = request.params
         greedy = params.greedy
+        # Choices (a classification adapter's labels): vLLM's structured outputs, a grammar of the choices' texts,
+        # which masks the logits before they are sampled and before the logprobs are taken (renormalised over the
+        # allowed tokens, as the native engine's). A choice's end is its own: min_tokens yields to it.
+        choices = StructuredOutputsParams(choice=list(params.choices)) if params.choices else None
+        min_new = 0 if params.choices else params.min_new_tokens
         return SamplingParams(
             temperature=0.0 if greedy else params.temperature,
             top_p=1.0 if greedy else params.top_p,
             top_k=0 if greedy else params.top_k,  # 0: no top-k filtering (as ours)
             repetition_penalty=params.repetition_penalty,
             max_tokens=min(params.max_new_tokens, self.context_length - prompt_len),
-            min_tokens=min(params.min_new_tokens, self.context_length - prompt_len),
+            min_tokens=min(min_new, self.context_length - prompt_len),
+            structured_outputs=choices,
             stop=list(params.stop) or None,  # vLLM holds back text that may begin a stop and cuts before it
             seed=params.seed,
             # vLLM always returns the chosen token's logprob, plus this many alternatives (0: none).
@@ -223,8 +229,12 @@ class VLLMEngine(Engine):
         result = []
         for token_id, options in zip(piece.token_ids, piece.logprobs or (), strict=False):
             chosen = options[token_id]
-            ranked = sorted(
-                (item for item in options.items() if item[1].rank is not None and item[1].rank <= top_n),
+            ranked = sorted(  # a token masked out by choices (-inf) is no alternative, and no JSON number
+                (
+                    item
+                    for item in options.items()
+                    if item[1].rank is not None and item[1].rank <= top_n and item[1].logprob != -float("inf")
+                ),
                 key=lambda item: item[1].rank,
             )
             top = tuple((self._token_text(tid, lp), lp.logprob) for tid, lp in ranked)
