@@ -104,6 +104,9 @@ class AdapterVersion(Base):
     rank: Mapped[int] = mapped_column(Integer)  # 0 for a full model
     target_modules: Mapped[list[Any]] = mapped_column(default=list)
     job_id: Mapped[str | None] = mapped_column(String(32), default=None)
+    # A classification adapter's label set (its dataset's labels: functions/datasets.detect_labels): serving then
+    # answers only one of them (SamplingParams.choices). None for any other adapter.
+    labels: Mapped[list[Any] | None] = mapped_column(JSON(none_as_null=True), default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     repo: Mapped[Repo] = relationship(back_populates="versions")
 

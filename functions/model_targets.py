@@ -4,6 +4,10 @@ fine-tunings; and which of those a private deployment serves.
 `model` is a base model ("smollm2-135m"), a version ("repo/3"), a checkpoint ("repo/3@2": checkpoint 2 of
 version 3) or a repo ("repo": its latest version). The shared endpoints serve any of them; a deployment serves its
 own base model and the tenant's LoRA adapters of it.
+
+A version trained on a classification dataset (and its checkpoints, once it is published) carries its labels: the
+request is then answered with one of them (Target.labels, web/inference.py). They come with the version's row, in
+the query that resolves `model`.
 """
 
 from dataclasses import dataclass
@@ -28,6 +32,7 @@ class Target:
     # A full fine-tuning's model directory, which the engine loads as its weights in place of base_model's;
     # None for catalog base models and adapters.
     model_dir: Path | None = None
+    labels: tuple[str, ...] = ()  # a classification adapter's labels: the answer is one of them (none: free text)
 
 
 def resolve_model(db: Session, tenant_id: str, model: str) -> Target:
@@ -44,9 +49,9 @@ def resolve_model(db: Session, tenant_id: str, model: str) -> Target:
     if weights is None:
         raise not_found
     if weights.kind == "full":
-        return Target(model, weights.base_model, None, weights.name, model_dir=weights.path)
+        return Target(model, weights.base_model, None, weights.name, model_dir=weights.path, labels=weights.labels)
     adapter = AdapterRef(weights.key, weights.path, weights.base_model)
-    return Target(model, weights.base_model, adapter, weights.name)
+    return Target(model, weights.base_model, adapter, weights.name, labels=weights.labels)
 
 
 def deployment_target(db: Session, tenant_id: str, deployment: str, base_model: str, model: str) -> Target:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import select, update
+from sqlalchemy import and_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -40,6 +40,7 @@ class Weights:
     kind: str  # lora | full
     base_model: str
     path: Path  # PEFT directory, or whole-model directory
+    labels: tuple[str, ...] = ()  # a classification adapter's labels: what serving may answer (none: free text)
 
 
 def get_or_create_repo(session: Session, tenant_id: str, name: str) -> Repo:
@@ -79,6 +80,7 @@ class VersionSpec:
     rank: int  # 0 for a full model
     target_modules: list[str]
     kind: str = "lora"  # lora | full
+    labels: list[str] | None = None  # a classification dataset's labels (functions/datasets.detect_labels)
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,7 @@ def publish_adapter(
     rank: int,
     target_modules: list[str],
     kind: str = "lora",
+    labels: list[str] | None = None,
     version: int | None = None,
     repo_id: str | None = None,
     job_id: str | None = None,
@@ -109,13 +112,15 @@ def publish_adapter(
     """Save the files of `files_dir` as version `repo/N` and record it, in one transaction.
 
     N is `version` when given (a training job's number, taken when it started), else the repo's next number.
+    `labels`: the label set of a classification dataset the adapter was trained on; serving then answers only one
+    of them (web/inference.py).
     The repo is `repo_id`, or the tenant's repo named `repo_name`, created if missing (in the same transaction).
     `guard(session)` runs first and may decline (returns False: nothing is kept, None is returned);
     `on_published(session, version)` runs after the version row exists and writes whatever else must commit
     with it (training: the job row and the usage record). On any failure the directory is removed again; the
     checkpoints saved under the version while it trained stay where they are.
     """
-    spec = VersionSpec(base_model, adapter_type, rank, target_modules, kind)
+    spec = VersionSpec(base_model, adapter_type, rank, target_modules, kind, list(labels) if labels else None)
     parent = volume.adapter_dir(tenant_id, repo_name, 0).parent
     parent.mkdir(parents=True, exist_ok=True)
     # Copied beside its final place before the transaction, so only a rename happens while rows are locked.
@@ -157,6 +162,7 @@ def _publish_once(
             kind=spec.kind,
             rank=spec.rank,
             target_modules=spec.target_modules,
+            labels=spec.labels,
             job_id=job_id,
         )
         s.add(adapter)
@@ -231,18 +237,23 @@ def find_parts(session: Session, tenant_id: str, repo: str, version: int, checkp
         )
         if row is None:
             return None
-        return Weights(row.name, row.id, row.kind, row.base_model, volume.adapter_dir(tenant_id, repo, version))
-    found = session.scalar(
-        select(Checkpoint)
-        .join(Repo)
+        path = volume.adapter_dir(tenant_id, repo, version)
+        return Weights(row.name, row.id, row.kind, row.base_model, path, tuple(row.labels or ()))
+    # A checkpoint answers from its version's labels once that version is published (same query: an outer join).
+    published = and_(AdapterVersion.repo_id == Checkpoint.repo_id, AdapterVersion.version == Checkpoint.version)
+    result = session.execute(
+        select(Checkpoint, AdapterVersion.labels)
+        .join(Repo, Repo.id == Checkpoint.repo_id)
+        .outerjoin(AdapterVersion, published)
         .where(
             Repo.tenant_id == tenant_id,
             Repo.name == repo,
             Checkpoint.version == version,
             Checkpoint.number == checkpoint,
         )
-    )
-    if found is None:
+    ).first()
+    if result is None:
         return None
+    found, labels = result
     path = volume.checkpoint_dir(tenant_id, repo, version, checkpoint)
-    return Weights(found.name, found.id, found.kind, found.base_model, path)
+    return Weights(found.name, found.id, found.kind, found.base_model, path, tuple(labels or ()))

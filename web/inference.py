@@ -5,10 +5,17 @@
 leave, and answers whole or as server-sent events (web/replies.py builds the shapes); on the shared endpoints it
 writes a priced usage record. What the engine refuses or fails with is a domain refusal (app/errors.py) which
 reaches the API's error handler as it is, except where the API adds context: a refused request's field and status.
+
+Classification adapters answer from their labels: when the version behind `model` was trained on a classification
+dataset (its labels are on its row, functions/model_targets.Target.labels), the engine is asked for exactly one of
+them (SamplingParams.choices), whatever the prompt; with logprobs, the first token's top_logprobs give each label's
+probability (over the labels alone) when the labels differ at their first token. A stop sequence that would cut a
+label short is refused; max_tokens below a label's length ends the answer with finish_reason "length".
 """
 
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from dataclasses import replace
 from typing import Any, TypeVar
 
 import anyio
@@ -31,6 +38,7 @@ from functions.engine.protocol import (
     EngineUnavailable,
     GenerationRequest,
     RequestFailed,
+    SamplingParams,
     collect,
     unless_gone,
 )
@@ -77,7 +85,7 @@ async def respond(
         prompt = encode_chat(engine.tokenizer, [{"role": m.role, "content": m.text} for m in body.messages])
     else:
         prompt = body.prompt_text
-    gen = GenerationRequest(prompt=prompt, params=body.sampling(body.requested_max_tokens), adapter=target.adapter)
+    gen = GenerationRequest(prompt=prompt, params=_params(body, target), adapter=target.adapter)
     reply = Reply(target.model, chat)
     meter = _Meter(reply.id, target, tenant, engine, metered)
     stream = engine.generate(gen)
@@ -88,6 +96,24 @@ async def respond(
     completion = await _until_answered(collect(_chain(first, stream)), http, chat)
     cost = await run_in_threadpool(meter.record, completion.prompt_tokens, completion.completion_tokens)
     return reply.full(completion, cost)
+
+
+def _params(body: ChatCompletionRequest | CompletionRequest, target: Target) -> SamplingParams:
+    """The request's sampling, restricted to the target's labels when it is a classification adapter."""
+    params = body.sampling(body.requested_max_tokens)
+    labels = tuple(label for label in target.labels if label)  # an empty answer is no label to constrain to
+    if not labels:
+        return params
+    cut = [stop for stop in params.stop if any(stop in label for label in labels)]
+    if cut:
+        raise APIError(
+            400,
+            f"stop: {cut[0]!r} occurs within a label of {target.model!r}, a classification adapter that answers "
+            "only with one of its labels: it would cut the answer short",
+            param="stop",
+            code="invalid_request",
+        )
+    return replace(params, choices=labels)
 
 
 async def _until_answered(awaitable: Any, http: Request, chat: bool) -> Any:

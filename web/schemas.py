@@ -130,6 +130,7 @@ class AdapterOut(BaseModel):
     rank: int  # 0 for a full model
     target_modules: list[str]
     job_id: str | None
+    labels: list[str] | None  # a classification adapter's labels: it answers only one of them; None otherwise
     created_at: datetime
 
 

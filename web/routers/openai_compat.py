@@ -3,6 +3,9 @@
 `model` is a base model, an adapter version or checkpoint, or a repo (functions/model_targets.py). These run under
 the free tier's per-tenant limits (web/shared_limits.py); private deployments answer the same bodies under
 /v1/deployments/{name}/ (web/routers/deployment_inference.py). web/inference.py answers both.
+
+Classification adapters answer from their labels: a version trained on a classification dataset answers exactly one
+of its labels (AdapterOut.labels), with each label's probability in the first token's logprobs.
 """
 
 from typing import Any
