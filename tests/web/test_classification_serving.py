@@ -110,12 +110,12 @@ def _tokenizer() -> Any:
     return load_tokenizer(TINY_MODEL)
 
 
-def test_migration_0008_adds_and_removes_the_labels_column(platform: Platform) -> None:
+def test_migration_0008_adds_and_removes_the_labels_column(platform: Platform, lora_dir: Path) -> None:
     from alembic import command
     from alembic.config import Config
     from sqlalchemy import inspect
 
-    from app.db import MIGRATIONS_DIR, get_engine
+    from app.db import MIGRATIONS_DIR, get_engine, session_scope
 
     def columns() -> set[str]:
         return {c["name"] for c in inspect(get_engine()).get_columns("adapter_versions")}
@@ -127,8 +127,16 @@ def test_migration_0008_adds_and_removes_the_labels_column(platform: Platform) -
             cfg.attributes["connection"] = conn
             (command.downgrade if down else command.upgrade)(cfg, revision)
 
+    from conftest import make_tenant
+    from functions.repos import find
+
+    tenant_id = make_tenant("carol")[0]
+    publish("carol", "triage", lora_dir, LABELS)
     assert "labels" in columns()
-    alembic("0007", down=True)
+    alembic("0007", down=True)  # with a version (and its labels) in the table
     assert "labels" not in columns()
     alembic("head")
     assert "labels" in columns()
+    with session_scope() as s:
+        weights = find(s, tenant_id, "triage/1")
+        assert weights is not None and weights.labels == ()  # the version is kept; its labels went with the column

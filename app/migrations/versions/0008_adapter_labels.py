@@ -14,10 +14,10 @@ depends_on = None
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("adapter_versions", schema=None) as batch_op:
-        batch_op.add_column(sa.Column("labels", sa.JSON(), nullable=True))
+    op.add_column("adapter_versions", sa.Column("labels", sa.JSON(), nullable=True))
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("adapter_versions", schema=None) as batch_op:
-        batch_op.drop_column("labels")
+    # ALTER TABLE ... DROP COLUMN (SQLite 3.35+), not batch mode's copy of the table: finetune_jobs' foreign key
+    # points at adapter_versions, and SQLite refuses to drop a referenced table that has rows.
+    op.drop_column("adapter_versions", "labels")
