@@ -140,3 +140,29 @@ def test_migration_0008_adds_and_removes_the_labels_column(platform: Platform, l
     with session_scope() as s:
         weights = find(s, tenant_id, "triage/1")
         assert weights is not None and weights.labels == ()  # the version is kept; its labels went with the column
+
+
+def test_a_deployment_answers_a_labelled_adapter_with_a_label(
+    sqlite_platform: Platform, monkeypatch: pytest.MonkeyPatch, lora_dir: Path
+) -> None:
+    """On a private deployment the request crosses to a replica process (the engine process's HTTP API): the
+    labels go with it."""
+    import httpx
+
+    from app.settings import get_settings
+    from conftest import make_tenant
+    from deployment_helpers import FAST_ENV, serve_app, wait_status
+
+    for key, value in FAST_ENV.items():
+        monkeypatch.setenv(key, value)
+    get_settings.cache_clear()
+    _, headers = make_tenant("acme")
+    classifier = publish("acme", "triage", lora_dir, LABELS)
+    with serve_app() as served, httpx.Client(base_url=served.url, headers=headers, timeout=120) as http:
+        r = http.post("/v1/deployments", json={"name": "triage", "base_model": TINY_MODEL, "min_replicas": 1})
+        assert r.status_code == 201, r.text
+        wait_status(http, "triage", "Ready")
+        api = openai.OpenAI(base_url=f"{served.url}/v1/deployments/triage", api_key=headers["Authorization"][7:])
+        reply = api.chat.completions.create(model=classifier, messages=TICKET, temperature=0, logprobs=True)
+        assert reply.choices[0].message.content in LABELS and reply.choices[0].finish_reason == "stop"
+        assert http.delete("/v1/deployments/triage").status_code in (200, 202, 204)
