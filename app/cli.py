@@ -155,7 +155,7 @@ def prepare(base_model: str = "smollm2-135m") -> None:
 def demo(
     port: int = typer.Option(8765, help="Port for the demo's API server."),
     dataset: Path = typer.Option(Path(__file__).parent / "samples" / "support_triage.jsonl", help="JSONL or CSV."),
-    epochs: int = typer.Option(3, help="Fine-tuning epochs."),
+    epochs: int | None = typer.Option(None, help="Fine-tuning epochs; derived from the dataset if unset ('auto')."),
 ) -> None:
     """The main job: start the platform, fine-tune SmolLM2-135M on a sample dataset, compare answers and costs."""
     from app.demo import run_demo

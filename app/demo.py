@@ -24,7 +24,7 @@ TABLE_ROWS = 4  # held-out answers shown side by side
 console = Console(width=None if Console().is_terminal else 140)
 
 
-def run_demo(port: int, dataset: Path, epochs: int) -> int:
+def run_demo(port: int, dataset: Path, epochs: int | None) -> int:
     started = time.monotonic()
     run_started = datetime.now(UTC)
     _prepare_model()
@@ -109,23 +109,23 @@ def _upload(http: httpx.Client, dataset: Path, name: str) -> dict:
     return body
 
 
-def _train(client: Loraplex, dataset: str, epochs: int) -> dict:
-    config = {
-        "base_model": BASE_MODEL,
-        "dataset": dataset,
-        "repo": "support-triage",
-        "epochs": epochs,
-        "learning_rate": 1e-3,
-        "rank": 16,
-        "effective_batch_size": 8,
-        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    }
+def _train(client: Loraplex, dataset: str, epochs: int | None) -> dict:
+    # What a new user sends: the defaults derive the rest from the dataset (functions/auto_config.py).
+    config: dict = {"base_model": BASE_MODEL, "dataset": dataset, "repo": "support-triage"}
+    if epochs is not None:
+        config["epochs"] = epochs
     try:
         job = client.create_job(**config)
     except LoraplexError as exc:
         raise SystemExit(f"job refused: {exc}") from None
+    chosen = job["config"]
     console.print(
-        f"Price quote: {job['estimate']['tokens']:,} tokens processed ({epochs} epochs) = "
+        f"Defaults from the dataset: {chosen['epochs']} epochs, learning rate {chosen['learning_rate']:g}, batch "
+        f"{chosen['effective_batch_size']}, max_seq_length {chosen['max_seq_length']}, LoRA r{chosen['rank']} on "
+        "every linear layer"
+    )
+    console.print(
+        f"Price quote: {job['estimate']['tokens']:,} tokens processed = "
         f"[bold]{job['estimate']['cost']['usd']}[/] (LoRA, up to 16B parameters: $0.50 per 1M tokens)"
     )
     result = watch_job(client, job["id"], console)  # the progress bar of `loraplex jobs watch`, from the SSE stream
@@ -136,16 +136,17 @@ def _train(client: Loraplex, dataset: str, epochs: int) -> dict:
 
 
 def _evaluation(job: dict) -> None:
-    """The job's own evaluation on the held-out split: before training (step 0) and after the last step."""
+    """The job's own evaluation on the held-out split: before training (step 0) and at the step it published (the
+    evaluated step with the best task metric)."""
     summary = job.get("summary") or {}
-    if "baseline" not in summary or "final" not in summary:
+    if "baseline" not in summary or "best" not in summary:
         return
     table = Table(title=f"Evaluation on {summary['evaluation_rows']} held-out rows (the job's metrics)")
     for column in ("", "loss", "perplexity", "token accuracy", "sequence accuracy", "char error rate"):
         table.add_column(column, justify="right")
     for label, row in (
         (f"{BASE_MODEL} (step 0)", summary["baseline"]),
-        (f"{job['adapter']} (step {summary['final']['step']})", summary["final"]),
+        (f"{job['adapter']} (step {summary['best']['step']} of {summary['steps_done']})", summary["best"]),
     ):
         table.add_row(
             label,

@@ -32,6 +32,7 @@ from functions.dataset_files import parse_dataset
 from functions.finetune_config import AUTO_FIELDS, FinetuneConfig
 
 TARGET_STEPS = 100  # optimizer steps an "auto" job aims for
+CLASSIFICATION_TASK = "completion"  # what "auto" trains on a classification dataset (see the module docstring)
 MAX_AUTO_EPOCHS = 10
 TARGET_EVALUATIONS = 5
 MAX_AUTO_SEQ_LENGTH = 2048
@@ -145,6 +146,14 @@ def resolve(config: FinetuneConfig, profile: Profile) -> Resolved:
     auto = [name for name in AUTO_FIELDS if getattr(config, name) == "auto"]
     if config.train_steps is not None and "epochs" in auto:
         auto.remove("epochs")  # train_steps decides the length of the job
+    if config.task == "classification" and not profile.classification:
+        raise Invalid(
+            "task: 'classification' needs a classification dataset (every completion one of at most "
+            "a few short labels, each with enough rows); this dataset's completions are free text: use 'completion'",
+            field="task",
+        )
+    if "task" in auto:
+        chosen["task"] = CLASSIFICATION_TASK if profile.classification else "completion"
     context = get_model(config.base_model).context_length
     if "max_seq_length" in auto:
         longest = math.ceil(max(profile.longest, 1) / SEQ_LENGTH_MULTIPLE) * SEQ_LENGTH_MULTIPLE

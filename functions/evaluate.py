@@ -3,8 +3,8 @@
 - loss, perplexity and token accuracy: one teacher-forced pass over each example, on completion tokens only;
 - sequence accuracy and character error rate: the greedy answer to each prompt against the reference
   completion (rows without a prompt, as in continued pretraining, have no answer to compare and are skipped);
-- for a classification dataset (functions/datasets.detect_labels), accuracy per class and the confusion matrix
-  of those greedy answers.
+- for a classification dataset (functions/datasets.detect_labels), the answer is one of the labels, chosen as
+  constrained decoding chooses it at inference, with accuracy per class and the confusion matrix.
 """
 
 import math
@@ -36,9 +36,11 @@ def evaluate(
     examples: list[Tokenized],
     batch_size: int = 8,
     bf16: bool = False,
-    labels: list[str] | None = None,
+    labels: dict[str, list[int]] | None = None,
 ) -> EvalResult:
-    """`labels`: the label set of a classification dataset, which adds `classification` to the result."""
+    """`labels`: a classification dataset's labels with each one's completion token ids (as training sees them);
+    its rows are answered as inference answers them, from the labels only (constrained decoding), and the result
+    gets `classification`."""
     import torch
 
     was_training = model.training
@@ -46,9 +48,11 @@ def evaluate(
     device = next(model.parameters()).device.type
     try:
         with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
-            loss, token_accuracy = _teacher_forced(model, tokenizer, examples, batch_size)
-            limit = CLASSIFICATION_ROWS if labels else GENERATION_ROWS
-            answers = _greedy_answers(model, tokenizer, examples[:limit], batch_size)
+            if labels:
+                loss, token_accuracy, answers = _classified(model, tokenizer, examples, labels, batch_size)
+            else:
+                loss, token_accuracy, _ = _teacher_forced(model, tokenizer, examples, batch_size)
+                answers = _greedy_answers(model, tokenizer, examples[:GENERATION_ROWS], batch_size)
     finally:
         model.train(was_training)
     sequence_accuracy = cer = report = None
@@ -56,7 +60,7 @@ def evaluate(
         sequence_accuracy = sum(pred.strip() == ref.strip() for pred, ref in answers) / len(answers)
         cer = sum(char_error_rate(pred.strip(), ref.strip()) for pred, ref in answers) / len(answers)
         if labels:
-            report = classification_report(answers, labels)
+            report = classification_report(answers, list(labels))
     perplexity = math.exp(min(loss, 50.0))
     return EvalResult(loss, perplexity, token_accuracy, sequence_accuracy, cer, len(examples), report)
 
@@ -86,28 +90,84 @@ def classification_report(answers: list[tuple[str, str]], labels: list[str]) -> 
     }
 
 
-def _teacher_forced(model: Any, tokenizer: Any, examples: list[Tokenized], batch_size: int) -> tuple[float, float]:
+def _teacher_forced(
+    model: Any, tokenizer: Any, examples: list[Tokenized], batch_size: int, first_logits: bool = False
+) -> tuple[float, float, list[Any]]:
+    """(loss per completion token, token accuracy, and with `first_logits` each row's logits [vocab] at its first
+    completion token) over `examples`."""
     import torch
+
+    from functions.completion_loss import completion_loss
 
     device = next(model.parameters()).device
     total_loss, correct, counted = 0.0, 0, 0
+    firsts: list[Any] = []
     for start in range(0, len(examples), batch_size):
-        batch = examples[start : start + batch_size]
-        width = max(len(e.input_ids) for e in batch)
-        ids = torch.full((len(batch), width), tokenizer.pad_token_id)  # [batch, seq], right-padded
-        labels = torch.full((len(batch), width), IGNORE_INDEX)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, e in enumerate(batch):
-            ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
-            labels[i, : len(e.labels)] = torch.tensor(e.labels)
-            mask[i, : len(e.input_ids)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()  # [b, seq, vocab]
-        predicted, target = logits[:, :-1], labels[:, 1:].to(device)  # position t predicts token t+1
-        keep = target != IGNORE_INDEX
-        total_loss += torch.nn.functional.cross_entropy(predicted[keep], target[keep], reduction="sum").item()
-        correct += (predicted.argmax(-1)[keep] == target[keep]).sum().item()
-        counted += int(keep.sum().item())
-    return total_loss / max(counted, 1), correct / max(counted, 1)
+        ids, mask, labels = _batch(tokenizer, examples[start : start + batch_size])
+        result = completion_loss(model, ids.to(device), mask.to(device), labels.to(device), first_logits)
+        total_loss += float(result.loss_sum)
+        correct += result.correct
+        counted += result.count
+        if result.first_logits is not None:
+            firsts.extend(torch.unbind(result.first_logits.cpu()))
+    return total_loss / max(counted, 1), correct / max(counted, 1), firsts
+
+
+def _batch(tokenizer: Any, batch: list[Tokenized]) -> tuple[Any, Any, Any]:
+    """input_ids, attention_mask, labels: [batch, seq], right-padded."""
+    import torch
+
+    width = max(len(e.input_ids) for e in batch)
+    ids = torch.full((len(batch), width), tokenizer.pad_token_id)
+    labels = torch.full((len(batch), width), IGNORE_INDEX)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, e in enumerate(batch):
+        ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
+        labels[i, : len(e.labels)] = torch.tensor(e.labels)
+        mask[i, : len(e.input_ids)] = 1
+    return ids, mask, labels
+
+
+def _classified(
+    model: Any, tokenizer: Any, examples: list[Tokenized], labels: dict[str, list[int]], batch_size: int
+) -> tuple[float, float, list[tuple[str, str]]]:
+    """Loss and token accuracy on the reference completions, and (answer, reference) with the answer chosen among
+    the labels, as constrained decoding chooses at inference. When the labels' first tokens differ, the answer is
+    the label whose first token the model rates highest: one teacher-forced pass answers every row. Otherwise each
+    label's whole completion is scored (its summed log-probability) on up to CLASSIFICATION_ROWS rows."""
+    import torch
+
+    firsts = {ids[0] for ids in labels.values()}
+    distinct = len(firsts) == len(labels)
+    loss, token_accuracy, first_logits = _teacher_forced(model, tokenizer, examples, batch_size, first_logits=distinct)
+    prompted = [e for e in examples if e.labels and e.labels[0] == IGNORE_INDEX]
+    references = [tokenizer.decode(e.input_ids[_prompt_length(e) :], skip_special_tokens=True) for e in prompted]
+    if distinct:
+        names = list(labels)
+        first_ids = torch.tensor([labels[name][0] for name in names])
+        rows = [logits for e, logits in zip(examples, first_logits, strict=True) if e.labels[0] == IGNORE_INDEX]
+        answers = [names[int(logits[first_ids].argmax())] for logits in rows]
+        return loss, token_accuracy, list(zip(answers, references, strict=True))
+    prompted, references = prompted[:CLASSIFICATION_ROWS], references[:CLASSIFICATION_ROWS]
+    scores = {name: _completion_scores(model, tokenizer, prompted, ids, batch_size) for name, ids in labels.items()}
+    answers = [max(scores, key=lambda name: scores[name][i]) for i in range(len(prompted))]
+    return loss, token_accuracy, list(zip(answers, references, strict=True))
+
+
+def _completion_scores(
+    model: Any, tokenizer: Any, examples: list[Tokenized], completion: list[int], batch_size: int
+) -> list[float]:
+    """Each example's prompt followed by `completion`: the completion's summed log-probability."""
+    from functions.completion_loss import completion_loss
+
+    device = next(model.parameters()).device
+    scores: list[float] = []
+    for example in examples:  # one row at a time: the summed loss of a batch cannot be split per row
+        prompt = example.input_ids[: _prompt_length(example)]
+        row = Tokenized(prompt + completion, [IGNORE_INDEX] * len(prompt) + completion, len(prompt) + len(completion))
+        ids, mask, labels = _batch(tokenizer, [row])
+        scores.append(-float(completion_loss(model, ids.to(device), mask.to(device), labels.to(device)).loss_sum))
+    return scores
 
 
 def _greedy_answers(model: Any, tokenizer: Any, examples: list[Tokenized], batch_size: int) -> list[tuple[str, str]]:

@@ -1,6 +1,7 @@
 """The fine-tuning config users send. Field names follow the ones users know from Predibase."""
 
-from typing import Literal
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
@@ -12,6 +13,23 @@ from functions.catalog import get_model, linear_modules
 # Fields that shape a LoRA adapter: meaningless for full fine-tuning, inherited when continuing an adapter.
 LORA_FIELDS = ("rank", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "target_modules")
 MAX_STEPS = 1_000_000  # the most optimizer steps a job may ask for, and so the largest step count a field may name
+# Fields that take "auto" (their default): the job derives them from its dataset (functions/auto_config.py) and
+# records the values it used. No other field can be derived from a dataset, and "auto" there is refused.
+AUTO_FIELDS = ("task", "epochs", "learning_rate", "effective_batch_size", "max_seq_length", "eval_steps")
+Auto = Literal["auto"]
+# Settings a user might hope to have derived, that no dataset decides: "auto" there is refused, naming the field.
+NOT_DERIVABLE = (
+    "rank",
+    "lora_alpha",
+    "lora_dropout",
+    "target_modules",
+    "train_steps",
+    "warmup_ratio",
+    "lr_scheduler",
+    "eval_fraction",
+    "early_stopping_patience",
+    "seed",
+)
 
 
 class FinetuneConfig(BaseModel):
@@ -25,11 +43,25 @@ class FinetuneConfig(BaseModel):
         description="Adapter type to train: 'lora', or 'none' for full fine-tuning (every weight is trained and the "
         "version holds a whole model).",
     )
-    epochs: int = Field(default=3, ge=1, le=100, description="Passes over the training split.")
+    task: Literal["completion", "classification"] | Auto = Field(
+        default="auto",
+        description="'completion': the model learns to write each row's completion (a classification dataset's "
+        "label among them, answered at inference from the labels only). 'classification': for a classification "
+        "dataset, the model reads the prompt and a classification head over its last hidden state picks the label "
+        "(Predibase's category output); served through the same API, answering the label with each label's "
+        "probability in logprobs. 'auto': the one that measured better on classification datasets "
+        "(scripts/results/quality.md), 'completion' for any other dataset.",
+    )
+    epochs: Annotated[int, Field(ge=1, le=100)] | Auto = Field(
+        default="auto",
+        description="Passes over the training split; 'auto': enough for about 100 optimizer steps (1 to 10 epochs).",
+    )
     train_steps: int | None = Field(
         default=None, ge=1, le=MAX_STEPS, description="Optimizer steps to train for, instead of epochs."
     )
-    learning_rate: float = Field(default=2e-4, gt=0, le=1, description="Peak learning rate (AdamW).")
+    learning_rate: Annotated[float, Field(gt=0, le=1)] | Auto = Field(
+        default="auto", description="Peak learning rate (AdamW); 'auto': by technique and model size."
+    )
     lr_scheduler: Literal["cosine", "linear", "constant"] = Field(
         default="cosine", description="Learning-rate decay after warmup."
     )
@@ -42,10 +74,16 @@ class FinetuneConfig(BaseModel):
     )
     use_dora: bool = Field(default=False, description="DoRA: learn a magnitude per output feature beside the LoRA.")
     target_modules: list[str] | None = Field(
-        default=None, description="Linear layers to adapt; q_proj and v_proj (or the model's equivalent) if unset."
+        default=None, description="Linear layers to adapt; every linear layer of the attention and MLP blocks if unset."
     )
-    max_seq_length: int = Field(default=1024, ge=16, description="Examples are truncated to this many tokens.")
-    effective_batch_size: int = Field(default=16, ge=1, le=1024, description="Examples per optimizer step.")
+    max_seq_length: Annotated[int, Field(ge=16)] | Auto = Field(
+        default="auto",
+        description="Examples are truncated to this many tokens; 'auto': the longest row, within the model's context "
+        "and 2048. A job that would lose over 10% of its completion tokens to truncation is refused.",
+    )
+    effective_batch_size: Annotated[int, Field(ge=1, le=1024)] | Auto = Field(
+        default="auto", description="Examples per optimizer step; 'auto': 8, or 16 from 2,000 rows."
+    )
     apply_chat_template: bool = Field(
         default=True, description="Wrap rows in the model's chat template, as chat completions will at inference."
     )
@@ -53,11 +91,10 @@ class FinetuneConfig(BaseModel):
     seed: int = Field(
         default=42, ge=0, le=2**32 - 1, description="Seed for shuffling and initialisation (reproducible runs)."
     )
-    eval_steps: int | None = Field(
-        default=None,
-        ge=1,
-        le=MAX_STEPS,
-        description="Evaluate every this many steps; at the end of every epoch if unset.",
+    eval_steps: Annotated[int, Field(ge=1, le=MAX_STEPS)] | Auto | None = Field(
+        default="auto",
+        description="Evaluate every this many steps (None: at the end of every epoch); 'auto': about 5 evaluations "
+        "over the job. The version published is the evaluated step with the best task metric.",
     )
     eval_fraction: float = Field(
         default=0.1, ge=0, lt=1, description="Rows held out for evaluation when the dataset has no evaluation split."
@@ -65,7 +102,7 @@ class FinetuneConfig(BaseModel):
     enable_early_stopping: bool = Field(
         default=True, description="Stop once the evaluation loss has not improved for early_stopping_patience evals."
     )
-    early_stopping_patience: int = Field(default=2, ge=1, le=100, description="Evaluations without improvement.")
+    early_stopping_patience: int = Field(default=3, ge=1, le=100, description="Evaluations without improvement.")
     checkpoint_every: Literal["epoch"] | int = Field(
         default="epoch",
         description="Save a checkpoint at the end of every epoch ('epoch') or every N optimizer steps; checkpoint k "
@@ -82,6 +119,16 @@ class FinetuneConfig(BaseModel):
         "of the model's size tier (a10g up to 16B parameters, a100-80gb above) that holds the job. The local runtime "
         "trains on its own device: leave it unset there.",
     )
+
+    @field_validator(*NOT_DERIVABLE, mode="before")
+    @classmethod
+    def _auto_only_where_derivable(cls, value: Any) -> Any:
+        if value == "auto":
+            raise ValueError(
+                "'auto' cannot be derived from a dataset for this field; give a value, or leave it unset for its "
+                f"default ('auto' is taken by {', '.join(AUTO_FIELDS)})"
+            )
+        return value
 
     @field_validator("repo")
     @classmethod
@@ -136,7 +183,7 @@ class FinetuneConfig(BaseModel):
             model = get_model(self.base_model)
         except KeyError:
             raise ValueError(f"base_model: unknown base model {self.base_model!r}") from None
-        if self.max_seq_length > model.context_length:
+        if self.max_seq_length != "auto" and self.max_seq_length > model.context_length:
             raise ValueError(
                 f"max_seq_length: {self.max_seq_length} exceeds the model's context {model.context_length}"
             )
@@ -193,6 +240,36 @@ class FinetuneConfig(BaseModel):
 
     @property
     def resolved_target_modules(self) -> list[str]:
-        if self.target_modules:
-            return list(self.target_modules)
-        return ["qkv_proj"] if self.base_model.startswith("phi-3") else ["q_proj", "v_proj"]
+        """Every linear layer of the blocks unless the user chose: adapting only attention (the old q/v default)
+        trained worse models on every dataset of scripts/bench_quality.py."""
+        return list(self.target_modules or linear_modules(self.base_model))
+
+    def values(self) -> "Values":
+        """The training values of a config whose "auto" fields were resolved (functions/auto_config.resolve)."""
+        unresolved = [name for name in AUTO_FIELDS if getattr(self, name) == "auto"]
+        if self.train_steps is not None and "epochs" in unresolved:  # train_steps replaces epochs
+            unresolved.remove("epochs")
+        if "task" in unresolved:  # jobs created before the field existed trained completions
+            unresolved.remove("task")
+        if unresolved:
+            raise ValueError(f"{unresolved} still 'auto': resolve the config against its dataset first")
+        return Values(
+            task="completion" if self.task == "auto" else self.task,
+            epochs=1 if self.epochs == "auto" else int(self.epochs),
+            learning_rate=float(self.learning_rate),
+            effective_batch_size=int(self.effective_batch_size),
+            max_seq_length=int(self.max_seq_length),
+            eval_steps=None if self.eval_steps is None else int(self.eval_steps),
+        )
+
+
+@dataclass(frozen=True)
+class Values:
+    """A resolved config's derivable fields, typed as the trainer uses them."""
+
+    task: Literal["completion", "classification"]
+    epochs: int
+    learning_rate: float
+    effective_batch_size: int
+    max_seq_length: int
+    eval_steps: int | None  # None: at the end of every epoch

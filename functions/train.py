@@ -3,8 +3,10 @@ as the repo's version `repo/N`.
 
 Steps: claim the job (it takes its version number N on its first start) -> tokenize the dataset (and detect the
 label set of a classification dataset) -> train (per-step metrics rows, evaluations, a checkpoint `repo/N@k` every
-epoch or `checkpoint_every` steps, cancel checks) -> publish the result (files renamed into place, version row,
-job row and usage record in one transaction).
+epoch or `checkpoint_every` steps, cancel checks) -> publish the evaluated step with the best task metric
+(accuracy for a classification dataset, exact match then character error rate for prompt/completion rows, loss
+for plain text), not the last one (files renamed into place, version row, job row and usage record in one
+transaction).
 
 A retried job (its worker died and the queue re-delivered the event once the lease expired, or the attempt
 failed) resumes from its last checkpoint: the Trainer continues at that step with its optimizer and schedule,
@@ -13,6 +15,7 @@ and the metrics rows after that step, written by the attempt that died, are repl
 
 import logging
 import random
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -34,10 +37,10 @@ from functions.base_models import BaseModelUnavailable, load_tokenizer
 from functions.catalog import get_model
 from functions.checkpoints import ResumePoint, TrainingTarget
 from functions.dataset_files import parse_dataset
-from functions.datasets import detect_labels, single_class_message
+from functions.datasets import Example, detect_labels, single_class_message
 from functions.evaluate import EvalResult, evaluate
 from functions.finetune_config import FinetuneConfig
-from functions.prompts import Tokenized, tokenize_example
+from functions.prompts import Tokenized, example_ids, tokenize_example
 from functions.trainer import TrainingRun, build_trainer
 
 log = logging.getLogger("loraplex.train")
@@ -53,7 +56,8 @@ class Cancelled(Exception):
 class Data:
     train: list[Tokenized]
     evaluation: list[Tokenized]
-    labels: list[str] | None  # the label set of a classification dataset
+    # a classification dataset's labels, each with its completion token ids (the label, then the end of the turn)
+    labels: dict[str, list[int]] | None
 
 
 def run(event: EventInfo) -> None:
@@ -76,8 +80,13 @@ def run(event: EventInfo) -> None:
                 f"ran out of memory while training ({type(exc).__name__}); lower effective_batch_size or "
                 "max_seq_length, or choose a larger accelerator"
             ) from exc
-        _publish(job, config, Path(workdir) / "result", stats)
+        _publish(job, config, Path(workdir) / "result", stats, list(data.labels) if data.labels else None)
     checkpoints.drop_resume_state(target)
+
+
+def _at_creation(summary: dict[str, Any] | None) -> dict[str, Any]:
+    """What the API wrote into a job's summary when it created it (functions/auto_config.Resolved.record)."""
+    return {key: value for key, value in (summary or {}).items() if key in ("auto", "warnings", "truncation")}
 
 
 def _torch_oom() -> type[BaseException]:
@@ -148,13 +157,16 @@ def _tokenize(job: FinetuneJob, config: FinetuneConfig) -> Data:
     except BaseModelUnavailable as exc:
         raise PermanentError(str(exc)) from exc
 
+    max_seq_length = config.values().max_seq_length
+
     def tokenized(split: str) -> list[Tokenized]:
         rows = [
-            tokenize_example(e, tokenizer, config.apply_chat_template, config.max_seq_length)
+            tokenize_example(e, tokenizer, config.apply_chat_template, max_seq_length)
             for e in parsed.examples
             if e.split == split
         ]
-        return [t for t in rows if any(label >= 0 for label in t.labels)]  # not a prompt filling the window
+        # A row whose prompt fills the window has no completion token: the job's summary counted it as dropped.
+        return [t for t in rows if any(label >= 0 for label in t.labels)]
 
     train, evaluation = tokenized("train"), tokenized("evaluation")
     if not evaluation and config.eval_fraction > 0 and len(train) >= MIN_ROWS_TO_HOLD_OUT:
@@ -162,11 +174,17 @@ def _tokenize(job: FinetuneJob, config: FinetuneConfig) -> Data:
         held_out = max(1, round(len(train) * config.eval_fraction))
         evaluation, train = shuffled[:held_out], shuffled[held_out:]
     if not train:
-        raise PermanentError(f"no training rows with completion tokens within max_seq_length {config.max_seq_length}")
+        raise PermanentError(f"no training rows with completion tokens within max_seq_length {max_seq_length}")
     labels = detect_labels(parsed.examples)
     if labels is not None and len(labels) < 2:  # also refused when the job was created; datasets may predate that
         raise PermanentError(f"dataset: {single_class_message(dataset.name, labels)}")
-    return Data(train, evaluation, list(labels) if labels else None)
+    if labels is None:
+        return Data(train, evaluation, None)
+
+    def completion_ids(label: str) -> list[int]:  # what follows any prompt: the completion does not depend on it
+        return example_ids(Example(0, "train", prompt="", completion=label), tokenizer, config.apply_chat_template)[1]
+
+    return Data(train, evaluation, {label: completion_ids(label) for label in labels})
 
 
 def _train(
@@ -184,21 +202,28 @@ def _train(
     except BaseModelUnavailable as exc:
         raise PermanentError(str(exc)) from exc
     epoch_tokens = sum(len(t.input_ids) for t in data.train)  # after truncation
-    progress = _Progress(job.id, attempt, epoch_tokens, run.steps_per_epoch, config, data, target, run)
+    progress = _Progress(job.id, attempt, epoch_tokens, run.steps_per_epoch, config, data, target, run, workdir)
     progress.rewind(resume)
     run.trainer.add_callback(progress.callback())
     run.trainer.train(resume_from_checkpoint=str(resume.trainer_dir) if resume else None)
     if progress.cancelled:
         raise Cancelled()
-    run.save(workdir / "result")
-    progress.save_summary(run.trainer.state.global_step)
+    last_step = run.trainer.state.global_step
+    progress.evaluate(run.trainer.model, last_step)  # the last step is a candidate too (skipped if evaluated)
+    if progress.kept_step is None:  # no evaluation rows: the last step is all there is
+        run.save(workdir / "result")
+    else:
+        progress.kept_dir.rename(workdir / "result")
+    progress.save_summary(last_step)
     return {
         "tokens_processed": progress.tokens_done(run.trainer.state.epoch or 0.0),
         "seconds": time.monotonic() - progress.started,
     }
 
 
-def _publish(job: FinetuneJob, config: FinetuneConfig, adapter_files: Path, stats: dict) -> None:
+def _publish(
+    job: FinetuneJob, config: FinetuneConfig, adapter_files: Path, stats: dict, labels: list[str] | None
+) -> None:
     """Rename the adapter into place and record it with the job and its usage record, in one transaction
     (functions/repos.publish_adapter, shared with imports); on any database error the files are removed."""
     params = get_model(config.base_model).params
@@ -241,14 +266,16 @@ def _publish(job: FinetuneJob, config: FinetuneConfig, adapter_files: Path, stat
         version=job.version,
         repo_id=job.repo_id,
         job_id=job.id,
+        labels=labels,  # a classification adapter answers from its labels (web/inference.py)
         guard=still_training,
         on_published=complete_job,
     )
 
 
 class _Progress:
-    """Writes one metrics row per optimizer step and one per evaluation, saves each checkpoint to the volume, stops
-    early once the evaluation loss stops improving, and stops at once when the job is cancelled."""
+    """Writes one metrics row per optimizer step and one per evaluation, keeps the weights of the evaluated step
+    with the best task metric, saves each checkpoint to the volume, stops early once the task metric stops
+    improving, and stops at once when the job is cancelled."""
 
     def __init__(
         self,
@@ -260,17 +287,22 @@ class _Progress:
         data: Data,
         target: TrainingTarget,
         run: TrainingRun,
+        workdir: Path,
     ) -> None:
         self.job_id, self.attempt, self.epoch_tokens, self.config = job_id, attempt, epoch_tokens, config
+        self.run, self.kept_dir = run, workdir / "kept"  # the best evaluated step's weights, as a version's files
         self.steps_per_epoch = steps_per_epoch  # optimizer steps; for the epoch of evaluation rows
         self.evaluation, self.labels, self.target = data.evaluation, data.labels, target
+        self.eval_steps = config.values().eval_steps
         self.tokenizer, self.bf16 = run.tokenizer, run.bf16
         self.started = time.monotonic()
         self.start_epoch = 0.0  # where this attempt began: a resumed one does not count the epochs before
         self.cancelled = self.stopped_early = False
         self.max_steps = 1
         self.evals: list[tuple[int, EvalResult]] = []  # (step, result)
-        self.best_loss = float("inf")
+        self.best_score: tuple[float, ...] | None = None  # the best evaluation's score (self.score), for patience
+        self.kept_score: tuple[float, ...] | None = None  # the score of the weights in kept_dir
+        self.kept_step: int | None = None  # the step whose weights are in kept_dir
         self.evals_without_improvement = 0
         self.resumed_from: dict | None = None
 
@@ -290,9 +322,10 @@ class _Progress:
             s.execute(delete(JobMetric).where(job_rows, JobMetric.step > resume.step))
             s.execute(update(JobMetric).where(job_rows).values(attempt=self.attempt))
             for row in s.scalars(select(JobMetric).where(job_rows, JobMetric.kind == "eval").order_by(JobMetric.step)):
-                self._track(row.step, self._restored(row))
+                self._track(row.step, self._restored(row), weights=False)  # the dead attempt's weights are gone
             self.resumed_from = {"checkpoint": resume.name, "step": resume.step, "attempt": self.attempt}
-            s.get_one(FinetuneJob, self.job_id).summary = {"resumed_from": self.resumed_from}
+            job = s.get_one(FinetuneJob, self.job_id)
+            job.summary = _at_creation(job.summary) | {"resumed_from": self.resumed_from}
         log.info("job %s resumes from %s at step %d", self.job_id, resume.name, resume.step)
 
     def _restored(self, row: JobMetric) -> EvalResult:
@@ -327,12 +360,12 @@ class _Progress:
                     progress.cancelled = True
                     control.should_training_stop = True
                     return
-                every = progress.config.eval_steps
+                every = progress.eval_steps
                 if every and state.global_step % every == 0 and progress.evaluate(model, state.global_step):
                     control.should_training_stop = True
 
             def on_epoch_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-                evaluate_now = not progress.config.eval_steps and not progress.cancelled
+                evaluate_now = not progress.eval_steps and not progress.cancelled
                 if evaluate_now and progress.evaluate(model, state.global_step):
                     control.should_training_stop = True
 
@@ -391,18 +424,41 @@ class _Progress:
         self.stopped_early = step < self.max_steps
         return self.stopped_early
 
-    def _track(self, step: int, result: EvalResult) -> bool:
-        """Keep the evaluation and say whether early stopping's patience has run out."""
+    def _track(self, step: int, result: EvalResult, weights: bool = True) -> bool:
+        """Keep the evaluation (and, with `weights`, the model's weights when it is the best so far) and say whether
+        early stopping's patience has run out."""
         self.evals.append((step, result))
         if step == 0:
-            return False
-        if result.loss < self.best_loss - 1e-4:
-            self.best_loss, self.evals_without_improvement = result.loss, 0
+            return False  # the untrained model: a baseline, never published
+        score = self.score(result)
+        if weights and (self.kept_score is None or score > self.kept_score):
+            if self.kept_dir.exists():
+                shutil.rmtree(self.kept_dir)
+            self.run.save(self.kept_dir)
+            self.kept_step, self.kept_score = step, score
+        if self.best_score is None or score > self.best_score:
+            self.best_score, self.evals_without_improvement = score, 0
             return False
         self.evals_without_improvement += 1
         return (
             self.config.enable_early_stopping and self.evals_without_improvement >= self.config.early_stopping_patience
         )
+
+    def score(self, result: EvalResult) -> tuple[float, ...]:
+        """Higher is better: the task metric first, the loss to break ties (accuracy on 40 rows ties often)."""
+        if result.classification is not None:
+            return (result.classification["accuracy"], -result.loss)
+        if result.sequence_accuracy is not None and result.char_error_rate is not None:
+            return (result.sequence_accuracy, -result.char_error_rate, -result.loss)
+        return (-result.loss,)
+
+    @property
+    def metric(self) -> str:
+        """The name of the task metric that picks the published step."""
+        if self.labels:
+            return "accuracy"
+        trained = [r for step, r in self.evals if step > 0]
+        return "sequence_accuracy" if trained and trained[0].sequence_accuracy is not None else "loss"
 
     def save_summary(self, steps_done: int) -> None:
         def row(step: int, r: EvalResult) -> dict:
@@ -415,16 +471,20 @@ class _Progress:
             "evaluation_rows": len(self.evaluation),
         }
         if self.labels:
-            summary["labels"] = self.labels
+            summary["labels"] = list(self.labels)
         if self.resumed_from:
             summary["resumed_from"] = self.resumed_from
         if self.evals:
             summary["baseline"] = row(*self.evals[0])
         if trained:
             summary["final"] = row(*trained[-1])
-            summary["best"] = row(*min(trained, key=lambda e: e[1].loss))
+            summary["best"] = row(*max(trained, key=lambda e: self.score(e[1])))
+        # The version published: the best evaluated step of this attempt (a resumed job's earlier evaluations
+        # have no weights left), or the last step when nothing was evaluated.
+        summary["kept"] = {"step": self.kept_step or steps_done, "metric": self.metric if self.kept_step else None}
         with session_scope() as s:
-            s.get_one(FinetuneJob, self.job_id).summary = summary
+            job = s.get_one(FinetuneJob, self.job_id)
+            job.summary = _at_creation(job.summary) | summary
 
     def is_cancelled(self) -> bool:
         with session_scope() as s:

@@ -5,7 +5,10 @@ What makes it faster and lighter than a plain transformers + PEFT loop (scripts/
 - frozen base weights in bf16 with bf16 autocast where the hardware runs bf16 natively (GPUs; CPUs with
   AVX512-BF16 or AMX), while PEFT keeps the trained LoRA weights and the optimizer state in fp32;
 - batches grouped by length, so little compute goes to padding;
-- micro-batches with gradient accumulation up to effective_batch_size, so activations stay small.
+- micro-batches (one row on a CPU) with gradient accumulation up to effective_batch_size, so activations stay
+  small;
+- the loss on completion tokens only, its logits computed a chunk of positions at a time and never for the whole
+  sequence (functions/completion_loss.py): a 135M model's job peaks at a few hundred MB of logits, not gigabytes.
 Full fine-tuning trains every weight, so the weights stay fp32 (bf16 master weights would round the small AdamW
 updates away) while bf16 autocast still runs the matmuls where native; the same batching applies, and on CUDA
 gradient checkpointing trades recomputation for activation memory.
@@ -28,7 +31,10 @@ from functions.finetune_config import FinetuneConfig
 from functions.precision import use_bf16
 from functions.prompts import IGNORE_INDEX, Tokenized
 
-MICRO_BATCH = 4  # examples per forward pass; gradient accumulation makes up effective_batch_size
+# Examples per forward pass on a GPU; gradient accumulation makes up effective_batch_size. On a CPU each row is its
+# own forward pass: no padding, and activations of one row only (a LoRA step on SmolLM2 keeps ~3 MB of activations
+# per token for the backward pass: four 576-token rows peaked at 6.8 GB, one at 2.3 GB), at the same tokens/s.
+MICRO_BATCH = 4
 
 
 @dataclass
@@ -59,27 +65,49 @@ def build_trainer(
     `init_from`: the directory of a version or checkpoint to start from (continue_from_version) instead of the
     base model. `checkpoints`: save Trainer checkpoints under workdir/trainer as config.checkpoint_every says.
     """
-    import torch
-    from transformers import DataCollatorForSeq2Seq, PrinterCallback, Trainer, TrainingArguments, set_seed
+    from transformers import DataCollatorForSeq2Seq, PrinterCallback, Trainer
 
-    settings = get_settings()
-    cuda = torch.cuda.is_available()
-    if not cuda:
-        torch.set_num_threads(settings.training.train_threads or os.cpu_count() or 1)
-    bf16 = use_bf16(precision or settings.training.train_precision)
-    set_seed(config.seed)
+    bf16 = prepare_run(config, precision)
     tokenizer = load_tokenizer(config.base_model)
     model = _trainable_model(config, bf16, init_from)
-    full = config.kind == "full"
-    micro = min(MICRO_BATCH, config.effective_batch_size)
-    accumulation = max(1, config.effective_batch_size // micro)
-    args = TrainingArguments(
+    args = training_arguments(config, workdir, bf16, checkpoints)
+    features = [{"input_ids": t.input_ids, "labels": t.labels} for t in examples]
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
+    trainer = _completion_trainer(Trainer)(model=model, args=args, train_dataset=features, data_collator=collator)
+    trainer.remove_callback(PrinterCallback)  # metrics go to the database, not stdout
+    return TrainingRun(trainer, tokenizer, steps_per_epoch(args, len(features)), bf16, config.kind)
+
+
+def prepare_run(config: FinetuneConfig, precision: str | None = None) -> bool:
+    """Threads and seed for a training run (this module's and functions/classifier_head.py's); returns whether it
+    computes in bf16 (`precision`, else the training settings')."""
+    import torch
+    from transformers import set_seed
+
+    settings = get_settings()
+    if not torch.cuda.is_available():
+        torch.set_num_threads(settings.training.train_threads or os.cpu_count() or 1)
+    set_seed(config.seed)
+    return use_bf16(precision or settings.training.train_precision)
+
+
+def training_arguments(config: FinetuneConfig, workdir: Path, bf16: bool, checkpoints: bool) -> Any:
+    """The TrainingArguments of a run over config's resolved values: micro-batches of at most MICRO_BATCH with
+    gradient accumulation up to effective_batch_size, batches grouped by length, checkpoints under workdir/trainer
+    when asked."""
+    import torch
+    from transformers import TrainingArguments
+
+    cuda = torch.cuda.is_available()
+    values = config.values()
+    micro = min(MICRO_BATCH if cuda else 1, values.effective_batch_size)
+    return TrainingArguments(
         output_dir=str(workdir / "trainer"),
         per_device_train_batch_size=micro,
-        gradient_accumulation_steps=accumulation,
-        num_train_epochs=config.epochs,
+        gradient_accumulation_steps=max(1, values.effective_batch_size // micro),
+        num_train_epochs=values.epochs,
         max_steps=config.train_steps or -1,
-        learning_rate=config.learning_rate,
+        learning_rate=values.learning_rate,
         lr_scheduler_type=config.lr_scheduler,
         warmup_steps=config.warmup_ratio,  # a float below 1 is a fraction of the steps
         logging_steps=1,
@@ -91,14 +119,35 @@ def build_trainer(
         disable_tqdm=True,
         train_sampling_strategy="group_by_length",  # batches of similar length pad less
         **_checkpoint_args(config, checkpoints),
-        **(_activation_checkpointing(TrainingArguments) if full and cuda else {}),
+        **(_activation_checkpointing(TrainingArguments) if config.kind == "full" and cuda else {}),
     )
-    features = [{"input_ids": t.input_ids, "labels": t.labels} for t in examples]
-    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
-    trainer = Trainer(model=model, args=args, train_dataset=features, data_collator=collator)
-    trainer.remove_callback(PrinterCallback)  # metrics go to the database, not stdout
-    steps_per_epoch = max(1, math.ceil(len(features) / micro) // accumulation)
-    return TrainingRun(trainer, tokenizer, steps_per_epoch, bf16, config.kind)
+
+
+def steps_per_epoch(args: Any, rows: int) -> int:
+    """Optimizer steps in one epoch over `rows` examples under TrainingArguments `args`, as the Trainer counts them."""
+    return max(1, math.ceil(rows / args.per_device_train_batch_size) // args.gradient_accumulation_steps)
+
+
+def _completion_trainer(trainer_class: type) -> type:
+    """A Trainer whose loss is functions/completion_loss.py's: per label token, averaged over the optimizer step."""
+    from functions.completion_loss import completion_loss
+
+    class CompletionTrainer(trainer_class):
+        loss_is_scaled_for_ga = True  # divided by the step's label tokens below, not per micro-batch
+
+        def compute_loss(
+            self, model: Any, inputs: dict, return_outputs: bool = False, num_items_in_batch: Any = None
+        ) -> Any:
+            result = completion_loss(model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"])
+            # num_items_in_batch: label tokens of the whole optimizer step (all its micro-batches), which the
+            # Trainer counts when the model takes loss kwargs (Llama-style models do); else this micro-batch's.
+            if num_items_in_batch is None:
+                loss = result.loss_sum / max(result.count, 1) / self.current_gradient_accumulation_steps
+            else:
+                loss = result.loss_sum / num_items_in_batch
+            return (loss, None) if return_outputs else loss
+
+    return CompletionTrainer
 
 
 def _trainable_model(config: FinetuneConfig, bf16: bool, init_from: Path | None) -> Any:

@@ -1,6 +1,8 @@
 """Handler for `dataset.uploaded`: validate every row, then count tokens with the base model's tokenizer.
 
-Result on the dataset row: status `ready` with stats, or `invalid` with every row error (line, field, message).
+Result on the dataset row: status `ready` with stats and each training row's (prompt, completion) token lengths
+(from which a fine-tuning job derives its "auto" values and its truncation, functions/auto_config.py), or
+`invalid` with every row error (line, field, message).
 """
 
 from statistics import mean
@@ -13,10 +15,7 @@ from app.settings import get_settings
 from functions.base_models import BaseModelUnavailable, load_tokenizer
 from functions.dataset_files import parse_dataset
 from functions.datasets import ParsedDataset, detect_labels
-from functions.prompts import tokenize_example
-
-# Rows over this many tokens are reported; fine-tuning truncates them to its max_seq_length (default 1024).
-REPORT_MAX_SEQ_LENGTH = 1024
+from functions.prompts import example_ids
 
 
 def run(event: EventInfo) -> None:
@@ -29,12 +28,13 @@ def run(event: EventInfo) -> None:
         _save(dataset.id, "invalid", parsed, errors=[e.to_dict() for e in parsed.errors], stats=_row_stats(parsed))
         return
     try:
-        stats = _row_stats(parsed) | count_tokens(parsed, dataset.base_model) | label_stats(parsed)
+        lengths = row_lengths(parsed, dataset.base_model)
     except BaseModelUnavailable as exc:  # retrying will not bring a network: tell the user now
         error = {"line": 0, "field": "base_model", "message": str(exc)}
         _save(dataset.id, "invalid", parsed, errors=[error], stats=_row_stats(parsed))
         return
-    _save(dataset.id, "ready", parsed, errors=[], stats=stats)
+    stats = _row_stats(parsed) | token_stats(lengths) | {"tokenizer": dataset.base_model} | label_stats(parsed)
+    _save(dataset.id, "ready", parsed, errors=[], stats=stats, lengths=lengths["train"])
 
 
 def fail(event: EventInfo, reason: str) -> None:
@@ -45,23 +45,27 @@ def fail(event: EventInfo, reason: str) -> None:
             dataset.errors = [{"line": 0, "field": None, "message": f"validation could not finish: {reason}"}]
 
 
-def count_tokens(parsed: ParsedDataset, base_model: str, max_seq_length: int = REPORT_MAX_SEQ_LENGTH) -> dict:
-    """Token statistics with the model's tokenizer and chat template (as fine-tuning will see the rows)."""
+def row_lengths(parsed: ParsedDataset, base_model: str) -> dict[str, list[tuple[int, int]]]:
+    """{split: [(prompt tokens, completion tokens), ...]} with the model's tokenizer and chat template, as
+    fine-tuning sees the rows, before any truncation (a job's max_seq_length decides that)."""
     tokenizer = load_tokenizer(base_model)
-    lengths = {"train": [], "evaluation": []}  # type: dict[str, list[int]]
+    lengths: dict[str, list[tuple[int, int]]] = {"train": [], "evaluation": []}
     for example in parsed.examples:
-        tokenized = tokenize_example(example, tokenizer, apply_chat_template=True, max_seq_length=max_seq_length)
-        lengths[example.split].append(tokenized.full_length)
-    every = lengths["train"] + lengths["evaluation"]
+        prompt, completion = example_ids(example, tokenizer, apply_chat_template=True)
+        lengths[example.split].append((len(prompt), len(completion)))
+    return lengths
+
+
+def token_stats(lengths: dict[str, list[tuple[int, int]]]) -> dict:
+    """Token counts per split (untruncated: each job reports what its own max_seq_length cuts)."""
+    per_row = {split: [p + c for p, c in rows] for split, rows in lengths.items()}
+    every = per_row["train"] + per_row["evaluation"]
     return {
         "total_tokens": sum(every),
-        "train_tokens": sum(lengths["train"]),
-        "evaluation_tokens": sum(lengths["evaluation"]),
+        "train_tokens": sum(per_row["train"]),
+        "evaluation_tokens": sum(per_row["evaluation"]),
         "mean_tokens_per_row": round(mean(every), 1),
         "max_tokens_per_row": max(every),
-        "max_seq_length": max_seq_length,
-        "rows_over_max_seq_length": sum(1 for n in every if n > max_seq_length),
-        "tokenizer": base_model,
     }
 
 
@@ -86,10 +90,18 @@ def _load(dataset_id: str) -> Dataset | None:
         return s.get(Dataset, dataset_id)
 
 
-def _save(dataset_id: str, status: str, parsed: ParsedDataset, errors: list, stats: dict) -> None:
+def _save(
+    dataset_id: str,
+    status: str,
+    parsed: ParsedDataset,
+    errors: list,
+    stats: dict,
+    lengths: list[tuple[int, int]] | None = None,
+) -> None:
     with session_scope() as s:
         dataset = s.get_one(Dataset, dataset_id)
         dataset.status = status
         dataset.data_format = parsed.data_format
         dataset.errors = errors
         dataset.stats = stats
+        dataset.train_lengths = [list(pair) for pair in lengths] if lengths is not None else None

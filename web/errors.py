@@ -95,7 +95,9 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 
 def _union_member(part: object) -> bool:
     """pydantic puts the union member it tried into an error's location ('stop', 'list[str]', 1): no field of ours."""
-    return isinstance(part, str) and (part in ("str", "int", "float", "bool") or "[" in part)
+    if not isinstance(part, str):
+        return False
+    return part in ("str", "int", "float", "bool") or "[" in part or part.startswith("constrained-")
 
 
 def install(app: FastAPI) -> None:

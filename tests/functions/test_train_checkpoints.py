@@ -30,7 +30,14 @@ ROWS = [{"prompt": f"Say hi to {n}", "completion": f"Hi {n}!"} for n in NAMES] +
     {"prompt": "Say hi to Ivy", "completion": "Hi Ivy!", "split": "evaluation"}
 ]
 # 8 rows, 2 per step: 4 steps an epoch, 8 in all; checkpoints at steps 3 and 6, and at the last step.
-CONFIG = {"dataset": "greetings", "epochs": 2, "effective_batch_size": 2, "learning_rate": 1e-2, "rank": 4}
+CONFIG = {
+    "dataset": "greetings",
+    "epochs": 2,
+    "effective_batch_size": 2,
+    "learning_rate": 1e-2,
+    "rank": 4,
+    "eval_steps": None,  # at the end of every epoch
+}
 
 
 def _tenant_id(name: str) -> str:
@@ -64,8 +71,10 @@ def test_checkpoints_are_recorded_listed_served_and_downloaded(
         tensors(path / "adapter_model.safetensors") for path in (root, root / "checkpoints/3", root / "checkpoints/1")
     )
     assert final.keys() == last.keys() == first.keys()
-    assert all(torch.equal(final[k], last[k]) for k in final)  # the last checkpoint is the published version
-    assert not all(torch.equal(final[k], first[k]) for k in final)  # the first one is earlier weights
+    # The version published is the evaluated step (4 or 8, each epoch's end) with the best task metric.
+    kept = job["summary"]["kept"]["step"]
+    assert all(torch.equal(final[k], last[k]) for k in final) == (kept == 8)  # checkpoint 3 is step 8
+    assert not all(torch.equal(last[k], first[k]) for k in final)  # checkpoints are each their step's weights
 
     # Served like a version: its own adapter key and directory, on the version's base model.
     with session_scope() as s:
@@ -161,7 +170,7 @@ def test_continue_from_a_version_or_checkpoint(client: TestClient, alice: dict[s
     assert (job["config"]["rank"], job["config"]["lora_alpha"], job["config"]["target_modules"]) == (
         4,
         16,
-        ["q_proj", "v_proj"],
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     )
     assert job["summary"]["baseline"]["loss"] == pytest.approx(at_checkpoint_2["loss"], rel=1e-4)
     assert job["summary"]["baseline"]["loss"] < first["summary"]["baseline"]["loss"]

@@ -121,7 +121,7 @@ def test_classification_datasets_report_accuracy_per_class_and_a_confusion_matri
 ) -> None:
     dataset = ready_dataset(client, alice, SENTIMENT, "sentiment")
     assert dataset["stats"]["labels"] == {"negative": 3, "positive": 3}
-    job = train(client, alice, dataset="sentiment", repo="sentiment", epochs=2, effective_batch_size=3)
+    job = train(client, alice, dataset="sentiment", repo="sentiment", epochs=2, effective_batch_size=3, eval_steps=None)
     assert job["summary"]["labels"] == ["negative", "positive"]
     evals = metrics(client, alice, job["id"], "eval")
     assert [m["step"] for m in evals] == [0, 2, 4]

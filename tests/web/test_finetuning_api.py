@@ -79,8 +79,11 @@ def micro_usd_for(tokens: int) -> int:
 # --- config errors ------------------------------------------------------------------------------------
 
 
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CONFIG_ERRORS: list[tuple[dict[str, Any], str, str]] = [
     ({"rank": 0}, "rank", "greater than or equal to 1"),
+    ({"rank": "auto"}, "rank", "'auto' cannot be derived from a dataset for this field"),
+    ({"epochs": "many"}, "epochs", "valid integer"),
     ({"learning_rate": 0}, "learning_rate", "greater than 0"),
     ({"learning_rate": -1e-4}, "learning_rate", "greater than 0"),
     ({"epochs": 0}, "epochs", "greater than or equal to 1"),
@@ -139,8 +142,8 @@ def test_train_two_versions_with_metrics_adapter_files_and_charges(
     train_tokens = r.json()["stats"]["train_tokens"]
     assert r.json()["stats"]["train_rows"] == 6 and train_tokens > 0
 
-    job = create_job(client, alice, epochs=2, effective_batch_size=2, rank=4, learning_rate=1e-3)
-    tokens = train_tokens * 2
+    job = create_job(client, alice, epochs=2, effective_batch_size=2, rank=4, learning_rate=1e-3, eval_steps=None)
+    tokens = train_tokens * 2  # max_seq_length "auto" fits the longest row: nothing is cut
     assert job["estimate"]["tokens"] == tokens
     assert job["estimate"]["cost"]["micro_usd"] == micro_usd_for(tokens)
     assert job["estimate"]["cost"]["usd"] == f"${micro_usd_for(tokens) / 1e6:.6f}"
@@ -153,6 +156,8 @@ def test_train_two_versions_with_metrics_adapter_files_and_charges(
     )
     assert job["config"]["rank"] == 4 and job["config"]["epochs"] == 2 and job["config"]["adapter"] == "lora"
     assert job["config"]["target_modules"] is None  # defaults are recorded as sent
+    # The fields left "auto": the task (not a classification dataset) and max_seq_length.
+    assert job["summary"]["auto"] == {"task": "completion", "max_seq_length": job["config"]["max_seq_length"]}
 
     done = wait_for_job(client, alice, job["id"])
     assert done["status"] == "completed", done
@@ -198,7 +203,10 @@ def test_train_two_versions_with_metrics_adapter_files_and_charges(
         ("greet/1", 1, 4, job["id"]),
         ("greet/2", 2, 8, second["id"]),
     ]
-    assert [v["target_modules"] for v in versions] == [["q_proj", "v_proj"], ["q_proj", "o_proj"]]
+    assert [v["target_modules"] for v in versions] == [
+        ALL_LINEAR,
+        ["q_proj", "o_proj"],
+    ]  # every linear layer unless chosen
     assert all(v["base_model"] == TINY_MODEL and v["adapter_type"] == "lora" for v in versions)
     assert [r["name"] for r in client.get("/v1/repos", headers=alice).json()] == ["greet"]
     assert [j["id"] for j in client.get("/v1/finetuning/jobs", headers=alice).json()] == [job["id"], second["id"]]
@@ -211,9 +219,9 @@ def test_train_two_versions_with_metrics_adapter_files_and_charges(
     base = AutoModelForCausalLM.from_pretrained(Path(platform.data_dir) / "volume" / "base_models" / TINY_MODEL)
     model = PeftModel.from_pretrained(base, dirs[0])
     assert model.peft_config["default"].r == 4
-    assert sorted(model.peft_config["default"].target_modules) == ["q_proj", "v_proj"]
+    assert sorted(model.peft_config["default"].target_modules) == sorted(ALL_LINEAR)
     lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
-    assert len(lora_b) == 2 * 2  # 2 layers x (q_proj, v_proj)
+    assert len(lora_b) == 2 * 7  # 2 layers x every linear layer
     assert all(torch.count_nonzero(p) > 0 for p in lora_b)  # zero at init: these were trained
 
     # The ledger holds one finetune record per job; `charge` is its amount, and the totals add up.

@@ -17,7 +17,7 @@ from app.db import sessions
 from app.models import FinetuneJob, JobMetric, UsageRecord, utcnow
 from app.queue import emit
 from billing import credits, ledger
-from functions import checkpoints
+from functions import auto_config, checkpoints
 from functions.catalog import get_model
 from functions.datasets import single_class_message
 from functions.finetune_config import MAX_STEPS, FinetuneConfig
@@ -55,7 +55,10 @@ def create_job(config: FinetuneConfig, tenant: CurrentTenant, db: Db) -> JobOut:
         config, _ = checkpoints.continuation(db, tenant.id, config)  # a continued adapter's LoRA settings carry over
     except checkpoints.Refused as exc:
         raise APIError(422, exc.message, param=exc.field, code="invalid_value") from None
-    tokens = estimated_tokens(dataset.stats, config)
+    # "auto" fields from the dataset; refused here (naming max_seq_length) when truncation would lose too much.
+    resolved = auto_config.resolve(config, auto_config.dataset_profile(dataset))
+    config = resolved.config
+    tokens = estimated_tokens(resolved.truncation, config)
     estimate = ledger.price_book(db, tenant.id).finetune(get_model(config.base_model).params, config.technique, tokens)
     refusal = credits.paid_work_refusal(db, tenant.id, estimate)
     if refusal is not None:
@@ -69,6 +72,7 @@ def create_job(config: FinetuneConfig, tenant: CurrentTenant, db: Db) -> JobOut:
         config=config.stored(),
         estimated_tokens=tokens,
         estimate_micro_usd=estimate,
+        summary=resolved.record(),
     )
     db.add(job)
     db.flush()
@@ -206,12 +210,14 @@ def _sse(event: str, data: dict[str, Any], event_id: int | None = None) -> str:
     return f"{head}event: {event}\ndata: {json.dumps(data)}\n\n"
 
 
-def estimated_tokens(stats: dict, config: FinetuneConfig) -> int:
-    """Tokens the job will process: the train split x epochs, or the rows train_steps will see."""
+def estimated_tokens(truncation: auto_config.Truncation, config: FinetuneConfig) -> int:
+    """Tokens the job will process: the train split as max_seq_length leaves it x epochs, or the rows train_steps
+    will see."""
+    values = config.values()
     if config.train_steps is None:
-        return int(stats["train_tokens"]) * config.epochs
-    rows = config.train_steps * config.effective_batch_size
-    return -(-int(stats["train_tokens"]) * rows // int(stats["train_rows"]))  # ceil
+        return truncation.tokens * values.epochs
+    rows = config.train_steps * values.effective_batch_size
+    return -(-truncation.tokens * rows // max(1, truncation.rows - truncation.rows_dropped))  # ceil
 
 
 def find_job(db: Db, tenant_id: str, job_id: str) -> FinetuneJob:

@@ -1,15 +1,15 @@
 """Each training row's (prompt, completion) token lengths on the dataset, for a fine-tuning job's "auto" values and
 its truncation report (functions/auto_config.py).
 
-Revision ID: 0008
-Revises: 0007
+Revision ID: 0009
+Revises: 0008
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0008"
-down_revision = "0007"
+revision = "0009"
+down_revision = "0008"
 branch_labels = None
 depends_on = None
 
