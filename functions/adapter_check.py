@@ -10,7 +10,9 @@ values. Pickled weights are refused outright.
 
 The engines check again when an adapter is first requested (`served_config`), since what is on the volume was not
 necessarily imported (training writes it) and a replica's limits may be lower than the import's: the same rule for
-both engines, each passing its max rank and the linear layers it serves.
+both engines, each passing its max rank and the linear layers it serves. A version trained here with a classification
+head (task "classification") is the same LoRA plus the head's files (HEAD_FILE, HEAD_LABELS_FILE): the native engine
+applies the head, vLLM refuses the adapter; imports carry no head.
 """
 
 import dataclasses
@@ -32,6 +34,11 @@ from functions.finetune_config import FinetuneConfig
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+# A version trained with a classification head (task "classification", functions/classifier_head.py) holds these
+# beside its LoRA: the head (`weight` [labels, hidden], `token_ids` [labels], each label's first token) and its
+# labels in row order. Engines that apply the head read them (functions/engine/heads.py); others refuse the adapter.
+HEAD_FILE = "classifier_head.safetensors"
+HEAD_LABELS_FILE = "classifier_head.json"
 # Formats whose loading unpickles, so merely loading one can run code of the uploader's choosing.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
 FLOAT_DTYPES = ("F32", "F16", "BF16")

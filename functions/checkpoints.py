@@ -25,13 +25,14 @@ from app.db import session_scope
 from app.errors import Invalid
 from app.models import Checkpoint
 from functions import repos
-from functions.adapter_check import stored_config
+from functions.adapter_check import HEAD_LABELS_FILE, stored_config
 from functions.catalog import linear_modules
 from functions.finetune_config import FinetuneConfig
 from functions.repos import CHECKPOINTS_DIR, Weights
 
 RESUME_DIR = "resume"  # inside a checkpoint's directory: what only resuming needs
-WEIGHT_CONFIGS = ("adapter_config.json", "config.json", "generation_config.json")
+# with the head's labels of a classification-head checkpoint (its head itself is a .safetensors file)
+WEIGHT_CONFIGS = ("adapter_config.json", "config.json", "generation_config.json", HEAD_LABELS_FILE)
 SKIPPED_FILES = ("README.md",)  # PEFT's model card, which names a server path
 # LoRA settings that decide what the saved weights compute: a continued adapter must keep them.
 SHAPE_FIELDS = ("rank", "lora_alpha", "use_rslora", "use_dora", "target_modules")

@@ -22,16 +22,26 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from functions.engine.heads import read_head
 from functions.engine.lora_pool import AdapterWeights, LoraPool, load_adapter, read_adapter
 from functions.engine.protocol import AdapterRef, EngineError
 
 
 class AdapterManager:
-    def __init__(self, pool: LoraPool, base_model: str, layer_count: int, notify: Callable[[], None]) -> None:
-        """notify: wakes the engine loop (a read has ended: requests waiting on it may start or be answered)."""
+    def __init__(
+        self,
+        pool: LoraPool,
+        base_model: str,
+        layer_count: int,
+        notify: Callable[[], None],
+        head_shape: tuple[int, int],
+    ) -> None:
+        """notify: wakes the engine loop (a read has ended: requests waiting on it may start or be answered).
+        head_shape: (hidden size, vocabulary) of the base model, which a classification head must fit (heads.py)."""
         self.pool = pool
         self.base_model = base_model
         self.layer_count = layer_count
+        self.head_shape = head_shape
         self.loads = 0  # adapters installed into a slot since the engine started
         self._notify = notify
         self._lock = threading.Lock()
@@ -101,7 +111,9 @@ class AdapterManager:
 
     def _load(self, key: str, path: Path, config: dict) -> None:
         try:
-            weights: AdapterWeights | EngineError = load_adapter(path, config, self.layer_count)
+            adapter = load_adapter(path, config, self.layer_count)
+            adapter.head = read_head(path, *self.head_shape)  # None for an adapter without one
+            weights: AdapterWeights | EngineError = adapter
         except EngineError as exc:
             weights = exc
         except Exception as exc:  # noqa: BLE001 - unreadable files are the request's error

@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 import torch
 
 from functions.engine.beams import BeamSearch
+from functions.engine.heads import ClassifierHead
 from functions.engine.kv_cache import KVCache
 from functions.engine.llama import Sequences
-from functions.engine.lora_pool import Segments
+from functions.engine.lora_pool import LoraPool, Segments
 from functions.engine.protocol import GenerationRequest
 from functions.engine.sampling import ChoiceTrie
 
@@ -89,9 +90,9 @@ class Step:
     logit_rows: torch.Tensor  # [len(sampled)]: the flat rows whose logits are computed
 
 
-def lay_out(batch: list[Seq], prefill_chunk: int, lora_dtype: torch.dtype, device: torch.device) -> Step:
-    """The step over `batch` (running requests). Nothing of a request's state moves here: the caller advances
-    `computed` once the forward pass has succeeded."""
+def lay_out(batch: list[Seq], prefill_chunk: int, lora: LoraPool, device: torch.device) -> Step:
+    """The step over `batch` (running requests), whose adapters are in `lora`'s slots. Nothing of a request's state
+    moves here: the caller advances `computed` once the forward pass has succeeded."""
     prefill, decode = [], []
     budget = prefill_chunk
     for seq in batch:
@@ -110,6 +111,7 @@ def lay_out(batch: list[Seq], prefill_chunk: int, lora_dtype: torch.dtype, devic
     attention: list[tuple[int, int, int, torch.Tensor]] = []
     logit_rows: list[int] = []
     sampled: list[tuple[Seq, int]] = []
+    heads: list[tuple[int, ClassifierHead]] = []  # (logits row, head): first tokens on a classification adapter
     for seq, n in prefill:
         start = len(tokens)
         tokens += seq.tokens[seq.computed : seq.computed + n]
@@ -122,6 +124,9 @@ def lay_out(batch: list[Seq], prefill_chunk: int, lora_dtype: torch.dtype, devic
         if seq.computed + n == len(seq.tokens):
             logit_rows.append(start + n - 1)
             sampled.append((seq, 0 if seq.beam else -1))
+            head = lora.heads[seq.slot] if seq.slot >= 0 else None
+            if head is not None:  # the prompt's last token: its logits give the first generated token
+                heads.append((len(logit_rows) - 1, head))
     decode_start = len(tokens)
     decode_slots = decode_mask = None
     if decode:
@@ -150,6 +155,7 @@ def lay_out(batch: list[Seq], prefill_chunk: int, lora_dtype: torch.dtype, devic
         decode_slots=None if decode_slots is None else decode_slots.to(device),
         decode_mask=None if decode_mask is None else decode_mask.to(device),
         write_slots=torch.cat(write).to(device),
+        heads=heads,
     )
     return Step(
         prefill,
@@ -158,7 +164,7 @@ def lay_out(batch: list[Seq], prefill_chunk: int, lora_dtype: torch.dtype, devic
         torch.tensor(tokens, dtype=torch.long, device=device),
         torch.cat(positions).to(device),
         sequences,
-        Segments.build(runs, lora_dtype, device),
+        Segments.build(runs, lora.dtype, device),
         torch.tensor(logit_rows, dtype=torch.long, device=device),
     )
 

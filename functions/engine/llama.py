@@ -8,17 +8,19 @@ decode token per running sequence), each sequence with its own adapter or none. 
     kv cache    [slots, KVH, Dh] per layer  slot = block * block_size + offset (see kv_cache.py)
 
 The base weights are applied once per step for the whole batch. LoRA deltas are added per segment of tokens
-that share an adapter (lora_pool.LoraPool.apply). The arithmetic follows transformers' Llama and PEFT's LoRA
+that share an adapter (lora_pool.LoraPool.apply); a request's first token on an adapter with a classification head
+gets the head's scores (heads.py). The arithmetic follows transformers' Llama and PEFT's LoRA
 step by step (fp32 RMSNorm, the same rotary embedding, `base(x) + B(A(x)) * scaling`), so greedy decoding in
 fp32 gives the tokens transformers + PEFT give.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from functions.engine.heads import ClassifierHead
 from functions.engine.lora_pool import LoraPool, Segments
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
@@ -44,6 +46,8 @@ class Sequences:
     decode_slots: torch.Tensor | None  # [B, Lmax] cache slots to attend to (padding points at slot 0)
     decode_mask: torch.Tensor | None  # [B, 1, 1, Lmax] True where a key exists
     write_slots: torch.Tensor  # [T] cache slot of each token's key and value
+    # (row of logit_rows, head): a request's first token on an adapter with a classification head (heads.py)
+    heads: list[tuple[int, ClassifierHead]] = field(default_factory=list)
 
 
 class LlamaModel:
@@ -172,7 +176,10 @@ class LlamaModel:
             lora.apply(i, "down", act, down, segments)
             h = h + down
         h = self._rms(h.index_select(0, logit_rows), self.norm)
-        return F.linear(h, self.lm_head).float()
+        logits = F.linear(h, self.lm_head).float()
+        for row, head in seqs.heads:  # the head's scores at its labels' first tokens, from the same hidden state
+            logits[row, head.token_ids] = F.linear(h[row].float(), head.weight)
+        return logits
 
     def _attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqs: Sequences, kc: torch.Tensor, vc: torch.Tensor

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from functions.adapter_check import LORA_KEY, WEIGHTS_FILE, Unservable, served_config
+from functions.engine.heads import ClassifierHead
 from functions.engine.protocol import EngineError
 
 GROUPS = {  # fused group -> its projections, in the order llama.LlamaModel lays out their outputs
@@ -38,13 +39,14 @@ MAX_BANDS = 4  # more runs of consecutive slots than this: gather the matrices i
 @dataclass
 class AdapterWeights:
     """One adapter read from disk: per (layer, module) its A [r, in] and B [out, r], and its scaling; for DoRA also
-    each module's magnitude vector m [out]."""
+    each module's magnitude vector m [out]; for a classification adapter its head (heads.py)."""
 
     rank: int
     scale: float
     groups: set[str]
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
     magnitudes: dict[tuple[int, str], torch.Tensor]
+    head: ClassifierHead | None = None
 
 
 @dataclass
@@ -150,6 +152,7 @@ class LoraPool:
         self.scales = [0.0] * slots
         self.resident: OrderedDict[str, int] = OrderedDict()  # adapter key -> slot, least recently used first
         self.pins = [0] * slots
+        self.heads: list[ClassifierHead | None] = [None] * slots  # each slot's classification head, if any
 
     # ---- residency ------------------------------------------------------------------------------------
 
@@ -189,6 +192,7 @@ class LoraPool:
         self.scale[slot] = adapter.scale
         self.scales[slot] = adapter.scale
         self._install_magnitudes(slot, adapter)
+        self.heads[slot] = adapter.head.to(self.device) if adapter.head is not None else None
         self.resident[key] = slot
 
     def _install_magnitudes(self, slot: int, adapter: AdapterWeights) -> None:

@@ -110,7 +110,7 @@ class NativeEngine(Engine):
         self._waiting: list[Seq] = []
         self._running: list[Seq] = []
         self._wake = threading.Condition()
-        self.adapters = AdapterManager(self.lora, base_model, m.num_layers, self._notify)
+        self.adapters = AdapterManager(self.lora, base_model, m.num_layers, self._notify, (m.hidden, m.vocab))
         self.counters = {"requests": 0, "generated_tokens": 0, "prompt_tokens": 0}
         self.steps = 0
         self._closed = False
@@ -350,7 +350,7 @@ class NativeEngine(Engine):
         """One forward pass over `batch` (running requests), then each request's next token. Nothing of a request's
         state moves before the forward pass has succeeded (the cache writes it made are rewritten alike by a retry);
         a fault in one request's logits or sampling fails that request alone."""
-        step = lay_out(batch, self.config.prefill_chunk, self.lora.dtype, self.device)
+        step = lay_out(batch, self.config.prefill_chunk, self.lora, self.device)
         logits = self._forward(step)
         for seq, n in step.prefill:
             seq.computed += n

@@ -17,7 +17,7 @@ from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any, cast
 
-from functions.adapter_check import Unservable, served_config
+from functions.adapter_check import HEAD_FILE, Unservable, served_config
 from functions.catalog import get_model, linear_modules
 from functions.engine.protocol import (
     Delta,
@@ -32,6 +32,12 @@ from functions.engine.protocol import (
 from functions.prompts import encode_text
 
 GiB = 1024**3
+# An adapter trained with a classification head (task "classification") answers from the head's scores at its first
+# token (functions/engine/heads.py); vLLM computes its logits itself and cannot apply one.
+CLASSIFIER_HEAD_REFUSED = (
+    "this adapter cannot be served by vLLM: it was trained with a classification head (task 'classification'), "
+    "whose scores vLLM cannot apply to its logits; serve it on the native engine (LORAPLEX_ENGINE=native)"
+)
 
 
 class VLLMEngine(Engine):
@@ -181,6 +187,8 @@ class VLLMEngine(Engine):
             modules = linear_modules(self.base_model)  # vLLM serves LoRA on the model's linear layers
             try:
                 served_config(adapter.path, adapter.base_model, self.base_model, self.max_lora_rank, modules)
+                if (adapter.path / HEAD_FILE).exists():
+                    raise Unservable(CLASSIFIER_HEAD_REFUSED)
                 self._adapter_checked[adapter.key] = None
             except Unservable as exc:
                 self._adapter_checked[adapter.key] = EngineError(str(exc), "model")
