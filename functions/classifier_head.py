@@ -88,7 +88,7 @@ def build_classifier(
         problem = f"completion {unknown[0]!r} is none of the labels" if unknown else "rows have no prompt"
         raise ValueError(f"task 'classification': training {problem} ({list(labels)})")
     model = _classifier_model(config, bf16, init_from, token_ids, tokenizer.pad_token_id)
-    args = training_arguments(config, workdir, bf16, checkpoints)
+    args = training_arguments(config, workdir, bf16, checkpoints, max(len(row.prompt) for row in rows))
     features = [{"input_ids": row.prompt, "label_index": row.target} for row in rows]
     trainer = _classifier_trainer(Trainer)(
         model=model, args=args, train_dataset=features, data_collator=_Collator(tokenizer.pad_token_id)

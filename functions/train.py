@@ -15,49 +15,38 @@ and the metrics rows after that step, written by the attempt that died, are repl
 
 import logging
 import random
-import shutil
 import tempfile
 import time
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
-from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from app import volume
 from app.db import session_scope
-from app.models import AdapterVersion, FinetuneJob, JobMetric
+from app.models import AdapterVersion, FinetuneJob
 from app.queue import EventInfo, PermanentError
 from app.settings import get_settings
 from billing import ledger
 from functions import checkpoints, repos
+from functions.auto_config import MIN_ROWS_TO_HOLD_OUT
 from functions.base_models import BaseModelUnavailable, load_tokenizer
 from functions.catalog import get_model
-from functions.checkpoints import ResumePoint, TrainingTarget
+from functions.checkpoints import TrainingTarget
+from functions.classifier_head import build_classifier
 from functions.dataset_files import parse_dataset
 from functions.datasets import Example, detect_labels, single_class_message
-from functions.evaluate import EvalResult, evaluate
 from functions.finetune_config import FinetuneConfig
 from functions.prompts import Tokenized, example_ids, tokenize_example
+from functions.train_progress import Data, Progress
 from functions.trainer import TrainingRun, build_trainer
 
 log = logging.getLogger("loraplex.train")
 FINAL = ("completed", "failed", "cancelled")
-MIN_ROWS_TO_HOLD_OUT = 10  # smaller datasets without an evaluation split train on every row
 
 
 class Cancelled(Exception):
     pass
-
-
-@dataclass(frozen=True)
-class Data:
-    train: list[Tokenized]
-    evaluation: list[Tokenized]
-    # a classification dataset's labels, each with its completion token ids (the label, then the end of the turn)
-    labels: dict[str, list[int]] | None
 
 
 def run(event: EventInfo) -> None:
@@ -82,11 +71,6 @@ def run(event: EventInfo) -> None:
             ) from exc
         _publish(job, config, Path(workdir) / "result", stats, list(data.labels) if data.labels else None)
     checkpoints.drop_resume_state(target)
-
-
-def _at_creation(summary: dict[str, Any] | None) -> dict[str, Any]:
-    """What the API wrote into a job's summary when it created it (functions/auto_config.Resolved.record)."""
-    return {key: value for key, value in (summary or {}).items() if key in ("auto", "warnings", "truncation")}
 
 
 def _torch_oom() -> type[BaseException]:
@@ -197,12 +181,18 @@ def _train(
     attempt: int,
 ) -> dict:
     resume = checkpoints.prepare_resume(target, workdir)
+    run: TrainingRun
     try:
-        run = build_trainer(config, data.train, workdir, init_from=init_from, checkpoints=True)
+        if config.values().task == "classification" and data.labels:  # a classification head over the prompt
+            run = build_classifier(config, data.train, data.labels, workdir, init_from=init_from, checkpoints=True)
+        else:
+            run = build_trainer(config, data.train, workdir, init_from=init_from, checkpoints=True)
     except BaseModelUnavailable as exc:
         raise PermanentError(str(exc)) from exc
+    except ValueError as exc:  # a classification head these labels cannot have (functions/classifier_head.py)
+        raise PermanentError(f"task: {exc}") from exc
     epoch_tokens = sum(len(t.input_ids) for t in data.train)  # after truncation
-    progress = _Progress(job.id, attempt, epoch_tokens, run.steps_per_epoch, config, data, target, run, workdir)
+    progress = Progress(job.id, attempt, epoch_tokens, run.steps_per_epoch, config, data, target, run, workdir)
     progress.rewind(resume)
     run.trainer.add_callback(progress.callback())
     run.trainer.train(resume_from_checkpoint=str(resume.trainer_dir) if resume else None)
@@ -270,222 +260,3 @@ def _publish(
         guard=still_training,
         on_published=complete_job,
     )
-
-
-class _Progress:
-    """Writes one metrics row per optimizer step and one per evaluation, keeps the weights of the evaluated step
-    with the best task metric, saves each checkpoint to the volume, stops early once the task metric stops
-    improving, and stops at once when the job is cancelled."""
-
-    def __init__(
-        self,
-        job_id: str,
-        attempt: int,
-        epoch_tokens: int,
-        steps_per_epoch: int,
-        config: FinetuneConfig,
-        data: Data,
-        target: TrainingTarget,
-        run: TrainingRun,
-        workdir: Path,
-    ) -> None:
-        self.job_id, self.attempt, self.epoch_tokens, self.config = job_id, attempt, epoch_tokens, config
-        self.run, self.kept_dir = run, workdir / "kept"  # the best evaluated step's weights, as a version's files
-        self.steps_per_epoch = steps_per_epoch  # optimizer steps; for the epoch of evaluation rows
-        self.evaluation, self.labels, self.target = data.evaluation, data.labels, target
-        self.eval_steps = config.values().eval_steps
-        self.tokenizer, self.bf16 = run.tokenizer, run.bf16
-        self.started = time.monotonic()
-        self.start_epoch = 0.0  # where this attempt began: a resumed one does not count the epochs before
-        self.cancelled = self.stopped_early = False
-        self.max_steps = 1
-        self.evals: list[tuple[int, EvalResult]] = []  # (step, result)
-        self.best_score: tuple[float, ...] | None = None  # the best evaluation's score (self.score), for patience
-        self.kept_score: tuple[float, ...] | None = None  # the score of the weights in kept_dir
-        self.kept_step: int | None = None  # the step whose weights are in kept_dir
-        self.evals_without_improvement = 0
-        self.resumed_from: dict | None = None
-
-    def tokens_done(self, epochs: float) -> int:
-        """Tokens processed after `epochs` (fractional) passes over the training rows: what the job is charged."""
-        return round(self.epoch_tokens * epochs)
-
-    def rewind(self, resume: ResumePoint | None) -> None:
-        """Make the job's metrics rows this attempt's history. Starting over: earlier attempts' rows go. Resuming
-        at a checkpoint: rows past its step (the dead attempt's work after it, done again now) go, the rest become
-        this attempt's, and their evaluations are taken back, so early stopping and the summary carry on."""
-        with session_scope() as s:
-            job_rows = JobMetric.job_id == self.job_id
-            if resume is None:
-                s.execute(delete(JobMetric).where(job_rows, JobMetric.attempt != self.attempt))
-                return
-            s.execute(delete(JobMetric).where(job_rows, JobMetric.step > resume.step))
-            s.execute(update(JobMetric).where(job_rows).values(attempt=self.attempt))
-            for row in s.scalars(select(JobMetric).where(job_rows, JobMetric.kind == "eval").order_by(JobMetric.step)):
-                self._track(row.step, self._restored(row), weights=False)  # the dead attempt's weights are gone
-            self.resumed_from = {"checkpoint": resume.name, "step": resume.step, "attempt": self.attempt}
-            job = s.get_one(FinetuneJob, self.job_id)
-            job.summary = _at_creation(job.summary) | {"resumed_from": self.resumed_from}
-        log.info("job %s resumes from %s at step %d", self.job_id, resume.name, resume.step)
-
-    def _restored(self, row: JobMetric) -> EvalResult:
-        return EvalResult(
-            loss=row.loss,
-            perplexity=row.perplexity or 0.0,
-            token_accuracy=row.token_accuracy or 0.0,
-            sequence_accuracy=row.sequence_accuracy,
-            char_error_rate=row.char_error_rate,
-            rows=len(self.evaluation),
-            classification=row.classification,
-        )
-
-    def callback(self) -> Any:
-        from transformers import TrainerCallback
-
-        progress = self
-
-        class Callback(TrainerCallback):
-            def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-                progress.max_steps, progress.start_epoch = state.max_steps, state.epoch or 0.0
-                with session_scope() as s:
-                    s.get_one(FinetuneJob, progress.job_id).total_steps = state.max_steps
-                progress.evaluate(model, 0)  # the model before training: the baseline users compare against
-
-            def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
-                if logs and "loss" in logs:
-                    progress.log(state.global_step, logs)
-
-            def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-                if progress.is_cancelled():
-                    progress.cancelled = True
-                    control.should_training_stop = True
-                    return
-                every = progress.eval_steps
-                if every and state.global_step % every == 0 and progress.evaluate(model, state.global_step):
-                    control.should_training_stop = True
-
-            def on_epoch_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-                evaluate_now = not progress.eval_steps and not progress.cancelled
-                if evaluate_now and progress.evaluate(model, state.global_step):
-                    control.should_training_stop = True
-
-            def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-                # After the Trainer wrote checkpoint-<step>/ (and the step's metrics and evaluation rows).
-                if not progress.cancelled:
-                    local = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-                    progress.checkpoint(local, state.global_step, state.epoch or 0.0)
-
-        return Callback()
-
-    def log(self, step: int, logs: dict) -> None:
-        elapsed = time.monotonic() - self.started
-        epoch = float(logs.get("epoch", 0.0))
-        with session_scope() as s:
-            s.add(
-                JobMetric(
-                    job_id=self.job_id,
-                    attempt=self.attempt,
-                    step=step,
-                    epoch=epoch,
-                    loss=float(logs["loss"]),
-                    learning_rate=float(logs.get("learning_rate", 0.0)),
-                    tokens_per_second=self.tokens_done(epoch - self.start_epoch) / elapsed if elapsed > 0 else 0.0,
-                )
-            )
-
-    def checkpoint(self, trainer_dir: Path, step: int, epoch: float) -> None:
-        name = checkpoints.save(self.target, trainer_dir, step, epoch, self.tokenizer)
-        log.info("job %s saved checkpoint %s at step %d", self.job_id, name, step)
-
-    def evaluate(self, model: Any, step: int) -> bool:
-        """Evaluate, record the row, and say whether early stopping should stop training now."""
-        if not self.evaluation or any(s == step for s, _ in self.evals):
-            return False
-        result = evaluate(model, self.tokenizer, self.evaluation, bf16=self.bf16, labels=self.labels)
-        with session_scope() as s:
-            s.add(
-                JobMetric(
-                    job_id=self.job_id,
-                    attempt=self.attempt,
-                    step=step,
-                    epoch=step / self.steps_per_epoch,
-                    kind="eval",
-                    loss=result.loss,
-                    learning_rate=0.0,
-                    perplexity=result.perplexity,
-                    token_accuracy=result.token_accuracy,
-                    sequence_accuracy=result.sequence_accuracy,
-                    char_error_rate=result.char_error_rate,
-                    classification=result.classification,
-                )
-            )
-        if not self._track(step, result):
-            return False
-        self.stopped_early = step < self.max_steps
-        return self.stopped_early
-
-    def _track(self, step: int, result: EvalResult, weights: bool = True) -> bool:
-        """Keep the evaluation (and, with `weights`, the model's weights when it is the best so far) and say whether
-        early stopping's patience has run out."""
-        self.evals.append((step, result))
-        if step == 0:
-            return False  # the untrained model: a baseline, never published
-        score = self.score(result)
-        if weights and (self.kept_score is None or score > self.kept_score):
-            if self.kept_dir.exists():
-                shutil.rmtree(self.kept_dir)
-            self.run.save(self.kept_dir)
-            self.kept_step, self.kept_score = step, score
-        if self.best_score is None or score > self.best_score:
-            self.best_score, self.evals_without_improvement = score, 0
-            return False
-        self.evals_without_improvement += 1
-        return (
-            self.config.enable_early_stopping and self.evals_without_improvement >= self.config.early_stopping_patience
-        )
-
-    def score(self, result: EvalResult) -> tuple[float, ...]:
-        """Higher is better: the task metric first, the loss to break ties (accuracy on 40 rows ties often)."""
-        if result.classification is not None:
-            return (result.classification["accuracy"], -result.loss)
-        if result.sequence_accuracy is not None and result.char_error_rate is not None:
-            return (result.sequence_accuracy, -result.char_error_rate, -result.loss)
-        return (-result.loss,)
-
-    @property
-    def metric(self) -> str:
-        """The name of the task metric that picks the published step."""
-        if self.labels:
-            return "accuracy"
-        trained = [r for step, r in self.evals if step > 0]
-        return "sequence_accuracy" if trained and trained[0].sequence_accuracy is not None else "loss"
-
-    def save_summary(self, steps_done: int) -> None:
-        def row(step: int, r: EvalResult) -> dict:
-            return {"step": step} | {k: v for k, v in r.__dict__.items()}
-
-        trained = [(step, r) for step, r in self.evals if step > 0]
-        summary: dict[str, Any] = {
-            "steps_done": steps_done,
-            "stopped_early": self.stopped_early,
-            "evaluation_rows": len(self.evaluation),
-        }
-        if self.labels:
-            summary["labels"] = list(self.labels)
-        if self.resumed_from:
-            summary["resumed_from"] = self.resumed_from
-        if self.evals:
-            summary["baseline"] = row(*self.evals[0])
-        if trained:
-            summary["final"] = row(*trained[-1])
-            summary["best"] = row(*max(trained, key=lambda e: self.score(e[1])))
-        # The version published: the best evaluated step of this attempt (a resumed job's earlier evaluations
-        # have no weights left), or the last step when nothing was evaluated.
-        summary["kept"] = {"step": self.kept_step or steps_done, "metric": self.metric if self.kept_step else None}
-        with session_scope() as s:
-            job = s.get_one(FinetuneJob, self.job_id)
-            job.summary = _at_creation(job.summary) | summary
-
-    def is_cancelled(self) -> bool:
-        with session_scope() as s:
-            return s.scalar(select(FinetuneJob.status).where(FinetuneJob.id == self.job_id)) == "cancelled"

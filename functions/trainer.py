@@ -32,9 +32,12 @@ from functions.precision import use_bf16
 from functions.prompts import IGNORE_INDEX, Tokenized
 
 # Examples per forward pass on a GPU; gradient accumulation makes up effective_batch_size. On a CPU each row is its
-# own forward pass: no padding, and activations of one row only (a LoRA step on SmolLM2 keeps ~3 MB of activations
-# per token for the backward pass: four 576-token rows peaked at 6.8 GB, one at 2.3 GB), at the same tokens/s.
+# own forward pass: no padding, and activations of one row only (measured on SmolLM2, LoRA on every linear layer,
+# fp32: one step over four 576-token rows peaked at 6.8 GB, over one at 2.3 GB; about 3 MB per token).
 MICRO_BATCH = 4
+# Past this many tokens in a row (~1.5 GB of activations), a CPU step recomputes them in the backward pass rather than
+# keeping them, for one more forward pass (one 576-token row: 1.75 GB peak recomputed, 2.26 GB kept).
+CPU_ROW_TOKENS = 512
 
 
 @dataclass
@@ -70,7 +73,7 @@ def build_trainer(
     bf16 = prepare_run(config, precision)
     tokenizer = load_tokenizer(config.base_model)
     model = _trainable_model(config, bf16, init_from)
-    args = training_arguments(config, workdir, bf16, checkpoints)
+    args = training_arguments(config, workdir, bf16, checkpoints, max(len(t.input_ids) for t in examples))
     features = [{"input_ids": t.input_ids, "labels": t.labels} for t in examples]
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
     trainer = _completion_trainer(Trainer)(model=model, args=args, train_dataset=features, data_collator=collator)
@@ -91,16 +94,20 @@ def prepare_run(config: FinetuneConfig, precision: str | None = None) -> bool:
     return use_bf16(precision or settings.training.train_precision)
 
 
-def training_arguments(config: FinetuneConfig, workdir: Path, bf16: bool, checkpoints: bool) -> Any:
+def training_arguments(
+    config: FinetuneConfig, workdir: Path, bf16: bool, checkpoints: bool, longest: int = 0
+) -> Any:
     """The TrainingArguments of a run over config's resolved values: micro-batches of at most MICRO_BATCH with
     gradient accumulation up to effective_batch_size, batches grouped by length, checkpoints under workdir/trainer
-    when asked."""
+    when asked. `longest`: the longest training row, in tokens: on a CPU, a row longer than CPU_ROW_TOKENS has its
+    activations recomputed in the backward pass rather than kept."""
     import torch
     from transformers import TrainingArguments
 
     cuda = torch.cuda.is_available()
     values = config.values()
     micro = min(MICRO_BATCH if cuda else 1, values.effective_batch_size)
+    recompute = (config.kind == "full" and cuda) or (not cuda and longest > CPU_ROW_TOKENS)
     return TrainingArguments(
         output_dir=str(workdir / "trainer"),
         per_device_train_batch_size=micro,
@@ -119,7 +126,7 @@ def training_arguments(config: FinetuneConfig, workdir: Path, bf16: bool, checkp
         disable_tqdm=True,
         train_sampling_strategy="group_by_length",  # batches of similar length pad less
         **_checkpoint_args(config, checkpoints),
-        **(_activation_checkpointing(TrainingArguments) if config.kind == "full" and cuda else {}),
+        **(_activation_checkpointing(TrainingArguments) if recompute else {}),
     )
 
 
@@ -180,7 +187,9 @@ def _trainable_model(config: FinetuneConfig, bf16: bool, init_from: Path | None)
 def _activation_checkpointing(arguments: type) -> dict[str, Any]:
     """Recompute activations in the backward pass (the option's name changed in transformers 5.2x)."""
     fields = getattr(arguments, "__dataclass_fields__", {})
-    return {"activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing": True}
+    name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    # Non-reentrant: it needs no input that requires grad, which a LoRA over frozen embeddings has none of.
+    return {name: True, f"{name}_kwargs": {"use_reentrant": False}}
 
 
 def _checkpoint_args(config: FinetuneConfig, enabled: bool) -> dict[str, Any]:

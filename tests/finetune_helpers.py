@@ -12,6 +12,24 @@ from fastapi.testclient import TestClient
 
 from conftest import TINY_MODEL, InProcessWorker, Platform
 
+# A classification dataset: six training rows, two labels; its evaluation split holds a class training lacks.
+SENTIMENT = [
+    {"prompt": text, "completion": label}
+    for text, label in [
+        ("I love this movie!", "positive"),
+        ("This restaurant has amazing food.", "positive"),
+        ("The weather is perfect today.", "positive"),
+        ("The customer service was terrible.", "negative"),
+        ("My order arrived broken.", "negative"),
+        ("I regret buying this.", "negative"),
+    ]
+] + [
+    {"prompt": "What a wonderful surprise.", "completion": "positive", "split": "evaluation"},
+    {"prompt": "Best concert of my life.", "completion": "positive", "split": "evaluation"},
+    {"prompt": "The room smelled awful.", "completion": "negative", "split": "evaluation"},
+    {"prompt": "Not sure how I feel.", "completion": "neutral", "split": "evaluation"},  # a class training lacks
+]
+
 
 def ready_dataset(client: TestClient, headers: dict[str, str], rows: list[dict], name: str) -> dict[str, Any]:
     """Upload `rows` as JSONL and validate them here (no worker is left running)."""

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from functions.engine.sampling import ChoiceTrie, mask_choices
+
 
 @dataclass
 class BeamSearch:
@@ -28,8 +30,11 @@ class BeamSearch:
     def generated(self) -> int:
         return self.steps
 
-    def step(self, logits: torch.Tensor) -> list[int]:
-        """logits: [live beams, V]. Returns the parent beam of each new live beam."""
+    def step(self, logits: torch.Tensor, choices: ChoiceTrie | None = None) -> list[int]:
+        """logits: [live beams, V]. Returns the parent beam of each new live beam. With `choices`, each beam
+        continues one of them."""
+        if choices is not None:
+            logits = mask_choices(logits, [choices.allowed(tokens) for tokens in self.beams])
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         if self.generated < self.min_new:
             logprobs[:, self.eos] = -float("inf")

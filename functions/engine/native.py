@@ -36,7 +36,7 @@ from functions.engine.protocol import (
     RequestFailed,
     check_request,
 )
-from functions.engine.sampling import Choice, ChoiceTrie, RowState, choose, mask_choices
+from functions.engine.sampling import Choice, ChoiceTrie, RowState, choose
 from functions.precision import use_bf16
 from functions.prompts import encode_text
 
@@ -420,9 +420,7 @@ class NativeEngine(Engine):
         """One beam-search step; the keys and values of each kept beam's parent are copied into its slots."""
         beam = seq.beam
         assert beam is not None
-        if seq.choices is not None:  # each beam continues one of the choices (its rows: beams in order)
-            logits = mask_choices(logits, [seq.choices.allowed(tokens) for tokens in beam.beams])
-        parents = beam.step(logits)
+        parents = beam.step(logits, seq.choices)  # rows: the live beams, in order
         self.counters["generated_tokens"] += len(parents)
         if parents != list(range(len(parents))):
             n = seq.computed

@@ -203,22 +203,22 @@ def test_a_preempted_job_resumes_from_its_last_committed_checkpoint(
     """Attempt 1 is preempted at step 5, after checkpoint 1 (step 3) was committed. Modal's own retry comes while the
     dead container's lease still holds, and leaves the event; once the lease runs out the reaper re-spawns it, on the
     same GPU, and the new container resumes from checkpoint 1 and ends where an uninterrupted run ends."""
-    import functions.train
+    import functions.train_progress
 
     ready_dataset(client, alice, ROWS, "greetings")
     config = CONFIG | {"checkpoint_every": 3, "enable_early_stopping": False}
     uninterrupted = train(client, alice, repo="whole", **config)  # on the local runtime, for the figures
     switch(on_modal, monkeypatch)
 
-    log_step = functions.train._Progress.log
+    log_step = functions.train_progress.Progress.log
 
-    def preempted_at_step_5(self: functions.train._Progress, step: int, logs: dict) -> None:
+    def preempted_at_step_5(self: functions.train_progress.Progress, step: int, logs: dict) -> None:
         if self.attempt == 1 and step == 5:
             on_modal.volume.kill()
             raise ContainerKilled
         log_step(self, step, logs)
 
-    monkeypatch.setattr(functions.train._Progress, "log", preempted_at_step_5)
+    monkeypatch.setattr(functions.train_progress.Progress, "log", preempted_at_step_5)
     job_id = start_job(client, alice, repo="resumed", **config)["id"]
     [first] = on_modal.take()
     assert (first.function, first.gpu) == ("train", "A10G")

@@ -9,7 +9,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from conftest import TINY_MODEL, Platform
-from finetune_helpers import ready_dataset, refusal, train
+from finetune_helpers import SENTIMENT, ready_dataset, refusal, train
 from functions import auto_config
 from functions.base_models import load_model
 from functions.completion_loss import CHUNK_POSITIONS, completion_loss
@@ -17,17 +17,7 @@ from functions.evaluate import EvalResult
 from functions.finetune_config import FinetuneConfig
 from functions.prompts import IGNORE_INDEX
 
-SENTIMENT = [
-    {"prompt": text, "completion": label}
-    for text, label in [
-        ("I love this movie!", "positive"),
-        ("This restaurant has amazing food.", "positive"),
-        ("The weather is perfect today.", "positive"),
-        ("The customer service was terrible.", "negative"),
-        ("My order arrived broken.", "negative"),
-        ("I regret buying this.", "negative"),
-    ]
-]
+SENTIMENT_TRAIN = [row for row in SENTIMENT if "split" not in row]  # no evaluation split
 
 
 def config(**fields: Any) -> FinetuneConfig:
@@ -89,7 +79,7 @@ def test_tiny_datasets_explain_their_defaults() -> None:
 
 
 def test_a_job_records_the_values_it_used_and_what_truncation_cost(client: TestClient, alice: dict[str, str]) -> None:
-    ready_dataset(client, alice, SENTIMENT, "sentiment")
+    ready_dataset(client, alice, SENTIMENT_TRAIN, "sentiment")
     job = train(client, alice, dataset="sentiment", repo="auto", train_steps=2)
     summary = job["summary"]
     assert set(summary["auto"]) == {"task", "max_seq_length", "effective_batch_size", "learning_rate", "eval_steps"}
@@ -153,9 +143,9 @@ def _accuracy(value: float, loss: float) -> EvalResult:
 
 
 def test_the_best_evaluated_step_is_kept_not_the_last(tmp_path: Path) -> None:
-    from functions.train import _Progress
+    from functions.train_progress import Progress
 
-    progress = _Progress.__new__(_Progress)  # the selection alone: no job, database or model behind it
+    progress = Progress.__new__(Progress)  # the selection alone: no job, database or model behind it
     saved = _SavedStep()
     progress.run, progress.kept_dir, progress.labels = saved, tmp_path / "kept", {"a": [1], "b": [2]}
     progress.config = config(early_stopping_patience=2)
@@ -171,3 +161,29 @@ def test_the_best_evaluated_step_is_kept_not_the_last(tmp_path: Path) -> None:
     assert stops == [False, False, False, False, True]
     # Equal accuracy: the lower loss wins.
     assert progress.score(_accuracy(0.9, 0.7)) > progress.score(_accuracy(0.9, 0.8))
+
+
+def test_long_rows_recompute_activations_and_train_the_same(
+    sqlite_platform: Platform, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from functions import trainer
+    from functions.prompts import Tokenized
+
+    ids = list(range(5, 45))
+    rows = [Tokenized(ids, [IGNORE_INDEX] * 30 + ids[30:], len(ids)) for _ in range(2)]
+    tiny = FinetuneConfig.model_validate(
+        {"base_model": TINY_MODEL, "dataset": "d", "repo": "r", "train_steps": 2, "effective_batch_size": 2}
+        | {"learning_rate": 1e-2, "max_seq_length": 64, "eval_steps": None, "task": "completion"}
+    )
+
+    def trained(row_tokens: int) -> tuple[bool, list[torch.Tensor]]:
+        monkeypatch.setattr(trainer, "CPU_ROW_TOKENS", row_tokens)
+        run = trainer.build_trainer(tiny, rows, tmp_path / str(row_tokens))
+        run.trainer.train()
+        recomputed = bool(run.trainer.args.activation_checkpointing)
+        return recomputed, [p.detach().clone() for n, p in run.trainer.model.named_parameters() if "lora_" in n]
+
+    kept, plain = trained(512)  # 40-token rows: activations kept
+    recomputed, again = trained(16)  # past 16 tokens: recomputed in the backward pass
+    assert (kept, recomputed) == (False, True)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(plain, again, strict=True))

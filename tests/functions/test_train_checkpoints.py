@@ -121,7 +121,7 @@ def test_a_retried_job_resumes_from_its_last_checkpoint(
     """The first attempt dies at step 5, after checkpoint 1 (step 3). The retry starts at step 3 with the
     Trainer's optimizer, schedule and data order, so it ends exactly where an uninterrupted run ends; the metrics
     rows of steps 4-5 the dead attempt wrote are replaced, not duplicated."""
-    import functions.train
+    import functions.train_progress
 
     monkeypatch.setenv("LORAPLEX_RETRY_BASE_SECONDS", "0")
     get_settings.cache_clear()
@@ -129,14 +129,14 @@ def test_a_retried_job_resumes_from_its_last_checkpoint(
     config = CONFIG | {"checkpoint_every": 3, "enable_early_stopping": False}
     uninterrupted = train(client, alice, repo="whole", **config)
 
-    log_step = functions.train._Progress.log
+    log_step = functions.train_progress.Progress.log
 
-    def dies_at_step_5(self: functions.train._Progress, step: int, logs: dict) -> None:
+    def dies_at_step_5(self: functions.train_progress.Progress, step: int, logs: dict) -> None:
         if self.attempt == 1 and step == 5:
             raise RuntimeError("worker died")  # as a SIGKILL would, minus the lease wait (tests/e2e does that)
         log_step(self, step, logs)
 
-    monkeypatch.setattr(functions.train._Progress, "log", dies_at_step_5)
+    monkeypatch.setattr(functions.train_progress.Progress, "log", dies_at_step_5)
     job = finish(client, alice, start_job(client, alice, repo="resumed", **config)["id"])
     assert job["status"] == "completed" and job["attempts"] == 2, job
     assert job["summary"]["resumed_from"] == {"checkpoint": "resumed/1@1", "step": 3, "attempt": 2}

@@ -12,28 +12,12 @@ from sqlalchemy import select
 from app.db import session_scope
 from app.models import Dataset, Tenant, UsageRecord
 from conftest import TINY_MODEL, Platform
-from finetune_helpers import finish, metrics, ready_dataset, refusal, start_job, train, untar, version_dir
+from finetune_helpers import SENTIMENT, finish, metrics, ready_dataset, refusal, start_job, train, untar, version_dir
 from functions.datasets import Example, detect_labels
 from functions.evaluate import classification_report
 
 GREETINGS = [{"prompt": f"Say hi to {n}", "completion": f"Hi {n}!"} for n in ("Ann", "Bo", "Cy", "Di", "Ed", "Flo")] + [
     {"prompt": "Say hi to Gus", "completion": "Hi Gus!", "split": "evaluation"}
-]
-SENTIMENT = [
-    {"prompt": text, "completion": label}
-    for text, label in [
-        ("I love this movie!", "positive"),
-        ("This restaurant has amazing food.", "positive"),
-        ("The weather is perfect today.", "positive"),
-        ("The customer service was terrible.", "negative"),
-        ("My order arrived broken.", "negative"),
-        ("I regret buying this.", "negative"),
-    ]
-] + [
-    {"prompt": "What a wonderful surprise.", "completion": "positive", "split": "evaluation"},
-    {"prompt": "Best concert of my life.", "completion": "positive", "split": "evaluation"},
-    {"prompt": "The room smelled awful.", "completion": "negative", "split": "evaluation"},
-    {"prompt": "Not sure how I feel.", "completion": "neutral", "split": "evaluation"},  # a class training lacks
 ]
 
 
@@ -114,6 +98,34 @@ def test_full_fine_tuning_publishes_a_whole_servable_model(
 
 
 # ---- classification --------------------------------------------------------------------------------------
+
+
+def test_a_classification_head_job_is_served_through_the_same_api(
+    client: TestClient, alice: dict[str, str], platform: Platform
+) -> None:
+    ready_dataset(client, alice, SENTIMENT, "sentiment")
+    job = train(
+        client, alice, dataset="sentiment", repo="head", task="classification", epochs=2, effective_batch_size=3
+    )
+    assert job["config"]["task"] == "classification" and job["summary"]["kept"]["metric"] == "accuracy"
+    assert job["summary"]["labels"] == ["negative", "positive"]
+    assert (version_dir(platform, "head", 1) / "classifier_head.safetensors").exists()
+    r = client.post(
+        "/v1/chat/completions",
+        headers=alice,
+        json={
+            "model": "head/1",
+            "messages": [{"role": "user", "content": "What a lovely day!"}],
+            "temperature": 0,
+            "logprobs": True,
+            "top_logprobs": 2,
+        },
+    )
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["message"]["content"] in ("negative", "positive")  # the head's answer, a label
+    first = choice["logprobs"]["content"][0]["top_logprobs"]  # each label's first token: the head's softmax
+    assert sum(math.exp(t["logprob"]) for t in first) == pytest.approx(1.0, abs=1e-4)
 
 
 def test_classification_datasets_report_accuracy_per_class_and_a_confusion_matrix(
@@ -206,6 +218,7 @@ REFUSED: list[tuple[dict, str, str]] = [
     ({"epochs": 2, "train_steps": 4}, "train_steps", "not both"),
     ({"max_seq_length": 4096}, "max_seq_length", "exceeds the model's context"),
     ({"target_modules": ["lm_head"]}, "target_modules", "not in the model"),
+    ({"task": "classification"}, "task", "needs a classification dataset"),  # greetings: free-text completions
 ]
 
 

@@ -1,11 +1,13 @@
 """VLLMEngine on the real SmolLM2-135M against plain transformers + PEFT: same greedy text with and without an
-adapter, refusals, stop sequences, logprobs, and abort when the caller goes away.
+adapter, refusals, stop sequences, logprobs, abort when the caller goes away, and SamplingParams.choices (its
+structured outputs' choice grammar: the answer is one of the choices, logprobs over the allowed tokens only).
 
 Runs in .venv-vllm only (`scripts/setup_vllm.sh`); elsewhere it skips. One engine for the module (~30 s to
 start), fp32 so that its greedy tokens are those of transformers in fp32.
 """
 
 import asyncio
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -217,3 +219,43 @@ def test_closing_the_stream_aborts_the_request(run: Callable, engine: Any, promp
     assert after_close["running"] == 0 and after_close["waiting"] == 0
     assert running_beside_it == 1
     assert engine.stats()["running"] == 0
+
+
+# ---- choices ---------------------------------------------------------------------------------------------
+
+LABELS = ("positive", "negative", "neutral")
+
+
+def answer(engine: Any, run: Callable, question: str, **kw: Any) -> Completion:
+    prompt = encode_chat(engine.tokenizer, [{"role": "user", "content": question}])
+    params = SamplingParams(**({"max_new_tokens": 24, "temperature": 0.0} | kw))
+    return run(collect(engine.generate(GenerationRequest(prompt, params))))
+
+
+def test_vllm_answers_only_a_choice(engine: Any, run: Callable) -> None:
+    question = "What is the capital of France?"
+    free = answer(engine, run, question)
+    assert free.text not in LABELS
+    greedy = answer(engine, run, question, choices=LABELS, min_new_tokens=8)
+    assert greedy.text in LABELS and greedy.finish_reason == "stop"
+    sampled = {answer(engine, run, question, choices=LABELS, temperature=1.5, seed=s).text for s in range(6)}
+    assert sampled <= set(LABELS)
+
+
+def test_vllm_logprobs_are_over_the_allowed_tokens(engine: Any, run: Callable) -> None:
+    out = answer(
+        engine, run, "Is Paris in France? Answer yes or no.", choices=("yes", "no"), logprobs=True, top_logprobs=20
+    )
+    assert out.text in ("yes", "no")
+    first = out.logprobs[0]
+    # vLLM's grammar allows any spelling of a choice in tokens ("y" then "es" too): every allowed first token is
+    # among the 20, and together they hold all the probability
+    assert 2 <= len(first.top) < 20
+    assert math.fsum(math.exp(logprob) for _, logprob in first.top) == pytest.approx(1.0, abs=1e-4)
+    assert {"yes", "no"} <= {token for token, _ in first.top}
+
+
+def test_vllm_refuses_invalid_choices(engine: Any, run: Callable) -> None:
+    with pytest.raises(EngineError) as refused:
+        answer(engine, run, "hi", choices=("yes", ""))
+    assert refused.value.field == "choices"
