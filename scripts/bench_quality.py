@@ -95,6 +95,7 @@ def main() -> None:
     if args.child:
         print("RESULT " + json.dumps(run_child(args)), flush=True)
         return
+    signal.signal(signal.SIGTERM, _terminated)
     tasks = [build_task(name, args) for name in args.datasets]
     out = Path(args.out)
     for task in tasks:
@@ -110,6 +111,14 @@ def main() -> None:
                 for run in api_runs:
                     record(out, entry(args, task, run, run_api(server, task, dataset, run, args)))
     print(f"\nwrote {out / 'quality.json'} and {out / 'quality.md'}")
+
+
+class Terminated(BaseException):
+    """SIGTERM: unwinds through the `finally`s that stop the server and a local run's process."""
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise Terminated
 
 
 def parse_args() -> argparse.Namespace:
@@ -211,8 +220,11 @@ def ask(server: "Server", task: Task, model: str) -> dict[str, Any]:
         return reply.choices[0].message.content or ""
 
     started = time.monotonic()
-    with ThreadPoolExecutor(REQUEST_THREADS) as pool:
+    pool = ThreadPoolExecutor(REQUEST_THREADS)
+    try:
         answers = list(pool.map(one, task.held_out))
+    finally:  # stopped (SIGTERM, an error): the rows not asked yet are not asked
+        pool.shutdown(wait=False, cancel_futures=True)
     print(f"  asked {len(answers)} held-out rows of {model} in {time.monotonic() - started:.0f} s", flush=True)
     return score(task, answers) | {"answer_seconds": round(time.monotonic() - started, 1)}
 
@@ -350,8 +362,12 @@ def run_local(args: argparse.Namespace, task: Task, run: str) -> dict[str, Any]:
     if args.max_steps:
         command += ["--max-steps", str(args.max_steps)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=ROOT)
-    with PeakMemory(process.pid) as memory:
-        stdout, _ = process.communicate()
+    try:
+        with PeakMemory(process.pid) as memory:
+            stdout, _ = process.communicate()
+    finally:
+        if process.poll() is None:  # this script was stopped meanwhile
+            process.kill()
     if process.returncode != 0:
         raise SystemExit(f"{run} on {task.name} failed (exit code {process.returncode})")
     result: dict[str, Any] = json.loads(stdout.rsplit("RESULT ", 1)[1])
@@ -752,4 +768,8 @@ def _steps(e: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except Terminated:
+        # The server is stopped by now; threads still asking it (retrying a closed port) are not waited for.
+        os._exit(143)

