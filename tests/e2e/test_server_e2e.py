@@ -58,6 +58,7 @@ def test_openai_sdk_against_the_real_model(bundled_model: Path, processes: Proce
             "learning_rate": 2e-3,
             "rank": 8,
             "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+            "eval_steps": None,  # at the end of each epoch
         },
     )
     assert r.status_code == 201, r.text
@@ -104,7 +105,7 @@ def test_killed_worker_mid_training_job_still_finishes(processes: Processes) -> 
         json={"base_model": TINY_MODEL, "dataset": "count", "repo": "count", "epochs": 2, "effective_batch_size": 4},
     )
     job_id = r.json()["id"]
-    for _ in range(600):  # wait until it is really training: some steps written
+    for _ in range(3000):  # wait until it is really training: some steps written (5 min on a loaded machine)
         if http.get(f"/v1/finetuning/jobs/{job_id}/metrics").json():
             break
         time.sleep(0.1)
