@@ -34,7 +34,7 @@ from functions.base_models import ensure_local, load_tokenizer
 from functions.evaluate import EvalResult, char_error_rate, classification_report
 from functions.finetune_config import FinetuneConfig
 from functions.prompts import IGNORE_INDEX, Tokenized, encode_text
-from functions.trainer import TrainingRun, prepare_run, steps_per_epoch, training_arguments
+from functions.trainer import TrainingRun, new_lora, prepare_run, steps_per_epoch, training_arguments
 
 SCORE_KEY = "base_model.model.score.weight"  # the head in PEFT's SEQ_CLS state dict (modules_to_save)
 
@@ -186,16 +186,8 @@ def _classifier_model(
     )
     with torch.no_grad():
         model.score.weight.copy_(_output_rows(base_dir, model, token_ids))
-    if init_from is not None:
-        lora = LoraConfig.from_pretrained(str(init_from))  # its shape (rank, alpha, modules, variants) carries over
-    else:
-        lora = LoraConfig(
-            r=config.rank,
-            lora_alpha=config.resolved_alpha,
-            target_modules=config.resolved_target_modules,
-            use_rslora=config.use_rslora,
-            use_dora=config.use_dora,
-        )
+    # A continued version's shape (rank, alpha, modules, variants) carries over.
+    lora = LoraConfig.from_pretrained(str(init_from)) if init_from is not None else new_lora(config, "SEQ_CLS")
     lora.task_type, lora.modules_to_save, lora.inference_mode = "SEQ_CLS", None, False  # SEQ_CLS trains `score`
     lora.lora_dropout = config.lora_dropout  # a training choice, not part of the weights
     peft_model = get_peft_model(model, lora)

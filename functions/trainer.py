@@ -94,9 +94,7 @@ def prepare_run(config: FinetuneConfig, precision: str | None = None) -> bool:
     return use_bf16(precision or settings.training.train_precision)
 
 
-def training_arguments(
-    config: FinetuneConfig, workdir: Path, bf16: bool, checkpoints: bool, longest: int = 0
-) -> Any:
+def training_arguments(config: FinetuneConfig, workdir: Path, bf16: bool, checkpoints: bool, longest: int = 0) -> Any:
     """The TrainingArguments of a run over config's resolved values: micro-batches of at most MICRO_BATCH with
     gradient accumulation up to effective_batch_size, batches grouped by length, checkpoints under workdir/trainer
     when asked. `longest`: the longest training row, in tokens: on a CPU, a row longer than CPU_ROW_TOKENS has its
@@ -172,16 +170,22 @@ def _trainable_model(config: FinetuneConfig, bf16: bool, init_from: Path | None)
         saved = LoraConfig.from_pretrained(str(init_from))
         saved.lora_dropout = config.lora_dropout
         return PeftModel.from_pretrained(model, init_from, config=saved, is_trainable=True)
-    lora = LoraConfig(
+    return get_peft_model(model, new_lora(config, "CAUSAL_LM"))
+
+
+def new_lora(config: FinetuneConfig, task_type: str) -> Any:
+    """A new LoRA of config's shape (rank, alpha, modules, variants) and dropout, for PEFT's `task_type`."""
+    from peft import LoraConfig
+
+    return LoraConfig(
         r=config.rank,
         lora_alpha=config.resolved_alpha,
         lora_dropout=config.lora_dropout,
         target_modules=config.resolved_target_modules,
         use_rslora=config.use_rslora,
         use_dora=config.use_dora,
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )
-    return get_peft_model(model, lora)
 
 
 def _activation_checkpointing(arguments: type) -> dict[str, Any]:
