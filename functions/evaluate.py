@@ -149,13 +149,13 @@ def _classified(
         answers = [names[int(logits[first_ids].argmax())] for logits in rows]
         return loss, token_accuracy, list(zip(answers, references, strict=True))
     prompted, references = prompted[:CLASSIFICATION_ROWS], references[:CLASSIFICATION_ROWS]
-    scores = {name: _completion_scores(model, tokenizer, prompted, ids, batch_size) for name, ids in labels.items()}
+    scores = {name: _completion_scores(model, tokenizer, prompted, ids) for name, ids in labels.items()}
     answers = [max(scores, key=lambda name: scores[name][i]) for i in range(len(prompted))]
     return loss, token_accuracy, list(zip(answers, references, strict=True))
 
 
 def _completion_scores(
-    model: Any, tokenizer: Any, examples: list[Tokenized], completion: list[int], batch_size: int
+    model: Any, tokenizer: Any, examples: list[Tokenized], completion: list[int]
 ) -> list[float]:
     """Each example's prompt followed by `completion`: the completion's summed log-probability."""
     from functions.completion_loss import completion_loss
