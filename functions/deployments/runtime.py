@@ -205,13 +205,15 @@ class DeploymentRuntime:
         with self.fleet.lock:
             for live in list(self.fleet.deployments.values()):
                 self._reconcile(live, now, effects)
+        # The replicas' rows first: a status this tick writes (Ready after a roll) never shows beside rows of the
+        # replicas it replaced.
+        peers.publish(self.fleet, self.published)
         for effect in effects:  # database writes, outside the lock the requests take
             effect()
         meter_due(self.fleet, now, self.settings.deployments.deployment_metering_seconds)
         self.sampler.sample(max(0.0, now - self._last_tick))
         self._keep_spare()
         self.lifecycle.poll_health(now)
-        peers.publish(self.fleet, self.published)
         peers.merge_reports(self.fleet, records.others(self.me), now, self.settings.engine.adapter_cache_size)
         self.metrics.prune()
 
