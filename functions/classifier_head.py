@@ -34,7 +34,14 @@ from functions.base_models import ensure_local, load_tokenizer
 from functions.evaluate import EvalResult, char_error_rate, classification_report
 from functions.finetune_config import FinetuneConfig
 from functions.prompts import IGNORE_INDEX, Tokenized, encode_text
-from functions.trainer import TrainingRun, new_lora, prepare_run, steps_per_epoch, training_arguments
+from functions.trainer import (
+    TrainingRun,
+    new_lora,
+    prepare_run,
+    recompute_long_rows,
+    steps_per_epoch,
+    training_arguments,
+)
 
 SCORE_KEY = "base_model.model.score.weight"  # the head in PEFT's SEQ_CLS state dict (modules_to_save)
 
@@ -228,6 +235,7 @@ def _classifier_trainer(trainer_class: type) -> type:
         def compute_loss(
             self, model: Any, inputs: dict, return_outputs: bool = False, num_items_in_batch: Any = None
         ) -> Any:
+            recompute_long_rows(self, inputs["input_ids"])
             logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
             loss = F.cross_entropy(logits.float(), inputs["label_index"])  # logits: [batch, labels]
             return (loss, logits) if return_outputs else loss

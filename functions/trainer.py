@@ -35,8 +35,9 @@ from functions.prompts import IGNORE_INDEX, Tokenized
 # own forward pass: no padding, and activations of one row only (measured on SmolLM2, LoRA on every linear layer,
 # fp32: one step over four 576-token rows peaked at 6.8 GB, over one at 2.3 GB; about 3 MB per token).
 MICRO_BATCH = 4
-# Past this many tokens in a row (~1.5 GB of activations), a CPU step recomputes them in the backward pass rather than
-# keeping them, for one more forward pass (one 576-token row: 1.75 GB peak recomputed, 2.26 GB kept).
+# Past this many tokens in a row (~1.5 GB of activations), a CPU micro-batch recomputes them in the backward pass
+# rather than keeping them, for one more forward pass (one 576-token row: 1.75 GB peak recomputed, 2.26 GB kept);
+# shorter rows of the same run keep theirs (recompute_long_rows).
 CPU_ROW_TOKENS = 512
 
 
@@ -143,6 +144,7 @@ def _completion_trainer(trainer_class: type) -> type:
         def compute_loss(
             self, model: Any, inputs: dict, return_outputs: bool = False, num_items_in_batch: Any = None
         ) -> Any:
+            recompute_long_rows(self, inputs["input_ids"])
             result = completion_loss(model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"])
             # num_items_in_batch: label tokens of the whole optimizer step (all its micro-batches), which the
             # Trainer counts when the model takes loss kwargs (Llama-style models do); else this micro-batch's.
@@ -153,6 +155,26 @@ def _completion_trainer(trainer_class: type) -> type:
             return (loss, None) if return_outputs else loss
 
     return CompletionTrainer
+
+
+def recompute_long_rows(trainer: Any, input_ids: Any) -> None:
+    """In a CPU run that recomputes activations (training_arguments), recompute them for this micro-batch only when
+    its rows (`input_ids` [batch, seq]) are longer than CPU_ROW_TOKENS: shorter rows keep theirs and skip the extra
+    forward pass. Written here because transformers switches recompute for a whole run; its decoder layers read
+    their `gradient_checkpointing` flag at every forward, so the flag is set per micro-batch."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    args = trainer.args
+    if not args.use_cpu or not (getattr(args, "activation_checkpointing", None) or args.gradient_checkpointing):
+        return
+    layers = getattr(trainer, "_recompute_layers", None)
+    if layers is None:
+        layers = trainer._recompute_layers = [
+            m for m in trainer.model.modules() if isinstance(m, GradientCheckpointingLayer)
+        ]
+    long = input_ids.shape[1] > CPU_ROW_TOKENS
+    for layer in layers:
+        layer.gradient_checkpointing = long
 
 
 def _trainable_model(config: FinetuneConfig, bf16: bool, init_from: Path | None) -> Any:

@@ -163,27 +163,41 @@ def test_the_best_evaluated_step_is_kept_not_the_last(tmp_path: Path) -> None:
     assert progress.score(_accuracy(0.9, 0.7)) > progress.score(_accuracy(0.9, 0.8))
 
 
-def test_long_rows_recompute_activations_and_train_the_same(
+def test_only_long_rows_recompute_activations_and_training_is_the_same(
     sqlite_platform: Platform, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
     from functions import trainer
     from functions.prompts import Tokenized
 
     ids = list(range(5, 45))
-    rows = [Tokenized(ids, [IGNORE_INDEX] * 30 + ids[30:], len(ids)) for _ in range(2)]
+    rows = [
+        Tokenized(ids, [IGNORE_INDEX] * 30 + ids[30:], len(ids)),
+        Tokenized(ids[:12], [IGNORE_INDEX] * 8 + ids[8:12], 12),
+    ]
     tiny = FinetuneConfig.model_validate(
         {"base_model": TINY_MODEL, "dataset": "d", "repo": "r", "train_steps": 2, "effective_batch_size": 2}
         | {"learning_rate": 1e-2, "max_seq_length": 64, "eval_steps": None, "task": "completion"}
     )
 
-    def trained(row_tokens: int) -> tuple[bool, list[torch.Tensor]]:
+    def trained(row_tokens: int) -> tuple[set[tuple[int, bool]], list[torch.Tensor]]:
         monkeypatch.setattr(trainer, "CPU_ROW_TOKENS", row_tokens)
         run = trainer.build_trainer(tiny, rows, tmp_path / str(row_tokens))
-        run.trainer.train()
-        recomputed = bool(run.trainer.args.activation_checkpointing)
-        return recomputed, [p.detach().clone() for n, p in run.trainer.model.named_parameters() if "lora_" in n]
+        seen: set[tuple[int, bool]] = set()  # (row tokens, recomputed) at each training forward of a decoder layer
 
-    kept, plain = trained(512)  # 40-token rows: activations kept
-    recomputed, again = trained(16)  # past 16 tokens: recomputed in the backward pass
-    assert (kept, recomputed) == (False, True)
+        def note(layer: Any, args: tuple, kwargs: dict) -> None:
+            if layer.training:
+                hidden = args[0] if args else kwargs["hidden_states"]  # [batch, seq, hidden]
+                seen.add((hidden.shape[1], layer.gradient_checkpointing))
+
+        for layer in run.trainer.model.modules():
+            if isinstance(layer, GradientCheckpointingLayer):
+                layer.register_forward_pre_hook(note, with_kwargs=True)
+        run.trainer.train()
+        return seen, [p.detach().clone() for n, p in run.trainer.model.named_parameters() if "lora_" in n]
+
+    kept, plain = trained(512)  # 40- and 12-token rows: activations kept
+    mixed, again = trained(16)  # the 40-token row past 16 tokens: recomputed in the backward pass; the other kept
+    assert kept == {(40, False), (12, False)} and mixed == {(40, True), (12, False)}
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(plain, again, strict=True))
