@@ -154,9 +154,7 @@ def _classified(
     return loss, token_accuracy, list(zip(answers, references, strict=True))
 
 
-def _completion_scores(
-    model: Any, tokenizer: Any, examples: list[Tokenized], completion: list[int]
-) -> list[float]:
+def _completion_scores(model: Any, tokenizer: Any, examples: list[Tokenized], completion: list[int]) -> list[float]:
     """Each example's prompt followed by `completion`: the completion's summed log-probability."""
     from functions.completion_loss import completion_loss
 

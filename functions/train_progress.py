@@ -4,7 +4,9 @@ checkpoints copied to the volume, early stopping on the task metric, and cancell
 the job).
 """
 
+import functools
 import logging
+import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -67,8 +69,8 @@ class Progress:
         self.cancelled = self.stopped_early = False
         self.max_steps = 1
         self.evals: list[tuple[int, EvalResult]] = []  # (step, result)
-        self.best_score: tuple[float, ...] | None = None  # the best evaluation's score (self.score), for patience
-        self.kept_score: tuple[float, ...] | None = None  # the score of the weights in kept_dir
+        self.best: EvalResult | None = None  # the best evaluation so far (self.better), for patience
+        self.kept: EvalResult | None = None  # the evaluation of the weights in kept_dir
         self.kept_step: int | None = None  # the step whose weights are in kept_dir
         self.evals_without_improvement = 0
         self.resumed_from: dict | None = None
@@ -200,27 +202,37 @@ class Progress:
         self.evals.append((step, result))
         if step == 0:
             return False  # the untrained model: a baseline, never published
-        score = self.score(result)
-        if weights and (self.kept_score is None or score > self.kept_score):
+        if weights and self.better(result, self.kept):
             if self.kept_dir.exists():
                 shutil.rmtree(self.kept_dir)
             self.run.save(self.kept_dir)
-            self.kept_step, self.kept_score = step, score
-        if self.best_score is None or score > self.best_score:
-            self.best_score, self.evals_without_improvement = score, 0
+            self.kept_step, self.kept = step, result
+        if self.better(result, self.best):
+            self.best, self.evals_without_improvement = result, 0
             return False
         self.evals_without_improvement += 1
         return (
             self.config.enable_early_stopping and self.evals_without_improvement >= self.config.early_stopping_patience
         )
 
-    def score(self, result: EvalResult) -> tuple[float, ...]:
-        """Higher is better: the task metric first, the loss to break ties (accuracy on 40 rows ties often)."""
-        if result.classification is not None:
-            return (result.classification["accuracy"], -result.loss)
-        if result.sequence_accuracy is not None and result.char_error_rate is not None:
-            return (result.sequence_accuracy, -result.char_error_rate, -result.loss)
-        return (-result.loss,)
+    @staticmethod
+    def better(new: EvalResult, old: EvalResult | None) -> bool:
+        """Whether evaluation `new` beats `old`: on the task metric (classification accuracy, else a generation's
+        sequence accuracy then its CER), then on the loss. Two accuracies the evaluation cannot tell apart, at most
+        one standard error of a proportion over its rows apart (and at least one row), count as equal: 39 of 40
+        rows right against 38 of 40 is noise, and the loss, which every row moves, decides."""
+        if old is None:
+            return True
+        accuracy = _accuracy(new), _accuracy(old)
+        if accuracy[0] is not None and accuracy[1] is not None:
+            rows, p = max(new.rows, 1), sum(accuracy) / 2
+            rows_apart = round(abs(accuracy[0] - accuracy[1]) * rows)
+            if rows_apart > max(1.0, math.sqrt(rows * p * (1 - p))):
+                return accuracy[0] > accuracy[1]
+            cer = new.char_error_rate, old.char_error_rate  # None on a classification evaluation
+            if new.classification is None and cer[0] is not None and cer[1] is not None and cer[0] != cer[1]:
+                return cer[0] < cer[1]
+        return new.loss < old.loss
 
     @property
     def metric(self) -> str:
@@ -248,7 +260,7 @@ class Progress:
             summary["baseline"] = row(*self.evals[0])
         if trained:
             summary["final"] = row(*trained[-1])
-            summary["best"] = row(*max(trained, key=lambda e: self.score(e[1])))
+            summary["best"] = row(*functools.reduce(lambda b, e: e if self.better(e[1], b[1]) else b, trained))
         # The version published: the best evaluated step of this attempt (a resumed job's earlier evaluations
         # have no weights left), or the last step when nothing was evaluated.
         summary["kept"] = {"step": self.kept_step or steps_done, "metric": self.metric if self.kept_step else None}
@@ -259,3 +271,8 @@ class Progress:
     def is_cancelled(self) -> bool:
         with session_scope() as s:
             return s.scalar(select(FinetuneJob.status).where(FinetuneJob.id == self.job_id)) == "cancelled"
+
+
+def _accuracy(result: EvalResult) -> float | None:
+    """The accuracy a kept step is chosen on: the label's for a classification dataset, the sequence's otherwise."""
+    return result.classification["accuracy"] if result.classification is not None else result.sequence_accuracy

@@ -45,7 +45,6 @@ BIG = 2**64
 SURROGATE = "@surrogate@"  # replaced by the JSON escape \ud800 in the raw body: json.dumps cannot write it
 
 
-
 def said(content: Any, **extra: Any) -> dict[str, Any]:
     """`messages` of one user message."""
     return {"messages": [{"role": "user", "content": content} | extra]}
