@@ -5,8 +5,8 @@ What makes it faster and lighter than a plain transformers + PEFT loop (scripts/
 - frozen base weights in bf16 with bf16 autocast where the hardware runs bf16 natively (GPUs; CPUs with
   AVX512-BF16 or AMX), while PEFT keeps the trained LoRA weights and the optimizer state in fp32;
 - batches grouped by length, so little compute goes to padding;
-- micro-batches (one row on a CPU) with gradient accumulation up to effective_batch_size, so activations stay
-  small;
+- micro-batches (on a CPU, as many rows as fit CPU_ROW_TOKENS tokens) with gradient accumulation up to
+  effective_batch_size, so activations stay small;
 - the loss on completion tokens only, its logits computed a chunk of positions at a time and never for the whole
   sequence (functions/completion_loss.py): a 135M model's job peaks at a few hundred MB of logits, not gigabytes.
 Full fine-tuning trains every weight, so the weights stay fp32 (bf16 master weights would round the small AdamW
@@ -31,9 +31,11 @@ from functions.finetune_config import FinetuneConfig
 from functions.precision import use_bf16
 from functions.prompts import IGNORE_INDEX, Tokenized
 
-# Examples per forward pass on a GPU; gradient accumulation makes up effective_batch_size. On a CPU each row is its
-# own forward pass: no padding, and activations of one row only (measured on SmolLM2, LoRA on every linear layer,
-# fp32: one step over four 576-token rows peaked at 6.8 GB, over one at 2.3 GB; about 3 MB per token).
+# Examples per forward pass on a GPU; gradient accumulation makes up effective_batch_size. On a CPU a forward pass
+# holds at most CPU_ROW_TOKENS tokens (rows x the longest row), so activations stay small (measured on SmolLM2, LoRA
+# on every linear layer, fp32: one step over four 576-token rows peaked at 6.8 GB, over one at 2.3 GB; about 3 MB
+# per token), and short rows still share one: a pass over one 50-token row spends more on per-layer overhead than
+# on its matmuls.
 MICRO_BATCH = 4
 # Past this many tokens in a row (~1.5 GB of activations), a CPU micro-batch recomputes them in the backward pass
 # rather than keeping them, for one more forward pass (one 576-token row: 1.75 GB peak recomputed, 2.26 GB kept);
@@ -96,16 +98,20 @@ def prepare_run(config: FinetuneConfig, precision: str | None = None) -> bool:
 
 
 def training_arguments(config: FinetuneConfig, workdir: Path, bf16: bool, checkpoints: bool, longest: int = 0) -> Any:
-    """The TrainingArguments of a run over config's resolved values: micro-batches of at most MICRO_BATCH with
-    gradient accumulation up to effective_batch_size, batches grouped by length, checkpoints under workdir/trainer
-    when asked. `longest`: the longest training row, in tokens: on a CPU, a row longer than CPU_ROW_TOKENS has its
-    activations recomputed in the backward pass rather than kept."""
+    """The TrainingArguments of a run over config's resolved values: micro-batches (MICRO_BATCH rows on a GPU; on a
+    CPU as many as fit CPU_ROW_TOKENS) with gradient accumulation up to effective_batch_size, batches grouped by
+    length, checkpoints under workdir/trainer when asked. `longest`: the longest training row, in tokens: on a CPU,
+    a row longer than CPU_ROW_TOKENS has its activations recomputed in the backward pass rather than kept."""
     import torch
     from transformers import TrainingArguments
 
     cuda = torch.cuda.is_available()
     values = config.values()
-    micro = min(MICRO_BATCH if cuda else 1, values.effective_batch_size)
+    micro = (
+        min(MICRO_BATCH, values.effective_batch_size)
+        if cuda
+        else _cpu_micro_batch(values.effective_batch_size, longest)
+    )
     recompute = (config.kind == "full" and cuda) or (not cuda and longest > CPU_ROW_TOKENS)
     return TrainingArguments(
         output_dir=str(workdir / "trainer"),
@@ -127,6 +133,15 @@ def training_arguments(config: FinetuneConfig, workdir: Path, bf16: bool, checkp
         **_checkpoint_args(config, checkpoints),
         **(_activation_checkpointing(TrainingArguments) if recompute else {}),
     )
+
+
+def _cpu_micro_batch(effective_batch_size: int, longest: int) -> int:
+    """Rows per forward pass on a CPU: the most that divide effective_batch_size and hold at most CPU_ROW_TOKENS
+    tokens padded to the longest row (one row when a row alone is longer)."""
+    fits = [
+        n for n in range(1, effective_batch_size + 1) if effective_batch_size % n == 0 and n * longest <= CPU_ROW_TOKENS
+    ]
+    return max(fits, default=1)
 
 
 def steps_per_epoch(args: Any, rows: int) -> int:
@@ -159,9 +174,9 @@ def _completion_trainer(trainer_class: type) -> type:
 
 def recompute_long_rows(trainer: Any, input_ids: Any) -> None:
     """In a CPU run that recomputes activations (training_arguments), recompute them for this micro-batch only when
-    its rows (`input_ids` [batch, seq]) are longer than CPU_ROW_TOKENS: shorter rows keep theirs and skip the extra
-    forward pass. Written here because transformers switches recompute for a whole run; its decoder layers read
-    their `gradient_checkpointing` flag at every forward, so the flag is set per micro-batch."""
+    its tokens (`input_ids` [batch, seq], padding included) pass CPU_ROW_TOKENS: shorter ones keep theirs and skip
+    the extra forward pass. Written here because transformers switches recompute for a whole run; its decoder
+    layers read their `gradient_checkpointing` flag at every forward, so the flag is set per micro-batch."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     args = trainer.args
@@ -172,7 +187,7 @@ def recompute_long_rows(trainer: Any, input_ids: Any) -> None:
         layers = trainer._recompute_layers = [
             m for m in trainer.model.modules() if isinstance(m, GradientCheckpointingLayer)
         ]
-    long = input_ids.shape[1] > CPU_ROW_TOKENS
+    long = input_ids.numel() > CPU_ROW_TOKENS
     for layer in layers:
         layer.gradient_checkpointing = long
 

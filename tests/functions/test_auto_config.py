@@ -183,12 +183,13 @@ def test_only_long_rows_recompute_activations_and_training_is_the_same(
     ]
     tiny = FinetuneConfig.model_validate(
         {"base_model": TINY_MODEL, "dataset": "d", "repo": "r", "train_steps": 2, "effective_batch_size": 2}
-        | {"learning_rate": 1e-2, "max_seq_length": 64, "eval_steps": None, "task": "completion"}
+        | {"learning_rate": 1e-2, "max_seq_length": 64, "eval_steps": None, "task": "completion", "lora_dropout": 0.0}
     )
 
-    def trained(row_tokens: int) -> tuple[set[tuple[int, bool]], list[torch.Tensor]]:
+    def trained(row_tokens: int) -> tuple[int, set[tuple[int, bool]], list[torch.Tensor]]:
         monkeypatch.setattr(trainer, "CPU_ROW_TOKENS", row_tokens)
         run = trainer.build_trainer(tiny, rows, tmp_path / str(row_tokens))
+        micro = run.trainer.args.per_device_train_batch_size
         seen: set[tuple[int, bool]] = set()  # (row tokens, recomputed) at each training forward of a decoder layer
 
         def note(layer: Any, args: tuple, kwargs: dict) -> None:
@@ -200,9 +201,12 @@ def test_only_long_rows_recompute_activations_and_training_is_the_same(
             if isinstance(layer, GradientCheckpointingLayer):
                 layer.register_forward_pre_hook(note, with_kwargs=True)
         run.trainer.train()
-        return seen, [p.detach().clone() for n, p in run.trainer.model.named_parameters() if "lora_" in n]
+        return micro, seen, [p.detach().clone() for n, p in run.trainer.model.named_parameters() if "lora_" in n]
 
-    kept, plain = trained(512)  # 40- and 12-token rows: activations kept
-    mixed, again = trained(16)  # the 40-token row past 16 tokens: recomputed in the backward pass; the other kept
-    assert kept == {(40, False), (12, False)} and mixed == {(40, True), (12, False)}
+    # Up to 512 tokens a pass, both rows share one (the 12-token row padded to 40), and its activations are kept.
+    shared, kept, plain = trained(512)
+    # Past 16 tokens, one row a pass: the 40-token row's activations are recomputed in the backward pass, the other's
+    # kept.
+    single, mixed, again = trained(16)  # (no dropout: its masks would differ between the two)
+    assert (shared, kept) == (2, {(40, False)}) and (single, mixed) == (1, {(40, True), (12, False)})
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(plain, again, strict=True))
