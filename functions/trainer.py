@@ -31,16 +31,16 @@ from functions.finetune_config import FinetuneConfig
 from functions.precision import use_bf16
 from functions.prompts import IGNORE_INDEX, Tokenized
 
-# Examples per forward pass on a GPU; gradient accumulation makes up effective_batch_size. On a CPU a forward pass
-# holds at most CPU_ROW_TOKENS tokens (rows x the longest row), so activations stay small (measured on SmolLM2, LoRA
-# on every linear layer, fp32: one step over four 576-token rows peaked at 6.8 GB, over one at 2.3 GB; about 3 MB
-# per token), and short rows still share one: a pass over one 50-token row spends more on per-layer overhead than
-# on its matmuls.
+# Examples per forward pass on a GPU; gradient accumulation makes up effective_batch_size.
 MICRO_BATCH = 4
-# Past this many tokens in a row (~1.5 GB of activations), a CPU micro-batch recomputes them in the backward pass
-# rather than keeping them, for one more forward pass (one 576-token row: 1.75 GB peak recomputed, 2.26 GB kept);
-# shorter rows of the same run keep theirs (recompute_long_rows).
-CPU_ROW_TOKENS = 512
+# On a CPU a forward pass keeps the activations of at most this many tokens (rows x the longest row): short rows
+# share a pass (one 50-token row a pass spends more on per-layer overhead than on its matmuls), and a longer row
+# has its activations recomputed in the backward pass, for one more forward pass (recompute_long_rows). Kept
+# activations cost ~4 MB a token and grow faster than the row (attention). Peak RSS of one optimizer step
+# (scripts/train_memory.py: SmolLM2-135M, LoRA on every linear layer, fp32): rows of 256, 250 and 200 tokens in
+# one pass, kept, 3.51 GB; one 500-token row kept 2.72 GB, one 770-token row 8.05 GB; rows of 770 (recomputed),
+# 256 and 200 tokens at this limit 2.00 GB.
+CPU_ROW_TOKENS = 256
 
 
 @dataclass

@@ -1,0 +1,55 @@
+"""Peak memory of one optimizer step of a LoRA job on this machine, for rows of given lengths: what
+functions/trainer.py's CPU_ROW_TOKENS (rows per forward pass, activation recompute) is chosen from.
+
+    .venv/bin/python scripts/train_memory.py 770,256,200                 # at the trainer's CPU_ROW_TOKENS
+    .venv/bin/python scripts/train_memory.py 770,256,200 --row-tokens 0  # recompute every pass
+
+Synthetic token ids (the memory depends on the lengths only), completion loss on each row's last 3 tokens, the
+base model of --model; prints the process's peak RSS (it includes the ~0.5 GB the model and the run hold before the
+step) and the step's wall time. One measurement a process: the peak RSS never goes down.
+"""
+
+import argparse
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("lengths", help="comma-separated row lengths in tokens: one optimizer step over them")
+    parser.add_argument("--row-tokens", type=int, help="CPU_ROW_TOKENS for this run (default: the trainer's)")
+    parser.add_argument("--model", default="smollm2-135m")
+    args = parser.parse_args()
+
+    from functions import trainer
+    from functions.finetune_config import FinetuneConfig
+    from functions.prompts import IGNORE_INDEX, Tokenized
+
+    if args.row_tokens is not None:
+        trainer.CPU_ROW_TOKENS = args.row_tokens
+    lengths = [int(n) for n in args.lengths.split(",")]
+    config = FinetuneConfig.model_validate(
+        {"base_model": args.model, "dataset": "d", "repo": "r", "train_steps": 1, "task": "completion"}
+        | {"effective_batch_size": len(lengths), "learning_rate": 1e-3, "max_seq_length": max(lengths)}
+        | {"eval_steps": None}
+    )
+    rows = [
+        Tokenized(list(range(100, 100 + n)), [IGNORE_INDEX] * (n - 3) + list(range(97 + n, 100 + n)), n)
+        for n in lengths
+    ]
+    with tempfile.TemporaryDirectory() as workdir:
+        run = trainer.build_trainer(config, rows, Path(workdir))
+        started = time.monotonic()
+        run.trainer.train()
+        seconds = time.monotonic() - started
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux: GB
+    micro = run.trainer.args.per_device_train_batch_size
+    print(
+        f"rows {lengths}, CPU_ROW_TOKENS {trainer.CPU_ROW_TOKENS}, {micro} a pass: peak {peak:.2f} GB, {seconds:.1f} s"
+    )
+
+
+if __name__ == "__main__":
+    main()
