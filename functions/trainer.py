@@ -38,8 +38,8 @@ MICRO_BATCH = 4
 # has its activations recomputed in the backward pass, for one more forward pass (recompute_long_rows). Kept
 # activations cost ~4 MB a token and grow faster than the row (attention). Peak RSS of one optimizer step
 # (scripts/train_memory.py: SmolLM2-135M, LoRA on every linear layer, fp32): rows of 256, 250 and 200 tokens in
-# one pass, kept, 3.51 GB; one 500-token row kept 2.72 GB, one 770-token row 8.05 GB; rows of 770 (recomputed),
-# 256 and 200 tokens at this limit 2.00 GB.
+# one pass, kept, 3.51 GB; one 770-token row kept 3.39 GB; rows of 770 (recomputed), 256 and 200 tokens at this
+# limit 2.00 GB.
 CPU_ROW_TOKENS = 256
 
 
