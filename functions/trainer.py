@@ -36,10 +36,9 @@ MICRO_BATCH = 4
 # On a CPU a forward pass keeps the activations of at most this many tokens (rows x the longest row): short rows
 # share a pass (one 50-token row a pass spends more on per-layer overhead than on its matmuls), and a longer row
 # has its activations recomputed in the backward pass, for one more forward pass (recompute_long_rows). Kept
-# activations cost ~4 MB a token and grow faster than the row (attention). Peak RSS of one optimizer step
-# (scripts/train_memory.py: SmolLM2-135M, LoRA on every linear layer, fp32): rows of 256, 250 and 200 tokens in
-# one pass, kept, 3.51 GB; one 770-token row kept 3.39 GB; rows of 770 (recomputed), 256 and 200 tokens at this
-# limit 2.00 GB.
+# activations cost ~4 MB a token. Peak RSS of one optimizer step (scripts/train_memory.py: SmolLM2-135M, LoRA on
+# every linear layer, fp32): rows of 256, 250 and 200 tokens in one pass, kept, 3.51 GB; one 770-token row kept
+# 3.39 GB; rows of 770 (recomputed), 256 and 200 tokens at this limit 2.00 GB.
 CPU_ROW_TOKENS = 256
 
 
