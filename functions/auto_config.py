@@ -8,6 +8,10 @@ datasets, our defaults against hand settings. What they found and what follows:
 - epochs: about TARGET_STEPS optimizer steps, whatever the dataset's size: a 400-row dataset gets 2 epochs, a
   10,000-row one 1; evaluations every ~1/5 of the job, with the best one published, keep the extra steps from
   overfitting.
+- task: a classification dataset trains on its completions (the label tokens carry the loss; inference is
+  constrained to the labels), not with a classification head (task "classification"): the head was no better on
+  the suite (held-out accuracy: spam 0.915 against 0.930, names 0.905 against 0.880, each within the ~2-point
+  standard error of 200 rows), and its versions are served by the native engine only, never by vLLM.
 - effective_batch_size: 8 below 2,000 rows (more, smaller steps), 16 above.
 - max_seq_length: the longest row rounded up to 64, so nothing is cut unless the model's context (or 2,048, the
   most this runtime trains cheaply) is shorter than a row.
