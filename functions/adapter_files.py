@@ -20,7 +20,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO
 
 from app.errors import TooLarge
-from functions.adapter_check import CONFIG_FILE, WEIGHTS_FILE, AdapterRejected
+from functions.adapter_check import CONFIG_FILE, HEAD_FILE, HEAD_LABELS_FILE, WEIGHTS_FILE, AdapterRejected
 from functions.catalog import get_model
 
 STORED_FILES = (CONFIG_FILE, WEIGHTS_FILE)  # what an import keeps and an export hands out
@@ -183,9 +183,10 @@ def _adapter_root(dest: Path) -> Path:
 
 def export_archive(src: Path, dest: IO[bytes], folder: str, base_model: str, mtime: float) -> None:
     """Write the stored adapter as a .tar.gz of `folder/` holding adapter_config.json and
-    adapter_model.safetensors. The weights are the stored bytes; in the config, base_model_name_or_path (which
-    PEFT fills with the path the base model was loaded from: a server path) becomes the base model's hub id,
-    or its catalog name for a local model. Other stored files (PEFT's README.md names that path too) stay out."""
+    adapter_model.safetensors, and a classification head's two files where it has one (functions/classifier_head.py
+    says their layout). The weights are the stored bytes; in the config, base_model_name_or_path (which PEFT fills
+    with the path the base model was loaded from: a server path) becomes the base model's hub id, or its catalog
+    name for a local model. Other stored files (PEFT's README.md names that path too) stay out."""
     try:
         model = get_model(base_model)
         base_ref = model.hf_id or model.name
@@ -196,9 +197,11 @@ def export_archive(src: Path, dest: IO[bytes], folder: str, base_model: str, mti
     config_bytes = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
     with tarfile.open(fileobj=dest, mode="w:gz", compresslevel=6) as archive:
         archive.addfile(_tar_entry(f"{folder}/{CONFIG_FILE}", len(config_bytes), mtime), io.BytesIO(config_bytes))
-        weights = src / WEIGHTS_FILE
-        with weights.open("rb") as data:
-            archive.addfile(_tar_entry(f"{folder}/{WEIGHTS_FILE}", weights.stat().st_size, mtime), data)
+        for name in (WEIGHTS_FILE, HEAD_FILE, HEAD_LABELS_FILE):
+            path = src / name
+            if name == WEIGHTS_FILE or path.exists():
+                with path.open("rb") as data:
+                    archive.addfile(_tar_entry(f"{folder}/{name}", path.stat().st_size, mtime), data)
 
 
 def export_model_archive(src: Path, dest: IO[bytes], folder: str, mtime: float) -> None:

@@ -1,6 +1,7 @@
 """Full fine-tuning (adapter "none") and classification datasets, trained for real on the tiny model, and the
 config refusals that come before any compute."""
 
+import json
 import math
 from pathlib import Path
 
@@ -110,6 +111,13 @@ def test_a_classification_head_job_is_served_through_the_same_api(
     assert job["config"]["task"] == "classification" and job["summary"]["kept"]["metric"] == "accuracy"
     assert job["summary"]["labels"] == ["negative", "positive"]
     assert (version_dir(platform, "head", 1) / "classifier_head.safetensors").exists()
+    # The download carries the head beside the LoRA: without it the version is not the model that was trained.
+    r = client.get("/v1/repos/head/versions/1/download", headers=alice)
+    assert r.status_code == 200, r.text
+    files = untar(r.content)
+    stored = ["adapter_config.json", "adapter_model.safetensors", "classifier_head.json", "classifier_head.safetensors"]
+    assert sorted(files) == [f"head-1/{name}" for name in stored]
+    assert json.loads(files["head-1/classifier_head.json"])["labels"] == ["negative", "positive"]
     r = client.post(
         "/v1/chat/completions",
         headers=alice,
