@@ -118,6 +118,14 @@ def test_a_classification_head_job_is_served_through_the_same_api(
     stored = ["adapter_config.json", "adapter_model.safetensors", "classifier_head.json", "classifier_head.safetensors"]
     assert sorted(files) == [f"head-1/{name}" for name in stored]
     assert json.loads(files["head-1/classifier_head.json"])["labels"] == ["negative", "positive"]
+    # Importing it back is refused, naming the head, rather than publishing the LoRA without it.
+    r = client.post(
+        "/v1/repos/imported/versions",
+        headers=alice,
+        files={"archive": ("head-1.tar.gz", r.content)},
+        data={"base_model": TINY_MODEL},
+    )
+    assert r.status_code == 422 and r.json()["error"]["param"] == "classifier_head.safetensors", r.text
     r = client.post(
         "/v1/chat/completions",
         headers=alice,
