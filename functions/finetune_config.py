@@ -49,12 +49,13 @@ class FinetuneConfig(BaseModel):
         "label among them, answered at inference from the labels only). 'classification': for a classification "
         "dataset, the model reads the prompt and a classification head over its last hidden state picks the label "
         "(Predibase's category output); served through the same API, answering the label with each label's "
-        "probability in logprobs. 'auto': the one that measured better on classification datasets "
-        "(scripts/results/quality.md), 'completion' for any other dataset.",
+        "probability in logprobs; served by the native engine only. 'auto': 'completion' (on the quality suite's "
+        "classification datasets the head was no better: scripts/results/quality.md).",
     )
     epochs: Annotated[int, Field(ge=1, le=100)] | Auto = Field(
         default="auto",
-        description="Passes over the training split; 'auto': enough for about 100 optimizer steps (1 to 10 epochs).",
+        description="Passes over the training split; 'auto': enough for about 225 optimizer steps (50 on a "
+        "classification dataset; 1 to 10 epochs).",
     )
     train_steps: int | None = Field(
         default=None, ge=1, le=MAX_STEPS, description="Optimizer steps to train for, instead of epochs."

@@ -34,24 +34,24 @@ def profile(rows: int, prompt: int = 20, completion: int = 3, evaluation_rows: i
 
 def test_auto_values_follow_the_dataset() -> None:
     small = auto_config.resolve(config(), profile(400, prompt=200, completion=3))
-    # 400 rows, 40 held out for evaluation: 45 steps of 8 an epoch, 2 epochs for about 100 steps.
+    # 400 rows, 40 held out for evaluation: 45 steps of 8 an epoch, 5 epochs for about 225 steps.
     assert small.auto == {
         "task": "completion",
         "max_seq_length": 256,
         "effective_batch_size": 8,
-        "epochs": 2,
+        "epochs": 5,
         "learning_rate": 1e-3,
-        "eval_steps": 18,
+        "eval_steps": 45,
     }
-    assert small.config.values().epochs == 2 and small.warnings == []
+    assert small.config.values().epochs == 5 and small.warnings == []
     large = auto_config.resolve(config(), profile(20_000, prompt=100, completion=2100))
     assert large.auto["effective_batch_size"] == 16 and large.auto["epochs"] == 1
     assert large.auto["max_seq_length"] == 2048  # the cap: rows of 2,200 tokens are cut, and the job is told so
     assert large.truncation.rows_cut == 20_000 and large.truncation.completion_tokens_lost == 20_000 * 152
     assert "20000 of 20000 training rows are cut" in large.warnings[0]
     # What the user set is kept; full fine-tuning takes a learning rate 20x below LoRA's.
-    mine = auto_config.resolve(config(epochs=5, learning_rate=3e-4), profile(400))
-    assert (mine.config.epochs, mine.config.learning_rate) == (5, 3e-4) and "epochs" not in mine.auto
+    mine = auto_config.resolve(config(epochs=3, learning_rate=3e-4), profile(400))
+    assert (mine.config.epochs, mine.config.learning_rate) == (3, 3e-4) and "epochs" not in mine.auto
     assert auto_config.resolve(config(adapter="none"), profile(400)).auto["learning_rate"] == pytest.approx(5e-5)
     # train_steps decides the job's length; evaluations are spread over it.
     steps = auto_config.resolve(config(train_steps=50), profile(400))
