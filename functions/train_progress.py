@@ -223,12 +223,12 @@ class Progress:
         rows right against 38 of 40 is noise, and the loss, which every row moves, decides."""
         if old is None:
             return True
-        accuracy = _accuracy(new), _accuracy(old)
-        if accuracy[0] is not None and accuracy[1] is not None:
-            rows, p = max(new.rows, 1), sum(accuracy) / 2
-            rows_apart = round(abs(accuracy[0] - accuracy[1]) * rows)
+        mine, theirs = _accuracy(new), _accuracy(old)
+        if mine is not None and theirs is not None:
+            rows, p = max(new.rows, 1), (mine + theirs) / 2
+            rows_apart = round(abs(mine - theirs) * rows)
             if rows_apart > max(1.0, math.sqrt(rows * p * (1 - p))):
-                return accuracy[0] > accuracy[1]
+                return mine > theirs
             cer = new.char_error_rate, old.char_error_rate  # None on a classification evaluation
             if new.classification is None and cer[0] is not None and cer[1] is not None and cer[0] != cer[1]:
                 return cer[0] < cer[1]
