@@ -5,8 +5,8 @@ What makes it faster and lighter than a plain transformers + PEFT loop (scripts/
 - frozen base weights in bf16 with bf16 autocast where the hardware runs bf16 natively (GPUs; CPUs with
   AVX512-BF16 or AMX), while PEFT keeps the trained LoRA weights and the optimizer state in fp32;
 - batches grouped by length, so little compute goes to padding;
-- micro-batches (on a CPU, as many rows as fit CPU_ROW_TOKENS tokens) with gradient accumulation up to
-  effective_batch_size, so activations stay small;
+- micro-batches (one row on a CPU) with gradient accumulation up to effective_batch_size, so activations stay
+  small, and on a CPU activations recomputed in the backward pass for rows longer than CPU_ROW_TOKENS only;
 - the loss on completion tokens only, its logits computed a chunk of positions at a time and never for the whole
   sequence (functions/completion_loss.py): a 135M model's job peaks at a few hundred MB of logits, not gigabytes.
 Full fine-tuning trains every weight, so the weights stay fp32 (bf16 master weights would round the small AdamW
@@ -31,15 +31,16 @@ from functions.finetune_config import FinetuneConfig
 from functions.precision import use_bf16
 from functions.prompts import IGNORE_INDEX, Tokenized
 
-# Examples per forward pass on a GPU; gradient accumulation makes up effective_batch_size.
+# Examples per forward pass on a GPU; gradient accumulation makes up effective_batch_size. On a CPU each row is its
+# own forward pass: rows sharing one were no faster there and kept more activations (scripts/train_memory.py, 8
+# rows of 50 tokens, one thread: 9.7-11.6 s and 1.20 GB one row a pass, 11.6-17.2 s and 2.28 GB all in one).
 MICRO_BATCH = 4
-# On a CPU a forward pass keeps the activations of at most this many tokens (rows x the longest row): short rows
-# share a pass (one 50-token row a pass spends more on per-layer overhead than on its matmuls), and a longer row
-# has its activations recomputed in the backward pass, for one more forward pass (recompute_long_rows). Kept
-# activations cost ~4 MB a token. Peak RSS of one optimizer step (scripts/train_memory.py: SmolLM2-135M, LoRA on
-# every linear layer, fp32): rows of 256, 250 and 200 tokens in one pass, kept, 3.51 GB; one 770-token row kept
-# 3.39 GB; rows of 770 (recomputed), 256 and 200 tokens at this limit 2.00 GB.
-CPU_ROW_TOKENS = 256
+# On a CPU, a row longer than this has its activations recomputed in the backward pass, for one more forward pass
+# (recompute_long_rows); shorter rows keep theirs. Kept activations cost ~4 MB a token; recompute nearly doubles a
+# row's time. Peak RSS and time of one optimizer step (scripts/train_memory.py: SmolLM2-135M, LoRA on every linear
+# layer, fp32): one 384-token row kept 1.82 GB; one 770-token row kept 3.39 GB; rows of 330, 320, 310 and 300
+# tokens kept 1.91 GB in 12.7 s, recomputed 1.68 GB in 22.1 s.
+CPU_ROW_TOKENS = 384
 
 
 @dataclass
@@ -97,20 +98,16 @@ def prepare_run(config: FinetuneConfig, precision: str | None = None) -> bool:
 
 
 def training_arguments(config: FinetuneConfig, workdir: Path, bf16: bool, checkpoints: bool, longest: int = 0) -> Any:
-    """The TrainingArguments of a run over config's resolved values: micro-batches (MICRO_BATCH rows on a GPU; on a
-    CPU as many as fit CPU_ROW_TOKENS) with gradient accumulation up to effective_batch_size, batches grouped by
-    length, checkpoints under workdir/trainer when asked. `longest`: the longest training row, in tokens: on a CPU,
+    """The TrainingArguments of a run over config's resolved values: micro-batches (MICRO_BATCH rows on a GPU, one
+    on a CPU) with gradient accumulation up to effective_batch_size, batches grouped by length, checkpoints under
+    workdir/trainer when asked. `longest`: the longest training row, in tokens: on a CPU,
     a row longer than CPU_ROW_TOKENS has its activations recomputed in the backward pass rather than kept."""
     import torch
     from transformers import TrainingArguments
 
     cuda = torch.cuda.is_available()
     values = config.values()
-    micro = (
-        min(MICRO_BATCH, values.effective_batch_size)
-        if cuda
-        else _cpu_micro_batch(values.effective_batch_size, longest)
-    )
+    micro = min(MICRO_BATCH if cuda else 1, values.effective_batch_size)
     recompute = (config.kind == "full" and cuda) or (not cuda and longest > CPU_ROW_TOKENS)
     return TrainingArguments(
         output_dir=str(workdir / "trainer"),
@@ -132,15 +129,6 @@ def training_arguments(config: FinetuneConfig, workdir: Path, bf16: bool, checkp
         **_checkpoint_args(config, checkpoints),
         **(_activation_checkpointing(TrainingArguments) if recompute else {}),
     )
-
-
-def _cpu_micro_batch(effective_batch_size: int, longest: int) -> int:
-    """Rows per forward pass on a CPU: the most that divide effective_batch_size and hold at most CPU_ROW_TOKENS
-    tokens padded to the longest row (one row when a row alone is longer)."""
-    fits = [
-        n for n in range(1, effective_batch_size + 1) if effective_batch_size % n == 0 and n * longest <= CPU_ROW_TOKENS
-    ]
-    return max(fits, default=1)
 
 
 def steps_per_epoch(args: Any, rows: int) -> int:
@@ -173,8 +161,8 @@ def _completion_trainer(trainer_class: type) -> type:
 
 def recompute_long_rows(trainer: Any, input_ids: Any) -> None:
     """In a CPU run that recomputes activations (training_arguments), recompute them for this micro-batch only when
-    its tokens (`input_ids` [batch, seq], padding included) pass CPU_ROW_TOKENS: shorter ones keep theirs and skip
-    the extra forward pass. Written here because transformers switches recompute for a whole run; its decoder
+    its row (`input_ids` [1, seq]) is longer than CPU_ROW_TOKENS: shorter ones keep theirs and skip the extra
+    forward pass. Written here because transformers switches recompute for a whole run; its decoder
     layers read their `gradient_checkpointing` flag at every forward, so the flag is set per micro-batch."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
@@ -186,7 +174,7 @@ def recompute_long_rows(trainer: Any, input_ids: Any) -> None:
         layers = trainer._recompute_layers = [
             m for m in trainer.model.modules() if isinstance(m, GradientCheckpointingLayer)
         ]
-    long = input_ids.numel() > CPU_ROW_TOKENS
+    long = input_ids.shape[1] > CPU_ROW_TOKENS
     for layer in layers:
         layer.gradient_checkpointing = long
 

@@ -203,10 +203,8 @@ def test_only_long_rows_recompute_activations_and_training_is_the_same(
         run.trainer.train()
         return micro, seen, [p.detach().clone() for n, p in run.trainer.model.named_parameters() if "lora_" in n]
 
-    # Up to 512 tokens a pass, both rows share one (the 12-token row padded to 40), and its activations are kept.
-    shared, kept, plain = trained(512)
-    # Past 16 tokens, one row a pass: the 40-token row's activations are recomputed in the backward pass, the other's
-    # kept.
-    single, mixed, again = trained(16)  # (no dropout: its masks would differ between the two)
-    assert (shared, kept) == (2, {(40, False)}) and (single, mixed) == (1, {(40, True), (12, False)})
+    single, kept, plain = trained(512)  # 40- and 12-token rows, one a pass: activations kept
+    # Past 16 tokens, the 40-token row's activations are recomputed in the backward pass; the other's kept.
+    also_single, mixed, again = trained(16)
+    assert (single, kept) == (1, {(40, False), (12, False)}) and (also_single, mixed) == (1, {(40, True), (12, False)})
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(plain, again, strict=True))
