@@ -33,7 +33,8 @@ from functions.prompts import IGNORE_INDEX, Tokenized
 
 # Examples per forward pass on a GPU; gradient accumulation makes up effective_batch_size. On a CPU each row is its
 # own forward pass: rows sharing one were no faster there and kept more activations (scripts/train_memory.py, 8
-# rows of 50 tokens, one thread: 9.7-11.6 s and 1.20 GB one row a pass, 11.6-17.2 s and 2.28 GB all in one).
+# rows of 50 tokens, one thread, twice each beside another job: 9.7-11.6 s and 1.20 GB one row a pass, 11.6-17.2 s
+# and 2.28 GB all in one).
 MICRO_BATCH = 4
 # On a CPU, a row longer than this has its activations recomputed in the backward pass, for one more forward pass
 # (recompute_long_rows); shorter rows keep theirs. Kept activations cost ~4 MB a token; recompute nearly doubles a
@@ -100,8 +101,8 @@ def prepare_run(config: FinetuneConfig, precision: str | None = None) -> bool:
 def training_arguments(config: FinetuneConfig, workdir: Path, bf16: bool, checkpoints: bool, longest: int = 0) -> Any:
     """The TrainingArguments of a run over config's resolved values: micro-batches (MICRO_BATCH rows on a GPU, one
     on a CPU) with gradient accumulation up to effective_batch_size, batches grouped by length, checkpoints under
-    workdir/trainer when asked. `longest`: the longest training row, in tokens: on a CPU,
-    a row longer than CPU_ROW_TOKENS has its activations recomputed in the backward pass rather than kept."""
+    workdir/trainer when asked. `longest`: the longest training row, in tokens: on a CPU, a row longer than
+    CPU_ROW_TOKENS has its activations recomputed in the backward pass rather than kept."""
     import torch
     from transformers import TrainingArguments
 
@@ -162,8 +163,8 @@ def _completion_trainer(trainer_class: type) -> type:
 def recompute_long_rows(trainer: Any, input_ids: Any) -> None:
     """In a CPU run that recomputes activations (training_arguments), recompute them for this micro-batch only when
     its row (`input_ids` [1, seq]) is longer than CPU_ROW_TOKENS: shorter ones keep theirs and skip the extra
-    forward pass. Written here because transformers switches recompute for a whole run; its decoder
-    layers read their `gradient_checkpointing` flag at every forward, so the flag is set per micro-batch."""
+    forward pass. Written here because transformers switches recompute for a whole run; its decoder layers read
+    their `gradient_checkpointing` flag at every forward, so the flag is set per micro-batch."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     args = trainer.args
