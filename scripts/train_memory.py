@@ -1,5 +1,5 @@
 """Peak memory of one optimizer step of a LoRA job on this machine, for rows of given lengths: what
-functions/trainer.py's CPU_ROW_TOKENS (rows per forward pass, activation recompute) is chosen from.
+functions/trainer.py's CPU_ROW_TOKENS (past it, activations are recomputed) is chosen from.
 
     .venv/bin/python scripts/train_memory.py 770,256,200                 # at the trainer's CPU_ROW_TOKENS
     .venv/bin/python scripts/train_memory.py 770,256,200 --row-tokens 0  # recompute every pass
