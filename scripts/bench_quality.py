@@ -96,6 +96,7 @@ def main() -> None:
         print("RESULT " + json.dumps(run_child(args)), flush=True)
         return
     signal.signal(signal.SIGTERM, _terminated)
+    args.code = _git()  # the code the runs start from (a commit made while they run is not theirs)
     tasks = [build_task(name, args) for name in args.datasets]
     out = Path(args.out)
     for task in tasks:
@@ -642,7 +643,7 @@ def entry(args: argparse.Namespace, task: Task, run: str, result: dict[str, Any]
         "rows": {"train": len(task.train), "held_out": len(task.held_out)},
         "final_check": task.name == FINAL_CHECK,
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
-        **_git(),
+        **args.code,
         "command": reproduce(args, task, run),
         **result,
     }
