@@ -39,6 +39,7 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 # labels in row order. Engines that apply the head read them (functions/engine/heads.py); others refuse the adapter.
 HEAD_FILE = "classifier_head.safetensors"
 HEAD_LABELS_FILE = "classifier_head.json"
+HEAD_FILES = (HEAD_FILE, HEAD_LABELS_FILE)
 # Formats whose loading unpickles, so merely loading one can run code of the uploader's choosing.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
 FLOAT_DTYPES = ("F32", "F16", "BF16")

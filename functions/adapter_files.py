@@ -20,10 +20,10 @@ from pathlib import Path, PurePosixPath
 from typing import IO
 
 from app.errors import TooLarge
-from functions.adapter_check import CONFIG_FILE, HEAD_FILE, HEAD_LABELS_FILE, WEIGHTS_FILE, AdapterRejected
+from functions.adapter_check import CONFIG_FILE, HEAD_FILES, WEIGHTS_FILE, AdapterRejected
 from functions.catalog import get_model
 
-STORED_FILES = (CONFIG_FILE, WEIGHTS_FILE)  # what an import keeps and an export hands out
+STORED_FILES = (CONFIG_FILE, WEIGHTS_FILE)  # what an import keeps; an export adds a head's HEAD_FILES
 MAX_ARCHIVE_MEMBERS = 1000  # a PEFT directory has a handful of files; thousands of entries is an attack
 
 
@@ -197,7 +197,7 @@ def export_archive(src: Path, dest: IO[bytes], folder: str, base_model: str, mti
     config_bytes = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
     with tarfile.open(fileobj=dest, mode="w:gz", compresslevel=6) as archive:
         archive.addfile(_tar_entry(f"{folder}/{CONFIG_FILE}", len(config_bytes), mtime), io.BytesIO(config_bytes))
-        for name in (WEIGHTS_FILE, HEAD_FILE, HEAD_LABELS_FILE):
+        for name in (WEIGHTS_FILE, *HEAD_FILES):
             path = src / name
             if name == WEIGHTS_FILE or path.exists():
                 with path.open("rb") as data:

@@ -17,7 +17,7 @@ from app.models import AdapterVersion, Checkpoint, Repo
 from app.names import MAX_NUMBER, NAME
 from app.settings import get_settings
 from functions import adapter_files, repos
-from functions.adapter_check import HEAD_FILE, HEAD_LABELS_FILE, AdapterRejected, check_peft_dir
+from functions.adapter_check import HEAD_FILES, AdapterRejected, check_peft_dir
 from functions.catalog import get_model
 from web.deps import CurrentTenant, Db
 from web.errors import APIError
@@ -81,7 +81,7 @@ def import_version(
             received = adapter_files.save_files(
                 ((f.filename or "", f.file) for f in uploads), Path(work) / "received", limit
             )
-        head = [n for n in (HEAD_FILE, HEAD_LABELS_FILE) if (received / n).exists()]
+        head = [n for n in HEAD_FILES if (received / n).exists()]
         if head:  # kept, it would need checks of its own; dropped, the version would answer as another model
             raise AdapterRejected(
                 f"{head[0]}: an adapter with a classification head cannot be imported; import its LoRA alone "
