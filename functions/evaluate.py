@@ -101,16 +101,19 @@ def _teacher_forced(
 
     device = next(model.parameters()).device
     total_loss, correct, counted = 0.0, 0, 0
-    firsts: list[Any] = []
-    for start in range(0, len(examples), batch_size):
-        ids, mask, labels = _batch(tokenizer, examples[start : start + batch_size])
+    # Batches of similar lengths pad less (spam's 40 evaluation rows: 150 to 800 tokens); firsts go back in order.
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    firsts: dict[int, Any] = {}
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        ids, mask, labels = _batch(tokenizer, [examples[i] for i in rows])
         result = completion_loss(model, ids.to(device), mask.to(device), labels.to(device), first_logits)
         total_loss += float(result.loss_sum)
         correct += result.correct
         counted += result.count
         if result.first_logits is not None:
-            firsts.extend(torch.unbind(result.first_logits.cpu()))
-    return total_loss / max(counted, 1), correct / max(counted, 1), firsts
+            firsts.update(zip(rows, torch.unbind(result.first_logits.cpu()), strict=True))
+    return total_loss / max(counted, 1), correct / max(counted, 1), [firsts[i] for i in sorted(firsts)]
 
 
 def _batch(tokenizer: Any, batch: list[Tokenized]) -> tuple[Any, Any, Any]:

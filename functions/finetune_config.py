@@ -69,7 +69,13 @@ class FinetuneConfig(BaseModel):
     warmup_ratio: float = Field(default=0.03, ge=0, lt=1, description="Fraction of steps warming up from 0.")
     rank: int = Field(default=16, ge=1, le=256, description="LoRA rank r.")
     lora_alpha: int | None = Field(default=None, ge=1, le=4096, description="LoRA alpha; twice the rank if unset.")
-    lora_dropout: float = Field(default=0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    lora_dropout: float = Field(
+        default=0.0,
+        ge=0,
+        lt=1,
+        description="Dropout on the LoRA input. Off by default: on a CPU, 0.05 made a step 1.45x slower and 0.24 GB "
+        "larger (scripts/train_memory.py), and picking the best evaluation step already guards against overfitting.",
+    )
     use_rslora: bool = Field(
         default=False, description="Rank-stabilised LoRA: scale by alpha/sqrt(rank), not alpha/rank."
     )

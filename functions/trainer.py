@@ -36,6 +36,7 @@ from functions.prompts import IGNORE_INDEX, Tokenized
 # rows of 50 tokens, one thread, twice each beside another job: 9.7-11.6 s and 1.20 GB one row a pass, 11.6-17.2 s
 # and 2.28 GB all in one).
 MICRO_BATCH = 4
+CPU_MICRO_BATCH = 1
 # On a CPU, a row longer than this has its activations recomputed in the backward pass, for one more forward pass
 # (recompute_long_rows); shorter rows keep theirs. Kept activations cost ~4 MB a token; recompute nearly doubles a
 # row's time. Peak RSS and time of one optimizer step (scripts/train_memory.py: SmolLM2-135M, LoRA on every linear
@@ -108,7 +109,7 @@ def training_arguments(config: FinetuneConfig, workdir: Path, bf16: bool, checkp
 
     cuda = torch.cuda.is_available()
     values = config.values()
-    micro = min(MICRO_BATCH if cuda else 1, values.effective_batch_size)
+    micro = min(MICRO_BATCH if cuda else CPU_MICRO_BATCH, values.effective_batch_size)
     recompute = (config.kind == "full" and cuda) or (not cuda and longest > CPU_ROW_TOKENS)
     return TrainingArguments(
         output_dir=str(workdir / "trainer"),

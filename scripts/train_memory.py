@@ -10,6 +10,7 @@ step) and the step's wall time. One measurement a process: the peak RSS never go
 """
 
 import argparse
+import json
 import resource
 import tempfile
 import time
@@ -21,19 +22,25 @@ def main() -> None:
     parser.add_argument("lengths", help="comma-separated row lengths in tokens: one optimizer step over them")
     parser.add_argument("--row-tokens", type=int, help="CPU_ROW_TOKENS for this run (default: the trainer's)")
     parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--micro", type=int, help="rows a forward pass on a CPU (default: the trainer's)")
+    parser.add_argument("--steps", type=int, default=1, help="optimizer steps over the same rows")
+    parser.add_argument("--config", default="{}", help="fine-tuning config fields as JSON, e.g. lora_dropout")
     args = parser.parse_args()
 
     from functions import trainer
     from functions.finetune_config import FinetuneConfig
     from functions.prompts import IGNORE_INDEX, Tokenized
 
+    if args.micro is not None:
+        trainer.CPU_MICRO_BATCH = args.micro
     if args.row_tokens is not None:
         trainer.CPU_ROW_TOKENS = args.row_tokens
     lengths = [int(n) for n in args.lengths.split(",")]
     config = FinetuneConfig.model_validate(
-        {"base_model": args.model, "dataset": "d", "repo": "r", "train_steps": 1, "task": "completion"}
+        {"base_model": args.model, "dataset": "d", "repo": "r", "train_steps": args.steps, "task": "completion"}
         | {"effective_batch_size": len(lengths), "learning_rate": 1e-3, "max_seq_length": max(lengths)}
         | {"eval_steps": None}
+        | json.loads(args.config)
     )
     rows = [
         Tokenized(list(range(100, 100 + n)), [IGNORE_INDEX] * (n - 3) + list(range(97 + n, 100 + n)), n)
@@ -47,7 +54,8 @@ def main() -> None:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux: GB
     micro = run.trainer.args.per_device_train_batch_size
     print(
-        f"rows {lengths}, CPU_ROW_TOKENS {trainer.CPU_ROW_TOKENS}, {micro} a pass: peak {peak:.2f} GB, {seconds:.1f} s"
+        f"rows {lengths}, CPU_ROW_TOKENS {trainer.CPU_ROW_TOKENS}, {micro} a pass, {args.config}: peak {peak:.2f} GB, "
+        f"{seconds:.1f} s for {args.steps} step(s)"
     )
 
 
