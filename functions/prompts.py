@@ -18,6 +18,10 @@ from typing import Any
 from functions.datasets import Example
 
 IGNORE_INDEX = -100  # label value the loss skips
+# Training and evaluation batches are padded to a multiple of this many tokens. On a CPU, oneDNN caches a kernel
+# per matmul shape: one shape per row length grew a spam job's worker by ~70 MB a step (2.6 GB after 12 steps of
+# 8 emails); padded to 32 it stayed at 1.6 GB and ran 13% faster (kernels reused), 64 was slower, 16 still grew.
+PAD_MULTIPLE = 32
 
 # Where message i's content stands in a rendered template: private-use characters no template writes. The tabs
 # around it show whether the template trims contents (see _render).

@@ -203,8 +203,9 @@ def test_only_long_rows_recompute_activations_and_training_is_the_same(
         run.trainer.train()
         return micro, seen, [p.detach().clone() for n, p in run.trainer.model.named_parameters() if "lora_" in n]
 
-    single, kept, plain = trained(512)  # 40- and 12-token rows, one a pass: activations kept
-    # Past 16 tokens, the 40-token row's activations are recomputed in the backward pass; the other's kept.
-    also_single, mixed, again = trained(16)
-    assert (single, kept) == (1, {(40, False), (12, False)}) and (also_single, mixed) == (1, {(40, True), (12, False)})
+    # 40- and 12-token rows, one a pass, padded to 64 and 32 tokens (PAD_MULTIPLE): activations kept.
+    single, kept, plain = trained(512)
+    # Past 32 tokens, the 40-token row's activations are recomputed in the backward pass; the other's kept.
+    also_single, mixed, again = trained(32)
+    assert (single, kept) == (1, {(64, False), (32, False)}) and (also_single, mixed) == (1, {(64, True), (32, False)})
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(plain, again, strict=True))

@@ -132,7 +132,9 @@ def test_the_head_starts_as_the_lm_at_the_labels_first_tokens(volume: Platform, 
     assert firsts == [labels[label][0] for label in LABELS]
     lm = AutoModelForCausalLM.from_pretrained(volume.data_dir / "volume" / "base_models" / TINY_MODEL).eval()
     score = run.trainer.model.base_model.model.score.modules_to_save["default"].weight
-    assert torch.equal(score.cpu(), lm.lm_head.weight[firsts])  # the LM's own rows (tied to the embeddings here)
+    rows = lm.lm_head.weight[firsts]  # the LM's own rows (tied to the embeddings here), as loaded for training:
+    expected = rows.to(torch.bfloat16).to(rows.dtype) if run.bf16 else rows  # bf16 base weights where native
+    assert torch.equal(score.cpu(), expected)
 
     answers = []
     with torch.inference_mode():
