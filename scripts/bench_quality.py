@@ -96,7 +96,9 @@ def main() -> None:
         print("RESULT " + json.dumps(run_child(args)), flush=True)
         return
     signal.signal(signal.SIGTERM, _terminated)
-    args.code = _git()  # the code the runs start from (a commit made while they run is not theirs)
+    args.code = _git() | {
+        "machine": _machine()
+    }  # the code the runs start from (a commit made while they run is not theirs)
     tasks = [build_task(name, args) for name in args.datasets]
     out = Path(args.out)
     for task in tasks:
@@ -674,6 +676,13 @@ def _git() -> dict[str, Any]:
     return {"commit": git("rev-parse", "--short=12", "HEAD"), "uncommitted_changes": dirty}
 
 
+def _machine() -> dict[str, Any]:
+    """What the figures depend on: the cores, and whether the platform computes in bf16 here (native bf16 CPUs)."""
+    from functions.precision import use_bf16
+
+    return {"cpus": os.cpu_count(), "precision": "bf16" if use_bf16("auto") else "fp32"}
+
+
 def record(out: Path, new: dict[str, Any]) -> None:
     """Merge one entry into quality.json (replacing the one of the same dataset, run and label) and rewrite
     quality.md, at once: a run that fails later keeps what was measured before it."""
@@ -719,7 +728,7 @@ def markdown(entries: list[dict[str, Any]]) -> str:
             lines.append(
                 f"| {e['label']} | {headline(e['kind'], e.get('metrics'))}{_failed(e)} | {_seconds(e)} | "
                 f"{_memory(e)} | {(e.get('charge') or {}).get('usd', '—')} | {_steps(e)} | "
-                f"{e['when'][:16]} {e['commit'][:8]}{'+' if e['uncommitted_changes'] else ''} | "
+                f"{e['when'][:16]} {e['commit'][:8]}{'+' if e['uncommitted_changes'] else ''}{_precision(e)} | "
                 f"[{commands.index(e['command']) + 1}] |"
             )
         lines += ["", *[f"{i}. `{c}`" for i, c in enumerate(commands, start=1)], ""]
@@ -728,8 +737,17 @@ def markdown(entries: list[dict[str, Any]]) -> str:
             lines.append(f"- {e['label']}: job summary `{json.dumps(_summary(e['job']['summary']))}`")
         if summaries:
             lines.append("")
-    lines.append("A `+` after the commit: the platform's code had uncommitted changes when it ran.")
+    lines.append(
+        "A `+` after the commit: the platform's code had uncommitted changes when it ran. `bf16`: the machine had "
+        "native bf16 (AVX512-BF16), so the platform trained and served with bf16 base weights; runs without a "
+        "precision ran in fp32 on 2 AMD EPYC cores with AVX2 and no bf16."
+    )
     return "\n".join(lines) + "\n"
+
+
+def _precision(e: dict[str, Any]) -> str:
+    machine = e.get("machine")
+    return f", {machine['precision']}" if machine else ""
 
 
 def _summary(summary: dict[str, Any]) -> dict[str, Any]:
