@@ -33,17 +33,20 @@ def profile(rows: int, prompt: int = 20, completion: int = 3, evaluation_rows: i
 
 
 def test_auto_values_follow_the_dataset() -> None:
-    small = auto_config.resolve(config(), profile(400, prompt=200, completion=3))
+    small = auto_config.resolve(config(), profile(400, prompt=50, completion=3))
     # 400 rows, 40 held out for evaluation: 45 steps of 8 an epoch, 5 epochs for about 225 steps.
     assert small.auto == {
         "task": "completion",
-        "max_seq_length": 256,
+        "max_seq_length": 64,
         "effective_batch_size": 8,
         "epochs": 5,
         "learning_rate": 1e-3,
         "eval_steps": 45,
     }
     assert small.config.values().epochs == 5 and small.warnings == []
+    # Rows of 400 tokens: 5 epochs would train on 720k tokens; TARGET_TOKENS (150k) makes it 1 (144k an epoch).
+    long_rows = auto_config.resolve(config(), profile(400, prompt=397, completion=3))
+    assert (long_rows.auto["epochs"], long_rows.auto["eval_steps"]) == (1, 9)
     large = auto_config.resolve(config(), profile(20_000, prompt=100, completion=2100))
     assert large.auto["effective_batch_size"] == 16 and large.auto["epochs"] == 1
     assert large.auto["max_seq_length"] == 2048  # the cap: rows of 2,200 tokens are cut, and the job is told so
