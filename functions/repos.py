@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from app import volume
 from app.db import session_scope
-from app.models import AdapterVersion, Checkpoint, Repo
+from app.models import AdapterVersion, Checkpoint, Dataset, FinetuneJob, Repo
 from app.names import VERSION_REF
 
 CHECKPOINTS_DIR = "checkpoints"  # inside a version's directory (app/volume.py)
@@ -239,11 +239,14 @@ def find_parts(session: Session, tenant_id: str, repo: str, version: int, checkp
             return None
         path = volume.adapter_dir(tenant_id, repo, version)
         return Weights(row.name, row.id, row.kind, row.base_model, path, tuple(row.labels or ()))
-    # A checkpoint answers from its version's labels once that version is published (same query: an outer join).
+    # A checkpoint answers from its version's labels once that version is published, and from its job's dataset's
+    # labels while the job still trains (the labels the version will publish): one query, an outer join.
     published = and_(AdapterVersion.repo_id == Checkpoint.repo_id, AdapterVersion.version == Checkpoint.version)
     result = session.execute(
-        select(Checkpoint, AdapterVersion.labels)
+        select(Checkpoint, AdapterVersion.labels, Dataset.stats)
         .join(Repo, Repo.id == Checkpoint.repo_id)
+        .join(FinetuneJob, FinetuneJob.id == Checkpoint.job_id)
+        .join(Dataset, Dataset.id == FinetuneJob.dataset_id)
         .outerjoin(AdapterVersion, published)
         .where(
             Repo.tenant_id == tenant_id,
@@ -254,6 +257,8 @@ def find_parts(session: Session, tenant_id: str, repo: str, version: int, checkp
     ).first()
     if result is None:
         return None
-    found, labels = result
+    found, labels, stats = result
+    if labels is None:
+        labels = list(stats.get("labels") or ())  # {label: training rows} of a classification dataset
     path = volume.checkpoint_dir(tenant_id, repo, version, checkpoint)
     return Weights(found.name, found.id, found.kind, found.base_model, path, tuple(labels or ()))

@@ -10,10 +10,11 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from app.db import session_scope
-from app.models import Checkpoint, Tenant
+from app.models import AdapterVersion, Checkpoint, FinetuneJob, Tenant
 from app.settings import get_settings
 from conftest import TINY_MODEL, Platform, make_tenant
 from finetune_helpers import (
+    SENTIMENT,
     finish,
     metrics,
     ready_dataset,
@@ -113,6 +114,24 @@ def test_checkpoints_are_recorded_listed_served_and_downloaded(
     bob = make_tenant("bob")[1]  # another tenant's checkpoints read as missing
     assert client.get("/v1/repos/greet/versions/1/checkpoints/1/download", headers=bob).status_code == 404
     assert client.get("/v1/repos/greet/versions/1/checkpoints", headers=bob).status_code == 404
+
+
+def test_a_classification_jobs_checkpoints_answer_from_its_labels_before_its_version_is_published(
+    client: TestClient, alice: dict[str, str], platform: Platform
+) -> None:
+    ready_dataset(client, alice, SENTIMENT, "sentiment")
+    config = {"dataset": "sentiment", "epochs": 1, "effective_batch_size": 2, "learning_rate": 1e-2, "rank": 4}
+    job = train(client, alice, repo="mood", checkpoint_every=1, eval_steps=None, **config)
+    assert job["checkpoints"][0] == "mood/1@1"
+    # While a job trains, its version is not published yet: take the published row away to stand for that moment.
+    with session_scope() as s:
+        s.get_one(FinetuneJob, job["id"]).adapter_version_id = None
+        s.flush()
+        s.delete(s.scalars(select(AdapterVersion).where(AdapterVersion.version == 1)).one())
+    chat = {"model": "mood/1@1", "messages": [{"role": "user", "content": "I love it."}], "max_tokens": 8}
+    r = client.post("/v1/chat/completions", headers=alice, json=chat)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] in ("positive", "negative")  # the dataset's labels
 
 
 def test_a_retried_job_resumes_from_its_last_checkpoint(
