@@ -33,7 +33,7 @@ from functions.adapter_check import HEAD_FILE, HEAD_LABELS_FILE, LORA_KEY, WEIGH
 from functions.base_models import ensure_local, load_tokenizer
 from functions.evaluate import EvalResult, char_error_rate, classification_report
 from functions.finetune_config import FinetuneConfig
-from functions.prompts import IGNORE_INDEX, PAD_MULTIPLE, Tokenized, encode_text
+from functions.prompts import IGNORE_INDEX, Tokenized, encode_text, padded_length
 from functions.trainer import (
     TrainingRun,
     new_lora,
@@ -263,7 +263,7 @@ class _Collator:
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         import torch
 
-        width = math.ceil(max(len(f["input_ids"]) for f in features) / PAD_MULTIPLE) * PAD_MULTIPLE
+        width = padded_length(max(len(f["input_ids"]) for f in features))
         ids = torch.full((len(features), width), self.pad_token_id)
         mask = torch.zeros((len(features), width), dtype=torch.long)
         for i, f in enumerate(features):

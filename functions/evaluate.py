@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from functions.prompts import IGNORE_INDEX, PAD_MULTIPLE, Tokenized
+from functions.prompts import IGNORE_INDEX, Tokenized, padded_length
 
 GENERATION_ROWS = 32  # greedy answers are the slow part: compare at most this many rows
 CLASSIFICATION_ROWS = 256  # a label is a few tokens, so a classification evaluation answers many more rows
@@ -120,7 +120,7 @@ def _batch(tokenizer: Any, batch: list[Tokenized]) -> tuple[Any, Any, Any]:
     """input_ids, attention_mask, labels: [batch, seq], right-padded to a multiple of PAD_MULTIPLE tokens."""
     import torch
 
-    width = math.ceil(max(len(e.input_ids) for e in batch) / PAD_MULTIPLE) * PAD_MULTIPLE
+    width = padded_length(max(len(e.input_ids) for e in batch))
     ids = torch.full((len(batch), width), tokenizer.pad_token_id)
     labels = torch.full((len(batch), width), IGNORE_INDEX)
     mask = torch.zeros((len(batch), width), dtype=torch.long)

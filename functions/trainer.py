@@ -33,9 +33,9 @@ from functions.precision import use_bf16
 from functions.prompts import IGNORE_INDEX, PAD_MULTIPLE, Tokenized
 
 # Examples per forward pass on a GPU; gradient accumulation makes up effective_batch_size. On a CPU each row is its
-# own forward pass: rows sharing one were no faster there and kept more activations (scripts/train_memory.py, 8
-# rows of 50 tokens, one thread, twice each beside another job: 9.7-11.6 s and 1.20 GB one row a pass, 11.6-17.2 s
-# and 2.28 GB all in one).
+# own forward pass: two rows a pass were 12% faster but kept 0.4 GB more activations (scripts/train_memory.py
+# 240,230,220,210,200,190,180,170 --steps 3, native bf16: 19.6 s and 1.29 GB one a pass, 17.3 s and 1.70 GB two;
+# four: 26.5 s and 3.33 GB with LoRA dropout 0.05), and the memory target of a ~400-email job is 2.5 GB.
 MICRO_BATCH = 4
 CPU_MICRO_BATCH = 1
 # On a CPU, a row longer than this has its activations recomputed in the backward pass, for one more forward pass

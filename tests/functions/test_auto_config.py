@@ -44,6 +44,12 @@ def test_auto_values_follow_the_dataset() -> None:
         "eval_steps": 45,
     }
     assert small.config.values().epochs == 5 and small.warnings == []
+    # A classification dataset: batches of 4, one epoch of 90 steps for about 100.
+    labels = auto_config.Profile([(50, 1)] * 400, 0, classification=True)
+    assert {k: auto_config.resolve(config(), labels).auto[k] for k in ("effective_batch_size", "epochs")} == {
+        "effective_batch_size": 4,
+        "epochs": 1,
+    }
     # Rows of 400 tokens: 5 epochs would train on 720k tokens; TARGET_TOKENS (150k) makes it 1 (144k an epoch).
     long_rows = auto_config.resolve(config(), profile(400, prompt=397, completion=3))
     assert (long_rows.auto["epochs"], long_rows.auto["eval_steps"]) == (1, 9)
