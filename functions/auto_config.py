@@ -183,7 +183,7 @@ def resolve(config: FinetuneConfig, profile: Profile) -> Resolved:
     if "epochs" in auto:
         target = TARGET_STEPS_CLASSIFICATION if profile.classification else TARGET_STEPS
         seq = int(chosen.get("max_seq_length", config.max_seq_length))
-        epoch_tokens = sum(min(p + c, seq) for p, c in profile.lengths) * rows / max(profile.train_rows, 1)
+        epoch_tokens = Truncation.of(profile.lengths, seq).tokens * rows / max(profile.train_rows, 1)  # less held out
         by_tokens = round(TARGET_TOKENS / max(epoch_tokens, 1))
         chosen["epochs"] = max(1, min(MAX_AUTO_EPOCHS, round(target / steps_per_epoch), by_tokens))
     if "learning_rate" in auto:

@@ -103,7 +103,7 @@ def _teacher_forced(
     total_loss, correct, counted = 0.0, 0, 0
     # Batches of similar lengths pad less (spam's 40 evaluation rows: 150 to 800 tokens); firsts go back in order.
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
-    firsts: dict[int, Any] = {}
+    firsts: list[Any] = [None] * len(examples)
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
         ids, mask, labels = _batch(tokenizer, [examples[i] for i in rows])
@@ -112,8 +112,9 @@ def _teacher_forced(
         correct += result.correct
         counted += result.count
         if result.first_logits is not None:
-            firsts.update(zip(rows, torch.unbind(result.first_logits.cpu()), strict=True))
-    return total_loss / max(counted, 1), correct / max(counted, 1), [firsts[i] for i in sorted(firsts)]
+            for i, logits in zip(rows, torch.unbind(result.first_logits.cpu()), strict=True):
+                firsts[i] = logits
+    return total_loss / max(counted, 1), correct / max(counted, 1), firsts if first_logits else []
 
 
 def _batch(tokenizer: Any, batch: list[Tokenized]) -> tuple[Any, Any, Any]:

@@ -96,9 +96,8 @@ def main() -> None:
         print("RESULT " + json.dumps(run_child(args)), flush=True)
         return
     signal.signal(signal.SIGTERM, _terminated)
-    args.code = _git() | {
-        "machine": _machine()
-    }  # the code the runs start from (a commit made while they run is not theirs)
+    # The code the runs start from (a commit made while they run is not theirs), and the machine they run on.
+    args.code = _git() | {"machine": _machine()}
     tasks = [build_task(name, args) for name in args.datasets]
     out = Path(args.out)
     for task in tasks:

@@ -63,7 +63,7 @@ def run_ours(epochs: int) -> dict:
         **LORA,
     )
     with tempfile.TemporaryDirectory() as workdir:
-        run = build_trainer(config, rows, Path(workdir))
+        run = build_trainer(config, rows, Path(workdir), precision="fp32")  # the plain loop's precision, everywhere
         start = time.perf_counter()
         run.trainer.train()
         seconds = time.perf_counter() - start
