@@ -33,7 +33,7 @@ from functions.adapter_check import HEAD_FILE, HEAD_LABELS_FILE, LORA_KEY, WEIGH
 from functions.base_models import ensure_local, load_tokenizer
 from functions.evaluate import EvalResult, char_error_rate, classification_report
 from functions.finetune_config import FinetuneConfig
-from functions.prompts import IGNORE_INDEX, Tokenized, encode_text, padded_length
+from functions.prompts import IGNORE_INDEX, Tokenized, encode_text, pad_multiple, padded_length
 from functions.trainer import (
     TrainingRun,
     new_lora,
@@ -98,7 +98,10 @@ def build_classifier(
     args = training_arguments(config, workdir, bf16, checkpoints, max(len(row.prompt) for row in rows))
     features = [{"input_ids": row.prompt, "label_index": row.target} for row in rows]
     trainer = _classifier_trainer(Trainer)(
-        model=model, args=args, train_dataset=features, data_collator=_Collator(tokenizer.pad_token_id)
+        model=model,
+        args=args,
+        train_dataset=features,
+        data_collator=_Collator(tokenizer.pad_token_id, pad_multiple(bf16)),
     )
     trainer.head_labels, trainer.head_tokens = list(labels), token_ids
     trainer.remove_callback(PrinterCallback)  # metrics go to the database, not stdout
@@ -146,7 +149,7 @@ def evaluate_classifier(
     device = next(model.parameters()).device
     loss_sum, counted = 0.0, 0
     answers: list[tuple[str, str]] = []
-    collate = _Collator(tokenizer.pad_token_id)
+    collate = _Collator(tokenizer.pad_token_id, pad_multiple(bf16))
     try:
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             for start in range(0, len(rows), batch_size):
@@ -254,16 +257,16 @@ def _classifier_trainer(trainer_class: type) -> type:
 
 
 class _Collator:
-    """input_ids and attention_mask [batch, seq], right-padded to a multiple of PAD_MULTIPLE (the head reads the
+    """input_ids and attention_mask [batch, seq], right-padded to a multiple of `multiple` (the head reads the
     last position that is not padding), and label_index [batch]."""
 
-    def __init__(self, pad_token_id: int) -> None:
-        self.pad_token_id = pad_token_id
+    def __init__(self, pad_token_id: int, multiple: int | None) -> None:
+        self.pad_token_id, self.multiple = pad_token_id, multiple
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         import torch
 
-        width = padded_length(max(len(f["input_ids"]) for f in features))
+        width = padded_length(max(len(f["input_ids"]) for f in features), self.multiple)
         ids = torch.full((len(features), width), self.pad_token_id)
         mask = torch.zeros((len(features), width), dtype=torch.long)
         for i, f in enumerate(features):

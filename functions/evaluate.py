@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from functions.prompts import IGNORE_INDEX, Tokenized, padded_length
+from functions.prompts import IGNORE_INDEX, Tokenized, pad_multiple, padded_length
 
 GENERATION_ROWS = 32  # greedy answers are the slow part: compare at most this many rows
 CLASSIFICATION_ROWS = 256  # a label is a few tokens, so a classification evaluation answers many more rows
@@ -46,12 +46,13 @@ def evaluate(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device.type
+    multiple = pad_multiple(bf16)
     try:
         with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
             if labels:
-                loss, token_accuracy, answers = _classified(model, tokenizer, examples, labels, batch_size)
+                loss, token_accuracy, answers = _classified(model, tokenizer, examples, labels, batch_size, multiple)
             else:
-                loss, token_accuracy, _ = _teacher_forced(model, tokenizer, examples, batch_size)
+                loss, token_accuracy, _ = _teacher_forced(model, tokenizer, examples, batch_size, multiple)
                 answers = _greedy_answers(model, tokenizer, examples[:GENERATION_ROWS], batch_size)
     finally:
         model.train(was_training)
@@ -91,7 +92,12 @@ def classification_report(answers: list[tuple[str, str]], labels: list[str]) -> 
 
 
 def _teacher_forced(
-    model: Any, tokenizer: Any, examples: list[Tokenized], batch_size: int, first_logits: bool = False
+    model: Any,
+    tokenizer: Any,
+    examples: list[Tokenized],
+    batch_size: int,
+    multiple: int | None,
+    first_logits: bool = False,
 ) -> tuple[float, float, list[Any]]:
     """(loss per completion token, token accuracy, and with `first_logits` each row's logits [vocab] at its first
     completion token) over `examples`."""
@@ -106,7 +112,7 @@ def _teacher_forced(
     firsts: list[Any] = [None] * len(examples)
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
-        ids, mask, labels = _batch(tokenizer, [examples[i] for i in rows])
+        ids, mask, labels = _batch(tokenizer, [examples[i] for i in rows], multiple)
         result = completion_loss(model, ids.to(device), mask.to(device), labels.to(device), first_logits)
         total_loss += float(result.loss_sum)
         correct += result.correct
@@ -117,11 +123,11 @@ def _teacher_forced(
     return total_loss / max(counted, 1), correct / max(counted, 1), firsts if first_logits else []
 
 
-def _batch(tokenizer: Any, batch: list[Tokenized]) -> tuple[Any, Any, Any]:
-    """input_ids, attention_mask, labels: [batch, seq], right-padded to a multiple of PAD_MULTIPLE tokens."""
+def _batch(tokenizer: Any, batch: list[Tokenized], multiple: int | None) -> tuple[Any, Any, Any]:
+    """input_ids, attention_mask, labels: [batch, seq], right-padded to a multiple of `multiple` tokens."""
     import torch
 
-    width = padded_length(max(len(e.input_ids) for e in batch))
+    width = padded_length(max(len(e.input_ids) for e in batch), multiple)
     ids = torch.full((len(batch), width), tokenizer.pad_token_id)
     labels = torch.full((len(batch), width), IGNORE_INDEX)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -133,7 +139,12 @@ def _batch(tokenizer: Any, batch: list[Tokenized]) -> tuple[Any, Any, Any]:
 
 
 def _classified(
-    model: Any, tokenizer: Any, examples: list[Tokenized], labels: dict[str, list[int]], batch_size: int
+    model: Any,
+    tokenizer: Any,
+    examples: list[Tokenized],
+    labels: dict[str, list[int]],
+    batch_size: int,
+    multiple: int | None,
 ) -> tuple[float, float, list[tuple[str, str]]]:
     """Loss and token accuracy on the reference completions, and (answer, reference) with the answer chosen among
     the labels, as constrained decoding chooses at inference. When the labels' first tokens differ, the answer is
@@ -143,7 +154,9 @@ def _classified(
 
     firsts = {ids[0] for ids in labels.values()}
     distinct = len(firsts) == len(labels)
-    loss, token_accuracy, first_logits = _teacher_forced(model, tokenizer, examples, batch_size, first_logits=distinct)
+    loss, token_accuracy, first_logits = _teacher_forced(
+        model, tokenizer, examples, batch_size, multiple, first_logits=distinct
+    )
     prompted = [e for e in examples if e.labels and e.labels[0] == IGNORE_INDEX]
     references = [tokenizer.decode(e.input_ids[_prompt_length(e) :], skip_special_tokens=True) for e in prompted]
     if distinct:
@@ -153,12 +166,14 @@ def _classified(
         answers = [names[int(logits[first_ids].argmax())] for logits in rows]
         return loss, token_accuracy, list(zip(answers, references, strict=True))
     prompted, references = prompted[:CLASSIFICATION_ROWS], references[:CLASSIFICATION_ROWS]
-    scores = {name: _completion_scores(model, tokenizer, prompted, ids) for name, ids in labels.items()}
+    scores = {name: _completion_scores(model, tokenizer, prompted, ids, multiple) for name, ids in labels.items()}
     answers = [max(scores, key=lambda name: scores[name][i]) for i in range(len(prompted))]
     return loss, token_accuracy, list(zip(answers, references, strict=True))
 
 
-def _completion_scores(model: Any, tokenizer: Any, examples: list[Tokenized], completion: list[int]) -> list[float]:
+def _completion_scores(
+    model: Any, tokenizer: Any, examples: list[Tokenized], completion: list[int], multiple: int | None
+) -> list[float]:
     """Each example's prompt followed by `completion`: the completion's summed log-probability."""
     from functions.completion_loss import completion_loss
 
@@ -167,7 +182,7 @@ def _completion_scores(model: Any, tokenizer: Any, examples: list[Tokenized], co
     for example in examples:  # one row at a time: the summed loss of a batch cannot be split per row
         prompt = example.input_ids[: _prompt_length(example)]
         row = Tokenized(prompt + completion, [IGNORE_INDEX] * len(prompt) + completion, len(prompt) + len(completion))
-        ids, mask, labels = _batch(tokenizer, [row])
+        ids, mask, labels = _batch(tokenizer, [row], multiple)
         scores.append(-float(completion_loss(model, ids.to(device), mask.to(device), labels.to(device)).loss_sum))
     return scores
 

@@ -18,15 +18,22 @@ from typing import Any
 from functions.datasets import Example
 
 IGNORE_INDEX = -100  # label value the loss skips
-# Training and evaluation batches are padded to a multiple of this many tokens. On a CPU, oneDNN caches a kernel
-# per matmul shape: one shape per row length grew a spam job's worker by ~70 MB a step (2.6 GB after 12 steps of
-# 8 emails); padded to 32 it stayed at 1.6 GB and ran 13% faster (kernels reused), 64 was slower, 16 still grew.
+# Batches that compute in bf16 are padded to a multiple of this many tokens. On a CPU with native bf16, oneDNN
+# caches a kernel per matmul shape: one shape per row length grew a spam job's worker by ~70 MB a step (2.6 GB
+# after 12 steps of 8 emails); padded to 32 it stayed at 1.6 GB and ran 13% faster (kernels reused), 64 was slower,
+# 16 still grew. In fp32 padding only costs: scripts/bench_training.py (fp32, the sample's short rows) ran at 110.5
+# tokens/s padded to 32 and 149.6 unpadded.
 PAD_MULTIPLE = 32
 
 
-def padded_length(tokens: int) -> int:
+def pad_multiple(bf16: bool) -> int | None:
+    """What a batch's width is a multiple of (None: its longest row), for a run computing in bf16 or not."""
+    return PAD_MULTIPLE if bf16 else None
+
+
+def padded_length(tokens: int, multiple: int | None) -> int:
     """The width a batch whose longest row has `tokens` tokens is padded to."""
-    return -(-tokens // PAD_MULTIPLE) * PAD_MULTIPLE
+    return -(-tokens // multiple) * multiple if multiple else tokens
 
 
 # Where message i's content stands in a rendered template: private-use characters no template writes. The tabs

@@ -4,8 +4,8 @@ the whole model for full fine-tuning (adapter "none").
 What makes it faster and lighter than a plain transformers + PEFT loop (scripts/bench_training.py measures it):
 - frozen base weights in bf16 with bf16 autocast where the hardware runs bf16 natively (GPUs; CPUs with
   AVX512-BF16 or AMX), while PEFT keeps the trained LoRA weights and the optimizer state in fp32;
-- batches grouped by length, so little compute goes to padding, and padded to a multiple of PAD_MULTIPLE tokens,
-  so kernels are reused across steps rather than built (and cached) for every row length;
+- batches grouped by length, so little compute goes to padding, and in bf16 padded to a multiple of PAD_MULTIPLE
+  tokens, so kernels are reused across steps rather than built (and cached) for every row length;
 - micro-batches (one row on a CPU) with gradient accumulation up to effective_batch_size, so activations stay
   small, and on a CPU activations recomputed in the backward pass for rows longer than CPU_ROW_TOKENS only;
 - the loss on completion tokens only, its logits computed a chunk of positions at a time and never for the whole
@@ -30,7 +30,7 @@ from app.settings import get_settings
 from functions.base_models import load_model, load_model_dir, load_tokenizer
 from functions.finetune_config import FinetuneConfig
 from functions.precision import use_bf16
-from functions.prompts import IGNORE_INDEX, PAD_MULTIPLE, Tokenized
+from functions.prompts import IGNORE_INDEX, Tokenized, pad_multiple
 
 # Examples per forward pass on a GPU; gradient accumulation makes up effective_batch_size. On a CPU each row is its
 # own forward pass: two rows a pass were 12% faster but kept 0.4 GB more activations (scripts/train_memory.py
@@ -82,7 +82,7 @@ def build_trainer(
     args = training_arguments(config, workdir, bf16, checkpoints, max(len(t.input_ids) for t in examples))
     features = [{"input_ids": t.input_ids, "labels": t.labels} for t in examples]
     collator = DataCollatorForSeq2Seq(
-        tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX, pad_to_multiple_of=PAD_MULTIPLE
+        tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX, pad_to_multiple_of=pad_multiple(bf16)
     )
     trainer = _completion_trainer(Trainer)(model=model, args=args, train_dataset=features, data_collator=collator)
     trainer.remove_callback(PrinterCallback)  # metrics go to the database, not stdout

@@ -182,8 +182,10 @@ def test_only_long_rows_recompute_activations_and_training_is_the_same(
 ) -> None:
     from transformers.modeling_layers import GradientCheckpointingLayer
 
+    from app.settings import get_settings
     from functions import trainer
-    from functions.prompts import Tokenized
+    from functions.precision import use_bf16
+    from functions.prompts import Tokenized, pad_multiple, padded_length
 
     ids = list(range(5, 45))
     rows = [
@@ -212,9 +214,12 @@ def test_only_long_rows_recompute_activations_and_training_is_the_same(
         run.trainer.train()
         return micro, seen, [p.detach().clone() for n, p in run.trainer.model.named_parameters() if "lora_" in n]
 
-    # 40- and 12-token rows, one a pass, padded to 64 and 32 tokens (PAD_MULTIPLE): activations kept.
+    # 40- and 12-token rows, one a pass (in bf16 padded to 64 and 32 tokens: PAD_MULTIPLE): activations kept.
     single, kept, plain = trained(512)
     # Past 32 tokens, the 40-token row's activations are recomputed in the backward pass; the other's kept.
     also_single, mixed, again = trained(32)
-    assert (single, kept) == (1, {(64, False), (32, False)}) and (also_single, mixed) == (1, {(64, True), (32, False)})
+    multiple = pad_multiple(use_bf16(get_settings().training.train_precision))
+    long, short = padded_length(40, multiple), padded_length(12, multiple)
+    assert (single, kept) == (1, {(long, False), (short, False)})
+    assert (also_single, mixed) == (1, {(long, True), (short, False)})
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(plain, again, strict=True))
