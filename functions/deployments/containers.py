@@ -32,7 +32,16 @@ UP = ("starting", "ready")
 
 def meter(replica_id: str, until: datetime) -> int:
     """Bill the replica's time from its last record (or its readiness) to `until` (at most its stop); the micro-USD
-    written (0: nothing new, never ready, or another writer billed this period first)."""
+    written (0: nothing new, or never ready). A writer that loses a period to another (a heartbeat racing the
+    container's exit) reads the row again and bills what is left after that period: no millisecond is lost."""
+    while (written := _meter_once(replica_id, until)) is None:
+        pass
+    return written
+
+
+def _meter_once(replica_id: str, until: datetime) -> int | None:
+    """One compare-and-set period: the micro-USD written, 0 when nothing is left to bill, None when another writer
+    moved `metered_until` first (the caller tries again from there)."""
     with session_scope() as s:
         row = s.get(ReplicaRecord, replica_id)
         if row is None or row.ready_at is None:
@@ -50,7 +59,7 @@ def meter(replica_id: str, until: datetime) -> int:
             _updated(s, update(ReplicaRecord).where(ReplicaRecord.id == replica_id, same).values(metered_until=until))
             != 1
         ):
-            return 0  # another writer took this period
+            return None  # another writer took this period
         deployment = s.get_one(Deployment, row.deployment_id)
         key = f"{row.id}:{int(start.timestamp() * 1000)}"
         return record_time(s, deployment.tenant_id, deployment.id, deployment.base_model, row.accelerator, ms, key)

@@ -375,3 +375,38 @@ def test_a_container_killed_mid_request_is_billed_for_the_time_it_ran_and_never_
     stopped = next(r for r in replica_rows(d["id"]) if r.state == "stopped")
     assert stopped.metered_until == stopped.stopped_at
     assert len({u.idempotency_key for u in replica_usage(d["id"])}) == len(replica_usage(d["id"]))
+
+
+def test_writers_racing_for_one_period_bill_every_millisecond_once(db_standin: StandInModal) -> None:
+    # A heartbeat and the container's exit (or an API process closing it) meter the same row at once: whoever loses
+    # the compare-and-set bills what is left after the winner's period, so the row ends metered up to the latest
+    # `until` and the ledger holds each millisecond once.
+    import threading
+
+    from functions.deployments import containers
+
+    with serve(modal_app.web.local()) as url, httpx.Client(base_url=url, timeout=120) as client:
+        headers = make_tenant("acme")[1]
+        d = create(client, headers, "raced", accelerator="a10g", min_replicas=0)
+        report = containers.ContainerReport(d["id"], "race", "a10g", 1, every=3600, meter_every=3600).started()
+        report.ready()
+        ready_at = replica_rows(d["id"])[0].ready_at
+        writers = 8
+        gate = threading.Barrier(writers)
+
+        def bill(seconds: int) -> None:
+            gate.wait()
+            containers.meter(report.replica_id, ready_at + timedelta(seconds=seconds))
+
+        threads = [threading.Thread(target=bill, args=(i + 1,)) for i in range(writers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        report.halt()
+
+        [row] = replica_rows(d["id"])
+        assert row.metered_until == ready_at + timedelta(seconds=writers)
+        usage = replica_usage(d["id"])
+        assert sum(u.compute_ms for u in usage) == writers * 1000
+        assert len({u.idempotency_key for u in usage}) == len(usage)
