@@ -1,5 +1,5 @@
 """The `loraplex` command. Server commands here: serve the platform, run workers and engines, create tenants, run
-the demo. Client commands (datasets, finetune, jobs, deployments) are in app/cli_client.py."""
+the demo. Client commands (datasets, finetune, jobs, deployments, keys) are in app/cli_client.py."""
 
 import os
 import signal
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from app.cli_client import datasets_app, deployments_app, finetune_app, jobs_app
+from app.cli_client import datasets_app, deployments_app, finetune_app, jobs_app, keys_app
 from app.logs import configure_logging
 
 app = typer.Typer(
@@ -20,6 +20,7 @@ app.add_typer(datasets_app, name="datasets")
 app.add_typer(finetune_app, name="finetune")
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(deployments_app, name="deployments")
+app.add_typer(keys_app, name="keys")
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:

@@ -1,5 +1,5 @@
-"""The `loraplex` client commands: datasets, fine-tuning, jobs and deployments of a running server, over HTTP
-with the SDK (app/client.py). They import neither torch nor the database; app/cli.py mounts them."""
+"""The `loraplex` client commands: datasets, fine-tuning, jobs, deployments and API keys of a running server, over
+HTTP with the SDK (app/client.py). They import neither torch nor the database; app/cli.py mounts them."""
 
 import inspect
 import typing
@@ -18,6 +18,7 @@ jobs_app = typer.Typer(
 deployments_app = typer.Typer(
     help="Private deployments, over the API (LORAPLEX_API_URL, LORAPLEX_API_KEY).", no_args_is_help=True
 )
+keys_app = typer.Typer(help="API keys, over the API (LORAPLEX_API_URL, LORAPLEX_API_KEY).", no_args_is_help=True)
 # Older spellings of an option, still accepted: FinetuneConfig's field name -> extra flag declarations.
 CLI_ALIASES = {"apply_chat_template": ("--chat-template/--no-chat-template",)}
 
@@ -304,3 +305,52 @@ def deployments_delete(name: str, wait: float = typer.Option(60.0, help="Seconds
     """Delete a deployment once its requests in flight have finished."""
     with _api() as client:
         _print_deployment(client.delete_deployment(name, wait=wait))
+
+
+@keys_app.command("create")
+def keys_create(
+    name: str = typer.Argument(..., help="What the key is for, e.g. 'ci'."),
+    scope: str = typer.Option("all", help="all, inference (chat/completions, completions, models) or read (GET)."),
+    expires_in_days: int | None = typer.Option(None, help="Days until it stops working (default: never)."),
+) -> None:
+    """Create an API key and print its secret, which is shown this once."""
+    with _api() as client:
+        key = client.create_api_key(name, scope=scope, expires_in_days=expires_in_days)
+    expires = key["expires_at"][:19].replace("T", " ") if key["expires_at"] else "never"
+    typer.echo(f"API key {key['id']} ({key['name']}, scope {key['scope']}, expires {expires})")
+    typer.echo(f"secret (shown once): {key['key']}")
+
+
+@keys_app.command("list")
+def keys_list() -> None:
+    """Your API keys (never their secrets), oldest first."""
+    from rich.console import Console
+    from rich.table import Table
+
+    def when(value: str | None) -> str:
+        return value[:19].replace("T", " ") if value else "-"
+
+    with _api() as client:
+        keys = client.list_api_keys()
+    table = Table("id", "prefix", "name", "scope", "status", "created", "last used", "expires", "revoked")
+    for key in keys:
+        table.add_row(
+            key["id"],
+            key["prefix"],
+            key["name"],
+            key["scope"],
+            key["status"],
+            when(key["created_at"]),
+            when(key["last_used_at"]),
+            when(key["expires_at"]),
+            when(key["revoked_at"]),
+        )
+    Console().print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str = typer.Argument(..., help="The key's id (key_...), from `loraplex keys list`.")) -> None:
+    """Revoke a key: every API process refuses it from the next request on. Your last active key cannot be revoked."""
+    with _api() as client:
+        key = client.revoke_api_key(key_id)
+    typer.echo(f"API key {key['id']} ({key['name']}) revoked")

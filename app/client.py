@@ -138,6 +138,22 @@ class Loraplex:
     def balance(self) -> dict[str, Any]:
         return self._request("GET", "/v1/billing/balance").json()
 
+    # ---- API keys -------------------------------------------------------------------------------------
+
+    def create_api_key(
+        self, name: str, scope: str = "all", expires_in_days: int | None = None, expires_at: str | None = None
+    ) -> dict[str, Any]:
+        """A new key of `scope` (all, inference or read); its secret is `["key"]`, in this answer only."""
+        body: dict[str, Any] = {"name": name, "scope": scope}
+        body |= {k: v for k, v in (("expires_in_days", expires_in_days), ("expires_at", expires_at)) if v is not None}
+        return self._request("POST", "/v1/api_keys", json=body).json()
+
+    def list_api_keys(self) -> list[dict[str, Any]]:
+        return self._request("GET", "/v1/api_keys").json()
+
+    def revoke_api_key(self, key_id: str) -> dict[str, Any]:
+        return self._request("DELETE", f"/v1/api_keys/{key_id}").json()
+
     # ---- deployments and inference -------------------------------------------------------------------
 
     def create_deployment(self, name: str, base_model: str, **config: Any) -> dict[str, Any]:

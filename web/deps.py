@@ -7,9 +7,10 @@ from fastapi import Depends, Header, Request
 from sqlalchemy.orm import Session
 
 from app.db import sessions
-from app.models import Tenant
-from app.tenants import authenticate
+from app.models import ApiKey, Tenant
+from app.tenants import KeyRefused, authenticate
 from functions.deployments.runtime import DeploymentRuntime
+from web import key_scopes
 from web.errors import APIError
 
 
@@ -25,14 +26,28 @@ def get_db() -> Iterator[Session]:
 Db = Annotated[Session, Depends(get_db)]
 
 
-def current_tenant(db: Db, authorization: Annotated[str | None, Header()] = None) -> Tenant:
-    scheme, _, key = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not key.strip():
+def current_key(request: Request, db: Db, authorization: Annotated[str | None, Header()] = None) -> ApiKey:
+    """The request's API key, read from the database each time (a revocation holds at once in every process), and
+    allowed by its scope to call this route (web/key_scopes.py)."""
+    scheme, _, raw = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not raw.strip():
         raise APIError(401, "missing API key: send the header 'Authorization: Bearer <key>'", code="missing_api_key")
-    tenant = authenticate(db, key.strip())
-    if tenant is None:
-        raise APIError(401, "invalid API key", code="invalid_api_key")
-    return tenant
+    try:
+        key = authenticate(db, raw.strip())
+    except KeyRefused as refused:
+        raise APIError(401, refused.message, code=refused.code) from None
+    route = getattr(request.scope.get("route"), "path", request.url.path)  # the template: /v1/deployments/{name}/...
+    refusal = key_scopes.refusal(key.scope, request.method, route)
+    if refusal is not None:
+        raise APIError(403, refusal, code="scope_not_allowed")
+    return key
+
+
+CurrentKey = Annotated[ApiKey, Depends(current_key)]
+
+
+def current_tenant(key: CurrentKey) -> Tenant:
+    return key.tenant
 
 
 CurrentTenant = Annotated[Tenant, Depends(current_tenant)]

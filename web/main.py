@@ -13,6 +13,7 @@ from functions.engine.pool import PoolCalls, SharedPools
 from web import errors, health
 from web.bodies import RequestBodies
 from web.routers import (
+    api_keys,
     billing,
     datasets,
     deployment_inference,
@@ -69,7 +70,7 @@ def create_app(pools: PoolCalls | None = None) -> FastAPI:
 
     app.add_middleware(RequestBodies)  # body limits and sound JSON, before any route reads a body
 
-    platform = (datasets, finetuning, repos, usage, billing, stripe_webhook, deployments)
+    platform = (datasets, finetuning, repos, usage, billing, stripe_webhook, deployments, api_keys)
     for module in (*platform, openai_compat, deployment_inference, prometheus):
         app.include_router(module.router)
     app.include_router(health.router)  # 503 when a component is degraded (web/health.py)

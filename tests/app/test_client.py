@@ -145,6 +145,48 @@ def test_cli_uploads_starts_and_watches_jobs(served: tuple[str, str], dataset_fi
     assert refused.returncode == 1 and "rank: " in refused.stderr and "Traceback" not in refused.stderr
 
 
+def test_cli_and_sdk_manage_api_keys(served: tuple[str, str]) -> None:
+    url, key = served
+    env = os.environ | {"LORAPLEX_API_URL": url, "COLUMNS": "200"}
+
+    def cli(*args: str, api_key: str = key) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "app.cli", "keys", *args],
+            env=env | {"LORAPLEX_API_KEY": api_key},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    created = cli("create", "dashboard", "--scope", "read", "--expires-in-days", "7")
+    assert created.returncode == 0, created.stderr
+    shown = r"API key (key_[0-9a-f]+) \(dashboard, scope read, expires 20.+\)\nsecret \(shown once\): (lpx_\S+)"
+    match = re.search(shown, created.stdout)
+    assert match, created.stdout
+    key_id, secret = match.groups()
+
+    listing = cli("list")
+    assert listing.returncode == 0, listing.stderr
+    assert key_id in listing.stdout and "dashboard" in listing.stdout and "read" in listing.stdout
+    assert secret not in listing.stdout and secret[:10] in listing.stdout  # the prefix, never the secret
+    read_only = cli("list", api_key=secret)  # a read key may not manage keys: one line naming its scope
+    assert read_only.returncode == 1 and "scope is 'read'" in read_only.stderr and "Traceback" not in read_only.stderr
+
+    revoked = cli("revoke", key_id)
+    assert revoked.returncode == 0 and f"API key {key_id} (dashboard) revoked" in revoked.stdout, revoked.stderr
+    with pytest.raises(LoraplexError) as refused:
+        Loraplex(url, secret).list_datasets()
+    assert (refused.value.status, refused.value.code) == (401, "revoked_api_key")
+
+    # The SDK: a key of its own revokes the first; the last active key stays.
+    lp = Loraplex(url, key)
+    spare = lp.create_api_key("spare", scope="all")
+    (first,) = [k for k in lp.list_api_keys() if k["status"] == "active" and k["id"] != spare["id"]]
+    assert Loraplex(url, spare["key"]).revoke_api_key(first["id"])["status"] == "revoked"
+    last = cli("revoke", spare["id"], api_key=spare["key"])
+    assert last.returncode == 1 and "last active API key" in last.stderr, last.stderr
+
+
 def test_the_sdk_imports_without_torch() -> None:
     code = "import sys, app.client, app.watch; assert 'torch' not in sys.modules and 'sqlalchemy' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
