@@ -159,6 +159,25 @@ class BillingSettings(BaseSettings):
     public_url: str = Field(default="http://127.0.0.1:8000", description="Where Checkout and portal return to.")
 
 
+class WebhookSettings(BaseSettings):
+    """Outgoing webhooks (functions/webhooks.py): which addresses they may reach, how long a receiver may take, when
+    an endpoint that keeps failing is disabled."""
+
+    model_config = FROM_ENV
+
+    webhooks_allow_loopback: bool = Field(
+        default=False,
+        description="Let endpoints resolve to loopback (127.0.0.0/8, ::1): tests and one-machine setups. Private, "
+        "link-local and metadata addresses stay refused.",
+    )
+    webhook_timeout_seconds: float = Field(
+        default=10.0, gt=0, le=60, description="Longest one delivery may take (connect, send, answer), seconds."
+    )
+    webhook_disable_after_days: float = Field(
+        default=5.0, gt=0, description="An endpoint whose deliveries fail this long without a success is disabled."
+    )
+
+
 class Settings(BaseSettings):
     """Where the platform keeps its state and runs its work, and the groups above."""
 
@@ -210,6 +229,10 @@ class Settings(BaseSettings):
     @cached_property
     def billing(self) -> BillingSettings:
         return BillingSettings()
+
+    @cached_property
+    def webhooks(self) -> WebhookSettings:
+        return WebhookSettings()
 
     @property
     def volume_dir(self) -> Path:

@@ -28,9 +28,15 @@ def _flush_stripe_outbox() -> None:
     flush_if_configured()  # owed Stripe calls; a no-op without a Stripe key
 
 
+def _flush_webhooks() -> None:
+    from functions.webhooks import flush
+
+    flush()  # due webhook deliveries, each pass bounded by the delivery timeout
+
+
 def wire(spawner: Callable[[str, str], None] | None = None) -> None:
     queue.register(
         {"dataset.uploaded": _validate_dataset, "finetune.requested": _train},
         spawner=spawner,
-        periodic=(_flush_stripe_outbox,),
+        periodic=(_flush_stripe_outbox, _flush_webhooks),
     )

@@ -24,6 +24,7 @@ from web.routers import (
     repos,
     stripe_webhook,
     usage,
+    webhooks,
 )
 from web.shared_limits import SharedLimiter
 
@@ -70,7 +71,7 @@ def create_app(pools: PoolCalls | None = None) -> FastAPI:
 
     app.add_middleware(RequestBodies)  # body limits and sound JSON, before any route reads a body
 
-    platform = (datasets, finetuning, repos, usage, billing, stripe_webhook, deployments, api_keys)
+    platform = (datasets, finetuning, repos, usage, billing, stripe_webhook, deployments, api_keys, webhooks)
     for module in (*platform, openai_compat, deployment_inference, prometheus):
         app.include_router(module.router)
     app.include_router(health.router)  # 503 when a component is degraded (web/health.py)
