@@ -143,6 +143,14 @@ class BillingSettings(BaseSettings):
     # beyond them, any other tenant is refused (429) beyond them. 0 turns one off (nothing free, no limit).
     free_tokens_per_day: int = Field(default=1_000_000, ge=0, description="Free shared-endpoint tokens a UTC day.")
     free_tokens_per_month: int = Field(default=10_000_000, ge=0, description="Free shared-endpoint tokens a month.")
+    # billing.credit_low is sent once when spendable credit falls below this, and once more when it reaches zero;
+    # at zero without a card in good standing, private deployments are held in Standby (deployments/suspension.py).
+    credit_low_micro_usd: int = Field(
+        default=5_000_000, ge=0, description="Credit below which billing.credit_low is sent, micro-USD."
+    )
+    credit_check_seconds: float = Field(
+        default=30.0, gt=0, description="How often credit, expiries and unpaid deployments are looked at, seconds."
+    )
     cpu_replica_micro_usd_per_hour: int = Field(
         default=100_000, ge=0, description="Price of a CPU replica-hour, micro-USD (the GPU rates are in prices.py)."
     )

@@ -27,7 +27,7 @@ from app.db import session_scope
 from app.models import AdapterVersion, FinetuneJob
 from app.queue import EventInfo, PermanentError
 from app.settings import get_settings
-from billing import ledger
+from billing import alerts, ledger
 from functions import checkpoints, repos
 from functions.auto_config import MIN_ROWS_TO_HOLD_OUT
 from functions.base_models import BaseModelUnavailable, load_tokenizer
@@ -228,7 +228,7 @@ def _publish(
         amount = ledger.price_book(s, job.tenant_id).finetune(params, config.technique, stats["tokens_processed"])
         current.status, current.finished_at = "completed", datetime.now(UTC)
         current.adapter_version_id = adapter.id
-        ledger.record(
+        usage = ledger.record(
             s,
             ledger.Usage(
                 idempotency_key=f"finetune:{job.id}",
@@ -243,6 +243,7 @@ def _publish(
                 reference=job.id,
             ),
         )
+        alerts.charged(s, usage)  # billing.charge, and billing.credit_low if it made the credit fall
 
     repos.publish_adapter(
         job.tenant_id,

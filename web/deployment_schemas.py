@@ -46,6 +46,7 @@ class DeploymentOut(BaseModel):
     preloaded_adapters: Annotated[list[str], BeforeValidator(lambda value: list(value or []))]
     status: str  # Pending | Initializing | Ready | Standby | Stopped | Errored | Updating | Deleted
     status_reason: str
+    suspended_reason: str | None  # set while held in Standby because the tenant cannot pay: why, and the way out
     config_version: int
     replicas: int  # up now (ready or draining)
     cold_start_ms: int | None  # the last wake from zero replicas: first request to a ready replica

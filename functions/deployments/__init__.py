@@ -15,6 +15,7 @@ records.py     the replicas and every API process's load as rows all of them see
 remote_leases.py  the request path of an API process that does not run the replicas: by their published address
 peers.py       what the runtime exchanges with the other API processes each tick (through records.py)
 metering.py    replica time on the ledger, and its price
+suspension.py  deployments held in Standby while their tenant cannot pay (no credit, no card), and back after
 metrics.py     per-deployment time series and the Prometheus collector, in the database
 sampling.py    the health figures sampled once per tick (replicas busy, CPU share)
 snapshot.py    the replicas' process ids, read under the runtime's lock (tests, operators)

@@ -79,7 +79,9 @@ class Leasing:
                     if live is None:
                         fleet.dirty = True  # created a moment ago: not read yet
                     else:
-                        refusal = serving_refusal(live.name, live.status, live.target_state, live.status_reason)
+                        refusal = serving_refusal(
+                            live.name, live.status, live.target_state, live.status_reason, live.suspended
+                        )
                         if refusal is not None:
                             raise refusal
                         lease = self._take(live, key, adapter_name, began)

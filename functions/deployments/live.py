@@ -59,6 +59,8 @@ class Live:
     next_number: int = 1
     adapter_names: dict[str, str] = field(default_factory=dict)  # adapter key -> "repo/3" (users see names)
     replicas_written: int = -1  # the `replicas` figure last written to the row
+    suspended: str | None = None  # why the platform holds it in Standby (the row's suspended_reason), or None
+    held: str | None = None  # the hold the runtime last applied (suspension.py `apply`)
 
     @classmethod
     def of_row(cls, row: Deployment, now: float) -> "Live":
@@ -78,6 +80,8 @@ class Live:
             status_reason=row.status_reason,
             memory=ScalerMemory(now),
             replicas_written=row.replicas,
+            suspended=row.suspended_reason,
+            held=row.suspended_reason,
         )
 
     def up(self) -> list[Replica]:

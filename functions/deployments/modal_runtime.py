@@ -5,10 +5,11 @@ replicas and the containers report themselves.
 Each deployment config is its own pool (functions/engine/pool.py `Pool`: the deployment's id and config version,
 its accelerator's GPU, its engine, its scale_up_threshold as the per-container concurrency target). Its autoscaler
 bounds follow the deployment row (`bounds`): min_replicas -> min_containers, max_replicas -> max_containers,
-cooldown_time -> scaledown_window; a deployment Stopped, Errored or being deleted keeps no container (0 kept, idle
-ones gone after the shortest window) and its requests are refused here (rules.py). They are set through the
-injected `PoolCalls.autoscale` whenever they change (create, PATCH, stop, standby, delete), live, without a
-redeploy. A request to a deployment at zero containers makes the platform start one: Standby wakes on a request.
+cooldown_time -> scaledown_window; a deployment Stopped, Errored, being deleted or held (its tenant cannot pay,
+suspension.py) keeps no container (0 kept, idle ones gone after the shortest window) and its requests are refused
+here (rules.py). They are set through the injected `PoolCalls.autoscale` whenever they change (create, PATCH, stop,
+standby, delete, a hold), live, without a redeploy. A request to a deployment at zero containers makes the platform
+start one: Standby wakes on a request.
 
 Each tick (LORAPLEX_DEPLOYMENT_TICK_SECONDS) the loop
   1. closes the rows of containers that stopped reporting, billing them up to their last heartbeat (containers.py),
@@ -42,6 +43,7 @@ from app.control_lease import this_process
 from app.db import session_scope
 from app.models import Deployment, ReplicaRecord, utcnow
 from app.settings import get_settings
+from functions.deployments import suspension
 from functions.deployments.autoscaler import ScalingConfig
 from functions.deployments.containers import RUNTIME, close_silent
 from functions.deployments.live import Effects, Live, set_columns
@@ -61,7 +63,7 @@ SILENT_POLLS = 3  # a container silent this many heartbeats (LORAPLEX_ENGINE_HEA
 
 def bounds(row: Deployment) -> Autoscaling:
     """The autoscaler bounds of the deployment's pool, from its row."""
-    if row.target_state != "active" or row.status in (ERRORED, STOPPED, DELETED):
+    if row.target_state != "active" or row.status in (ERRORED, STOPPED, DELETED) or row.suspended_reason is not None:
         return Autoscaling(0, max(1, row.max_replicas), MIN_WINDOW)
     window = min(MAX_WINDOW, max(MIN_WINDOW, math.ceil(row.cooldown_time)))
     return Autoscaling(row.min_replicas, row.max_replicas, window)
@@ -102,6 +104,7 @@ class PoolRuntime:
         self._thread: threading.Thread | None = None
         self._since = utcnow()
         self._last_tick = clock()
+        self._credit_checked_at = -math.inf
         seconds = self.settings.deployments.deployment_lease_seconds
         self.lease = ControlLease("modal-pools", holder or this_process(), seconds)
 
@@ -150,6 +153,9 @@ class PoolRuntime:
         leader = self.lease.hold()
         if leader:
             close_silent(SILENT_POLLS * self.settings.engine.engine_health_interval)
+            if now - self._credit_checked_at >= self.settings.billing.credit_check_seconds:
+                self._credit_checked_at = now
+                suspension.check()  # tenants that cannot pay: their deployments held (or released), read below
         with session_scope() as s:
             rows = s.scalars(select(Deployment).where(Deployment.status != DELETED)).all()
             replicas = s.scalars(
@@ -222,6 +228,7 @@ class PoolRuntime:
             transition(live, ERRORED, failed_starts[-1], effects)  # Errored stays until the tenant moves it
         elif hints or failed_starts:
             live.hint = (hints + failed_starts)[-1]
+        suspension.apply(live, effects)  # its tenant cannot pay: bounds() keeps no container, the move says why
         if settle(live, effects) == DELETED and not up:
             self.lives.pop(row.id, None)
             self.metrics.forget(row.id)
@@ -241,6 +248,7 @@ class PoolRuntime:
         live.scaling, live.config_version, live.target_state = scaling, row.config_version, row.target_state
         live.accelerator, live.engine = row.accelerator, row.engine
         live.status, live.status_reason = row.status, row.status_reason
+        live.suspended = row.suspended_reason
         return live
 
     def _sample(self, seconds: float) -> None:
@@ -257,7 +265,7 @@ class PoolRuntime:
         containers starts one for the request (the platform queues it meanwhile)."""
         with session_scope() as s:
             row = s.get_one(Deployment, deployment_id)
-            refusal = serving_refusal(row.name, row.status, row.target_state, row.status_reason)
+            refusal = serving_refusal(row.name, row.status, row.target_state, row.status_reason, row.suspended_reason)
             if refusal is not None:
                 raise refusal
             s.expunge(row)

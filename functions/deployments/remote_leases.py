@@ -142,7 +142,7 @@ class RemoteLeasing:
             if row is None:
                 missing = NotFound("The deployment does not exist", code="deployment_not_found")
                 return _Look("", "", 1, missing, [])
-            refusal = serving_refusal(row.name, row.status, row.target_state, row.status_reason)
+            refusal = serving_refusal(row.name, row.status, row.target_state, row.status_reason, row.suspended_reason)
             look = _Look(row.name, row.base_model, row.scale_up_threshold, refusal, [])
         return _Look(look.name, look.base_model, look.threshold, look.refusal, records.ready(deployment_id))
 

@@ -7,7 +7,8 @@ Each tick (LORAPLEX_DEPLOYMENT_TICK_SECONDS) it takes or renews the lease; holdi
      autoscaler for a replica count, starts or drains replicas to reach it (rolling old-config replicas one at a
      time: a new one starts, takes traffic, then an old one drains), and derives the status, recording every
      transition with its reason,
-  3. writes replica time to the ledger, samples the health figures, and keeps one pre-warmed interpreter ready,
+  3. writes replica time to the ledger, samples the health figures, and keeps one pre-warmed interpreter ready;
+     every LORAPLEX_CREDIT_CHECK_SECONDS it holds the deployments of tenants that cannot pay (suspension.py),
   4. publishes its replicas (records.py) and reads the other processes' load reports into the autoscaler's figures.
 Every process, holder or not, then reports its own load and adds the health figures it gathered to the rows.
 
@@ -35,7 +36,7 @@ from app.control_lease import this_process
 from app.db import session_scope
 from app.models import Deployment
 from app.settings import get_settings
-from functions.deployments import containers, peers, records, snapshot
+from functions.deployments import containers, peers, records, snapshot, suspension
 from functions.deployments.autoscaler import ReplicaView, ScalingConfig, decide
 from functions.deployments.leases import Lease, Leasing
 from functions.deployments.lifecycle import Lifecycle, drain, drain_order
@@ -101,6 +102,7 @@ class DeploymentRuntime:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._synced_at = -math.inf
+        self._credit_checked_at = -math.inf
         self._last_tick = clock()
 
     # ---- lifecycle ------------------------------------------------------------------------------------
@@ -198,6 +200,9 @@ class DeploymentRuntime:
 
     def _run_replicas(self, now: float) -> None:
         """The holder's part of a tick."""
+        if now - self._credit_checked_at >= self.settings.billing.credit_check_seconds:
+            self._credit_checked_at = now
+            self.fleet.dirty |= suspension.check()  # tenants that cannot pay: their deployments held (or released)
         if self.fleet.dirty or now - self._synced_at >= SYNC_SECONDS:
             self.fleet.dirty = False
             self._sync(now)
@@ -246,6 +251,7 @@ class DeploymentRuntime:
             live.no_start_before = 0.0
             live.hint = "config changed: replacing replicas one at a time"
         live.target_state = row.target_state
+        live.suspended = row.suspended_reason
         if live.status in (ERRORED, STOPPED) and row.status not in (ERRORED, STOPPED):
             live.status, live.status_reason = row.status, row.status_reason  # moved to Standby through the API
             live.no_start_before = 0.0
@@ -254,7 +260,8 @@ class DeploymentRuntime:
         self.lifecycle.collect_starts(live, now, effects)
         self.lifecycle.reap_dead(live, now)
         self.lifecycle.stop_drained(live, now)
-        desired = self._desired(live, now)
+        held = suspension.apply(live, effects)  # its tenant cannot pay: no replica
+        desired = 0 if held else self._desired(live, now)
         self._apply(live, desired, now)
         status = settle(live, effects)
         if status == DELETED and not live.replicas:
@@ -320,7 +327,7 @@ class DeploymentRuntime:
             return
         with self.fleet.lock:
             wanted = any(
-                live.target_state == "active" and live.status not in (ERRORED, STOPPED)
+                live.target_state == "active" and live.status not in (ERRORED, STOPPED) and live.held is None
                 for live in self.fleet.deployments.values()
             )
             starting = bool(self.lifecycle.starts)

@@ -17,6 +17,7 @@ from functions.base_models import load_tokenizer
 from functions.catalog import get_model
 from functions.deployments.rules import serving_refusal
 from functions.deployments.runtime import DeploymentEngine, DeploymentRuntime
+from functions.deployments.suspension import wake_refusal
 from functions.model_targets import Target, deployment_target
 from web.deps import CurrentTenant, Db, Runtime
 from web.inference import loading, respond
@@ -57,9 +58,12 @@ async def _answer(
 
 
 def _serving(db: Session, tenant_id: str, name: str) -> Deployment:
-    """The deployment, refusing at once what cannot serve (the runtime refuses the same a moment later)."""
+    """The deployment, refusing at once what cannot serve (the runtime refuses the same a moment later), and a
+    wake its tenant cannot pay for (402)."""
     deployment = find(db, tenant_id, name)
-    refusal = serving_refusal(name, deployment.status, deployment.target_state, deployment.status_reason)
+    refusal = serving_refusal(
+        name, deployment.status, deployment.target_state, deployment.status_reason, deployment.suspended_reason
+    ) or wake_refusal(db, deployment)
     if refusal is not None:
         raise refusal
     return deployment

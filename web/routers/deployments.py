@@ -11,8 +11,9 @@ from fastapi import APIRouter, Query, Response, status
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.errors import Conflict, NotFound
+from app.errors import Conflict, NotFound, PaymentRequired
 from app.models import Deployment
+from billing import credits
 from functions.deployments.config import (
     REPLICA_FIELDS,
     DeploymentConfig,
@@ -40,6 +41,9 @@ def create_deployment(config: DeploymentConfig, tenant: CurrentTenant, db: Db, r
     if _named(db, tenant.id, config.name) is not None:
         raise Conflict(f"name: a deployment named {config.name!r} exists", field="name", code="name_taken")
     adapters = check_references(db, tenant.id, config.base_model, config.preloaded_adapters)
+    unpaid = credits.paid_work_refusal(db, tenant.id, 1)  # replicas are billed by the second
+    if unpaid is not None:
+        raise PaymentRequired(f"a private deployment is billed per replica-second: {unpaid}", code="payment_required")
     deployment = Deployment(
         tenant_id=tenant.id,
         name=config.name,

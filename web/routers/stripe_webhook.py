@@ -20,8 +20,9 @@ from sqlalchemy.orm import Session
 
 from app.models import BillingAccount, StripeWebhookEvent, Tenant
 from app.settings import get_settings
-from billing import credits
+from billing import alerts, credits
 from billing.stripe_gateway import CURRENCY, MICRO_USD_PER_CENT
+from functions.deployments import suspension
 from web.deps import Db
 from web.errors import APIError
 
@@ -121,6 +122,9 @@ def _handle(db: Session, event: dict[str, Any]) -> dict[str, Any]:
         db.add(StripeWebhookEvent(id=event_id, type=event_type))
         db.flush()
         outcome = handler(db, account, obj)
+        # Credit or a card came or went: announce a fall, hold or release the tenant's deployments (the runtime
+        # reads the rows within a few seconds).
+        suspension.review(db, account.tenant_id)
         db.commit()
     except IntegrityError:
         db.rollback()
@@ -199,6 +203,7 @@ def _card_detached(db: Session, account: BillingAccount, payment_method: dict[st
 
 def _payment_failed(db: Session, account: BillingAccount, invoice: dict[str, Any]) -> str:
     account.payment_status = "past_due"
+    alerts.payment_failed(db, account.tenant_id)
     return "past_due"
 
 
