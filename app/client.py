@@ -187,6 +187,13 @@ class Loraplex:
     def deployment_transitions(self, name: str) -> list[dict[str, Any]]:
         return self._request("GET", f"/v1/deployments/{name}/transitions").json()
 
+    # ---- the event feed -------------------------------------------------------------------------------
+
+    def list_events(self, after: int = 0, limit: int = 100, type: str | None = None) -> list[dict[str, Any]]:
+        """The tenant's events after `after` (a `seq`), oldest first: page on with the last one's `seq`."""
+        params: dict[str, Any] = {"after": after, "limit": limit} | ({"type": type} if type else {})
+        return self._request("GET", "/v1/events", params=params).json()
+
     def chat(
         self, model: str, messages: list[dict[str, str]], deployment: str | None = None, **params: Any
     ) -> dict[str, Any]:

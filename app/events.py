@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.models import TenantEvent, WebhookDelivery, WebhookEndpoint
+from app.models import Tenant, TenantEvent, WebhookDelivery, WebhookEndpoint
 
 # Every event type -> the resource its `data` is (a renderer's key), or None where the publisher passes `data`.
 TYPES: dict[str, str | None] = {
@@ -57,6 +57,11 @@ def publish(
             raise RuntimeError(f"event {type}: no data given and no renderer registered for {resource!r}")
         session.flush()  # the renderer reads the change this event reports
         data = _renderers[resource](session, subject_id)
+    # The feed is read by id (`after`, Last-Event-ID): a tenant's events must commit in id order, or a reader could
+    # pass an id whose transaction commits later and never see it. So the tenant's row is locked before the id is
+    # taken, until this transaction ends (NO KEY UPDATE: rows that merely reference the tenant are not held up).
+    # SQLite needs no lock: it has one writer at a time.
+    session.execute(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update(key_share=True))
     event = TenantEvent(tenant_id=tenant_id, type=type, subject_id=subject_id, data=data)
     session.add(event)
     session.flush()  # its id, for the deliveries

@@ -35,6 +35,9 @@ def _flush_webhooks() -> None:
 
 
 def wire(spawner: Callable[[str, str], None] | None = None) -> None:
+    from web import event_renderers  # the events the handlers publish carry the API's shapes
+
+    event_renderers.register()
     queue.register(
         {"dataset.uploaded": _validate_dataset, "finetune.requested": _train},
         spawner=spawner,

@@ -20,7 +20,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app import volume
+from app import events, volume
 from app.db import session_scope
 from app.errors import Invalid
 from app.models import Checkpoint
@@ -154,18 +154,19 @@ def save(target: TrainingTarget, trainer_dir: Path, step: int, epoch: float, tok
             tokenizer.save_pretrained(staged)
     volume.durable_write_done()  # on Modal: committed, so a retry in another container finds it
     with session_scope() as s:
-        s.add(
-            Checkpoint(
-                job_id=target.job_id,
-                repo_id=target.repo_id,
-                version=target.version,
-                number=number,
-                step=step,
-                epoch=epoch,
-                kind=target.kind,
-                base_model=target.base_model,
-            )
+        checkpoint = Checkpoint(
+            job_id=target.job_id,
+            repo_id=target.repo_id,
+            version=target.version,
+            number=number,
+            step=step,
+            epoch=epoch,
+            kind=target.kind,
+            base_model=target.base_model,
         )
+        s.add(checkpoint)
+        s.flush()  # its id, the event's subject
+        events.publish(s, target.tenant_id, "finetune.checkpoint.created", checkpoint.id)
     if number > 1:  # only now: a worker dying before the row above still finds the previous resume state
         previous = volume.checkpoint_dir(target.tenant_id, target.repo_name, target.version, number - 1)
         shutil.rmtree(previous / RESUME_DIR, ignore_errors=True)

@@ -20,7 +20,7 @@ from sqlalchemy import and_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app import volume
+from app import events, volume
 from app.db import session_scope
 from app.models import AdapterVersion, Checkpoint, Dataset, FinetuneJob, Repo
 from app.names import VERSION_REF
@@ -177,6 +177,7 @@ def _publish_once(
                 shutil.rmtree(final)
             os.replace(staged, final)
             moved = True
+            events.publish(s, tenant_id, "adapter.version.published", adapter.id)  # before a job's success on it
             if on_published is not None:
                 on_published(s, adapter)
             s.commit()  # here rather than on leaving the block, so a failed commit still takes the files back

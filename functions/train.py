@@ -22,7 +22,7 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session
 
-from app import volume
+from app import events, volume
 from app.db import session_scope
 from app.models import AdapterVersion, FinetuneJob
 from app.queue import EventInfo, PermanentError
@@ -86,6 +86,7 @@ def fail(event: EventInfo, reason: str) -> None:
             return
         if job.status not in FINAL:
             job.status, job.error, job.finished_at = "failed", reason, datetime.now(UTC)
+            events.publish(s, job.tenant_id, "finetune.job.failed", job.id)
         target = _target(job) if job.version is not None else None
     if target is not None:  # no attempt is left to resume: its checkpoints keep their weights only
         checkpoints.drop_resume_state(target)
@@ -100,11 +101,14 @@ def _start(event: EventInfo) -> FinetuneJob | None:
         job = s.get(FinetuneJob, event.subject_id, with_for_update=True)
         if job is None or job.status in FINAL:
             return None  # cancelled while queued, or finished by an earlier attempt
+        starting = job.status == "queued"  # not a retry of a job already training
         job.status, job.attempts = "training", event.attempt
         job.started_at = job.started_at or datetime.now(UTC)
         if job.version is None:  # taken once: retries train (and checkpoint) under the same number
             job.version = repos.allocate_version(s, job.repo_id)
         s.flush()
+        if starting:
+            events.publish(s, job.tenant_id, "finetune.job.started", job.id)
         s.refresh(job, ["dataset", "repo"])
         return job
 
@@ -244,6 +248,7 @@ def _publish(
             ),
         )
         alerts.charged(s, usage)  # billing.charge, and billing.credit_low if it made the credit fall
+        events.publish(s, job.tenant_id, "finetune.job.succeeded", job.id)  # with its adapter and charge
 
     repos.publish_adapter(
         job.tenant_id,

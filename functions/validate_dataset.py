@@ -7,7 +7,7 @@ Result on the dataset row: status `ready` with stats and each training row's (pr
 
 from statistics import mean
 
-from app import volume
+from app import events, volume
 from app.db import session_scope
 from app.models import Dataset
 from app.queue import EventInfo
@@ -43,6 +43,7 @@ def fail(event: EventInfo, reason: str) -> None:
         if dataset is not None and dataset.status == "validating":
             dataset.status = "invalid"
             dataset.errors = [{"line": 0, "field": None, "message": f"validation could not finish: {reason}"}]
+            events.publish(s, dataset.tenant_id, "dataset.invalid", dataset.id)
 
 
 def row_lengths(parsed: ParsedDataset, base_model: str) -> dict[str, list[tuple[int, int]]]:
@@ -105,3 +106,4 @@ def _save(
         dataset.errors = errors
         dataset.stats = stats
         dataset.train_lengths = [list(pair) for pair in lengths] if lengths is not None else None
+        events.publish(s, dataset.tenant_id, f"dataset.{status}", dataset.id)  # dataset.ready | dataset.invalid

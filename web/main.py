@@ -10,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 from app.db import migrate
 from app.settings import get_settings
 from functions.engine.pool import PoolCalls, SharedPools
-from web import errors, health
+from web import errors, event_renderers, health
 from web.bodies import RequestBodies
 from web.routers import (
     api_keys,
@@ -18,6 +18,7 @@ from web.routers import (
     datasets,
     deployment_inference,
     deployments,
+    events,
     finetuning,
     openai_compat,
     prometheus,
@@ -68,10 +69,11 @@ def create_app(pools: PoolCalls | None = None) -> FastAPI:
     app.state.shared_pools = SharedPools(pools) if pools is not None else None  # the shared endpoints' engines
     app.state.shared_limiter = SharedLimiter()
     errors.install(app)
+    event_renderers.register()  # what this process publishes (deployment transitions, cancels) in the API's shapes
 
     app.add_middleware(RequestBodies)  # body limits and sound JSON, before any route reads a body
 
-    platform = (datasets, finetuning, repos, usage, billing, stripe_webhook, deployments, api_keys, webhooks)
+    platform = (datasets, finetuning, repos, usage, billing, stripe_webhook, deployments, events, api_keys, webhooks)
     for module in (*platform, openai_compat, deployment_inference, prometheus):
         app.include_router(module.router)
     app.include_router(health.router)  # 503 when a component is degraded (web/health.py)

@@ -11,11 +11,12 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+from app import events
 from app.db import session_scope
-from app.models import utcnow
+from app.models import Deployment, utcnow
 from app.settings import Settings
 from functions import repos
-from functions.deployments.live import Effects, Fleet, Live, set_columns
+from functions.deployments.live import Effects, Fleet, Live
 from functions.deployments.metering import meter
 from functions.deployments.metrics import DeploymentMetrics
 from functions.deployments.prewarm import Prewarm
@@ -122,7 +123,16 @@ class Lifecycle:
         live.hint = (
             f"replica {r.id} ready: cold start {seconds:.1f} s ({'pre-warmed' if r.prewarmed else 'new'} process)"
         )
-        set_columns(effects, live.id, cold_start_ms=int(seconds * 1000))
+        deployment_id, cold_start_ms = live.id, int(seconds * 1000)
+
+        def write() -> None:  # the column and its event on the tenant's feed, in one transaction
+            with session_scope() as s:
+                row = s.get(Deployment, deployment_id)
+                if row is not None:
+                    row.cold_start_ms = cold_start_ms
+                    events.publish(s, row.tenant_id, "deployment.cold_start", row.id)
+
+        effects.append(write)  # queued before this tick's transition to Ready: its data still says Initializing
 
     # ---- stopping ---------------------------------------------------------------------------------------
 

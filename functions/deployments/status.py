@@ -2,8 +2,8 @@
 and how every change of status (the runtime's, or one the tenant asks through the API) is recorded with its reason.
 
 A transition is a `DeploymentTransition` row (from, to, reason, and the replicas wanted after an autoscaler
-decision) written with the deployment row's own status and reason. A scaling event is a transition to the same
-status. What each status still allows is in rules.py.
+decision) written with the deployment row's own status and reason, and an event on the tenant's feed, all by
+`record`. A scaling event is a transition to the same status. What each status still allows is in rules.py.
 """
 
 import logging
@@ -12,6 +12,7 @@ from typing import Literal
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app import events
 from app.db import session_scope
 from app.models import Deployment, DeploymentTransition, utcnow
 from functions.deployments.live import Effects, Live
@@ -80,17 +81,8 @@ def transition(live: Live, status: str, reason: str, effects: Effects, replicas:
     def write() -> None:
         with session_scope() as s:
             row = s.get(Deployment, live.id)
-            if row is None:
-                return
-            s.add(
-                DeploymentTransition(
-                    deployment_id=live.id, from_status=before, to_status=status, reason=reason, replicas=replicas
-                )
-            )
-            row.status, row.status_reason = status, reason
-            if status == DELETED:
-                row.deleted_at = utcnow()
-                row.replicas = 0
+            if row is not None:
+                record(s, row, before, status, reason, replicas)
 
     effects.append(write)
 
@@ -115,13 +107,32 @@ def record_created(session: Session, row: Deployment) -> None:
     row.status, row.status_reason = PENDING, "created"
     session.add(row)
     session.flush()  # the transition needs the row's id
-    session.add(DeploymentTransition(deployment_id=row.id, from_status=None, to_status=PENDING, reason="created"))
+    record(session, row, None, PENDING, "created")
 
 
 def move(session: Session, row: Deployment, to: str, reason: str) -> None:
     """A transition the tenant asked for (created, stopped, moved to Standby), in the caller's session."""
-    session.add(DeploymentTransition(deployment_id=row.id, from_status=row.status, to_status=to, reason=reason))
+    record(session, row, row.status, to, reason)
+
+
+# ---- every transition ---------------------------------------------------------------------------------------
+
+
+def record(
+    session: Session, row: Deployment, before: str | None, to: str, reason: str, replicas: int | None = None
+) -> None:
+    """Write one transition, the runtime's or the API's, in the caller's transaction: its record, the row's status
+    and reason, and its event on the tenant's feed (app/events.py): `deployment.status_changed` when the status
+    changed (every one of the eight comes through here), `deployment.scaled` for a scaling event."""
+    session.add(
+        DeploymentTransition(deployment_id=row.id, from_status=before, to_status=to, reason=reason, replicas=replicas)
+    )
     row.status, row.status_reason = to, reason
+    if to == DELETED:
+        row.deleted_at = utcnow()
+        row.replicas = 0
+    kind = "deployment.scaled" if before == to else "deployment.status_changed"
+    events.publish(session, row.tenant_id, kind, row.id)  # data: the deployment as the API shows it now
 
 
 def history(session: Session, deployment_id: str, last: int | None = None) -> list[DeploymentTransition]:

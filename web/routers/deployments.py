@@ -203,6 +203,11 @@ def _not_deleting(deployment: Deployment) -> None:
 
 
 def _shown(db: Session, deployment: Deployment, runtime: DeploymentRuntime) -> DeploymentOut:
-    """The deployment as the API shows it: its row, what runs of it now, its price, its last 20 transitions."""
+    return shown(db, deployment, runtime.describe(deployment.id))
+
+
+def shown(db: Session, deployment: Deployment, live: dict[str, Any]) -> DeploymentOut:
+    """The deployment as the API shows it: its row, what runs of it now (`live`, a runtime's describe()), its
+    price, its last 20 transitions. Also the `data` of its events (web/event_renderers.py)."""
     price = hourly_price(db, deployment.tenant_id, deployment.accelerator)
-    return DeploymentOut.of(deployment, runtime.describe(deployment.id), price, history(db, deployment.id, last=20))
+    return DeploymentOut.of(deployment, live, price, history(db, deployment.id, last=20))

@@ -13,6 +13,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
+from app import events
 from app.db import sessions
 from app.models import FinetuneJob, JobMetric, UsageRecord, utcnow
 from app.queue import emit
@@ -84,12 +85,12 @@ def create_job(config: FinetuneConfig, tenant: CurrentTenant, db: Db) -> JobOut:
 @router.get("", response_model=list[JobOut])
 def list_jobs(tenant: CurrentTenant, db: Db) -> list[JobOut]:
     jobs = db.scalars(select(FinetuneJob).where(FinetuneJob.tenant_id == tenant.id).order_by(FinetuneJob.created_at))
-    return [_out(db, job) for job in jobs]
+    return [shown(db, job) for job in jobs]
 
 
 @router.get("/{job_id}", response_model=JobOut)
 def get_job(job_id: str, tenant: CurrentTenant, db: Db) -> JobOut:
-    return _out(db, find_job(db, tenant.id, job_id))
+    return shown(db, find_job(db, tenant.id, job_id))
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut)
@@ -100,15 +101,18 @@ def cancel_job(job_id: str, tenant: CurrentTenant, db: Db) -> JobOut:
     if job.status in ("queued", "training"):
         # Conditional UPDATE: a worker may complete the job between the read above and this write, and a
         # published, charged adapter must not be overwritten as "cancelled".
-        db.execute(
+        cancelled = db.execute(
             update(FinetuneJob)
             .where(FinetuneJob.id == job.id, FinetuneJob.status.in_(("queued", "training")))
             .values(status="cancelled", finished_at=utcnow())
             .execution_options(synchronize_session=False)
         )
+        if cancelled.rowcount == 1:  # type: ignore[attr-defined]  # a CursorResult
+            db.refresh(job)  # the event's data reads the row as the UPDATE left it
+            events.publish(db, tenant.id, "finetune.job.cancelled", job.id)
         db.commit()
         db.refresh(job)
-    return _out(db, job)
+    return shown(db, job)
 
 
 @router.get("/{job_id}/metrics", response_model=list[MetricOut])
@@ -202,7 +206,7 @@ def _poll_job(
     query = query.where(JobMetric.id > after_id) if after_id is not None else query.where(JobMetric.step > after_step)
     rows = db.scalars(query.order_by(JobMetric.id)).all()
     metrics = [(row.id, MetricOut.model_validate(row).model_dump(mode="json")) for row in rows]
-    return _out(db, job).model_dump(mode="json"), metrics
+    return shown(db, job).model_dump(mode="json"), metrics
 
 
 def _sse(event: str, data: dict[str, Any], event_id: int | None = None) -> str:
@@ -227,6 +231,7 @@ def find_job(db: Db, tenant_id: str, job_id: str) -> FinetuneJob:
     return job
 
 
-def _out(db: Db, job: FinetuneJob) -> JobOut:
+def shown(db: Session, job: FinetuneJob) -> JobOut:
+    """The job as the API shows it, with its charge once completed; also the `data` of its events."""
     charge = db.scalar(select(UsageRecord.amount_micro_usd).where(UsageRecord.idempotency_key == f"finetune:{job.id}"))
     return job_out(job, charge)

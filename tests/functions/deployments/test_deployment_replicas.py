@@ -135,6 +135,19 @@ def test_scales_from_zero_to_two_and_back_to_zero(served: Served, http: httpx.Cl
     [scale_up] = [t for t in transitions(http, "auto") if t["from_status"] == t["to_status"]]
     assert scale_up["to_status"] == "Ready" and scale_up["replicas"] == 2
     assert "scale_up_threshold 1: 1 -> 2 replicas" in scale_up["reason"]
+    # The event feed has each, with the deployment as GET shows it: the wake's cold start (published in the tick
+    # that took the replica in, before its status says Ready) and the scaling event.
+    feed = [(e["type"], e["data"]) for e in http.get("/v1/events").json() if e["type"].startswith("deployment.")]
+    assert [(kind, data["status"]) for kind, data in feed] == [
+        ("deployment.status_changed", "Pending"),
+        ("deployment.status_changed", "Standby"),
+        ("deployment.status_changed", "Initializing"),
+        ("deployment.cold_start", "Initializing"),
+        ("deployment.status_changed", "Ready"),
+        ("deployment.scaled", "Ready"),
+    ]
+    assert feed[3][1]["cold_start_ms"] == d["cold_start_ms"] and feed[3][1]["id"] == d["id"]
+    assert feed[5][1]["transitions"][-1] == scale_up
 
     # Back to 0 after the 2 s cooldown: Standby, and no replica process left.
     pids = served.runtime.replica_pids(d["id"])
