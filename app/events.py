@@ -34,7 +34,7 @@ TYPES: dict[str, str | None] = {
     "billing.credit_low": None,
     "billing.credit_expired": None,
     "billing.payment_failed": None,
-    "billing.charge": None,  # one priced fine-tuning job: the ledger record
+    "billing.charge": "usage.record",  # one priced fine-tuning job: its ledger record (subject: the record id)
     "webhook.endpoint_disabled": "webhook.endpoint",  # the platform disabled an endpoint that kept failing
     "webhook.test": None,  # "send a test event": delivered to the one endpoint asked, never on the feed
 }

@@ -6,29 +6,26 @@ change it reports:
     billing.credit_expired  a credit grant expired: the grant as GET /v1/billing/credits lists it, plus `forfeited`
     billing.payment_failed  Stripe reported a failed payment: the balance (payment_status "past_due")
 
-The API's shapes live in web/, above billing, so the few this module sends are written here, field for field as
-the API returns them (tests/web/test_credit_exhaustion.py compares them).
+The balance and a grant are built by billing/views.py, as the API's routes build them; a charge's usage record is
+rendered by the API's own shape (a renderer web/ registers, app/events.py).
 """
 
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from pydantic import TypeAdapter
 from sqlalchemy import CursorResult, select, update
 from sqlalchemy.orm import Session
 
 from app import events
-from app.models import BillingAccount, CreditGrant, TenantEvent, UsageRecord, utcnow
+from app.models import BillingAccount, TenantEvent, UsageRecord, utcnow
 from app.settings import get_settings
-from billing import credits, statements
-from billing.prices import usd
+from billing import credits, views
 
 # ok: at or above the threshold | low: below it | exhausted: none left. A move down is announced once; a move up
 # (credit returned) only resets the state, so the next fall is announced again.
 CREDIT_STATES = ("ok", "low", "exhausted")
 # An expiry first noticed later than this (the platform was down that long) is not announced any more.
 EXPIRY_LOOKBACK = timedelta(days=7)
-_JSON_TIME = TypeAdapter(datetime)  # datetimes written exactly as the API's responses write them
 
 
 def charged(session: Session, record: UsageRecord) -> None:
@@ -36,13 +33,14 @@ def charged(session: Session, record: UsageRecord) -> None:
     billing.credit_low if the charge made the credit fall."""
     if record.amount_micro_usd <= 0:
         return
-    events.publish(session, record.tenant_id, "billing.charge", record.reference or "", usage_data(record))
+    session.flush()  # its id: the record the event renders
+    events.publish(session, record.tenant_id, "billing.charge", str(record.id))
     credit_moved(session, record.tenant_id, credits.balance(session, record.tenant_id).credit_micro_usd)
 
 
 def payment_failed(session: Session, tenant_id: str, now: datetime | None = None) -> None:
     """billing.payment_failed, once the account says past_due: the balance as the billing API returns it."""
-    events.publish(session, tenant_id, "billing.payment_failed", "", balance_data(session, tenant_id, now))
+    events.publish(session, tenant_id, "billing.payment_failed", "", views.balance(session, tenant_id, now))
 
 
 def credit_moved(session: Session, tenant_id: str, credit_micro_usd: int, now: datetime | None = None) -> str:
@@ -67,7 +65,7 @@ def credit_moved(session: Session, tenant_id: str, credit_micro_usd: int, now: d
     if moved != 1:  # another process moved it first, and told
         return account.credit_state
     if CREDIT_STATES.index(after) > CREDIT_STATES.index(before):
-        data = balance_data(session, tenant_id, now, credit=credit_micro_usd)
+        data = views.balance(session, tenant_id, now, credit=credit_micro_usd)
         events.publish(session, tenant_id, "billing.credit_low", "", data)
     return after
 
@@ -105,67 +103,6 @@ def expiries(session: Session, tenant_id: str, balance: credits.Balance, now: da
         # What it still held a moment before it expired is what the tenant lost.
         before = credits.balance(session, tenant_id, grant.expires_at - timedelta(microseconds=1))
         forfeited = next((s.remaining_micro_usd for s in before.grants if s.grant.id == grant.id), 0)
-        data = credit_data(grant, remaining=0, expired=True) | {"forfeited": money(forfeited)}
+        data = views.credit_grant(grant, remaining=0, expired=True) | {"forfeited": views.money(forfeited)}
         events.publish(session, tenant_id, "billing.credit_expired", grant.id, data)
     return len(expired) - len(told)
-
-
-# ---- the API's shapes ----------------------------------------------------------------------------------------
-
-
-def money(micro_usd: int) -> dict[str, Any]:
-    """web/schemas.py `Money`."""
-    return {"micro_usd": micro_usd, "usd": usd(micro_usd)}
-
-
-def json_time(value: datetime | None) -> Any:
-    return _JSON_TIME.dump_python(value, mode="json") if value is not None else None
-
-
-def usage_data(record: UsageRecord) -> dict[str, Any]:
-    """One record as GET /v1/usage lists it (web/schemas.py `UsageOut`)."""
-    return {
-        "kind": record.kind,
-        "technique": record.technique,
-        "base_model": record.base_model,
-        "adapter": record.adapter,
-        "input_tokens": record.input_tokens,
-        "output_tokens": record.output_tokens,
-        "compute_ms": record.compute_ms,
-        "cost": money(record.amount_micro_usd),
-        "reference": record.reference,
-        "created_at": json_time(record.created_at),
-    }
-
-
-def balance_data(
-    session: Session, tenant_id: str, now: datetime | None = None, credit: int | None = None
-) -> dict[str, Any]:
-    """The balance as GET /v1/billing/balance returns it (web/routers/billing.py `BalanceOut`); pass `credit`
-    (micro-USD) when the caller has just computed it."""
-    now = now or utcnow()
-    account = session.get(BillingAccount, tenant_id) or BillingAccount(tenant_id=tenant_id)
-    if credit is None:
-        credit = credits.balance(session, tenant_id, now).credit_micro_usd
-    month = statements.statement(session, tenant_id, f"{now.year:04d}-{now.month:02d}")
-    return {
-        "plan": account.plan or "developer",
-        "credit": money(credit),
-        "pay_as_you_go_this_month": money(month.amount_due_micro_usd),
-        "payment_method": account.payment_method,
-        "payment_status": account.payment_status or "ok",
-        "can_start_paid_work": credits.paid_work_refusal(session, tenant_id, 1, now, credit=credit) is None,
-    }
-
-
-def credit_data(grant: CreditGrant, *, remaining: int, expired: bool) -> dict[str, Any]:
-    """One grant as GET /v1/billing/credits lists it (web/routers/billing.py `CreditOut`)."""
-    return {
-        "id": grant.id,
-        "category": grant.category,
-        "reason": grant.reason,
-        "amount": money(grant.amount_micro_usd),
-        "remaining": money(remaining),
-        "expires_at": json_time(grant.expires_at),
-        "expired": expired,
-    }

@@ -11,10 +11,10 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from app import events
-from app.models import AdapterVersion, Checkpoint, Dataset, Deployment, FinetuneJob
+from app.models import AdapterVersion, Checkpoint, Dataset, Deployment, FinetuneJob, UsageRecord
 from functions.deployments import records
 from web.routers import deployments, finetuning
-from web.schemas import AdapterOut, CheckpointOut, DatasetOut
+from web.schemas import AdapterOut, CheckpointOut, DatasetOut, UsageOut
 
 
 def register() -> None:
@@ -24,6 +24,7 @@ def register() -> None:
     events.register_renderer("finetune.checkpoint", checkpoint)
     events.register_renderer("adapter.version", adapter_version)
     events.register_renderer("deployment", deployment)
+    events.register_renderer("usage.record", usage_record)
 
 
 def dataset(session: Session, dataset_id: str) -> dict[str, Any]:
@@ -52,3 +53,8 @@ def deployment(session: Session, deployment_id: str) -> dict[str, Any]:
     runtime published before writing this tick's transitions."""
     row = session.get_one(Deployment, deployment_id)
     return deployments.shown(session, row, records.describe(deployment_id)).model_dump(mode="json")
+
+
+def usage_record(session: Session, record_id: str) -> dict[str, Any]:
+    """One record of GET /v1/usage."""
+    return UsageOut.model_validate(session.get_one(UsageRecord, int(record_id))).model_dump(mode="json")

@@ -234,7 +234,7 @@ def deployment_status(client: TestClient, headers: dict[str, str]) -> str:
 def test_a_priced_job_a_failed_payment_and_an_expiry_are_on_the_feed(
     client: TestClient, worker: InProcessWorker, platform: Platform, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from billing import alerts
+    from billing import views
     from functions.deployments import suspension
 
     monkeypatch.setenv("LORAPLEX_STRIPE_WEBHOOK_SECRET", SECRET)
@@ -245,7 +245,7 @@ def test_a_priced_job_a_failed_payment_and_an_expiry_are_on_the_feed(
     job = finished_job(client, headers)
     [charge] = events(tenant_id, "billing.charge")
     [record] = [r for r in client.get("/v1/usage", headers=headers).json()["records"] if r["reference"] == job["id"]]
-    assert charge.subject_id == job["id"] and charge.data == record
+    assert charge.data["reference"] == job["id"] and charge.data == record
     assert charge.data["cost"] == job["charge"] and job["charge"]["micro_usd"] > 0
 
     # billing.payment_failed: the balance as the billing API returns it, now past due.
@@ -281,9 +281,9 @@ def test_a_priced_job_a_failed_payment_and_an_expiry_are_on_the_feed(
     [listed] = [c for c in client.get("/v1/billing/credits", headers=headers).json() if c["id"] == grant_id]
     assert expired.subject_id == grant_id
     assert expired.data == listed | {
-        "remaining": alerts.money(0),
+        "remaining": views.money(0),
         "expired": True,
-        "forfeited": alerts.money(1_500_000),
+        "forfeited": views.money(1_500_000),
     }
     suspension.check(now + timedelta(days=8))  # past the lookback: not told again either
     assert len(events(tenant_id, "billing.credit_expired")) == 1

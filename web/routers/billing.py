@@ -10,7 +10,7 @@ from pydantic import BaseModel, field_validator
 
 from app.models import BillingAccount, Tenant
 from app.settings import get_settings
-from billing import credits, ledger, statements
+from billing import credits, ledger, statements, views
 from billing.prices import MICRO_USD_PER_USD
 from web.deps import CurrentTenant, Db
 from web.errors import APIError
@@ -25,6 +25,8 @@ TOPUP_MIN_USD, TOPUP_MAX_USD = Decimal(5), Decimal(10_000)
 
 
 class BalanceOut(BaseModel):
+    """Built by billing/views.py `balance` (the billing events carry the same)."""
+
     plan: str
     credit: Money  # spendable now
     pay_as_you_go_this_month: Money  # usage credits did not cover, charged to the card
@@ -34,6 +36,8 @@ class BalanceOut(BaseModel):
 
 
 class CreditOut(BaseModel):
+    """Built by billing/views.py `credit_grant`."""
+
     id: str
     category: str
     reason: str
@@ -83,31 +87,14 @@ class UrlOut(BaseModel):
 
 @router.get("/balance", response_model=BalanceOut)
 def get_balance(tenant: CurrentTenant, db: Db) -> BalanceOut:
-    account = _account(db, tenant)
-    month = statements.statement(db, tenant.id, _this_month())
-    credit = credits.balance(db, tenant.id).credit_micro_usd
-    return BalanceOut(
-        plan=account.plan,
-        credit=Money.of(credit),
-        pay_as_you_go_this_month=Money.of(month.amount_due_micro_usd),
-        payment_method=account.payment_method,
-        payment_status=account.payment_status,
-        can_start_paid_work=credits.paid_work_refusal(db, tenant.id, 1, credit=credit) is None,
-    )
+    _account(db, tenant)
+    return BalanceOut.model_validate(views.balance(db, tenant.id))
 
 
 @router.get("/credits", response_model=list[CreditOut])
 def list_credits(tenant: CurrentTenant, db: Db) -> list[CreditOut]:
     return [
-        CreditOut(
-            id=s.grant.id,
-            category=s.grant.category,
-            reason=s.grant.reason,
-            amount=Money.of(s.grant.amount_micro_usd),
-            remaining=Money.of(s.remaining_micro_usd),
-            expires_at=s.grant.expires_at,
-            expired=s.expired,
-        )
+        CreditOut.model_validate(views.credit_grant(s.grant, remaining=s.remaining_micro_usd, expired=s.expired))
         for s in credits.balance(db, tenant.id).grants
     ]
 
