@@ -23,6 +23,7 @@ from modal_standin import StandInModal, install, serve  # noqa: E402
 
 import app.modal_app as modal_app  # noqa: E402
 from conftest import TINY_MODEL, Platform, make_tenant, wait_for  # noqa: E402
+from credit_helpers import SECRET, credit, refused_402, spend, stripe_headers, topup  # noqa: E402
 from lora_helpers import build_lora  # noqa: E402
 
 HELLO: list[Any] = [{"role": "user", "content": "Say hi to Ann"}]
@@ -201,6 +202,57 @@ def test_standby_wakes_on_a_request_and_stopped_refuses(
     status_of(client, headers, "lazy", "Standby")
     assert streamed(api)
     status_of(client, headers, "lazy", "Ready")
+
+
+@pytest.fixture
+def paying(sqlite_platform: Platform, monkeypatch: pytest.MonkeyPatch) -> Iterator[StandInModal]:
+    """The stand-in, with the lease holder's credit check quick and Stripe's webhooks signed with SECRET."""
+    monkeypatch.setenv("LORAPLEX_CREDIT_CHECK_SECONDS", "0.2")
+    monkeypatch.setenv("LORAPLEX_STRIPE_WEBHOOK_SECRET", SECRET)
+    yield from _standin(monkeypatch)
+
+
+def test_a_pool_whose_tenant_cannot_pay_keeps_no_container_until_a_top_up(paying: StandInModal) -> None:
+    standin = paying
+    with serve(modal_app.web.local()) as url, httpx.Client(base_url=url, timeout=120) as client:
+        tenant_id, headers = make_tenant("acme")
+        d = create(client, headers, "held", accelerator="a10g", min_replicas=1)
+        status_of(client, headers, "held", "Ready")
+        assert len(standin.up()) == 1
+
+        # No credit left and no card: the pool keeps no container (set live on Modal's autoscaler), and once the
+        # platform lets the idle one go the deployment waits in Standby, saying why.
+        spend(tenant_id, credit(tenant_id))
+        wait_for(lambda: calls_for(standin, d["id"])[-1][2]["min_containers"] == 0, 30, "the pool still keeps one")
+        assert standin.scale_down() == 1
+        held = status_of(client, headers, "held", "Standby")
+        assert held["suspended_reason"].startswith("no credit left and no payment method in good standing")
+        assert any(
+            (t["from_status"], t["to_status"], t["reason"]) == ("Ready", "Standby", held["suspended_reason"])
+            for t in transitions(client, headers, "held")
+        ), transitions(client, headers, "held")
+
+        # A request that would wake it, and a new deployment, are refused with the way out; no container starts.
+        with pytest.raises(openai.APIStatusError) as refused:
+            streamed(sdk(client, headers, "held"))
+        assert refused.value.status_code == 402 and "POST /v1/billing/checkout" in str(refused.value)
+        refused_402(
+            client.post(
+                "/v1/deployments",
+                headers=headers,
+                json={"name": "other", "base_model": TINY_MODEL, "accelerator": "a10g"},
+            )
+        )
+        assert standin.up() == []
+
+        # A top-up through Stripe's signed webhook: back as configured, one container kept again.
+        payload = topup(tenant_id, cents=2000)
+        r = client.post("/v1/stripe/webhook", content=payload, headers=stripe_headers(payload))
+        assert r.status_code == 200, r.text
+        back = status_of(client, headers, "held", "Ready")
+        assert back["suspended_reason"] is None and len(standin.up()) == 1
+        assert calls_for(standin, d["id"])[-1][2]["min_containers"] == 1
+        assert streamed(sdk(client, headers, "held"))
 
 
 def test_a_container_that_fails_to_start_errors_the_deployment_until_its_config_changes(

@@ -7,8 +7,6 @@ move, billing.charge after a priced job, billing.payment_failed, billing.credit_
 Credit is spent by writing the ledger directly (as replica time or a job would) and noticed by the runtime's
 periodic check, or by calling that check with a clock of the test's."""
 
-import hashlib
-import hmac
 import json
 import secrets
 import time
@@ -19,88 +17,21 @@ from typing import Any
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import select
 
 from app.db import session_scope
-from app.models import BillingAccount, TenantEvent, utcnow
+from app.models import BillingAccount, utcnow
 from app.settings import get_settings
-from billing import credits, ledger
+from billing import credits
 from conftest import TINY_MODEL, InProcessWorker, Platform, make_tenant, process_alive
+from credit_helpers import SECRET, credit, events, refused_402, spend, stripe_event, stripe_headers, topup
 from deployment_helpers import FAST_ENV, Served, deployment, ready_replicas, serve_app, wait_for, wait_status
 
-SECRET = "whsec_test_" + secrets.token_hex(16)
 CHECK_SECONDS = 0.2  # the runtime's credit check, quick for tests
 HELLO = [{"role": "user", "content": "Say hi"}]
 LOW = 5_000_000  # LORAPLEX_CREDIT_LOW_MICRO_USD's default: $5
 
 
 # ---- helpers ------------------------------------------------------------------------------------------------
-
-
-def credit(tenant_id: str) -> int:
-    with session_scope() as s:
-        return credits.balance(s, tenant_id).credit_micro_usd
-
-
-def spend(tenant_id: str, micro_usd: int) -> None:
-    """A priced usage record written straight to the ledger: credit falls with no event of its own."""
-    with session_scope() as s:
-        ledger.record(
-            s,
-            ledger.Usage(
-                idempotency_key=f"test:{secrets.token_hex(6)}",
-                tenant_id=tenant_id,
-                kind="finetune",
-                technique="sft_lora",
-                base_model=TINY_MODEL,
-                amount_micro_usd=micro_usd,
-            ),
-        )
-
-
-def events(tenant_id: str, type: str) -> list[TenantEvent]:
-    with session_scope() as s:
-        rows = s.scalars(
-            select(TenantEvent)
-            .where(TenantEvent.tenant_id == tenant_id, TenantEvent.type == type)
-            .order_by(TenantEvent.id)
-        ).all()
-        s.expunge_all()
-        return list(rows)
-
-
-def stripe_event(event_type: str, obj: dict[str, Any]) -> bytes:
-    body = {"id": f"evt_{secrets.token_hex(8)}", "object": "event", "type": event_type, "data": {"object": obj}}
-    return json.dumps(body).encode()
-
-
-def stripe_headers(payload: bytes) -> dict[str, str]:
-    """Signed the way Stripe documents: `t=<unix>,v1=<hex HMAC-SHA256 of "<t>.<body>">`."""
-    t = int(time.time())
-    signature = hmac.new(SECRET.encode(), f"{t}.".encode() + payload, hashlib.sha256).hexdigest()
-    return {"Content-Type": "application/json", "Stripe-Signature": f"t={t},v1={signature}"}
-
-
-def topup(tenant_id: str, cents: int) -> bytes:
-    """A paid Checkout top-up session, completed."""
-    session = {
-        "id": f"cs_test_{secrets.token_hex(8)}",
-        "object": "checkout.session",
-        "mode": "payment",
-        "amount_total": cents,
-        "currency": "usd",
-        "payment_status": "paid",
-        "metadata": {"purpose": "topup", "tenant_id": tenant_id},
-    }
-    return stripe_event("checkout.session.completed", session)
-
-
-def refused_402(r: Any) -> str:
-    assert r.status_code == 402, r.text
-    error = r.json()["error"]
-    assert (error["type"], error["code"]) == ("payment_required", "payment_required"), error
-    assert "POST /v1/billing/checkout" in error["message"] and "topup" in error["message"], error  # the way out
-    return str(error["message"])
 
 
 def reasons(http: httpx.Client | TestClient, name: str, **headers: str) -> list[tuple[str | None, str, str]]:
