@@ -8,6 +8,7 @@ Layout (the same on a Modal Volume):
             resume/                             job still training also keeps the Trainer's optimizer, scheduler and
                                                 RNG state, to resume from after its worker died
     base_models/<name>/                         transformers directory (config.json, model.safetensors, tokenizer)
+    merged_adapters/<tenant_id>/<recipe hash>/  a per-request merge of adapters (functions/adapter_merge.py), PEFT
 Every write lands under a temporary name first and is renamed into place, so a reader never sees half a file.
 """
 
@@ -61,6 +62,10 @@ def checkpoint_dir(tenant_id: str, repo: str, version: int, number: int) -> Path
 
 def base_model_dir(name: str) -> Path:
     return root() / "base_models" / name
+
+
+def merged_adapter_dir(tenant_id: str, recipe_hash: str) -> Path:
+    return root() / "merged_adapters" / tenant_id / recipe_hash
 
 
 @contextmanager

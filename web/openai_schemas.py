@@ -43,6 +43,18 @@ class StreamOptions(Body):
     include_usage: bool = False
 
 
+class MergedAdapters(Body):
+    """LoRAX's `merged_adapters` (a Loraplex extension here): the request is served by a merge of these adapters of
+    the base model that `model` names, computed once per recipe (functions/adapter_merge.py, which checks the values
+    and says the methods)."""
+
+    ids: list[str] = Field(description="2 to 8 adapters of the base model: 'repo/3', 'repo/3@2' or 'repo'.")
+    weights: list[float] | None = Field(default=None, description="One per id (default 1 each); negative subtracts.")
+    merge_strategy: str | None = Field(default=None, description="linear (default), ties, dare_linear or dare_ties.")
+    density: float | None = Field(default=None, description="ties and DARE: the fraction of weights kept, (0, 1].")
+    majority_sign_method: str | None = Field(default=None, description="ties methods: total (default) or frequency.")
+
+
 class SamplingFields(Body):
     model: str = Field(description="A base model name, 'repo/version', or 'repo' for its latest version.")
     max_tokens: int | None = Field(default=None, ge=1)
@@ -58,6 +70,9 @@ class SamplingFields(Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    merged_adapters: MergedAdapters | None = Field(
+        default=None, description="LoRAX extension: serve a merge of these adapters; `model` names their base model."
+    )
 
     @field_validator("stop")
     @classmethod
