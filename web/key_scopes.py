@@ -11,8 +11,8 @@ A route is named by its template as the routers declare it, so `{name}` matches 
 KEY_MANAGEMENT_PREFIX = "/v1/api_keys"
 READ_METHODS = ("GET", "HEAD")
 
-# (method, route template): the one list of what an `inference` key may call. A new inference route (LoRAX's
-# /generate ones, listed ahead) is added here, or such keys are refused on it.
+# (method, route template): the one list of what an `inference` key may call. A new inference route is added here,
+# or such keys are refused on it.
 INFERENCE_ROUTES: frozenset[tuple[str, str]] = frozenset(
     {
         # OpenAI-compatible, shared endpoints (web/routers/openai_compat.py)
@@ -22,9 +22,14 @@ INFERENCE_ROUTES: frozenset[tuple[str, str]] = frozenset(
         # OpenAI-compatible, private deployments (web/routers/deployment_inference.py)
         ("POST", "/v1/deployments/{name}/chat/completions"),
         ("POST", "/v1/deployments/{name}/completions"),
-        # LoRAX's native API, once served (not yet)
+        # LoRAX's API (web/routers/lorax.py): the shared endpoints, one base model of them, a private deployment
+        ("POST", "/"),
         ("POST", "/generate"),
         ("POST", "/generate_stream"),
+        ("POST", "/v1/models/{base_model}"),
+        ("POST", "/v1/models/{base_model}/generate"),
+        ("POST", "/v1/models/{base_model}/generate_stream"),
+        ("POST", "/v1/deployments/{name}"),
         ("POST", "/v1/deployments/{name}/generate"),
         ("POST", "/v1/deployments/{name}/generate_stream"),
     }
@@ -33,7 +38,7 @@ INFERENCE_ROUTES: frozenset[tuple[str, str]] = frozenset(
 # What each scope allows, in the words of a refusal.
 ALLOWS = {
     "all": "every route",
-    "inference": "inference only (chat/completions, completions, models)",
+    "inference": "inference only (chat/completions, completions, models, LoRAX's generate)",
     "read": "reading only (GET)",
 }
 

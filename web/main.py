@@ -20,6 +20,7 @@ from web.routers import (
     deployments,
     events,
     finetuning,
+    lorax,
     openai_compat,
     prometheus,
     repos,
@@ -74,7 +75,7 @@ def create_app(pools: PoolCalls | None = None) -> FastAPI:
     app.add_middleware(RequestBodies)  # body limits and sound JSON, before any route reads a body
 
     platform = (datasets, finetuning, repos, usage, billing, stripe_webhook, deployments, events, api_keys, webhooks)
-    for module in (*platform, openai_compat, deployment_inference, prometheus):
+    for module in (*platform, openai_compat, deployment_inference, lorax, prometheus):
         app.include_router(module.router)
     app.include_router(health.router)  # 503 when a component is degraded (web/health.py)
 

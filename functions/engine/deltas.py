@@ -22,6 +22,7 @@ class DeltaStream:
         self.tokenizer, self.eos, self.prompt_tokens = tokenizer, eos, prompt_tokens
         self.text = TextStream(tokenizer, stops)
         self.pending: list[TokenLogprob] = []  # logprobs of the tokens whose text has not been sent yet
+        self.end_token: TokenLogprob | None = None  # the end-of-sequence token's, when logprobs were asked
         self.done = False  # the last Delta has been made: the request has ended
 
     def take(self, item: tuple) -> Delta | None:
@@ -35,6 +36,8 @@ class DeltaStream:
             return self._delta(tail, "stop" if self.text.stopped else finish, queue_ms, first_ms)
         _, token, choice = item
         if token == self.eos:
+            if choice is not None:
+                self.end_token = self._token_logprob(choice)
             return None  # the end item follows
         piece = self.text.push(token)
         if choice is not None:
@@ -57,11 +60,14 @@ class DeltaStream:
             logprobs=tuple(self.pending),
             queue_ms=queue_ms,
             first_token_ms=first_token_ms,
+            end_token=self.end_token if finish_reason is not None else None,
         )
         self.pending = []
         return delta
 
     def _token_logprob(self, choice: Choice) -> TokenLogprob:
         decode = self.tokenizer.decode
-        top = tuple((decode([t]), lp) for t, lp in choice.top or [])
-        return TokenLogprob(decode([choice.token]), choice.logprob or 0.0, top)
+        top = choice.top or []  # [(token id, logprob)]
+        texts = tuple((decode([t]), lp) for t, lp in top)
+        ids = tuple(t for t, _ in top)
+        return TokenLogprob(decode([choice.token]), choice.logprob or 0.0, texts, choice.token, ids)

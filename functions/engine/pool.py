@@ -24,7 +24,7 @@ from functions.engine.protocol import (
     EngineUnavailable,
     GenerationRequest,
     RequestFailed,
-    TokenLogprob,
+    delta_from_dict,
     refusal_from_dict,
     refusal_to_dict,
     request_from_dict,
@@ -86,13 +86,6 @@ async def serve_stream(engine: Engine, request: dict[str, Any]) -> AsyncGenerato
 
 
 # ---- the API's side ---------------------------------------------------------------------------------------
-
-
-def delta_from_dict(data: dict[str, Any]) -> Delta:
-    logprobs = tuple(
-        TokenLogprob(lp["token"], lp["logprob"], tuple((t[0], t[1]) for t in lp["top"])) for lp in data["logprobs"]
-    )
-    return Delta(**(data | {"logprobs": logprobs}))
 
 
 class PoolEngine(Engine):

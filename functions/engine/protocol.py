@@ -47,6 +47,9 @@ class SamplingParams:
     # classification adapter's labels): each step may only continue one of them, each encoded as plain text
     # (prompts.encode_text). min_new_tokens does not apply; logprobs are over the allowed tokens, renormalised.
     choices: tuple[str, ...] = ()
+    # When set, the completion is JSON that validates against this JSON Schema, given as canonical JSON text (sorted
+    # keys, no spaces); LoRAX's response_format sets it (web/lorax_schemas.py).
+    json_schema: str | None = None
 
     @property
     def greedy(self) -> bool:
@@ -73,6 +76,8 @@ class TokenLogprob:
     token: str
     logprob: float
     top: tuple[tuple[str, float], ...] = ()  # (token, logprob), most likely first
+    id: int = -1  # the token's id in the base model's vocabulary (-1: not known)
+    top_ids: tuple[int, ...] = ()  # the ids of `top`'s tokens, in its order (LoRAX's alternative tokens)
 
 
 @dataclass(frozen=True)
@@ -86,6 +91,9 @@ class Delta:
     logprobs: tuple[TokenLogprob, ...] = ()  # one per token whose text is in this delta (when asked)
     queue_ms: float = 0.0  # time waiting for a batch slot, KV cache room or the adapter to load
     first_token_ms: float = 0.0  # from submission to the first generated token
+    # On the last delta, when logprobs were asked: the end-of-sequence token that ended the answer, which the text
+    # and `logprobs` leave out (LoRAX's details list it; web/lorax_replies.py)
+    end_token: TokenLogprob | None = None
 
 
 @dataclass(frozen=True)
@@ -266,6 +274,30 @@ def request_from_dict(data: dict) -> GenerationRequest:
         prompt=prompt if isinstance(prompt, str) else tuple(prompt),
         params=SamplingParams(**params),
         adapter=AdapterRef(adapter["key"], Path(adapter["path"]), adapter["base_model"]) if adapter else None,
+    )
+
+
+def delta_from_dict(data: dict[str, Any]) -> Delta:
+    """A Delta from its asdict() form, as engines reached over HTTP or RPC send it (remote.py, pool.py)."""
+    end = data.get("end_token")
+    return Delta(
+        **(
+            data
+            | {
+                "logprobs": tuple(_token_logprob(lp) for lp in data["logprobs"]),
+                "end_token": _token_logprob(end) if end else None,
+            }
+        )
+    )
+
+
+def _token_logprob(data: dict[str, Any]) -> TokenLogprob:
+    return TokenLogprob(
+        data["token"],
+        data["logprob"],
+        tuple((t[0], t[1]) for t in data["top"]),
+        data.get("id", -1),
+        tuple(data.get("top_ids", ())),
     )
 
 

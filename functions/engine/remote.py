@@ -24,7 +24,7 @@ from functions.engine.protocol import (
     EngineUnavailable,
     GenerationRequest,
     RequestFailed,
-    TokenLogprob,
+    delta_from_dict,
     refusal_from_dict,
     request_to_dict,
 )
@@ -122,7 +122,7 @@ class RemoteEngine(Engine):
                     data = json.loads(line)
                     if "error" in data:  # the request failed in the engine after it began streaming
                         raise refusal_from_dict(data)
-                    delta = _delta(data)
+                    delta = delta_from_dict(data)
                     finished = delta.finish_reason is not None
                     yield delta
                 if not finished:
@@ -165,13 +165,6 @@ def _refusal(status: int, raw: bytes) -> Exception:
     if isinstance(body, dict) and "kind" in body:
         return refusal_from_dict(body)
     return RequestFailed(f"the engine answered {status}: {raw[:200]!r}")
-
-
-def _delta(data: dict) -> Delta:
-    data["logprobs"] = tuple(
-        TokenLogprob(lp["token"], lp["logprob"], tuple(tuple(t) for t in lp["top"])) for lp in data["logprobs"]
-    )
-    return Delta(**data)
 
 
 def _tokenizer(model_dir: Path) -> Any:

@@ -246,7 +246,8 @@ class VLLMEngine(Engine):
                 key=lambda item: item[1].rank,
             )
             top = tuple((self._token_text(tid, lp), lp.logprob) for tid, lp in ranked)
-            result.append(TokenLogprob(self._token_text(token_id, chosen), chosen.logprob, top))
+            ids = tuple(tid for tid, _ in ranked)
+            result.append(TokenLogprob(self._token_text(token_id, chosen), chosen.logprob, top, token_id, ids))
         return result
 
     def _token_text(self, token_id: int, logprob: Any) -> str:

@@ -20,7 +20,7 @@ from functions.deployments.runtime import DeploymentEngine, DeploymentRuntime
 from functions.deployments.suspension import wake_refusal
 from functions.model_targets import Target, deployment_target
 from web.deps import CurrentTenant, Db, Runtime
-from web.inference import loading, merged_target, respond
+from web.inference import loading, respond
 from web.openai_schemas import ChatCompletionRequest, CompletionRequest
 from web.routers.deployments import find
 
@@ -51,14 +51,13 @@ async def _answer(
 ) -> Any:
     """Refuse what the deployment cannot serve, resolve `model` on it, and answer through one of its replicas
     (not metered per token: its replicas are billed by the second)."""
-    deployment = _serving(db, tenant.id, name)
+    deployment = serving_deployment(db, tenant.id, name)
     target = deployment_target(db, tenant.id, deployment.name, deployment.base_model, body.model)
-    target = await merged_target(db, tenant.id, body, target)
-    engine = await _engine(runtime, deployment, target)
+    engine = await deployment_engine(runtime, deployment, target)
     return await respond(body, target, engine, tenant, request, metered=False)
 
 
-def _serving(db: Session, tenant_id: str, name: str) -> Deployment:
+def serving_deployment(db: Session, tenant_id: str, name: str) -> Deployment:
     """The deployment, refusing at once what cannot serve (the runtime refuses the same a moment later), and a
     wake its tenant cannot pay for (402)."""
     deployment = find(db, tenant_id, name)
@@ -70,7 +69,7 @@ def _serving(db: Session, tenant_id: str, name: str) -> Deployment:
     return deployment
 
 
-async def _engine(runtime: DeploymentRuntime, deployment: Deployment, target: Target) -> DeploymentEngine:
+async def deployment_engine(runtime: DeploymentRuntime, deployment: Deployment, target: Target) -> DeploymentEngine:
     """The Engine protocol over the deployment's replicas, for this request's adapter."""
     tokenizer = await loading(load_tokenizer, deployment.base_model)
     engine = DeploymentEngine(
