@@ -21,12 +21,14 @@ from typing import Any, TypeVar
 import anyio
 from fastapi import Request
 from fastapi.responses import StreamingResponse
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from app.db import session_scope
 from app.errors import Refusal
 from app.models import Tenant
 from billing import ledger
+from functions.adapter_merge import MergeRefused, MergeSpec, merged_ref
 from functions.base_models import BaseModelUnavailable
 from functions.catalog import get_model
 from functions.engine import get_engine
@@ -67,6 +69,30 @@ async def shared_engine(target: Target, http: Request) -> Engine:
     if pools is not None:
         return await loading(pools.engine, target.base_model, target.model_dir)
     return await loading(get_engine, target.base_model, target.model_dir)
+
+
+async def merged_target(
+    db: Session, tenant_id: str, body: ChatCompletionRequest | CompletionRequest, target: Target
+) -> Target:
+    """The target served by a merge of the request's `merged_adapters` (LoRAX's extension: computed once per recipe
+    and cached, functions/adapter_merge.py), whose base model `model` names; the target as it is without them. A
+    merge that cannot be made is the API's 400 naming the field."""
+    if body.merged_adapters is None:
+        return target
+    if target.adapter is not None or target.model_dir is not None:
+        raise APIError(
+            400,
+            f"model: with merged_adapters, model names the base model of the adapters merged "
+            f"({target.base_model!r}), not {target.model!r}",
+            param="model",
+            code="invalid_request",
+        )
+    try:
+        spec = MergeSpec.from_request(body.merged_adapters.model_dump())
+        adapter = await run_in_threadpool(merged_ref, db, tenant_id, spec, target.base_model)
+    except MergeRefused as exc:
+        raise APIError(400, exc.message, param=exc.field, code=exc.code) from None
+    return replace(target, adapter=adapter, adapter_name=spec.name)
 
 
 async def respond(
