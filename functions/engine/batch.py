@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from functions.engine.beams import BeamSearch
+from functions.engine.grammar import JsonConstraint
 from functions.engine.heads import ClassifierHead
 from functions.engine.kv_cache import KVCache
 from functions.engine.llama import Sequences
@@ -31,6 +32,7 @@ class Seq:
     adapter_config: dict | None
     sink: Callable[[tuple], None]
     choices: ChoiceTrie | None = None  # the request's choices (SamplingParams.choices), as token sequences
+    grammar: JsonConstraint | None = None  # its JSON schema's grammar (SamplingParams.json_schema), at its position
     submitted: float = field(default_factory=time.monotonic)
     cancelled: bool = False  # set by the caller's side; the engine drops the request before its next step
     # engine-thread state
