@@ -25,6 +25,11 @@ TYPES = {
 }
 
 
+# The OpenAI-compatible routes (shared and per deployment): a body they refuse is a 400, as OpenAI's own (the openai
+# SDK's BadRequestError); the rest of the API answers a bad field with a 422.
+OPENAI_BODIES = ("/chat/completions", "/completions")
+
+
 # The one place a domain refusal (app/errors.py) becomes an HTTP status.
 STATUS_OF_KIND: dict[type[domain.Refusal], int] = {
     domain.Invalid: 422,
@@ -131,7 +136,8 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = _validation_message(exc)
-        return _response_for(request, 422, message, param, "invalid_value")
+        status = 400 if request.url.path.endswith(OPENAI_BODIES) else 422
+        return _response_for(request, status, message, param, "invalid_value")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -34,6 +34,7 @@ from functions.catalog import get_model
 from functions.engine import get_engine
 from functions.engine.protocol import (
     ClientGone,
+    Completion,
     Delta,
     Engine,
     EngineError,
@@ -117,11 +118,12 @@ async def respond(
     stream = engine.generate(gen)
     first = await until_answered(anext(stream), http, chat)
     if body.stream:
-        events = _events(reply, meter, first, stream, body.include_usage)
+        events = _events(reply, meter, first, stream, body.include_usage, gen.params.n)
         return StreamingResponse(events, media_type="text/event-stream")
-    completion = await until_answered(collect(chain(first, stream)), http, chat)
-    cost = await run_in_threadpool(meter.record, completion.prompt_tokens, completion.completion_tokens)
-    return reply.full(completion, cost)
+    answers = await until_answered(collect_answers(chain(first, stream), gen.params.n), http, chat)
+    generated = sum(answer.completion_tokens for answer in answers)  # the prompt counts once, for every answer
+    cost = await run_in_threadpool(meter.record, answers[0].prompt_tokens, generated)
+    return reply.full(answers, cost)
 
 
 def _params(body: ChatCompletionRequest | CompletionRequest, target: Target) -> SamplingParams:
@@ -165,6 +167,20 @@ async def chain(first: Delta, rest: AsyncIterator[Delta]) -> AsyncIterator[Delta
         yield delta
 
 
+async def collect_answers(deltas: AsyncIterator[Delta], n: int) -> list[Completion]:
+    """Run a stream of `n` answers (each delta names its answer: Delta.index) to its end, each answer joined as
+    protocol.collect joins one (an answer without its end is an EngineUnavailable), in index order."""
+    parts: list[list[Delta]] = [[] for _ in range(n)]
+    async for delta in deltas:
+        parts[delta.index].append(delta)
+    return [await collect(_replay(part)) for part in parts]
+
+
+async def _replay(deltas: list[Delta]) -> AsyncIterator[Delta]:
+    for delta in deltas:
+        yield delta
+
+
 class Meter:
     """Writes one request's priced usage record, under the reply's id; nothing when not `metered`. (Also LoRAX's
     routes: web/lorax_inference.py.)"""
@@ -200,38 +216,49 @@ class Meter:
 
 
 async def _events(
-    reply: Reply, meter: Meter, first: Delta, stream: AsyncGenerator[Delta, None], include_usage: bool
+    reply: Reply, meter: Meter, first: Delta, stream: AsyncGenerator[Delta, None], include_usage: bool, n: int = 1
 ) -> AsyncIterator[str]:
     """Server-sent events. A client that goes away cancels this generator: the engine stream is closed, which frees
     the request's batch slot at once, and the tokens generated until then are charged. A stream that cannot complete
-    ends with an error event (replies.error_event), and the tokens sent until then are charged."""
-    last = first
+    ends with an error event (replies.error_event), and the tokens sent until then are charged. With n answers, each
+    chunk names its answer (index) and each answer ends with its own finish chunk; the last one's comes after the
+    charge, then the usage (the prompt once, every answer's tokens)."""
+    latest: dict[int, Delta] = {first.index: first}  # each answer's latest delta: its token counts so far
+    ended: set[int] = set()
+
+    def counts() -> tuple[int, int]:
+        return max(d.prompt_tokens for d in latest.values()), sum(d.completion_tokens for d in latest.values())
+
     try:
         if reply.chat:
-            yield event(reply.chunk(Delta(""), None, role=True))
+            for index in range(n):
+                yield event(reply.chunk(Delta("", index=index), None, role=True))
         delta: Delta | None = first
         while delta is not None:
-            last = delta
+            latest[delta.index] = delta
             if delta.text or delta.logprobs:
                 yield event(reply.chunk(delta, None))
             if delta.finish_reason is not None:
-                break
+                ended.add(delta.index)
+                if len(ended) == n:
+                    break
+                yield event(reply.chunk(None, delta.finish_reason, index=delta.index))
             try:
                 delta = await anext(stream, None)
             except Exception as exc:  # noqa: BLE001 - whatever ended it, the client is told, in the API's shape
                 failed = exc if isinstance(exc, Refusal) else RequestFailed(f"{type(exc).__name__}: {exc}")
                 yield error_event(failed)
                 return
-        if last.finish_reason is None:  # the stream ran dry without an end: cut short, never passed off as whole
+        if delta is None or len(ended) < n:  # the stream ran dry without an end: cut short, never passed off as whole
             yield error_event(EngineUnavailable("the engine ended the answer before it was complete"))
             return
-        cost = await run_in_threadpool(meter.record, last.prompt_tokens, last.completion_tokens)
-        yield event(reply.chunk(None, last.finish_reason or "stop"))
+        cost = await run_in_threadpool(meter.record, *counts())
+        yield event(reply.chunk(None, delta.finish_reason or "stop", index=delta.index))
         if include_usage:
-            yield event(reply.usage_chunk(last.prompt_tokens, last.completion_tokens, cost))
+            yield event(reply.usage_chunk(*counts(), cost))
         yield DONE
     finally:
         with anyio.CancelScope(shield=True):  # a disconnect cancels this task; the clean-up must still run
             await stream.aclose()
-            if last.finish_reason is None:  # torn down mid-stream: charge what was generated until now
-                await run_in_threadpool(meter.record, last.prompt_tokens, last.completion_tokens)
+            if len(ended) < n:  # torn down mid-stream: charge what was generated until now
+                await run_in_threadpool(meter.record, *counts())

@@ -11,12 +11,48 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from app.settings import get_settings
-from functions.engine.protocol import JSON_OBJECT_SCHEMA, MAX_SEED, SamplingParams, canonical_schema
+from functions.engine.protocol import MAX_LOGIT_BIAS, MAX_N, MAX_SEED, SamplingParams
 
 DEFAULT_MAX_TOKENS = 512
 # Sampling from more than the 1000 likeliest tokens is no top-k at all; every served vocabulary is larger than
 # this, so no engine is ever asked for more tokens than it has.
 MAX_TOP_K = 1000
+
+
+TOOLS_REFUSED = (
+    "tool calling is not supported by this server: no answer carries tool_calls, and tool messages are not taken "
+    "back. For output in a given shape, ask for JSON under a schema: "
+    "response_format={'type': 'json_schema', 'json_schema': {'name': ..., 'schema': {...}}}"
+)
+NOT_STORED = "this server does not store completions (store: false is the only value; metadata tags stored ones)"
+# OpenAI's request fields this server does not implement: a request that names one is refused with a 400 naming it
+# and saying why, never answered as if the field had not been sent. null, and the values in ASKS_NOTHING, ask for
+# nothing and are taken as absent.
+REFUSED: dict[str, str] = {
+    **{name: TOOLS_REFUSED for name in ("tools", "tool_choice", "parallel_tool_calls", "functions", "function_call")},
+    "store": NOT_STORED,
+    "metadata": NOT_STORED,
+    "audio": "answers are text only: audio output is not supported",
+    "modalities": "answers are text only: modalities may only be ['text']",
+    "prediction": "predicted outputs are not supported",
+    "reasoning_effort": "not supported: the served models answer without a separate reasoning phase",
+    "verbosity": "not supported: use max_tokens (or max_completion_tokens) and the prompt",
+    "web_search_options": "web search is not supported",
+    "service_tier": "one service tier: only 'auto' or 'default'",
+    "prompt_cache_key": "not supported: this server keeps no prompt cache between requests",
+    "prompt_cache_retention": "not supported: this server keeps no prompt cache between requests",
+    "moderation": "moderation is not supported",
+    "suffix": "not supported: the answer continues the prompt, nothing is inserted before a suffix",
+    "echo": "not supported: the answer holds the completion only (echo may only be false)",
+    "best_of": "not supported beyond 1: every answer is returned; ask for n of them",
+}
+ASKS_NOTHING: dict[str, tuple[Any, ...]] = {
+    "store": (False,),
+    "echo": (False,),
+    "best_of": (1,),
+    "service_tier": ("auto", "default"),
+    "modalities": (["text"],),
+}
 
 
 class Body(BaseModel):
@@ -33,6 +69,16 @@ class TextPart(Body):
 class ChatMessage(Body):
     role: Literal["system", "user", "assistant"]
     content: str | list[TextPart]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_tools(cls, data: Any) -> Any:
+        """A tool's answer (role "tool" or "function") or an assistant's tool call: tool calling is refused."""
+        if isinstance(data, dict) and (
+            data.get("role") in ("tool", "function") or data.get("tool_calls") or data.get("function_call")
+        ):
+            raise ValueError(TOOLS_REFUSED)
+        return data
 
     @property
     def text(self) -> str:
@@ -55,36 +101,6 @@ class MergedAdapters(Body):
     majority_sign_method: str | None = Field(default=None, description="ties methods: total (default) or frequency.")
 
 
-class JsonSchemaSpec(Body):
-    """OpenAI's `json_schema` of a response_format: the answer is JSON valid under `schema`."""
-
-    name: str = Field(max_length=64, pattern=r"^[A-Za-z0-9_-]+$", description="The schema's name (not used).")
-    description: str | None = None
-    schema_: dict[str, Any] = Field(alias="schema", description="A JSON Schema (an object); enforced, strict or not.")
-    strict: bool | None = Field(default=None, description="Accepted: the schema is always enforced exactly.")
-
-
-class ResponseFormat(Body):
-    """OpenAI's response_format: `text` (the default), `json_object` (any JSON object) or `json_schema`. The JSON
-    ones are enforced by constrained decoding (SamplingParams.json_schema); a schema that cannot be enforced is a
-    400 naming response_format, and so are stop sequences and min_tokens with it (the schema decides the end)."""
-
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: JsonSchemaSpec | None = None
-
-    @model_validator(mode="after")
-    def _schema_for_its_type(self) -> "ResponseFormat":
-        if (self.type == "json_schema") != (self.json_schema is not None):
-            raise ValueError("json_schema is given with type 'json_schema', and only then")
-        return self
-
-    def schema_text(self) -> str | None:
-        """The schema as SamplingParams.json_schema holds it (canonical JSON text); None for free text."""
-        if self.json_schema is not None:
-            return canonical_schema(self.json_schema.schema_)
-        return JSON_OBJECT_SCHEMA if self.type == "json_object" else None
-
-
 class SamplingFields(Body):
     model: str = Field(description="A base model name, 'repo/version', or 'repo' for its latest version.")
     max_tokens: int | None = Field(default=None, ge=1)
@@ -96,14 +112,47 @@ class SamplingFields(Body):
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     min_tokens: int = Field(default=0, ge=0, description="vLLM extension: end-of-sequence is held off until then.")
     num_beams: int = Field(default=1, ge=1, le=8, description="Loraplex extension: beam search width (greedy).")
-    n: int = Field(default=1, ge=1, le=1, description="Only one choice per request.")
+    n: int = Field(default=1, ge=1, le=MAX_N, description="Answers (choices) to the one prompt, decoded side by side.")
+    presence_penalty: float = Field(default=0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = Field(
+        default=None, description="Token id (a decimal string) -> bias from -100 to 100, added to its logit."
+    )
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
-    response_format: ResponseFormat | None = None
+    user: str | None = None  # an end-user id (OpenAI's abuse monitoring); accepted, not used for the answer
+    safety_identifier: str | None = None  # the same, under its newer name
     merged_adapters: MergedAdapters | None = Field(
         default=None, description="LoRAX extension: serve a merge of these adapters; `model` names their base model."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refused(cls, data: Any) -> Any:
+        """OpenAI's fields this server does not implement (REFUSED), each refused by name and why."""
+        if not isinstance(data, dict):
+            return data
+        for name, why in REFUSED.items():
+            value = data.get(name)
+            if value is not None and not any(
+                value == ok and type(value) is type(ok) for ok in ASKS_NOTHING.get(name, ())
+            ):
+                raise ValueError(f"{name}: {why}")
+        return {key: value for key, value in data.items() if key not in REFUSED}
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value is None:
+            return value
+        if len(value) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} tokens, got {len(value)}")
+        for token, bias in value.items():
+            if not token.isdecimal():
+                raise ValueError(f"keys are token ids written as decimal strings, not {token!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"the bias of token {token} must be between -100 and 100, not {bias}")
+        return value
 
     @field_validator("stop")
     @classmethod
@@ -151,7 +200,10 @@ class SamplingFields(Body):
             num_beams=self.num_beams,
             logprobs=logprobs,
             top_logprobs=top,
-            json_schema=self.response_format.schema_text() if self.response_format else None,
+            n=self.n,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            logit_bias=tuple((int(token), bias) for token, bias in (self.logit_bias or {}).items()),
         )
 
     @property

@@ -20,7 +20,7 @@ class Reply:
         self.model, self.chat = model, chat
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
-        self.text_offset = 0  # characters sent so far (legacy completions logprobs)
+        self.text_offsets: dict[int, int] = {}  # characters sent so far, per answer (legacy completions logprobs)
 
     def usage(self, prompt_tokens: int, completion_tokens: int, cost: int) -> dict[str, int]:
         return {
@@ -30,7 +30,7 @@ class Reply:
             "cost_micro_usd": cost,
         }
 
-    def logprobs(self, logprobs: tuple[TokenLogprob, ...], text: str) -> dict[str, Any] | None:
+    def logprobs(self, logprobs: tuple[TokenLogprob, ...], text: str, index: int = 0) -> dict[str, Any] | None:
         """OpenAI's shapes: chat {"content": [...]}; legacy completions {"tokens", "token_logprobs", ...}."""
         if not logprobs:
             return None
@@ -46,11 +46,11 @@ class Reply:
                     for lp in logprobs
                 ]
             }
-        offsets, at = [], self.text_offset
+        offsets, at = [], self.text_offsets.get(index, 0)
         for lp in logprobs:
             offsets.append(at)
             at += len(lp.token)
-        self.text_offset += len(text)
+        self.text_offsets[index] = self.text_offsets.get(index, 0) + len(text)
         return {
             "tokens": [lp.token for lp in logprobs],
             "token_logprobs": [lp.logprob for lp in logprobs],
@@ -58,43 +58,51 @@ class Reply:
             "text_offset": offsets,
         }
 
-    def full(self, completion: Completion, cost: int) -> dict[str, Any]:
-        """The whole answer of a request that was not streamed."""
-        logprobs = self.logprobs(completion.logprobs, completion.text)
-        if self.chat:
-            choice = {
-                "index": 0,
-                "message": {"role": "assistant", "content": completion.text},
-                "finish_reason": completion.finish_reason,
-                "logprobs": logprobs,
-            }
-        else:
-            choice = {
-                "index": 0,
-                "text": completion.text,
-                "finish_reason": completion.finish_reason,
-                "logprobs": logprobs,
-            }
+    def full(self, completion: Completion | list[Completion], cost: int) -> dict[str, Any]:
+        """The whole answer of a request that was not streamed: one completion per answer (n), in index order. The
+        usage counts the prompt once and every answer's tokens."""
+        completions = completion if isinstance(completion, list) else [completion]
+        choices = []
+        for index, answer in enumerate(completions):
+            logprobs = self.logprobs(answer.logprobs, answer.text, index)
+            if self.chat:
+                choice = {
+                    "index": index,
+                    "message": {"role": "assistant", "content": answer.text},
+                    "finish_reason": answer.finish_reason,
+                    "logprobs": logprobs,
+                }
+            else:
+                choice = {
+                    "index": index,
+                    "text": answer.text,
+                    "finish_reason": answer.finish_reason,
+                    "logprobs": logprobs,
+                }
+            choices.append(choice)
+        generated = sum(answer.completion_tokens for answer in completions)
         return {
             "id": self.id,
             "object": "chat.completion" if self.chat else "text_completion",
             "created": self.created,
             "model": self.model,
-            "choices": [choice],
-            "usage": self.usage(completion.prompt_tokens, completion.completion_tokens, cost),
+            "choices": choices,
+            "usage": self.usage(completions[0].prompt_tokens, generated, cost),
         }
 
-    def chunk(self, delta: Delta | None, finish: str | None, role: bool = False) -> dict[str, Any]:
-        """One chunk of a stream: `delta`'s text (None: none), `finish` on the last, `role` on a chat's first."""
+    def chunk(self, delta: Delta | None, finish: str | None, role: bool = False, index: int = 0) -> dict[str, Any]:
+        """One chunk of a stream: `delta`'s text (None: none), `finish` on an answer's last, `role` on a chat's
+        first; for answer `index` (the delta's own when there is one)."""
+        index = delta.index if delta is not None else index
         text = delta.text if delta is not None else None
-        logprobs = self.logprobs(delta.logprobs, delta.text) if delta is not None else None
+        logprobs = self.logprobs(delta.logprobs, delta.text, index) if delta is not None else None
         if self.chat:
             content: dict[str, Any] = {"role": "assistant"} if role else {}
             if text is not None:
                 content["content"] = text
-            choice = {"index": 0, "delta": content, "finish_reason": finish, "logprobs": logprobs}
+            choice = {"index": index, "delta": content, "finish_reason": finish, "logprobs": logprobs}
         else:
-            choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": logprobs}
+            choice = {"index": index, "text": text or "", "finish_reason": finish, "logprobs": logprobs}
         return {
             "id": self.id,
             "object": "chat.completion.chunk" if self.chat else "text_completion",

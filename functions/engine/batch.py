@@ -7,6 +7,12 @@ positions cached, its cache blocks and adapter slot, its beams), set up when it 
 prompt chunks of the others, `prefill_chunk` tokens in all) and lays those tokens out as llama.LlamaModel.forward
 takes them: one flat batch of T tokens, prefill chunks first, then decode tokens sorted by adapter slot so that
 one adapter's tokens form one segment.
+
+A request for n > 1 answers is n Seqs: the first (the leader) holds the request's place in the queue and its
+`followers` the others. They are admitted together; the prompt's cache blocks are allocated once and shared (each
+answer's slots are the prompt's then its own), the leader alone prefills them, and the logits of the prompt's last
+token are sampled once per answer, each with its own generator. From there each answer decodes as a request of
+its own; the prompt's blocks go back to the cache with the last answer to finish (SharedBlocks).
 """
 
 import time
@@ -16,7 +22,6 @@ from dataclasses import dataclass, field
 import torch
 
 from functions.engine.beams import BeamSearch
-from functions.engine.grammar import JsonConstraint
 from functions.engine.heads import ClassifierHead
 from functions.engine.kv_cache import KVCache
 from functions.engine.llama import Sequences
@@ -26,13 +31,24 @@ from functions.engine.sampling import ChoiceTrie
 
 
 @dataclass(eq=False)
+class SharedBlocks:
+    """Cache blocks that several Seqs read (the prompt of a request with n > 1): freed when `holders` reaches 0."""
+
+    blocks: list[int]
+    slots: torch.Tensor  # [prompt tokens]: the cache slot of each prompt position
+    holders: int
+
+
+@dataclass(eq=False)
 class Seq:
     request: GenerationRequest
     prompt_ids: list[int]
     adapter_config: dict | None
     sink: Callable[[tuple], None]
     choices: ChoiceTrie | None = None  # the request's choices (SamplingParams.choices), as token sequences
-    grammar: JsonConstraint | None = None  # its JSON schema's grammar (SamplingParams.json_schema), at its position
+    index: int = 0  # which answer of the request (n > 1) this is
+    leader: "Seq | None" = None  # a follower's leader, whose prefill of the prompt it shares
+    followers: list["Seq"] = field(default_factory=list)  # a leader's other answers (n > 1)
     submitted: float = field(default_factory=time.monotonic)
     cancelled: bool = False  # set by the caller's side; the engine drops the request before its next step
     # engine-thread state
@@ -40,6 +56,7 @@ class Seq:
     computed: int = 0  # positions whose keys and values are in the cache
     slot: int = -1  # adapter slot; -1 = the base model alone
     blocks: list[int] = field(default_factory=list)
+    prompt_blocks: SharedBlocks | None = None  # n > 1: the prompt's blocks, shared by the answers
     beam_slots: list[torch.Tensor] = field(default_factory=list)  # cache slot of each position, per beam
     beam: BeamSearch | None = None  # beam search (num_beams > 1)
     generator: torch.Generator | None = None
@@ -51,6 +68,11 @@ class Seq:
         return self.beam.generated if self.beam else len(self.tokens) - len(self.prompt_ids)
 
     @property
+    def members(self) -> list["Seq"]:
+        """The request's answers: itself and its followers (n > 1)."""
+        return [self, *self.followers]
+
+    @property
     def adapter_key(self) -> str | None:
         return self.request.adapter.key if self.request.adapter else None
 
@@ -59,6 +81,8 @@ class Seq:
         generator. False, holding nothing, when the cache has no room for it now."""
         params = self.request.params
         total = min(len(self.prompt_ids) + params.max_new_tokens, context_length)
+        if self.followers:
+            return self._start_answers(kv, total, device)
         rooms = [kv.allocate(total) for _ in range(params.num_beams)]
         allocated = [room for room in rooms if room is not None]
         if len(allocated) < len(rooms):
@@ -70,12 +94,37 @@ class Seq:
         if params.num_beams > 1:
             min_new = 0 if self.choices is not None else params.min_new_tokens  # a choice's end is its own
             self.beam = BeamSearch(params.num_beams, eos, params.max_new_tokens, min_new)
+        self._begin(device)
+        return True
+
+    def _start_answers(self, kv: KVCache, total: int, device: torch.device) -> bool:
+        """n > 1: the prompt's blocks once, shared by every answer, and each answer's own blocks for the `total` -
+        prompt positions it generates. All or nothing, like `start`."""
+        prompt_len = len(self.prompt_ids)
+        members = self.members
+        prompt = kv.allocate(prompt_len)
+        rooms = [kv.allocate(total - prompt_len) for _ in members] if prompt is not None else []
+        owned = [room for room in rooms if room is not None]
+        if prompt is None or len(owned) < len(members):
+            for blocks, _ in owned + ([prompt] if prompt is not None else []):
+                kv.release(blocks)
+            return False
+        shared = SharedBlocks(prompt[0], prompt[1], holders=len(members))
+        for member, (blocks, slots) in zip(members, owned, strict=True):
+            member.blocks, member.prompt_blocks = blocks, shared
+            member.beam_slots = [torch.cat([shared.slots, slots])]
+            member._begin(device)
+        return True
+
+    def _begin(self, device: torch.device) -> None:
+        """Its tokens so far (the prompt) and its sampling generator; answer i of n seeds with seed + i."""
+        params = self.request.params
         self.tokens = list(self.prompt_ids)
         if not params.greedy or params.repetition_penalty != 1.0:
             self.generator = torch.Generator(device)
-            self.generator.manual_seed(params.seed if params.seed is not None else torch.seed())
+            seed = params.seed_of(self.index)
+            self.generator.manual_seed(seed if seed is not None else torch.seed())
         self.started = time.monotonic()
-        return True
 
 
 @dataclass
@@ -90,6 +139,8 @@ class Step:
     sequences: Sequences
     segments: Segments
     logit_rows: torch.Tensor  # [len(sampled)]: the flat rows whose logits are computed
+    # (follower, prompt length): answers (n > 1) sampled from their leader's last prompt row in this step
+    shared: list[tuple[Seq, int]] = field(default_factory=list)
 
 
 def lay_out(batch: list[Seq], prefill_chunk: int, lora: LoraPool, device: torch.device) -> Step:
@@ -100,6 +151,8 @@ def lay_out(batch: list[Seq], prefill_chunk: int, lora: LoraPool, device: torch.
     for seq in batch:
         if seq.generated > 0:
             decode += [(seq, j) for j in range(len(seq.beam.beams))] if seq.beam else [(seq, -1)]
+        elif seq.leader is not None:
+            continue  # its first token comes from its leader's prefill (below)
         elif budget > 0:
             n = min(len(seq.tokens) - seq.computed, budget)
             prefill.append((seq, n))
@@ -114,6 +167,8 @@ def lay_out(batch: list[Seq], prefill_chunk: int, lora: LoraPool, device: torch.
     logit_rows: list[int] = []
     sampled: list[tuple[Seq, int]] = []
     heads: list[tuple[int, ClassifierHead]] = []  # (logits row, head): first tokens on a classification adapter
+    shared: list[tuple[Seq, int]] = []
+    running = {seq for seq in batch if seq.leader is not None}  # followers in this step
     for seq, n in prefill:
         start = len(tokens)
         tokens += seq.tokens[seq.computed : seq.computed + n]
@@ -129,6 +184,12 @@ def lay_out(batch: list[Seq], prefill_chunk: int, lora: LoraPool, device: torch.
             head = lora.heads[seq.slot] if seq.slot >= 0 else None
             if head is not None:  # the prompt's last token: its logits give the first generated token
                 heads.append((len(logit_rows) - 1, head))
+            for follower in (f for f in seq.followers if f in running):  # n > 1: the same row, sampled again
+                logit_rows.append(start + n - 1)
+                sampled.append((follower, -1))
+                shared.append((follower, seq.computed + n))
+                if head is not None:
+                    heads.append((len(logit_rows) - 1, head))
     decode_start = len(tokens)
     decode_slots = decode_mask = None
     if decode:
@@ -168,7 +229,17 @@ def lay_out(batch: list[Seq], prefill_chunk: int, lora: LoraPool, device: torch.
         sequences,
         Segments.build(runs, lora.dtype, device),
         torch.tensor(logit_rows, dtype=torch.long, device=device),
+        shared,
     )
+
+
+def units(batch: list[Seq]) -> list[list[Seq]]:
+    """`batch` in the units that can step alone: a request's answers (n > 1) together, the others one by one (a
+    follower cannot step before its leader's prefill has given it its first token)."""
+    groups: dict[Seq, list[Seq]] = {}
+    for seq in batch:
+        groups.setdefault(seq.leader or seq, []).append(seq)
+    return list(groups.values())
 
 
 def probe_step(token: int, slots: torch.Tensor, device: torch.device) -> Step:

@@ -13,16 +13,15 @@ import asyncio
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncGenerator
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from functions.engine.adapter_manager import AdapterManager
-from functions.engine.batch import Seq, Step, lay_out, probe_step
+from functions.engine.batch import Seq, Step, lay_out, probe_step, units
 from functions.engine.deltas import DeltaStream
-from functions.engine.grammar import SchemaGrammars
 from functions.engine.kv_cache import KVCache
 from functions.engine.llama import LlamaModel
 from functions.engine.lora_pool import LoraPool
@@ -36,6 +35,7 @@ from functions.engine.protocol import (
     GenerationRequest,
     RequestFailed,
     check_request,
+    check_vocabulary,
 )
 from functions.engine.sampling import Choice, ChoiceTrie, RowState, choose
 from functions.precision import use_bf16
@@ -112,7 +112,6 @@ class NativeEngine(Engine):
         self._running: list[Seq] = []
         self._wake = threading.Condition()
         self.adapters = AdapterManager(self.lora, base_model, m.num_layers, self._notify, (m.hidden, m.vocab))
-        self.grammars = SchemaGrammars(self.tokenizer, m.vocab)  # JSON schemas compiled for structured output
         self.counters = {"requests": 0, "generated_tokens": 0, "prompt_tokens": 0}
         self.steps = 0
         self._closed = False
@@ -157,29 +156,37 @@ class NativeEngine(Engine):
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]:
         seq = self._prepare(request)
-        if request.params.json_schema is not None:  # compiled once per schema (cached), off the event loop
-            seq.grammar = await asyncio.to_thread(self.grammars.start, request.params.json_schema)
+        members = seq.members  # the request's answers (n > 1); most requests have one
         loop = asyncio.get_running_loop()
-        items: asyncio.Queue[tuple] = asyncio.Queue()
+        items: asyncio.Queue[tuple[int, tuple]] = asyncio.Queue()  # (answer index, item)
 
-        def sink(item: tuple) -> None:
-            try:
-                loop.call_soon_threadsafe(items.put_nowait, item)
-            except RuntimeError:  # the caller's event loop is gone; nobody is listening
-                seq.cancelled = True
+        def sink_of(member: Seq) -> Callable[[tuple], None]:
+            def sink(item: tuple) -> None:
+                try:
+                    loop.call_soon_threadsafe(items.put_nowait, (member.index, item))
+                except RuntimeError:  # the caller's event loop is gone; nobody is listening
+                    member.cancelled = True
 
-        seq.sink = sink
+            return sink
+
+        for member in members:
+            member.sink = sink_of(member)
         self._submit(seq)
-        deltas = DeltaStream(self.tokenizer, self.eos, request.params.stop, len(seq.prompt_ids))
+        streams = [DeltaStream(self.tokenizer, self.eos, request.params.stop, len(seq.prompt_ids)) for _ in members]
         try:
-            while not deltas.done:
-                delta = deltas.take(await items.get())
+            while not all(deltas.done for deltas in streams):
+                index, item = await items.get()
+                deltas = streams[index]
+                if deltas.done:
+                    continue  # an answer a stop sequence ended: what the engine sent after it is dropped
+                delta = deltas.take(item)
                 if deltas.done:  # ended: by a stop sequence (free its slot now), or in the engine
-                    seq.cancelled = True
+                    members[index].cancelled = True
                 if delta is not None:
-                    yield delta
+                    yield replace(delta, index=index) if index else delta
         finally:
-            seq.cancelled = True  # the caller went away, or the request ended: either way its slot is free
+            for member in members:  # the caller went away, or the request ended: either way its slots are free
+                member.cancelled = True
             self._notify()
 
     def _prepare(self, request: GenerationRequest) -> Seq:
@@ -187,14 +194,22 @@ class NativeEngine(Engine):
         params = request.params
         ids = request.prompt_ids(self.tokenizer)
         check_request(ids, params, self.context_length)
+        check_vocabulary(params, self.model.vocab)
         if not 1 <= params.num_beams <= 8:
             raise EngineError("num_beams must be between 1 and 8", "num_beams")
-        total = min(len(ids) + params.max_new_tokens, self.context_length) * params.num_beams
+        length = min(len(ids) + params.max_new_tokens, self.context_length)
+        # beams each hold a whole copy; n answers share the prompt and each hold what they generate
+        total = length * params.num_beams + (params.n - 1) * (length - len(ids))
         if total > self.kv.capacity_tokens:
             raise EngineError(f"prompt + max_tokens ({total}) exceeds this engine's KV cache", "max_tokens")
         config = self.adapters.check(request.adapter) if request.adapter is not None else None
         choices = ChoiceTrie.of(self.tokenizer, params.choices, self.eos) if params.choices else None
-        return Seq(request, ids, config, sink=lambda item: None, choices=choices)
+        seq = Seq(request, ids, config, sink=lambda item: None, choices=choices)
+        seq.followers = [
+            Seq(request, ids, config, sink=lambda item: None, choices=choices, index=i, leader=seq)
+            for i in range(1, params.n)
+        ]
+        return seq
 
     def _submit(self, seq: Seq) -> None:
         with self._wake:
@@ -257,14 +272,16 @@ class NativeEngine(Engine):
         except Exception as exc:  # noqa: BLE001 - which request is at fault is found below
             first = exc
         failed = 0
-        for seq in batch:
+        alone = units(batch)  # a request's answers (n > 1) step together
+        for unit in alone:
             try:
-                self._step([seq])
+                self._step(unit)
             except Exception as exc:  # noqa: BLE001 - this request's fault, or the engine's: the probe decides
                 failed += 1
-                self._fail(seq, RequestFailed(f"generation failed: {type(exc).__name__}: {exc}"))
+                for seq in unit:
+                    self._fail(seq, RequestFailed(f"generation failed: {type(exc).__name__}: {exc}"))
         self._progress_at = time.monotonic()
-        if failed == len(batch) and not self._probe():
+        if failed == len(alone) and not self._probe():
             raise EngineBroken(f"a step failed for every request ({type(first).__name__}: {first})")
 
     def _probe(self) -> bool:
@@ -303,6 +320,9 @@ class NativeEngine(Engine):
         if seq in self._running:
             self._running.remove(seq)
         seq.sink(("error", error))
+        for follower in seq.followers:  # answers still waiting on its prompt would wait forever
+            if follower.generated == 0 and follower in self._running:
+                self._fail(follower, error)
 
     def _drop_cancelled(self) -> None:
         for seq in [s for s in self._waiting if s.cancelled]:
@@ -340,11 +360,12 @@ class NativeEngine(Engine):
             slot = resident
         if not seq.start(self.kv, self.context_length, self.eos, self.device):
             return "full"
-        seq.slot = slot
-        if slot >= 0:
-            self.adapters.pin(slot)
+        for member in seq.members:  # n > 1: the answers run side by side, each pinning the adapter
+            member.slot = slot
+            if slot >= 0:
+                self.adapters.pin(slot)
         self._waiting.remove(seq)
-        self._running.append(seq)
+        self._running += seq.members
         self.counters["requests"] += 1
         self.counters["prompt_tokens"] += len(seq.prompt_ids)
         self._progress_at = seq.started
@@ -360,6 +381,8 @@ class NativeEngine(Engine):
             seq.computed += n
         for seq in {seq for seq, _ in step.decode}:
             seq.computed += 1
+        for seq, n in step.shared:  # answers (n > 1) whose prompt their leader computed
+            seq.computed = n
         self.steps += 1
         finite = torch.isfinite(logits).all(-1).tolist()  # a NaN/Inf row: that request's adapter (or input) broke
         sampled = step.sampled
@@ -394,9 +417,7 @@ class NativeEngine(Engine):
         batch is redone row by row, and a row that raises alone fails its request alone."""
         if not seqs:
             return
-        states = [
-            RowState(s.request.params, s.tokens, s.generated, s.generator, self.eos, s.choices, s.grammar) for s in seqs
-        ]
+        states = [RowState(s.request.params, s.tokens, s.generated, s.generator, self.eos, s.choices) for s in seqs]
         try:
             choices: list[Choice | None] = list(choose(logits, states))
         except Exception:  # noqa: BLE001 - find the row at fault
@@ -411,12 +432,6 @@ class NativeEngine(Engine):
         for seq, choice in zip(seqs, choices, strict=True):
             if choice is None:
                 continue
-            if seq.grammar is not None and choice.token != self.eos:
-                try:  # the grammar moves on with the token its mask allowed
-                    seq.grammar.advance(choice.token)
-                except RuntimeError as exc:
-                    self._fail(seq, RequestFailed(f"structured output failed: {exc}"))
-                    continue
             if seq.generated == 0:
                 seq.first_token_at = now
             seq.tokens.append(choice.token)
@@ -457,6 +472,11 @@ class NativeEngine(Engine):
     def _release(self, seq: Seq) -> None:
         self.kv.release(seq.blocks)
         seq.blocks = []
+        if seq.prompt_blocks is not None:  # n > 1: the prompt's blocks go back with the last answer holding them
+            seq.prompt_blocks.holders -= 1
+            if seq.prompt_blocks.holders == 0:
+                self.kv.release(seq.prompt_blocks.blocks)
+            seq.prompt_blocks = None
         if seq.slot >= 0:
             self.adapters.unpin(seq.slot)
             seq.slot = -1

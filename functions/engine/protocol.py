@@ -12,7 +12,6 @@ maps the kind to its status (web/errors.py).
 
 import asyncio
 import contextlib
-import json
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,19 +43,37 @@ class SamplingParams:
     num_beams: int = 1  # > 1: beam search (deterministic; sampling fields are ignored)
     logprobs: bool = False  # per generated token: its log-probability under the model
     top_logprobs: int = 0  # and this many most likely alternatives (0-20)
+    # n > 1: that many answers (OpenAI's choices), decoded side by side in the batch over one prefill of the prompt;
+    # with a seed, answer i samples with seed + i (as vLLM's parallel sampling), so they differ and repeat
+    n: int = 1
+    # OpenAI's penalties (-2..2): logit -= presence * (count > 0) + frequency * count, count being how many times
+    # the token was generated so far in this answer (the prompt does not count)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, -100..100) added to its logit at every step
     # When non-empty, the completion is exactly one of these strings, then the end of the sequence (a
     # classification adapter's labels): each step may only continue one of them, each encoded as plain text
     # (prompts.encode_text). min_new_tokens does not apply; logprobs are over the allowed tokens, renormalised.
     choices: tuple[str, ...] = ()
-    # When set, the completion is JSON that validates against this JSON Schema (OpenAI's response_format; LoRAX's
-    # too), decoded under its grammar (functions/engine/grammar.py): canonical JSON text (canonical_schema), which is
-    # also the compiled grammar's cache key; {"type": "object"} for json_object. The grammar decides where the answer
-    # ends: a stop sequence (which could cut the JSON) and min_new_tokens are refused with it, and so is beam search.
+    # When set, the completion is JSON that validates against this JSON Schema, given as canonical JSON text (sorted
+    # keys, no spaces); LoRAX's response_format sets it (web/lorax_schemas.py).
     json_schema: str | None = None
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether penalties or biases change the logits before the choice (sampling.choose)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
+
+    def seed_of(self, index: int) -> int | None:
+        """The seed of answer `index` (n > 1): seed + index, wrapped into what a torch generator takes; answer 0's
+        is the seed itself."""
+        if self.seed is None or index == 0:
+            return self.seed
+        return (self.seed + index) % (MAX_SEED + 1)
 
 
 @dataclass(frozen=True)
@@ -94,6 +111,7 @@ class Delta:
     logprobs: tuple[TokenLogprob, ...] = ()  # one per token whose text is in this delta (when asked)
     queue_ms: float = 0.0  # time waiting for a batch slot, KV cache room or the adapter to load
     first_token_ms: float = 0.0  # from submission to the first generated token
+    index: int = 0  # which answer of the request it belongs to (0..n-1); each has its own last delta
     # On the last delta, when logprobs were asked: the end-of-sequence token that ended the answer, which the text
     # and `logprobs` leave out (LoRAX's details list it; web/lorax_replies.py)
     end_token: TokenLogprob | None = None
@@ -210,6 +228,8 @@ class Engine(Protocol):
 
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit integer
 MAX_CHOICES = 64  # a classification dataset has at most 50 labels (functions/datasets.MAX_CLASSES)
+MAX_N = 8  # answers per request (n)
+MAX_LOGIT_BIAS = 300  # entries of logit_bias, as OpenAI's
 
 
 def check_request(prompt_ids: list[int], params: SamplingParams, context_length: int) -> None:
@@ -232,38 +252,38 @@ def check_request(prompt_ids: list[int], params: SamplingParams, context_length:
         raise EngineError(f"choices: at most {MAX_CHOICES}, got {len(params.choices)}", "choices")
     if not all(isinstance(choice, str) and choice for choice in params.choices):
         raise EngineError("choices must be non-empty strings", "choices")
-    if params.json_schema is not None:
-        check_schema_request(params)
+    check_penalties(params)
 
 
-JSON_OBJECT_SCHEMA = '{"type":"object"}'  # response_format {"type": "json_object"}: any JSON object
-
-
-def canonical_schema(schema: Any) -> str:
-    """A JSON Schema as SamplingParams.json_schema holds it: compact JSON with sorted keys, so that one schema sent
-    with its keys in any order is one cache entry."""
-    return json.dumps(schema, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
-def check_schema_request(params: SamplingParams) -> None:
-    """What cannot go with a JSON schema, refused naming the field (whether the schema itself can be enforced, each
-    engine's grammar library says: functions/engine/grammar.py)."""
-    if params.choices:
+def check_penalties(params: SamplingParams) -> None:
+    """n, the penalties and logit_bias (its ids against a vocabulary: check_vocabulary)."""
+    if not 1 <= params.n <= MAX_N:
+        raise EngineError(f"n must be between 1 and {MAX_N}", "n")
+    if params.n > 1 and params.num_beams > 1:
+        raise EngineError("n > 1 cannot be combined with num_beams: beam search gives one answer", "n")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if not -2 <= getattr(params, name) <= 2:
+            raise EngineError(f"{name} must be between -2 and 2", name)
+    if len(params.logit_bias) > MAX_LOGIT_BIAS:
+        raise EngineError(f"logit_bias: at most {MAX_LOGIT_BIAS} tokens, got {len(params.logit_bias)}", "logit_bias")
+    if not all(-100 <= bias <= 100 for _, bias in params.logit_bias):
+        raise EngineError("logit_bias: each bias must be between -100 and 100", "logit_bias")
+    if params.num_beams > 1 and params.adjusts_logits:
         raise EngineError(
-            "response_format: this model answers only with its labels (a classification adapter)", "response_format"
+            "num_beams: beam search ranks the model's own log-probabilities; presence_penalty, frequency_penalty "
+            "and logit_bias apply to sampling only",
+            "num_beams",
         )
-    if params.stop:
+
+
+def check_vocabulary(params: SamplingParams, vocab_size: int) -> None:
+    """Every token id of logit_bias is one the model scores (0 ≤ id < vocab_size)."""
+    outside = [token for token, _ in params.logit_bias if not 0 <= token < vocab_size]
+    if outside:
         raise EngineError(
-            "stop cannot be combined with response_format: a stop sequence could cut the JSON short; "
-            "the schema decides where the answer ends",
-            "stop",
+            f"logit_bias: token id {outside[0]} is outside this model's vocabulary (0 to {vocab_size - 1})",
+            "logit_bias",
         )
-    if params.min_new_tokens:
-        raise EngineError(
-            "min_tokens cannot be combined with response_format: the schema decides where the answer ends", "min_tokens"
-        )
-    if params.num_beams > 1:
-        raise EngineError("num_beams: beam search cannot be combined with response_format", "num_beams")
 
 
 class ClientGone(Exception):
@@ -303,6 +323,7 @@ def request_from_dict(data: dict) -> GenerationRequest:
     params = dict(data.get("params") or {})
     params["stop"] = tuple(params.get("stop", ()))
     params["choices"] = tuple(params.get("choices", ()))
+    params["logit_bias"] = tuple((int(token), float(bias)) for token, bias in params.get("logit_bias", ()))
     adapter = data.get("adapter")
     prompt = data["prompt"]
     return GenerationRequest(

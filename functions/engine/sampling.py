@@ -8,9 +8,9 @@ one of its choices (ChoiceTrie), or only end-of-sequence once it spelled a whole
 then see the masked logits, so the logprobs are over the allowed tokens, renormalised. Rows without choices take
 the same path as before, with no extra work.
 
-A row whose request names a JSON schema (SamplingParams.json_schema) is masked the same way, by its grammar
-(grammar.py: the tokens that keep the JSON valid, only end-of-sequence once it is complete), the batch's grammar
-rows' masks computed together; min_new_tokens does not apply to them either (the schema decides the end)."""
+OpenAI's presence_penalty, frequency_penalty and logit_bias (`adjust`) come after the repetition penalty, before
+the greedy choice or the temperature; like it, they take a row off the one-argmax path. The logprobs stay the
+model's own (as vLLM's by default), not the adjusted scores."""
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 
-from functions.engine.grammar import JsonConstraint, allowed_tokens
 from functions.engine.protocol import SamplingParams
 from functions.prompts import encode_text
 
@@ -70,12 +69,6 @@ class RowState:
     generator: torch.Generator | None
     eos: int
     choices: ChoiceTrie | None = None  # the request's choices, when it names any
-    grammar: JsonConstraint | None = None  # the request's JSON schema's grammar, when it names one
-
-    @property
-    def constrained(self) -> bool:
-        """Whether a mask decides the row's end (choices or a schema): min_new_tokens does not apply."""
-        return self.choices is not None or self.grammar is not None
 
     def allowed(self) -> list[int]:
         assert self.choices is not None
@@ -94,13 +87,12 @@ def choose(logits: torch.Tensor, rows: list[RowState]) -> list[Choice]:
     simple = [
         r.params.greedy
         and r.params.repetition_penalty == 1.0
-        and (r.generated >= r.params.min_new_tokens or r.constrained)
+        and not r.params.adjusts_logits
+        and (r.generated >= r.params.min_new_tokens or r.choices is not None)
         for r in rows
     ]
     if any(r.choices is not None for r in rows):
         logits = mask_choices(logits, [r.allowed() if r.choices is not None else None for r in rows])
-    if any(r.grammar is not None for r in rows):
-        logits = mask_grammars(logits, rows)
     greedy = logits.argmax(-1).tolist() if any(simple) else []
     choices = []
     for i, row in enumerate(rows):
@@ -130,25 +122,17 @@ def mask_choices(logits: torch.Tensor, allowed: Sequence[list[int] | None]) -> t
     return masked
 
 
-def mask_grammars(logits: torch.Tensor, rows: Sequence[RowState]) -> torch.Tensor:
-    """A copy of logits [B, V] where, in each row with a grammar, every token it does not allow next is -inf."""
-    index = [i for i, r in enumerate(rows) if r.grammar is not None]
-    keep = allowed_tokens([r.grammar for r in rows if r.grammar is not None], logits.shape[-1])  # [len(index), V]
-    masked = logits.clone()
-    picked = torch.tensor(index, dtype=torch.long, device=logits.device)
-    masked[picked] = torch.where(keep.to(logits.device), logits[picked], -float("inf"))
-    return masked
-
-
 def _sample(row_logits: torch.Tensor, row: RowState) -> int:
     params = row.params
     scores = row_logits.clone()
-    if row.generated < params.min_new_tokens and not row.constrained:  # a choice's or a schema's end is its own
+    if row.generated < params.min_new_tokens and row.choices is None:  # a choice's end is its own
         scores[row.eos] = -float("inf")
     if params.repetition_penalty != 1.0:
         seen = torch.tensor(sorted(set(row.tokens)), device=scores.device)
         picked = scores[seen]
         scores[seen] = torch.where(picked < 0, picked * params.repetition_penalty, picked / params.repetition_penalty)
+    if params.adjusts_logits:
+        scores = adjust(scores, row)
     if params.greedy:
         return int(scores.argmax())
     scores = scores / params.temperature
@@ -163,3 +147,18 @@ def _sample(row_logits: torch.Tensor, row: RowState) -> int:
         scores = scores.masked_fill(drop.scatter(0, order, drop), -float("inf"))
     probs = scores.softmax(-1)
     return int(torch.multinomial(probs, 1, generator=row.generator))
+
+
+def adjust(scores: torch.Tensor, row: RowState) -> torch.Tensor:
+    """OpenAI's penalties and logit_bias on one row's scores [V] (in place): each token generated so far loses
+    presence_penalty once and frequency_penalty per time it was generated; logit_bias adds its bias to its token."""
+    params = row.params
+    generated = row.tokens[len(row.tokens) - row.generated :]
+    if generated and (params.presence_penalty or params.frequency_penalty):
+        ids, counts = torch.tensor(generated, device=scores.device).unique(return_counts=True)
+        scores[ids] -= params.frequency_penalty * counts.to(scores.dtype) + params.presence_penalty
+    if params.logit_bias:
+        ids = torch.tensor([token for token, _ in params.logit_bias], device=scores.device)
+        bias = torch.tensor([value for _, value in params.logit_bias], dtype=scores.dtype, device=scores.device)
+        scores.index_add_(0, ids, bias)
+    return scores

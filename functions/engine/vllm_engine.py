@@ -14,6 +14,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncGenerator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -28,6 +29,7 @@ from functions.engine.protocol import (
     GenerationRequest,
     TokenLogprob,
     check_request,
+    check_vocabulary,
 )
 from functions.prompts import encode_text
 
@@ -116,34 +118,44 @@ class VLLMEngine(Engine):
         self.counters["prompt_tokens"] += len(prompt_ids)
         stream = self._engine.generate(tokens_input(prompt_ids), sampling, request_id, lora_request=lora)
         finished = False
-        completion_tokens = 0
+        n = request.params.n
+        # vLLM refuses greedy sampling with n > 1; its n greedy answers are one answer, so it is decoded once and sent
+        # as each of them. Otherwise vLLM's parallel sampling (each answer a child request, answer i seeded seed + i).
+        copies = n if request.params.greedy else 1
+        completion_tokens = [0] * n  # per answer
         first_token_ms = 0.0
-        pending: list[TokenLogprob] = []  # logprobs of tokens whose text has not been sent yet
+        pending: list[list[TokenLogprob]] = [[] for _ in range(n)]  # per answer: logprobs of text not sent yet
         try:
-            async for out in stream:  # output_kind=DELTA: each RequestOutput holds only what is new
-                piece = out.outputs[0]
-                new_tokens = len(piece.token_ids)
-                if new_tokens and not completion_tokens:
-                    first_token_ms = (time.monotonic() - submitted) * 1000
-                completion_tokens += new_tokens
-                self.counters["generated_tokens"] += new_tokens
-                if request.params.logprobs:
-                    pending.extend(self._logprobs(piece, request.params.top_logprobs))
+            async for out in stream:  # output_kind=DELTA: each RequestOutput holds only what is new, per answer
+                for piece in out.outputs:
+                    i = piece.index
+                    new_tokens = len(piece.token_ids)
+                    if new_tokens and not any(completion_tokens):
+                        first_token_ms = (time.monotonic() - submitted) * 1000
+                    completion_tokens[i] += new_tokens
+                    self.counters["generated_tokens"] += new_tokens
+                    if request.params.logprobs:
+                        pending[i].extend(self._logprobs(piece, request.params.top_logprobs))
+                    if piece.finish_reason is not None or (out.finished and n == 1):  # this answer ended
+                        end = Delta(
+                            piece.text,
+                            finish_reason="length" if piece.finish_reason == "length" else "stop",
+                            prompt_tokens=len(prompt_ids),
+                            completion_tokens=completion_tokens[i],
+                            logprobs=tuple(pending[i]),
+                            queue_ms=_queue_ms(out.metrics),
+                            first_token_ms=first_token_ms,
+                        )
+                    elif piece.text:  # a token that is half of a character (or may begin a stop) waits for the rest
+                        end = Delta(piece.text, logprobs=tuple(pending[i]))
+                        pending[i] = []
+                    else:
+                        continue
+                    for copy in range(i, i + copies):
+                        yield replace(end, index=copy)
                 if out.finished:
                     finished = True
-                    yield Delta(
-                        piece.text,
-                        finish_reason="length" if piece.finish_reason == "length" else "stop",
-                        prompt_tokens=len(prompt_ids),
-                        completion_tokens=completion_tokens,
-                        logprobs=tuple(pending),
-                        queue_ms=_queue_ms(out.metrics),
-                        first_token_ms=first_token_ms,
-                    )
                     return
-                if piece.text:  # a token that is half of a character (or may begin a stop) waits for the rest
-                    yield Delta(piece.text, logprobs=tuple(pending))
-                    pending = []
         except GracefulHTTPError as exc:  # vLLM's admission control: its queue is full
             raise EngineBusy(exc.message, retry_after=1.0) from exc
         except VLLMClientError as exc:  # a request vLLM refuses that our checks let through
@@ -175,12 +187,9 @@ class VLLMEngine(Engine):
         if params.num_beams != 1:
             # vLLM serves beam search through a separate API (LLM.beam_search), not through AsyncLLM.generate.
             raise EngineError("num_beams: beam search is served by the native engine", "num_beams")
+        check_vocabulary(params, len(self.tokenizer))  # vLLM would fail the request inside its engine instead
         if request.adapter is not None:
             self._check_adapter(request)
-        if params.json_schema is not None:  # refused as the native engine refuses it, naming response_format
-            from functions.engine.grammar import check_schema
-
-            check_schema(params.json_schema)
         return ids
 
     def _check_adapter(self, request: GenerationRequest) -> None:
@@ -208,9 +217,7 @@ class VLLMEngine(Engine):
         # Choices (a classification adapter's labels): vLLM's structured outputs, a grammar of the choices' texts,
         # which masks the logits before they are sampled and before the logprobs are taken (renormalised over the
         # allowed tokens, as the native engine's). A choice's end is its own: min_tokens yields to it.
-        structured = StructuredOutputsParams(choice=list(params.choices)) if params.choices else None
-        if params.json_schema is not None:  # structured output: the JSON schema's grammar, the same way
-            structured = StructuredOutputsParams(json=json.loads(params.json_schema))
+        choices = StructuredOutputsParams(choice=list(params.choices)) if params.choices else None
         min_new = 0 if params.choices else params.min_new_tokens
         return SamplingParams(
             temperature=0.0 if greedy else params.temperature,
@@ -219,9 +226,13 @@ class VLLMEngine(Engine):
             repetition_penalty=params.repetition_penalty,
             max_tokens=min(params.max_new_tokens, self.context_length - prompt_len),
             min_tokens=min(min_new, self.context_length - prompt_len),
-            structured_outputs=structured,
+            structured_outputs=choices,
             stop=list(params.stop) or None,  # vLLM holds back text that may begin a stop and cuts before it
             seed=params.seed,
+            n=1 if greedy else params.n,  # greedy answers are all one answer (see generate)
+            presence_penalty=params.presence_penalty,  # OpenAI's definitions, over the generated tokens (as ours)
+            frequency_penalty=params.frequency_penalty,
+            logit_bias=dict(params.logit_bias) or None,
             # vLLM always returns the chosen token's logprob, plus this many alternatives (0: none).
             logprobs=params.top_logprobs if params.logprobs else None,
             output_kind=RequestOutputKind.DELTA,
