@@ -11,6 +11,8 @@ Workloads, each request a chat-templated "Write a short story about item {i}." a
   c  the same 64 requests, skewed: 80% on 4 adapters, the rest spread over the others
   d  one request alone
   e  (b) with max_loras=16: adapters are swapped in and out (and re-read from disk) during the run
+  f  (b) with every other request constrained to a JSON schema (STORY_SCHEMA: structured output, up to 64 tokens;
+     the free half still exactly 64), to compare with (b) in the same run
 Per workload: output tokens/s (all generated tokens ÷ time from the first submit to the last finish), TTFT and
 inter-token latency p50/p99 (ms; the gaps between streamed deltas, one token each unless the client fell
 behind), and peak memory. Each workload runs --repeats times; the figures are the medians over the runs.
@@ -35,7 +37,14 @@ REQUESTS = 64
 NEW_TOKENS = 64
 ADAPTERS = 64
 RANK = 8
-WORKLOADS = ("a", "b", "c", "d", "e")
+WORKLOADS = ("a", "b", "c", "d", "e", "f")
+# Workload f's schema: a story in a JSON object, so the model writes as long under it as without it
+STORY_SCHEMA = {
+    "type": "object",
+    "properties": {"title": {"type": "string"}, "story": {"type": "string"}},
+    "required": ["title", "story"],
+    "additionalProperties": False,
+}
 MB = 1024 * 1024
 
 
@@ -115,7 +124,7 @@ def adapter_plan(workload: str) -> list[int | None]:
         return [None] * REQUESTS
     if workload == "d":
         return [None]
-    if workload in ("b", "e"):
+    if workload in ("b", "e", "f"):
         return list(range(REQUESTS))
     hot = int(REQUESTS * 0.8)  # (c): 51 requests on adapters 0-3, 13 on distinct others
     rest = REQUESTS - hot
@@ -123,13 +132,15 @@ def adapter_plan(workload: str) -> list[int | None]:
 
 
 async def run_workload(engine: Any, name: str, adapters: list[Path], repeats: int, memory: "TreeMemory") -> dict:
-    from functions.engine.protocol import AdapterRef, GenerationRequest, SamplingParams
+    from functions.engine.protocol import AdapterRef, GenerationRequest, SamplingParams, canonical_schema
 
     params = SamplingParams(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, temperature=0)
+    # f: every other request under the schema (min_tokens cannot go with one: the schema decides the end)
+    constrained = SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0, json_schema=canonical_schema(STORY_SCHEMA))
     requests = [
         GenerationRequest(
             prompt_for(engine, i),
-            params,
+            constrained if name == "f" and i % 2 else params,
             None if a is None else AdapterRef(f"bench-{a:03d}", adapters[a], BASE),
         )
         for i, a in enumerate(adapter_plan(name))

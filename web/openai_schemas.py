@@ -11,7 +11,14 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from app.settings import get_settings
-from functions.engine.protocol import MAX_LOGIT_BIAS, MAX_N, MAX_SEED, SamplingParams
+from functions.engine.protocol import (
+    JSON_OBJECT_SCHEMA,
+    MAX_LOGIT_BIAS,
+    MAX_N,
+    MAX_SEED,
+    SamplingParams,
+    canonical_schema,
+)
 
 DEFAULT_MAX_TOKENS = 512
 # Sampling from more than the 1000 likeliest tokens is no top-k at all; every served vocabulary is larger than
@@ -101,6 +108,36 @@ class MergedAdapters(Body):
     majority_sign_method: str | None = Field(default=None, description="ties methods: total (default) or frequency.")
 
 
+class JsonSchemaSpec(Body):
+    """OpenAI's `json_schema` of a response_format: the answer is JSON valid under `schema`."""
+
+    name: str = Field(max_length=64, pattern=r"^[A-Za-z0-9_-]+$", description="The schema's name (not used).")
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema", description="A JSON Schema (an object); enforced, strict or not.")
+    strict: bool | None = Field(default=None, description="Accepted: the schema is always enforced exactly.")
+
+
+class ResponseFormat(Body):
+    """OpenAI's response_format: `text` (the default), `json_object` (any JSON object) or `json_schema`. The JSON
+    ones are enforced by constrained decoding (SamplingParams.json_schema); a schema that cannot be enforced is a
+    400 naming response_format, and so are stop sequences and min_tokens with it (the schema decides the end)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
+
+    @model_validator(mode="after")
+    def _schema_for_its_type(self) -> "ResponseFormat":
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is given with type 'json_schema', and only then")
+        return self
+
+    def schema_text(self) -> str | None:
+        """The schema as SamplingParams.json_schema holds it (canonical JSON text); None for free text."""
+        if self.json_schema is not None:
+            return canonical_schema(self.json_schema.schema_)
+        return JSON_OBJECT_SCHEMA if self.type == "json_object" else None
+
+
 class SamplingFields(Body):
     model: str = Field(description="A base model name, 'repo/version', or 'repo' for its latest version.")
     max_tokens: int | None = Field(default=None, ge=1)
@@ -125,6 +162,7 @@ class SamplingFields(Body):
     merged_adapters: MergedAdapters | None = Field(
         default=None, description="LoRAX extension: serve a merge of these adapters; `model` names their base model."
     )
+    response_format: ResponseFormat | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -204,6 +242,7 @@ class SamplingFields(Body):
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
             logit_bias=tuple((int(token), bias) for token, bias in (self.logit_bias or {}).items()),
+            json_schema=self.response_format.schema_text() if self.response_format else None,
         )
 
     @property

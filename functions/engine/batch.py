@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from functions.engine.beams import BeamSearch
+from functions.engine.grammar import JsonConstraint
 from functions.engine.heads import ClassifierHead
 from functions.engine.kv_cache import KVCache
 from functions.engine.llama import Sequences
@@ -49,6 +50,7 @@ class Seq:
     index: int = 0  # which answer of the request (n > 1) this is
     leader: "Seq | None" = None  # a follower's leader, whose prefill of the prompt it shares
     followers: list["Seq"] = field(default_factory=list)  # a leader's other answers (n > 1)
+    grammar: JsonConstraint | None = None  # its JSON schema's grammar (SamplingParams.json_schema), at its position
     submitted: float = field(default_factory=time.monotonic)
     cancelled: bool = False  # set by the caller's side; the engine drops the request before its next step
     # engine-thread state

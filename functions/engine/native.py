@@ -22,6 +22,7 @@ import torch
 from functions.engine.adapter_manager import AdapterManager
 from functions.engine.batch import Seq, Step, lay_out, probe_step, units
 from functions.engine.deltas import DeltaStream
+from functions.engine.grammar import SchemaGrammars
 from functions.engine.kv_cache import KVCache
 from functions.engine.llama import LlamaModel
 from functions.engine.lora_pool import LoraPool
@@ -112,6 +113,7 @@ class NativeEngine(Engine):
         self._running: list[Seq] = []
         self._wake = threading.Condition()
         self.adapters = AdapterManager(self.lora, base_model, m.num_layers, self._notify, (m.hidden, m.vocab))
+        self.grammars = SchemaGrammars(self.tokenizer, m.vocab)  # JSON schemas compiled for structured output
         self.counters = {"requests": 0, "generated_tokens": 0, "prompt_tokens": 0}
         self.steps = 0
         self._closed = False
@@ -156,7 +158,12 @@ class NativeEngine(Engine):
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]:
         seq = self._prepare(request)
+        if request.params.json_schema is not None:  # compiled once per schema (cached), off the event loop
+            seq.grammar = await asyncio.to_thread(self.grammars.start, request.params.json_schema)
         members = seq.members  # the request's answers (n > 1); most requests have one
+        for follower in seq.followers:  # each answer has its own grammar state
+            if request.params.json_schema is not None:
+                follower.grammar = await asyncio.to_thread(self.grammars.start, request.params.json_schema)
         loop = asyncio.get_running_loop()
         items: asyncio.Queue[tuple[int, tuple]] = asyncio.Queue()  # (answer index, item)
 
@@ -417,7 +424,9 @@ class NativeEngine(Engine):
         batch is redone row by row, and a row that raises alone fails its request alone."""
         if not seqs:
             return
-        states = [RowState(s.request.params, s.tokens, s.generated, s.generator, self.eos, s.choices) for s in seqs]
+        states = [
+            RowState(s.request.params, s.tokens, s.generated, s.generator, self.eos, s.choices, s.grammar) for s in seqs
+        ]
         try:
             choices: list[Choice | None] = list(choose(logits, states))
         except Exception:  # noqa: BLE001 - find the row at fault
@@ -432,6 +441,12 @@ class NativeEngine(Engine):
         for seq, choice in zip(seqs, choices, strict=True):
             if choice is None:
                 continue
+            if seq.grammar is not None and choice.token != self.eos:
+                try:  # the grammar moves on with the token its mask allowed
+                    seq.grammar.advance(choice.token)
+                except RuntimeError as exc:
+                    self._fail(seq, RequestFailed(f"structured output failed: {exc}"))
+                    continue
             if seq.generated == 0:
                 seq.first_token_at = now
             seq.tokens.append(choice.token)

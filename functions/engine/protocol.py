@@ -12,6 +12,7 @@ maps the kind to its status (web/errors.py).
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,8 +56,10 @@ class SamplingParams:
     # classification adapter's labels): each step may only continue one of them, each encoded as plain text
     # (prompts.encode_text). min_new_tokens does not apply; logprobs are over the allowed tokens, renormalised.
     choices: tuple[str, ...] = ()
-    # When set, the completion is JSON that validates against this JSON Schema, given as canonical JSON text (sorted
-    # keys, no spaces); LoRAX's response_format sets it (web/lorax_schemas.py).
+    # When set, the completion is JSON that validates against this JSON Schema (OpenAI's response_format; LoRAX's
+    # too), decoded under its grammar (functions/engine/grammar.py): canonical JSON text (canonical_schema), which is
+    # also the compiled grammar's cache key; {"type": "object"} for json_object. The grammar decides where the answer
+    # ends: a stop sequence (which could cut the JSON) and min_new_tokens are refused with it, and so is beam search.
     json_schema: str | None = None
 
     @property
@@ -284,6 +287,38 @@ def check_vocabulary(params: SamplingParams, vocab_size: int) -> None:
             f"logit_bias: token id {outside[0]} is outside this model's vocabulary (0 to {vocab_size - 1})",
             "logit_bias",
         )
+    if params.json_schema is not None:
+        check_schema_request(params)
+
+
+JSON_OBJECT_SCHEMA = '{"type":"object"}'  # response_format {"type": "json_object"}: any JSON object
+
+
+def canonical_schema(schema: Any) -> str:
+    """A JSON Schema as SamplingParams.json_schema holds it: compact JSON with sorted keys, so that one schema sent
+    with its keys in any order is one cache entry."""
+    return json.dumps(schema, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def check_schema_request(params: SamplingParams) -> None:
+    """What cannot go with a JSON schema, refused naming the field (whether the schema itself can be enforced, each
+    engine's grammar library says: functions/engine/grammar.py)."""
+    if params.choices:
+        raise EngineError(
+            "response_format: this model answers only with its labels (a classification adapter)", "response_format"
+        )
+    if params.stop:
+        raise EngineError(
+            "stop cannot be combined with response_format: a stop sequence could cut the JSON short; "
+            "the schema decides where the answer ends",
+            "stop",
+        )
+    if params.min_new_tokens:
+        raise EngineError(
+            "min_tokens cannot be combined with response_format: the schema decides where the answer ends", "min_tokens"
+        )
+    if params.num_beams > 1:
+        raise EngineError("num_beams: beam search cannot be combined with response_format", "num_beams")
 
 
 class ClientGone(Exception):

@@ -8,6 +8,10 @@ one of its choices (ChoiceTrie), or only end-of-sequence once it spelled a whole
 then see the masked logits, so the logprobs are over the allowed tokens, renormalised. Rows without choices take
 the same path as before, with no extra work.
 
+A row whose request names a JSON schema (SamplingParams.json_schema) is masked the same way, by its grammar
+(grammar.py: the tokens that keep the JSON valid, only end-of-sequence once it is complete), the batch's grammar
+rows' masks computed together; min_new_tokens does not apply to them either (the schema decides the end).
+
 OpenAI's presence_penalty, frequency_penalty and logit_bias (`adjust`) come after the repetition penalty, before
 the greedy choice or the temperature; like it, they take a row off the one-argmax path. The logprobs stay the
 model's own (as vLLM's by default), not the adjusted scores."""
@@ -18,6 +22,7 @@ from typing import Any
 
 import torch
 
+from functions.engine.grammar import JsonConstraint, allowed_tokens
 from functions.engine.protocol import SamplingParams
 from functions.prompts import encode_text
 
@@ -69,6 +74,12 @@ class RowState:
     generator: torch.Generator | None
     eos: int
     choices: ChoiceTrie | None = None  # the request's choices, when it names any
+    grammar: JsonConstraint | None = None  # the request's JSON schema's grammar, when it names one
+
+    @property
+    def constrained(self) -> bool:
+        """Whether a mask decides the row's end (choices or a schema): min_new_tokens does not apply."""
+        return self.choices is not None or self.grammar is not None
 
     def allowed(self) -> list[int]:
         assert self.choices is not None
@@ -88,11 +99,13 @@ def choose(logits: torch.Tensor, rows: list[RowState]) -> list[Choice]:
         r.params.greedy
         and r.params.repetition_penalty == 1.0
         and not r.params.adjusts_logits
-        and (r.generated >= r.params.min_new_tokens or r.choices is not None)
+        and (r.generated >= r.params.min_new_tokens or r.constrained)
         for r in rows
     ]
     if any(r.choices is not None for r in rows):
         logits = mask_choices(logits, [r.allowed() if r.choices is not None else None for r in rows])
+    if any(r.grammar is not None for r in rows):
+        logits = mask_grammars(logits, rows)
     greedy = logits.argmax(-1).tolist() if any(simple) else []
     choices = []
     for i, row in enumerate(rows):
@@ -122,10 +135,20 @@ def mask_choices(logits: torch.Tensor, allowed: Sequence[list[int] | None]) -> t
     return masked
 
 
+def mask_grammars(logits: torch.Tensor, rows: Sequence[RowState]) -> torch.Tensor:
+    """A copy of logits [B, V] where, in each row with a grammar, every token it does not allow next is -inf."""
+    index = [i for i, r in enumerate(rows) if r.grammar is not None]
+    keep = allowed_tokens([r.grammar for r in rows if r.grammar is not None], logits.shape[-1])  # [len(index), V]
+    masked = logits.clone()
+    picked = torch.tensor(index, dtype=torch.long, device=logits.device)
+    masked[picked] = torch.where(keep.to(logits.device), logits[picked], -float("inf"))
+    return masked
+
+
 def _sample(row_logits: torch.Tensor, row: RowState) -> int:
     params = row.params
     scores = row_logits.clone()
-    if row.generated < params.min_new_tokens and row.choices is None:  # a choice's end is its own
+    if row.generated < params.min_new_tokens and not row.constrained:  # a choice's or a schema's end is its own
         scores[row.eos] = -float("inf")
     if params.repetition_penalty != 1.0:
         seen = torch.tensor(sorted(set(row.tokens)), device=scores.device)

@@ -190,6 +190,10 @@ class VLLMEngine(Engine):
         check_vocabulary(params, len(self.tokenizer))  # vLLM would fail the request inside its engine instead
         if request.adapter is not None:
             self._check_adapter(request)
+        if params.json_schema is not None:  # refused as the native engine refuses it, naming response_format
+            from functions.engine.grammar import check_schema
+
+            check_schema(params.json_schema)
         return ids
 
     def _check_adapter(self, request: GenerationRequest) -> None:
@@ -217,7 +221,9 @@ class VLLMEngine(Engine):
         # Choices (a classification adapter's labels): vLLM's structured outputs, a grammar of the choices' texts,
         # which masks the logits before they are sampled and before the logprobs are taken (renormalised over the
         # allowed tokens, as the native engine's). A choice's end is its own: min_tokens yields to it.
-        choices = StructuredOutputsParams(choice=list(params.choices)) if params.choices else None
+        structured = StructuredOutputsParams(choice=list(params.choices)) if params.choices else None
+        if params.json_schema is not None:  # structured output: the JSON schema's grammar, the same way
+            structured = StructuredOutputsParams(json=json.loads(params.json_schema))
         min_new = 0 if params.choices else params.min_new_tokens
         return SamplingParams(
             temperature=0.0 if greedy else params.temperature,
@@ -226,7 +232,7 @@ class VLLMEngine(Engine):
             repetition_penalty=params.repetition_penalty,
             max_tokens=min(params.max_new_tokens, self.context_length - prompt_len),
             min_tokens=min(min_new, self.context_length - prompt_len),
-            structured_outputs=choices,
+            structured_outputs=structured,
             stop=list(params.stop) or None,  # vLLM holds back text that may begin a stop and cuts before it
             seed=params.seed,
             n=1 if greedy else params.n,  # greedy answers are all one answer (see generate)
