@@ -14,7 +14,7 @@ label short is refused; max_tokens below a label's length ends the answer with f
 """
 
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from dataclasses import replace
 from typing import Any, TypeVar
 
@@ -72,24 +72,35 @@ async def shared_engine(target: Target, http: Request) -> Engine:
     return await loading(get_engine, target.base_model, target.model_dir)
 
 
+def merged_fields(body: ChatCompletionRequest | CompletionRequest) -> dict[str, Any] | None:
+    """The OpenAI routes' `merged_adapters` as LoRAX spells them (what `merged_target` reads)."""
+    return body.merged_adapters.model_dump() if body.merged_adapters is not None else None
+
+
 async def merged_target(
-    db: Session, tenant_id: str, body: ChatCompletionRequest | CompletionRequest, target: Target
+    db: Session,
+    tenant_id: str,
+    merged: Mapping[str, Any] | None,
+    target: Target,
+    field: str = "merged_adapters",
+    model_param: str = "model",
 ) -> Target:
-    """The target served by a merge of the request's `merged_adapters` (LoRAX's extension: computed once per recipe
-    and cached, functions/adapter_merge.py), whose base model `model` names; the target as it is without them. A
-    merge that cannot be made is the API's 400 naming the field."""
-    if body.merged_adapters is None:
+    """The target served by a merge of the request's `merged_adapters` (LoRAX's: computed once per recipe and
+    cached, functions/adapter_merge.py), whose base model `model_param` names; the target as it is without them. A
+    merge that cannot be made is the API's 400 naming the field (`field` is where the request carries it: the
+    OpenAI routes' `merged_adapters`, LoRAX's `parameters.merged_adapters`)."""
+    if merged is None:
         return target
     if target.adapter is not None or target.model_dir is not None:
         raise APIError(
             400,
-            f"model: with merged_adapters, model names the base model of the adapters merged "
+            f"{model_param}: with {field}, {model_param} names the base model of the adapters merged "
             f"({target.base_model!r}), not {target.model!r}",
-            param="model",
+            param=model_param,
             code="invalid_request",
         )
     try:
-        spec = MergeSpec.from_request(body.merged_adapters.model_dump())
+        spec = MergeSpec.from_request(merged, field)
         adapter = await run_in_threadpool(merged_ref, db, tenant_id, spec, target.base_model)
     except MergeRefused as exc:
         raise APIError(400, exc.message, param=exc.field, code=exc.code) from None

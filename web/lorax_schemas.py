@@ -2,8 +2,8 @@
 as LoRAX's own server and the `lorax-client` package (lorax/types.py) spell them.
 
 lorax-client sends every parameter, unset ones as null or their default (`watermark: false`), so a field is refused
-only when it asks for something: `typical_p`, `watermark: true`, `best_of` above 1, `adapter_source`, `api_token` and
-`merged_adapters` answer 400 naming the field (web/routers/lorax.py), as does a field LoRAX does not have. The
+only when it asks for something: `typical_p`, `watermark: true`, `best_of` above 1, `adapter_source`, and `api_token`
+answer 400 naming the field (web/routers/lorax.py), as does a field LoRAX does not have. The
 numbers keep the limits of the OpenAI routes (web/openai_schemas.py), so every dialect has the same.
 """
 
@@ -36,7 +36,11 @@ class Parameters(Body):
         "name; none: the base model of the route (/v1/models/{base_model}/..., a deployment's).",
     )
     adapter_source: str | None = Field(default=None, description="Refused: adapters are the tenant's own repos.")
-    merged_adapters: dict[str, Any] | None = Field(default=None, description="Refused: not served yet.")
+    merged_adapters: dict[str, Any] | None = Field(
+        default=None,
+        description="Serve a merge of these adapters of the route's base model ({ids, weights, merge_strategy, "
+        "density, majority_sign_method}; functions/adapter_merge.py); adapter_id then is unset or the base model.",
+    )
     api_token: str | None = Field(default=None, description="Refused: the API key is the Authorization header.")
     do_sample: bool = Field(default=False, description="false: greedy, unless a sampling field is set (as LoRAX).")
     max_new_tokens: int | None = Field(default=None, ge=1, description=f"Default {DEFAULT_MAX_TOKENS}.")
@@ -75,7 +79,6 @@ class Parameters(Body):
                 self.api_token is not None,
                 "the API key goes in the Authorization header; leave api_token unset",
             ),
-            "merged_adapters": (self.merged_adapters is not None, "merging adapters per request is not served yet"),
         }
         for name, (asked, why) in refused.items():
             if asked:

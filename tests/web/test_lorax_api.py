@@ -3,13 +3,14 @@ generate_stream on the shared endpoints (the base model named by the route or by
 deployment, details (tokens, finish_reason, seed, prefill), an imported adapter, alternatives, seeds, LoRAX's error
 types with our messages, an inference-scoped key, usage records, and raw-HTTP refusals naming the field."""
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from lorax import Client
+from lorax import Client, MergedAdapters
 from lorax.errors import NotFoundError, ValidationError
 
 from conftest import TINY_MODEL, Platform, make_tenant
@@ -188,3 +189,37 @@ def test_lorax_client_on_a_private_deployment(served: Served, lora_dir: Path) ->
     assert len(records(http)) == 2  # the shared endpoint's answers only: a deployment is billed by the second
     with pytest.raises(NotFoundError, match="deployment"):
         Client(f"{served.url}/v1/deployments/nope", headers=headers).generate(PROMPT)
+
+
+def test_lorax_client_merges_adapters_and_follows_a_schema(
+    served: Served, lora_dir: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    _, headers = make_tenant("acme")
+    http = httpx.Client(base_url=served.url, headers=headers, timeout=120)
+    first = import_lora(http, "first", lora_dir)
+    second = import_lora(http, "second", build_lora(tiny_model_dir, tmp_path / "second", seed=4))
+    base = Client(f"{served.url}/v1/models/{TINY_MODEL}", headers=headers, timeout=120)
+
+    # merged_adapters, as lorax-client sends it: the same merge (one recipe, cached) the OpenAI routes serve
+    merge = MergedAdapters(ids=[first, second], weights=[0.7, 0.3], merge_strategy="ties", density=0.5)
+    merged = base.generate(PROMPT, merged_adapters=merge, max_new_tokens=8)
+    recipe = merge.model_dump()
+    r = http.post(
+        "/v1/completions",
+        json={"model": TINY_MODEL, "prompt": PROMPT, "max_tokens": 8, "temperature": 0, "merged_adapters": recipe},
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == merged.generated_text
+    assert merged.generated_text != base.generate(PROMPT, adapter_id=first, max_new_tokens=8).generated_text
+    both = {"inputs": PROMPT, "parameters": {"adapter_id": first, "merged_adapters": recipe}}  # lorax-client refuses
+    r = http.post(f"/v1/models/{TINY_MODEL}/generate", json=both)
+    assert r.status_code == 400 and r.json()["param"] == "parameters.adapter_id", r.text
+    with pytest.raises(ValidationError, match="parameters.merged_adapters.ids"):
+        base.generate(PROMPT, merged_adapters=MergedAdapters(ids=[first, "nobody/1"], weights=[1, 1], density=1))
+
+    # response_format (LoRAX's json_object with a schema): the answer is JSON of that schema
+    names = {"type": "string", "enum": ["Ann", "Bo"]}
+    schema = {"type": "object", "properties": {"name": names}, "required": ["name"], "additionalProperties": False}
+    answer = base.generate(PROMPT, response_format={"type": "json_object", "schema": schema}, max_new_tokens=40)
+    assert answer.details.finish_reason == "eos_token", answer.generated_text
+    assert json.loads(answer.generated_text)["name"] in ("Ann", "Bo")

@@ -20,7 +20,7 @@ from functions.deployments.runtime import DeploymentEngine, DeploymentRuntime
 from functions.deployments.suspension import wake_refusal
 from functions.model_targets import Target, deployment_target
 from web.deps import CurrentTenant, Db, Runtime
-from web.inference import loading, merged_target, respond
+from web.inference import loading, merged_fields, merged_target, respond
 from web.openai_schemas import ChatCompletionRequest, CompletionRequest
 from web.routers.deployments import find
 
@@ -53,7 +53,7 @@ async def _answer(
     (not metered per token: its replicas are billed by the second)."""
     deployment = serving_deployment(db, tenant.id, name)
     target = deployment_target(db, tenant.id, deployment.name, deployment.base_model, body.model)
-    target = await merged_target(db, tenant.id, body, target)
+    target = await merged_target(db, tenant.id, merged_fields(body), target)
     engine = await deployment_engine(runtime, deployment, target)
     return await respond(body, target, engine, tenant, request, metered=False)
 

@@ -33,12 +33,13 @@ from functions.model_targets import Target, resolve_model
 from web import lorax_replies
 from web.deps import CurrentTenant, Db, Runtime
 from web.errors import APIError
-from web.inference import shared_engine
+from web.inference import merged_target, shared_engine
 from web.lorax_inference import respond
 from web.lorax_schemas import CompatRequest, GenerateRequest
 from web.routers.deployment_inference import deployment_engine, serving_deployment
 
 ADAPTER_ID = "parameters.adapter_id"
+MERGED = "parameters.merged_adapters"
 
 Model = TypeVar("Model", bound=BaseModel)
 
@@ -154,6 +155,7 @@ async def _shared(
     if limiter is not None:
         limiter.check(db, tenant)
     target = _shared_target(db, tenant.id, base_model, body.parameters.adapter_id)
+    target = await merged_target(db, tenant.id, body.parameters.merged_adapters, target, MERGED, ADAPTER_ID)
     db.close()  # hand the connection back now: a stream may last minutes, and usage is written on its own session
     engine = await shared_engine(target, request)
     return await respond(body, stream, target, engine, tenant, request, listed=listed)
@@ -174,6 +176,7 @@ async def _private(
     deployment = serving_deployment(db, tenant.id, name)
     adapter_id = body.parameters.adapter_id
     target = _adapter_target(db, tenant.id, adapter_id, deployment.base_model, f"the deployment '{name}' serves")
+    target = await merged_target(db, tenant.id, body.parameters.merged_adapters, target, MERGED, ADAPTER_ID)
     engine = await deployment_engine(runtime, deployment, target)
     return await respond(body, stream, target, engine, tenant, request, metered=False, listed=listed)
 

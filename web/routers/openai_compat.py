@@ -17,7 +17,7 @@ from app.models import AdapterVersion, Repo, Tenant
 from functions.catalog import list_models
 from functions.model_targets import resolve_model
 from web.deps import CurrentTenant, Db
-from web.inference import merged_target, respond, shared_engine
+from web.inference import merged_fields, merged_target, respond, shared_engine
 from web.openai_schemas import ChatCompletionRequest, CompletionRequest
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -57,7 +57,7 @@ async def completions(body: CompletionRequest, tenant: CurrentTenant, db: Db, re
 
 async def _answer(body: ChatCompletionRequest | CompletionRequest, tenant: Tenant, db: Db, request: Request) -> Any:
     _shared_limits(request, db, tenant)
-    target = await merged_target(db, tenant.id, body, resolve_model(db, tenant.id, body.model))
+    target = await merged_target(db, tenant.id, merged_fields(body), resolve_model(db, tenant.id, body.model))
     db.close()  # hand the connection back now: a stream may last minutes, and usage is written on its own session
     engine = await shared_engine(target, request)
     return await respond(body, target, engine, tenant, request)
