@@ -16,7 +16,8 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.models import Tenant, TenantEvent, WebhookDelivery, WebhookEndpoint
+from app.event_tables import TenantEvent, WebhookDelivery, WebhookEndpoint
+from app.models import Tenant
 
 # Every event type -> the resource its `data` is (a renderer's key), or None where the publisher passes `data`.
 TYPES: dict[str, str | None] = {

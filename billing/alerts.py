@@ -17,7 +17,8 @@ from sqlalchemy import CursorResult, select, update
 from sqlalchemy.orm import Session
 
 from app import events
-from app.models import BillingAccount, TenantEvent, UsageRecord, utcnow
+from app.event_tables import TenantEvent
+from app.models import BillingAccount, UsageRecord, utcnow
 from app.settings import get_settings
 from billing import credits, views
 

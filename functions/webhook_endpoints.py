@@ -17,7 +17,8 @@ from sqlalchemy.orm import Session
 
 from app import events
 from app.errors import Conflict, NotFound
-from app.models import WebhookEndpoint, utcnow
+from app.event_tables import WebhookEndpoint
+from app.models import utcnow
 from functions.webhook_http import MAX_URL_CHARS, check_url
 
 SECRET_BYTES = 32  # the spec asks for 24 to 64

@@ -30,7 +30,8 @@ from standardwebhooks.webhooks import Webhook
 from app import events
 from app.db import session_scope
 from app.errors import NotFound
-from app.models import TenantEvent, WebhookAttempt, WebhookDelivery, WebhookEndpoint, utcnow
+from app.event_tables import TenantEvent, WebhookAttempt, WebhookDelivery, WebhookEndpoint
+from app.models import utcnow
 from app.settings import get_settings
 from functions import webhook_endpoints, webhook_http
 from functions.webhook_http import Answer

@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import select
 
 from app.db import session_scope
-from app.models import TenantEvent
+from app.event_tables import TenantEvent
 from billing import credits, ledger
 from conftest import TINY_MODEL
 

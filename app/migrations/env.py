@@ -2,6 +2,7 @@
 
 from alembic import context
 
+import app.event_tables  # noqa: F401 - its tables join Base.metadata
 from app.models import Base
 
 connection = context.config.attributes.get("connection")

@@ -25,7 +25,8 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from app import events
 from app.db import session_scope
-from app.models import TenantEvent, WebhookAttempt, WebhookDelivery, WebhookEndpoint, utcnow
+from app.event_tables import TenantEvent, WebhookAttempt, WebhookDelivery, WebhookEndpoint
+from app.models import utcnow
 from app.settings import get_settings
 from conftest import free_port, make_tenant
 from functions import webhooks

@@ -23,7 +23,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app import events
 from app.db import sessions
-from app.models import TenantEvent
+from app.event_tables import TenantEvent
 from web.deps import CurrentTenant, Db
 from web.errors import APIError
 
