@@ -206,6 +206,14 @@ def client(platform: Platform) -> Iterator["TestClient"]:  # type: ignore[name-d
         yield c
 
 
+def openai_sdk(client: Any, headers: dict[str, str]) -> Any:
+    """The official `openai` client over a TestClient (`client`), with the tenant's key from `headers`."""
+    import openai
+
+    key = headers["Authorization"].removeprefix("Bearer ")
+    return openai.OpenAI(base_url="http://testserver/v1", api_key=key, http_client=client, max_retries=0)
+
+
 def make_tenant(name: str) -> tuple[str, dict[str, str]]:
     """(tenant id, auth headers) for a new tenant."""
     from app.db import session_scope

@@ -12,6 +12,7 @@ import openai
 import pytest
 
 from conftest import TINY_MODEL, Platform
+from conftest import openai_sdk as sdk
 from functions.prompts import encode_text
 from lora_helpers import build_lora
 
@@ -45,11 +46,6 @@ def publish(tenant: str, repo: str, lora_dir: Path, labels: list[str] | None) ->
     )
     assert published is not None
     return f"{repo}/{published.version}"
-
-
-def sdk(client: Any, headers: dict[str, str]) -> openai.OpenAI:
-    key = headers["Authorization"].removeprefix("Bearer ")
-    return openai.OpenAI(base_url="http://testserver/v1", api_key=key, http_client=client, max_retries=0)
 
 
 def test_a_classification_adapter_answers_only_its_labels(client: Any, alice: dict[str, str], lora_dir: Path) -> None:

@@ -12,6 +12,7 @@ import openai
 import pytest
 
 from conftest import TINY_MODEL, InProcessWorker
+from conftest import openai_sdk as sdk
 
 ROWS = [{"prompt": f"Say hi to {n}", "completion": f"Hi {n}!"} for n in ("Ann", "Bo", "Cy", "Di")]
 HELLO: list[Any] = [{"role": "user", "content": "Say hi to Ann"}]
@@ -80,11 +81,6 @@ def no_free_tier(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def price(tokens: int) -> int:
     return math.ceil(tokens * PRICE_PER_MILLION / 1_000_000)
-
-
-def sdk(client: Any, headers: dict[str, str]) -> openai.OpenAI:
-    key = headers["Authorization"].removeprefix("Bearer ")
-    return openai.OpenAI(base_url="http://testserver/v1", api_key=key, http_client=client, max_retries=0)
 
 
 def assert_openai_error(r: Any, status: int, param: str | None, code: str | None = None) -> dict[str, Any]:

@@ -10,6 +10,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from conftest import TINY_MODEL
+from conftest import openai_sdk as sdk
 from web.openai_schemas import REFUSED
 
 HELLO: list[Any] = [{"role": "user", "content": "Say hi to Ann"}]
@@ -18,11 +19,6 @@ HELLO: list[Any] = [{"role": "user", "content": "Say hi to Ann"}]
 @pytest.fixture(autouse=True)
 def no_free_tier(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LORAPLEX_FREE_TOKENS_PER_DAY", "0")
-
-
-def sdk(client: Any, headers: dict[str, str]) -> openai.OpenAI:
-    key = headers["Authorization"].removeprefix("Bearer ")
-    return openai.OpenAI(base_url="http://testserver/v1", api_key=key, http_client=client, max_retries=0)
 
 
 def refused(call: Any, param: str) -> str:

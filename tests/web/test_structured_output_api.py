@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
-import openai
 import pytest
 
 from conftest import TINY_MODEL
+from conftest import openai_sdk as sdk
 from lora_helpers import build_lora
 
 PERSON = {
@@ -33,11 +33,6 @@ HELLO: Any = [{"role": "user", "content": "Describe a person as JSON."}]
 @pytest.fixture(autouse=True)
 def no_free_tier(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LORAPLEX_FREE_TOKENS_PER_DAY", "0")
-
-
-def sdk(client: Any, headers: dict[str, str]) -> openai.OpenAI:
-    key = headers["Authorization"].removeprefix("Bearer ")
-    return openai.OpenAI(base_url="http://testserver/v1", api_key=key, http_client=client, max_retries=0)
 
 
 def import_lora(client: Any, headers: dict[str, str], repo: str, lora: Path, base_model: str = TINY_MODEL) -> str:
