@@ -39,7 +39,14 @@ KEEPALIVE_SECONDS = 15.0  # an SSE comment this often keeps proxies from closing
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=JobOut)
 def create_job(config: FinetuneConfig, tenant: CurrentTenant, db: Db) -> JobOut:
-    dataset = find_dataset(db, tenant.id, config.dataset)
+    return job_out(start_job(db, tenant.id, config))
+
+
+def start_job(db: Session, tenant_id: str, config: FinetuneConfig) -> FinetuneJob:
+    """Check a job's config against its dataset and the tenant's credit, resolve its "auto" fields, price it and
+    queue it; nothing is kept when it is refused (APIError naming the field). Both dialects create jobs here: ours
+    (POST /v1/finetuning/jobs) and OpenAI's (POST /v1/fine_tuning/jobs, web/routers/openai_finetuning.py)."""
+    dataset = find_dataset(db, tenant_id, config.dataset)
     if dataset.status != "ready":
         raise APIError(
             409,
@@ -53,20 +60,20 @@ def create_job(config: FinetuneConfig, tenant: CurrentTenant, db: Db) -> JobOut:
     if labels is not None and len(labels) < 2:
         raise APIError(422, f"dataset: {single_class_message(config.dataset, labels)}", param="dataset")
     try:
-        config, _ = checkpoints.continuation(db, tenant.id, config)  # a continued adapter's LoRA settings carry over
+        config, _ = checkpoints.continuation(db, tenant_id, config)  # a continued adapter's LoRA settings carry over
     except checkpoints.Refused as exc:
         raise APIError(422, exc.message, param=exc.field, code="invalid_value") from None
     # "auto" fields from the dataset; refused here (naming max_seq_length) when truncation would lose too much.
     resolved = auto_config.resolve(config, auto_config.dataset_profile(dataset))
     config = resolved.config
     tokens = estimated_tokens(resolved.truncation, config)
-    estimate = ledger.price_book(db, tenant.id).finetune(get_model(config.base_model).params, config.technique, tokens)
-    refusal = credits.paid_work_refusal(db, tenant.id, estimate)
+    estimate = ledger.price_book(db, tenant_id).finetune(get_model(config.base_model).params, config.technique, tokens)
+    refusal = credits.paid_work_refusal(db, tenant_id, estimate)
     if refusal is not None:
         raise APIError(402, refusal, code="payment_required", estimate_micro_usd=estimate)
-    repo = get_or_create_repo(db, tenant.id, config.repo)
+    repo = get_or_create_repo(db, tenant_id, config.repo)
     job = FinetuneJob(
-        tenant_id=tenant.id,
+        tenant_id=tenant_id,
         dataset_id=dataset.id,
         repo_id=repo.id,
         base_model=config.base_model,
@@ -79,7 +86,7 @@ def create_job(config: FinetuneConfig, tenant: CurrentTenant, db: Db) -> JobOut:
     db.flush()
     emit(db, "finetune.requested", job.id)
     db.commit()
-    return job_out(job)
+    return job
 
 
 @router.get("", response_model=list[JobOut])
