@@ -35,6 +35,8 @@ def charged(session: Session, record: UsageRecord) -> None:
     if record.amount_micro_usd <= 0:
         return
     session.flush()  # its id: the record the event renders
+    # The account before the tenant's feed (events.publish locks the tenant): the order every writer takes them in.
+    credits.lock_account(session, record.tenant_id)
     events.publish(session, record.tenant_id, "billing.charge", str(record.id))
     credit_moved(session, record.tenant_id, credits.balance(session, record.tenant_id).credit_micro_usd)
 

@@ -7,7 +7,7 @@ that no grant covers is pay-as-you-go, charged to the card on file.
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from app.models import BillingAccount, CreditGrant, UsageRecord, utcnow
@@ -85,6 +85,22 @@ class Balance:
     credit_micro_usd: int  # still spendable now
     pay_as_you_go_micro_usd: int  # usage no credit covered (all time)
     grants: list[GrantState]
+
+
+def lock_account(session: Session, tenant_id: str) -> None:
+    """Hold the tenant's billing account until this transaction ends, before reading a balance to act on it.
+
+    A balance read and the credit state moved after it must see the same ledger: without the lock, the periodic
+    check could read the ledger just before a top-up commits and the account just after the top-up reset its
+    state, and so announce (and hold the deployments for) a fall that had been undone. A no-op UPDATE is the one
+    lock both databases take: PostgreSQL locks the row; SQLite starts its single write transaction, whose reads
+    then see every earlier commit."""
+    session.execute(
+        update(BillingAccount)
+        .where(BillingAccount.tenant_id == tenant_id)
+        .values(credit_state=BillingAccount.credit_state)
+        .execution_options(synchronize_session=False)
+    )
 
 
 def balance(session: Session, tenant_id: str, now: datetime | None = None) -> Balance:

@@ -39,16 +39,17 @@ def check(now: datetime | None = None) -> bool:
     """The periodic look: for each developer tenant with a deployment or a grant that expired lately, announce
     expiries and falls of credit, and hold or release its deployments, one transaction per tenant. Returns whether
     a hold changed (the runtime then reads the rows again)."""
-    now = now or utcnow()
     with session_scope() as s:
-        tenants = _watched(s, now)
+        tenants = _watched(s, now or utcnow())
     changed = False
     for tenant_id in tenants:
         try:
             with session_scope() as s:
-                balance = credits.balance(s, tenant_id, now)
-                alerts.expiries(s, tenant_id, balance, now)
-                changed |= review(s, tenant_id, now, balance.credit_micro_usd)
+                credits.lock_account(s, tenant_id)  # a top-up commits before or after this look, not inside it
+                at = now or utcnow()  # read after the lock, so a top-up committed before it is counted
+                balance = credits.balance(s, tenant_id, at)
+                alerts.expiries(s, tenant_id, balance, at)
+                changed |= review(s, tenant_id, at, balance.credit_micro_usd)
         except Exception:  # noqa: BLE001 - one tenant's failure must not stop the others' holds
             log.exception("the credit check of tenant %s failed", tenant_id)
     return changed
@@ -56,9 +57,10 @@ def check(now: datetime | None = None) -> bool:
 
 def review(session: Session, tenant_id: str, now: datetime | None = None, credit: int | None = None) -> bool:
     """One tenant, in the caller's transaction: announce a fall of its credit, then hold its deployments if it
-    cannot pay, or release them if it can again. `credit` (micro-USD): when the caller has just computed it.
-    Returns whether a hold changed."""
+    cannot pay, or release them if it can again. `credit` (micro-USD): when the caller has just computed it, after
+    credits.lock_account. Returns whether a hold changed."""
     if credit is None:
+        credits.lock_account(session, tenant_id)
         credit = credits.balance(session, tenant_id, now).credit_micro_usd
     alerts.credit_moved(session, tenant_id, credit, now)
     return hold(session, tenant_id, credits.paid_work_refusal(session, tenant_id, 1, now, credit=credit))

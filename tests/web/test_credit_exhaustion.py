@@ -9,6 +9,7 @@ periodic check, or by calling that check with a clock of the test's."""
 
 import json
 import secrets
+import threading
 import time
 from collections.abc import Iterator
 from datetime import timedelta
@@ -249,3 +250,49 @@ def finished_job(client: TestClient, headers: dict[str, str]) -> dict[str, Any]:
     )
     assert job["status"] == "completed", job
     return job
+
+
+def test_a_top_up_landing_while_the_credit_check_looks_is_not_taken_for_a_fall(
+    client: TestClient, platform: Platform, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check reads the ledger, then moves the credit state and the holds: a top-up committing in between would
+    have its reset state taken for a fresh fall (a third billing.credit_low) and the deployment held again. The
+    check's ledger read is paused here until the top-up commits (or 3 s): the account lock makes the top-up wait."""
+    from functions.deployments import suspension
+
+    tenant_id, headers = make_tenant("race")
+    assert client.post("/v1/deployments", headers=headers, json={"name": "prod", "base_model": TINY_MODEL}).is_success
+    spend(tenant_id, credit(tenant_id))
+    suspension.check()
+    assert len(events(tenant_id, "billing.credit_low")) == 1
+    assert client.get("/v1/deployments/prod", headers=headers).json()["suspended_reason"]
+
+    real_balance = credits.balance
+    read, committed = threading.Event(), threading.Event()
+
+    def balance_then_pause(session: Any, tenant: str, now: Any = None) -> credits.Balance:
+        found = real_balance(session, tenant, now)
+        if threading.current_thread().name == "check":
+            read.set()
+            committed.wait(3)
+        return found
+
+    def top_up() -> None:
+        with session_scope() as s:
+            credits.grant_credit(s, tenant_id, 20_000_000, category="paid", reason="top-up", idempotency_key="race:1")
+            suspension.review(s, tenant_id)
+        committed.set()
+
+    monkeypatch.setattr(credits, "balance", balance_then_pause)
+    checker = threading.Thread(target=suspension.check, name="check")
+    checker.start()
+    assert read.wait(30)
+    payer = threading.Thread(target=top_up)
+    payer.start()
+    checker.join(60)
+    payer.join(60)
+    assert not checker.is_alive() and not payer.is_alive()
+    with session_scope() as s:
+        assert s.get_one(BillingAccount, tenant_id).credit_state == "ok"
+    assert len(events(tenant_id, "billing.credit_low")) == 1
+    assert client.get("/v1/deployments/prod", headers=headers).json()["suspended_reason"] is None

@@ -121,6 +121,9 @@ def _handle(db: Session, event: dict[str, Any]) -> dict[str, Any]:
         # The id first: a concurrent delivery of the same event blocks here, then fails, and applies nothing.
         db.add(StripeWebhookEvent(id=event_id, type=event_type))
         db.flush()
+        # The account before anything the handler publishes (the order the credit check takes them in), and so
+        # the review below reads a ledger no check is acting on at the same moment.
+        credits.lock_account(db, account.tenant_id)
         outcome = handler(db, account, obj)
         # Credit or a card came or went: announce a fall, hold or release the tenant's deployments (the runtime
         # reads the rows within a few seconds).
