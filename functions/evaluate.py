@@ -2,7 +2,8 @@
 
 - loss, perplexity and token accuracy: one teacher-forced pass over each example, on completion tokens only;
 - sequence accuracy and character error rate: the greedy answer to each prompt against the reference
-  completion (rows without a prompt, as in continued pretraining, have no answer to compare and are skipped);
+  completion (rows without a prompt, as in continued pretraining, have no answer to compare and are skipped); in a
+  conversation that learns several turns, the last learned turn is the answer, everything before it the prompt;
 - for a classification dataset (functions/datasets.detect_labels), the answer is one of the labels, chosen as
   constrained decoding chooses it at inference, with accuracy per class and the confusion matrix.
 """
@@ -196,8 +197,9 @@ def _greedy_answers(model: Any, tokenizer: Any, examples: list[Tokenized], batch
     prompted = [e for e in examples if e.labels and e.labels[0] == IGNORE_INDEX]
     for start in range(0, len(prompted), batch_size):
         batch = prompted[start : start + batch_size]
-        prompts = [e.input_ids[: _prompt_length(e)] for e in batch]
-        references = [e.input_ids[_prompt_length(e) :] for e in batch]
+        spans = [_last_answer(e) for e in batch]
+        prompts = [e.input_ids[:start] for e, (start, _) in zip(batch, spans, strict=True)]
+        references = [e.input_ids[start:end] for e, (start, end) in zip(batch, spans, strict=True)]
         width = max(len(p) for p in prompts)
         ids = torch.full((len(batch), width), tokenizer.pad_token_id)  # [batch, seq], left-padded for generation
         mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -220,6 +222,17 @@ def _greedy_answers(model: Any, tokenizer: Any, examples: list[Tokenized], batch
 
 def _prompt_length(example: Tokenized) -> int:
     return next((i for i, label in enumerate(example.labels) if label != IGNORE_INDEX), len(example.labels))
+
+
+def _last_answer(example: Tokenized) -> tuple[int, int]:
+    """[start, end) of the example's last run of learned tokens: its completion, or a conversation's last learned
+    turn (one that learns several is answered at its last, given the turns before it)."""
+    learned = [label != IGNORE_INDEX for label in example.labels]
+    end = len(learned) - learned[::-1].index(True) if True in learned else len(learned)
+    start = end
+    while start > 0 and learned[start - 1]:
+        start -= 1
+    return start, end
 
 
 def char_error_rate(predicted: str, reference: str) -> float:

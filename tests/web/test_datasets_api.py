@@ -18,7 +18,7 @@ from app.models import Dataset
 from app.settings import get_settings
 from conftest import TINY_MODEL, InProcessWorker, Platform
 from functions.datasets import Example
-from functions.prompts import encode_text, tokenize_example
+from functions.prompts import IGNORE_INDEX, encode_text, tokenize_example
 
 PC_ROWS = [
     {"prompt": "What is 2+2?", "completion": "4", "split": "train"},
@@ -79,13 +79,12 @@ def expected_token_stats(platform: Platform, examples: list[Example]) -> dict[st
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(Path(platform.data_dir) / "volume" / "base_models" / TINY_MODEL)
-    lengths = {
-        e: tokenize_example(e, tokenizer, apply_chat_template=True, max_seq_length=1024).full_length for e in examples
-    }
-    every = list(lengths.values())
-    train = [n for e, n in lengths.items() if e.split == "train"]
+    tokenized = [tokenize_example(e, tokenizer, apply_chat_template=True, max_seq_length=1024) for e in examples]
+    every = [t.full_length for t in tokenized]
+    train = [t.full_length for e, t in zip(examples, tokenized, strict=True) if e.split == "train"]
     return {
         "total_tokens": sum(every),
+        "completion_tokens": sum(label != IGNORE_INDEX for t in tokenized for label in t.labels),  # the learned ones
         "train_tokens": sum(train),
         "evaluation_tokens": sum(every) - sum(train),
         "mean_tokens_per_row": round(mean(every), 1),
@@ -204,6 +203,59 @@ def test_messages_and_text_formats(client: TestClient, alice: dict[str, str], wo
         "text",
         "messages",
     ]
+
+
+def test_multi_turn_rows_with_weights_count_only_learned_replies(
+    client: TestClient, alice: dict[str, str], worker: InProcessWorker, platform: Platform, smollm_tokenizer_dir: Path
+) -> None:
+    """OpenAI's chat format: every assistant turn is learned but one of weight 0; the completion tokens are the
+    learned replies and their ends of turn, and the job's lengths place them where they stand in the row."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm_tokenizer_dir)
+    turns = [
+        {"role": "system", "content": "Answer in one word."},
+        {"role": "user", "content": "Capital of France?"},
+        {"role": "assistant", "content": "Lyon", "weight": 0},
+        {"role": "user", "content": "Are you sure?"},
+        {"role": "assistant", "content": "Paris", "weight": 1},
+        {"role": "user", "content": "And of Italy?"},
+        {"role": "assistant", "content": "Rome"},
+    ]
+    rows = [{"messages": turns}, {"messages": turns[1:5], "split": "evaluation"}]
+    r = upload(client, alice, "chats.jsonl", jsonl(rows))
+    assert r.status_code == 201, r.text
+    ds = r.json()
+    assert (ds["status"], ds["data_format"], ds["errors"]) == ("ready", "messages", [])
+    messages = tuple({"role": t["role"], "content": t["content"]} for t in turns)
+    examples = [
+        Example(1, "train", messages=messages, weights=(0, 0, 0, 0, 1, 0, 1)),
+        Example(2, "evaluation", messages=messages[1:5], weights=(0, 0, 0, 1)),
+    ]
+    expected = {"rows": 2, "train_rows": 1, "evaluation_rows": 1, "error_count": 0}
+    assert ds["stats"] == expected | expected_token_stats(platform, examples)
+    end = tokenizer("<|im_end|>\n", add_special_tokens=False)["input_ids"]  # the template's end of turn
+    learned = [encode_text(tokenizer, reply) + end for reply in ("Paris", "Rome", "Paris")]
+    assert ds["stats"]["completion_tokens"] == sum(len(ids) for ids in learned)  # "Lyon" is context
+    with session_scope() as s:
+        lengths = s.scalars(select(Dataset.train_lengths).where(Dataset.name == "chats")).one()
+    assert lengths is not None and len(lengths) == 1
+    context, paris, between, rome = lengths[0]
+    assert (paris, rome) == (len(learned[0]), len(learned[1]))
+    assert context + paris + between + rome == ds["stats"]["train_tokens"]
+
+    # A row that learns nothing and a weight OpenAI's format does not allow: refused, each named, nothing stored.
+    silent = [{**t, "weight": 0} if t["role"] == "assistant" else t for t in turns]
+    weighted_user = [turns[1], {**turns[2], "weight": True}, {**turns[3], "weight": 1}, turns[4]]
+    data = jsonl([rows[0], {"messages": silent}, {"messages": weighted_user}])
+    err = error_of(upload(client, alice, "bad-weights.jsonl", data), 422)
+    assert [(e["line"], e["field"]) for e in err["errors"]] == [
+        (2, "messages"),
+        (3, "messages[1].weight"),
+        (3, "messages[2].weight"),
+    ]
+    assert err["message"].startswith("file: line 2, field 'messages': every assistant message has weight 0"), err
+    assert dataset_rows() == 1 and len(stored_files(platform)) == 1
 
 
 def test_special_tokens_in_rows_are_counted_as_plain_text(
