@@ -124,6 +124,9 @@ class FinetuneJob(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=lambda: new_id("ft"))
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
     dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id"))
+    # The dataset whose rows are the evaluation split (config `evaluation_dataset`, OpenAI's `validation_file`);
+    # None: the dataset's own evaluation split, or rows held out of its train split.
+    evaluation_dataset_id: Mapped[str | None] = mapped_column(ForeignKey("datasets.id"), default=None)
     repo_id: Mapped[str] = mapped_column(ForeignKey("repos.id"))
     base_model: Mapped[str] = mapped_column(String(100))
     config: Mapped[dict[str, Any]] = mapped_column(default=dict)  # FinetuneConfig as JSON
@@ -144,7 +147,8 @@ class FinetuneJob(Base):
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
     repo: Mapped[Repo] = relationship()
-    dataset: Mapped[Dataset] = relationship()
+    dataset: Mapped[Dataset] = relationship(foreign_keys=[dataset_id])
+    evaluation_dataset: Mapped[Dataset | None] = relationship(foreign_keys=[evaluation_dataset_id])
     adapter_version: Mapped[AdapterVersion | None] = relationship()
     checkpoints: Mapped[list["Checkpoint"]] = relationship(order_by="Checkpoint.number", viewonly=True)
 

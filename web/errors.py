@@ -25,9 +25,9 @@ TYPES = {
 }
 
 
-# The OpenAI-compatible routes (shared and per deployment): a body they refuse is a 400, as OpenAI's own (the openai
-# SDK's BadRequestError); the rest of the API answers a bad field with a 422.
-OPENAI_BODIES = ("/chat/completions", "/completions")
+# The OpenAI-compatible routes (shared and per deployment, and OpenAI's fine-tuning jobs): a body they refuse is a
+# 400, as OpenAI's own (the openai SDK's BadRequestError); the rest of the API answers a bad field with a 422.
+OPENAI_BODIES = ("/chat/completions", "/completions", "/fine_tuning/jobs")
 
 
 # The one place a domain refusal (app/errors.py) becomes an HTTP status.

@@ -22,6 +22,8 @@ from web.routers import (
     finetuning,
     lorax,
     openai_compat,
+    openai_files,
+    openai_finetuning,
     prometheus,
     repos,
     stripe_webhook,
@@ -75,7 +77,8 @@ def create_app(pools: PoolCalls | None = None) -> FastAPI:
     app.add_middleware(RequestBodies)  # body limits and sound JSON, before any route reads a body
 
     platform = (datasets, finetuning, repos, usage, billing, stripe_webhook, deployments, events, api_keys, webhooks)
-    for module in (*platform, openai_compat, deployment_inference, lorax, prometheus):
+    openai = (openai_compat, openai_files, openai_finetuning)  # OpenAI's API: inference, files and fine-tuning
+    for module in (*platform, *openai, deployment_inference, lorax, prometheus):
         app.include_router(module.router)
     app.include_router(health.router)  # 503 when a component is degraded (web/health.py)
 
