@@ -186,6 +186,35 @@ class WebhookSettings(BaseSettings):
     )
 
 
+class ImportSettings(BaseSettings):
+    """Datasets imported from a URL (functions/dataset_fetch.py): where S3 and GCS are, whose credentials an import
+    without its own may use, which addresses an https import may reach, and how long it may take."""
+
+    model_config = FROM_ENV
+
+    s3_endpoint_url: str | None = Field(
+        default=None,
+        description="S3-compatible endpoint for s3:// imports (MinIO, R2, a test server); unset: AWS's own, or what "
+        "botocore reads from AWS_ENDPOINT_URL. Never taken from a request.",
+    )
+    gcs_endpoint_url: str | None = Field(
+        default=None, description="GCS endpoint for gs:// imports; unset: Google's own. Never taken from a request."
+    )
+    import_server_credentials: bool = Field(
+        default=False,
+        description="Let an import that brings no credentials use the server's own (AWS_*/GOOGLE_* variables, an "
+        "instance role): any tenant can then import what the server can read. Off: such imports are anonymous.",
+    )
+    import_allow_loopback: bool = Field(
+        default=False,
+        description="Let http(s) imports reach loopback (127.0.0.0/8, ::1), and plain http:// only there: tests "
+        "and one-machine setups. Private, link-local and metadata addresses stay refused.",
+    )
+    import_timeout_seconds: float = Field(
+        default=120.0, gt=0, le=900, description="Longest one import may take to fetch its file, seconds."
+    )
+
+
 class Settings(BaseSettings):
     """Where the platform keeps its state and runs its work, and the groups above."""
 
@@ -241,6 +270,10 @@ class Settings(BaseSettings):
     @cached_property
     def webhooks(self) -> WebhookSettings:
         return WebhookSettings()
+
+    @cached_property
+    def imports(self) -> ImportSettings:
+        return ImportSettings()
 
     @property
     def volume_dir(self) -> Path:

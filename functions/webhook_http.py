@@ -6,7 +6,8 @@ be public: never loopback (unless LORAPLEX_WEBHOOKS_ALLOW_LOOPBACK), private, li
 unspecified or a cloud metadata address. `post` then connects to an address it checked, not to a second lookup of
 the name, follows no redirect (a 3xx is a failed delivery), reads at most MAX_ANSWER_BYTES of the answer, and gives
 up after the timeout whatever the receiver does (a watchdog shuts the socket, so a receiver that drips bytes cannot
-keep it longer).
+keep it longer). `exchange` is that one request, any method, whose answer the caller reads: a dataset import from an
+https URL (functions/dataset_fetch.py) goes through it too, under the same rule.
 """
 
 import contextlib
@@ -16,6 +17,7 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -50,8 +52,11 @@ class Answer:
     latency_ms: int
 
 
-def check_url(url: str) -> Target:
-    """The URL's target, or Invalid naming `url` with what is wrong (scheme, host, an address it resolves to)."""
+def check_url(url: str, *, allow_loopback: bool | None = None, reach: str = "webhooks go to") -> Target:
+    """The URL's target, or Invalid naming `url` with what is wrong (scheme, host, an address it resolves to).
+
+    `allow_loopback`: None reads the webhooks' setting; `reach` words the refusal ("webhooks go to public addresses
+    only")."""
     if len(url) > MAX_URL_CHARS:
         raise Invalid(f"url: at most {MAX_URL_CHARS} characters", field="url", code="invalid_url")
     try:
@@ -67,12 +72,13 @@ def check_url(url: str) -> Target:
         raise Invalid("url: credentials in the URL are not supported", field="url", code="invalid_url")
     port = port or (443 if parts.scheme == "https" else 80)
     addresses = _resolve(parts.hostname, port)
-    allow_loopback = get_settings().webhooks.webhooks_allow_loopback
+    if allow_loopback is None:
+        allow_loopback = get_settings().webhooks.webhooks_allow_loopback
     for _, address in addresses:
         kind = forbidden_kind(ipaddress.ip_address(address), allow_loopback)
         if kind is not None:
             raise Invalid(
-                f"url: {parts.hostname} resolves to {address} ({kind}); webhooks go to public addresses only",
+                f"url: {parts.hostname} resolves to {address} ({kind}); {reach} public addresses only",
                 field="url",
                 code="forbidden_address",
             )
@@ -110,7 +116,7 @@ def post(url: str, body: bytes, headers: dict[str, str], timeout: float) -> Answ
     except TimeoutError:
         return Answer(None, f"timed out after {timeout:g} s", _ms_since(started))
     except (OSError, http.client.HTTPException) as exc:
-        return Answer(None, _failure(exc), _ms_since(started))
+        return Answer(None, failure_text(exc), _ms_since(started))
     if 200 <= status < 300:
         return Answer(status, None, _ms_since(started))
     text = answer.decode("utf-8", errors="replace").strip()
@@ -134,6 +140,16 @@ def _resolve(host: str, port: int) -> tuple[tuple[socket.AddressFamily, str], ..
 
 def _exchange(target: Target, body: bytes, headers: dict[str, str], timeout: float) -> tuple[int, bytes]:
     """(status, at most MAX_ANSWER_BYTES of the answer). TimeoutError once `timeout` s have passed."""
+    with exchange(target, "POST", body, headers, timeout) as response:
+        return response.status, response.read(MAX_ANSWER_BYTES)
+
+
+@contextlib.contextmanager
+def exchange(
+    target: Target, method: str, body: bytes | None, headers: dict[str, str], timeout: float
+) -> Iterator[http.client.HTTPResponse]:
+    """One request to a checked target; its response is read inside the block. No redirect is followed. Reading
+    past `timeout` s from the start (connect, send, answer) raises TimeoutError, whatever the other side does."""
     deadline = time.monotonic() + timeout
     held: list[socket.socket] = []  # the socket in use now, for the watchdog
     expired = threading.Event()
@@ -154,9 +170,8 @@ def _exchange(target: Target, body: bytes, headers: dict[str, str], timeout: flo
             held[:] = [sock]
         connection = http.client.HTTPConnection(target.host, target.port, timeout=timeout)
         connection.sock = sock  # already connected to the checked address: http.client does no lookup of its own
-        connection.request("POST", target.path, body, {"Host": target.netloc, **headers})
-        response = connection.getresponse()
-        return response.status, response.read(MAX_ANSWER_BYTES)
+        connection.request(method, target.path, body, {"Host": target.netloc, **headers})
+        yield connection.getresponse()
     except (OSError, http.client.HTTPException):
         if expired.is_set():
             raise TimeoutError from None
@@ -186,7 +201,8 @@ def _connect(target: Target, deadline: float, held: list[socket.socket]) -> sock
     raise failure
 
 
-def _failure(exc: BaseException) -> str:
+def failure_text(exc: BaseException) -> str:
+    """A failed exchange in a few words ("connection refused", "TLS: CERTIFICATE_VERIFY_FAILED")."""
     if isinstance(exc, ConnectionRefusedError):
         return "connection refused"
     if isinstance(exc, ssl.SSLError):
