@@ -1,356 +1,398 @@
 """The `loraplex` client commands: datasets, fine-tuning, jobs, deployments and API keys of a running server, over
-HTTP with the SDK (app/client.py). They import neither torch nor the database; app/cli.py mounts them."""
+HTTP with the SDK (loraplex/). They need the standard library and the SDK only (argparse, no typer or rich), so they
+work from `pip install loraplex` without the server extra; app/cli.py sends these commands here in every install."""
 
-import inspect
+import argparse
+import json
+import sys
 import typing
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import typer
+from loraplex import Loraplex, LoraplexError, SFTConfig
+from loraplex.progress import watch_job
 
-datasets_app = typer.Typer(help="Datasets, over the API (LORAPLEX_API_URL, LORAPLEX_API_KEY).", no_args_is_help=True)
-finetune_app = typer.Typer(help="Fine-tuning, over the API (LORAPLEX_API_URL, LORAPLEX_API_KEY).", no_args_is_help=True)
-jobs_app = typer.Typer(
-    help="Fine-tuning jobs, over the API (LORAPLEX_API_URL, LORAPLEX_API_KEY).", no_args_is_help=True
-)
-deployments_app = typer.Typer(
-    help="Private deployments, over the API (LORAPLEX_API_URL, LORAPLEX_API_KEY).", no_args_is_help=True
-)
-keys_app = typer.Typer(help="API keys, over the API (LORAPLEX_API_URL, LORAPLEX_API_KEY).", no_args_is_help=True)
-# Older spellings of an option, still accepted: FinetuneConfig's field name -> extra flag declarations.
-CLI_ALIASES = {"apply_chat_template": ("--chat-template/--no-chat-template",)}
+COMMANDS = ("datasets", "finetune", "jobs", "deployments", "keys")
+ENV = "over the API (LORAPLEX_API_URL, LORAPLEX_API_KEY)"
+# Older spellings of an option, still accepted: SFTConfig's field name -> extra flags.
+CLI_ALIASES = {"apply_chat_template": ("--chat-template",)}
 
 
-# ---- client commands (over HTTP, with the SDK) -------------------------------------------------------------
+class Exit(Exception):
+    def __init__(self, code: int) -> None:
+        self.code = code
 
 
-@contextmanager
-def _api() -> Iterator[Any]:
-    """An SDK client from the environment; an API error becomes one line on stderr and exit code 1, not a
-    traceback."""
-    from rich.console import Console
-    from rich.markup import escape
-
-    from app.client import Loraplex, LoraplexError
-
+def main(argv: Sequence[str]) -> int:
+    """Run one client command (`argv` without the program name); answers the exit code."""
+    args = _parser().parse_args(argv)
     try:
-        with Loraplex() as client:
-            yield client
-    except LoraplexError as exc:
-        err = Console(stderr=True)
-        err.print(f"[bold red]error[/]: {escape(str(exc))}")
-        for row in exc.body.get("errors", [])[:20]:  # a refused dataset lists its bad rows
-            where = f"line {row.get('line')}" + (f", {row['field']}" if row.get("field") else "")
-            err.print(f"  {escape(where)}: {escape(str(row.get('message')))}")
-        if exc.status == 401:
-            err.print("Set LORAPLEX_API_KEY to a key from `loraplex tenant create`.")
-        elif exc.status == 0:
-            err.print("Is the server running? Set LORAPLEX_API_URL to its address (default http://127.0.0.1:8000).")
-        raise typer.Exit(1) from None
+        args.run(args)
+    except Exit as exc:
+        return exc.code
+    return 0
 
 
-@datasets_app.command("upload")
-def datasets_upload(
-    file: Path = typer.Argument(..., exists=True, dir_okay=False, readable=True, help="JSONL or CSV file."),
-    name: str | None = typer.Option(None, help="Dataset name (default: the file name without extension)."),
-    base_model: str = typer.Option("smollm2-135m", help="Whose tokenizer counts the tokens."),
-) -> None:
+# ---- the commands -------------------------------------------------------------------------------------------------
+
+
+def datasets_upload(args: argparse.Namespace) -> None:
     """Upload a dataset and wait until a worker validated it and counted its tokens."""
     with _api() as client:
-        ds = client.upload_dataset(file, name=name, base_model=base_model)
+        ds = client.upload_dataset(args.file, name=args.name, base_model=args.base_model)
     if ds["status"] != "ready":
-        typer.echo(f"dataset {ds['name']}: still {ds['status']}; see it with GET /v1/datasets/{ds['name']}")
+        print(f"dataset {ds['name']}: still {ds['status']}; see it with GET /v1/datasets/{ds['name']}")
         return
     stats = ds["stats"]
-    typer.echo(
+    print(
         f"dataset {ds['name']} ready: {stats.get('rows')} rows ({stats.get('train_rows')} train, "
         f"{stats.get('evaluation_rows')} evaluation), {stats.get('total_tokens')} tokens "
-        f"with the {base_model} tokenizer"
+        f"with the {args.base_model} tokenizer"
     )
 
 
-def finetune_start(dataset: str, repo: str, base_model: str, set_: list[str], watch: bool, **fields: Any) -> None:
-    """Start a fine-tuning job; options left out take the server's defaults."""
-    import json
+def datasets_list(args: argparse.Namespace) -> None:
+    """Your datasets, oldest first."""
+    with _api() as client:
+        rows = client.list_datasets()
+    _table(
+        ("name", "status", "base model", "rows", "tokens", "created"),
+        [
+            (
+                d["name"],
+                d["status"],
+                d["base_model"],
+                d["stats"].get("rows", "-"),
+                d["stats"].get("total_tokens", "-"),
+                _when(d["created_at"]),
+            )  # fmt: skip
+            for d in rows
+        ],
+    )
 
-    config: dict[str, Any] = {"base_model": base_model, "dataset": dataset, "repo": repo}
-    config |= {key: value for key, value in fields.items() if value is not None}
-    for item in set_:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise typer.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--set")
-        try:
-            config[key.strip()] = json.loads(raw)
-        except ValueError:
-            config[key.strip()] = raw  # a bare word: a string
+
+def finetune_start(args: argparse.Namespace) -> None:
+    """Start a fine-tuning job; options left out take the server's defaults (and the server checks ranges)."""
+    config: dict[str, Any] = {"base_model": args.base_model, "dataset": args.dataset, "repo": args.repo}
+    config |= {name: getattr(args, name) for name in _config_fields() if getattr(args, name) is not None}
+    for key, value in args.set:
+        config[key] = value
     with _api() as client:
         job = client.create_job(**config)
-        typer.echo(
+        print(
             f"job {job['id']} {job['status']}: {job['estimate']['tokens']} tokens to process, "
             f"estimate {job['estimate']['cost']['usd']}"
         )
-        if watch:
+        if args.watch:
             _watch(client, job["id"])
 
 
-def _finetune_options() -> list[inspect.Parameter]:
-    """`finetune start`'s options: one per field of the API's FinetuneConfig (so the CLI, the API and its schema
-    cannot drift), typed from the field, with its description as help. An option left out is not sent, so the
-    server applies its default; the server alone checks ranges (its error names the field)."""
-    from functions.finetune_config import FinetuneConfig
-
-    def option(name: str, kind: Any, info: Any) -> inspect.Parameter:
-        return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=kind, default=info)
-
-    options = [
-        option("dataset", str, typer.Option(..., help="Name of a ready dataset.")),
-        option("repo", str, typer.Option(..., help="Adapter repository; the result is its next version, repo/N.")),
-        option("base_model", str, typer.Option("smollm2-135m", help="Model to fine-tune.")),
-    ]
-    for name, field in FinetuneConfig.model_fields.items():
-        if name in ("dataset", "repo", "base_model"):
-            continue
-        default = "" if field.default is None else f" (server default {field.default})"
-        help_text = f"{field.description}{default}"
-        kinds = set(typing.get_args(field.annotation) or (field.annotation,)) - {type(None)}
-        if kinds == {bool}:
-            flag = name.replace("_", "-")
-            decls = [f"--{flag}/--no-{flag}", *CLI_ALIASES.get(name, ())]
-            options.append(option(name, bool | None, typer.Option(None, *decls, help=help_text)))
-        elif len(kinds) == 1 and kinds <= {int, float}:
-            options.append(option(name, kinds.pop() | None, typer.Option(None, help=help_text)))
-        elif kinds == {list[str]}:
-            parse = _comma_separated
-            options.append(
-                option(name, str | None, typer.Option(None, help=f"{help_text} Comma-separated.", callback=parse))
-            )
-        else:  # a string, a choice of strings, or a choice of a string and a number ("epoch" or 100)
-            options.append(option(name, str | None, typer.Option(None, help=help_text, callback=_number_or_text)))
-    options.append(
-        option(
-            "set_", list[str], typer.Option([], "--set", help="Any other config field, KEY=VALUE (VALUE read as JSON).")
-        )
-    )
-    options.append(
-        option("watch", bool, typer.Option(False, "--watch", help="Follow the job with a progress bar until it ends."))
-    )
-    return options
-
-
-def _comma_separated(value: str | None) -> list[str] | None:
-    return [item.strip() for item in value.split(",") if item.strip()] if value is not None else None
-
-
-def _number_or_text(value: str | None) -> int | float | str | None:
-    """'100' is the number 100 ('checkpoint_every'), 'epoch' and 'repo/3' stay text."""
-    for kind in (int, float):
-        try:
-            return kind(value) if value is not None else None
-        except ValueError:
-            pass
-    return value
-
-
-# typer reads the options from the function's signature (mypy knows no __signature__ on functions)
-finetune_start.__signature__ = inspect.Signature(_finetune_options())  # type: ignore[attr-defined]
-finetune_app.command("start")(finetune_start)
-
-
-@jobs_app.command("watch")
-def jobs_watch(job_id: str = typer.Argument(..., help="The job's id (ft_...).")) -> None:
-    """Follow a job live (step, loss, tokens/s, elapsed, ETA). Exit code 0 once it completed, 1 if it failed
-    or was cancelled."""
+def jobs_watch(args: argparse.Namespace) -> None:
+    """Follow a job live (step, loss, tokens/s, elapsed, ETA); exit code 0 once it completed, 1 if it failed or was
+    cancelled."""
     with _api() as client:
-        _watch(client, job_id)
+        _watch(client, args.job_id)
 
 
-def _watch(client: Any, job_id: str) -> None:
-    from app.watch import watch_job
-
-    if not watch_job(client, job_id).completed:
-        raise typer.Exit(1)
-
-
-@jobs_app.command("list")
-def jobs_list() -> None:
+def jobs_list(args: argparse.Namespace) -> None:
     """Your fine-tuning jobs, oldest first."""
-    from rich.console import Console
-    from rich.table import Table
-
     with _api() as client:
         jobs = client.list_jobs()
-    table = Table("id", "status", "base model", "dataset", "adapter", "steps", "estimate", "charge", "created")
-    for job in jobs:
-        table.add_row(
-            job["id"],
-            job["status"],
-            job["base_model"],
-            job["dataset"],
-            job["adapter"] or f"{job['repo']}/-",
-            str(job["total_steps"] or "-"),
-            job["estimate"]["cost"]["usd"],
-            job["charge"]["usd"] if job["charge"] else "-",
-            job["created_at"][:19].replace("T", " "),
-        )
-    Console().print(table)
+    headers = ("id", "status", "base model", "dataset", "adapter", "steps", "estimate", "charge", "created")
+    _table(
+        headers,
+        [
+            (
+                j["id"],
+                j["status"],
+                j["base_model"],
+                j["dataset"],
+                j["adapter"] or f"{j['repo']}/-",
+                j["total_steps"] or "-",
+                j["estimate"]["cost"]["usd"],
+                j["charge"]["usd"] if j["charge"] else "-",
+                _when(j["created_at"]),
+            )  # fmt: skip
+            for j in jobs
+        ],
+    )
 
 
-@jobs_app.command("cancel")
-def jobs_cancel(job_id: str = typer.Argument(..., help="The job's id (ft_...).")) -> None:
+def jobs_cancel(args: argparse.Namespace) -> None:
     """Cancel a job: a queued job never starts, a training one stops at its next step."""
     with _api() as client:
-        job = client.cancel_job(job_id)
-    typer.echo(f"job {job['id']} {job['status']}")
+        job = client.cancel_job(args.job_id)
+    print(f"job {job['id']} {job['status']}")
 
 
-def _print_deployment(d: dict[str, Any]) -> None:
-    live = d.get("live") or {}
-    replicas = ", ".join(f"{r['id']} {r['state']} ({r['in_flight']} in flight)" for r in live.get("replicas", []))
-    typer.echo(
-        f"deployment {d['name']}: {d['status']} ({d['status_reason']}); {d['base_model']} on {d['accelerator']}, "
-        f"{d['min_replicas']}..{d['max_replicas']} replicas, scale_up_threshold {d['scale_up_threshold']}, "
-        f"cooldown {d['cooldown_time']:g} s, {d['price_per_replica_hour']['usd']}/replica-hour"
-    )
-    typer.echo(f"  replicas: {replicas or 'none'}; endpoint: {d['endpoint']}")
-
-
-def _scaling_options(
-    min_replicas: int | None, max_replicas: int | None, threshold: int | None, cooldown: float | None
-) -> dict[str, Any]:
-    options = {
-        "min_replicas": min_replicas,
-        "max_replicas": max_replicas,
-        "scale_up_threshold": threshold,
-        "cooldown_time": cooldown,
-    }
-    return {k: v for k, v in options.items() if v is not None}
-
-
-@deployments_app.command("create")
-def deployments_create(
-    name: str = typer.Argument(..., help="Lowercase letters, digits and dashes."),
-    base_model: str = typer.Option("smollm2-135m", help="Base model to serve."),
-    accelerator: str = typer.Option("cpu", help="cpu here; a10g, l40s, a100-80gb, h100 on Modal."),
-    engine: str = typer.Option("native", help="native or vllm."),
-    min_replicas: int | None = typer.Option(None, help="Replicas kept up when idle (0: Standby when idle)."),
-    max_replicas: int | None = typer.Option(None, help="Most replicas."),
-    scale_up_threshold: int | None = typer.Option(None, help="Concurrent requests per replica before another."),
-    cooldown_time: float | None = typer.Option(None, help="Seconds of lower load before scaling down."),
-    preload: list[str] = typer.Option([], help="Adapter to load on every replica (repeat for more)."),
-) -> None:
+def deployments_create(args: argparse.Namespace) -> None:
     """Create a private deployment that autoscales between min and max replicas."""
-    config = _scaling_options(min_replicas, max_replicas, scale_up_threshold, cooldown_time)
-    config |= {"accelerator": accelerator, "engine": engine, "preloaded_adapters": preload}
+    config = _scaling(args) | {"accelerator": args.accelerator, "engine": args.engine}
+    config["preloaded_adapters"] = args.preload
     with _api() as client:
-        _print_deployment(client.create_deployment(name, base_model, **config))
+        _print_deployment(client.create_deployment(args.name, args.base_model, **config))
 
 
-@deployments_app.command("list")
-def deployments_list() -> None:
+def deployments_list(args: argparse.Namespace) -> None:
     """Your deployments with their status and replicas."""
     with _api() as client:
         for d in client.list_deployments():
             _print_deployment(d)
 
 
-@deployments_app.command("get")
-def deployments_get(name: str) -> None:
+def deployments_get(args: argparse.Namespace) -> None:
     """One deployment, with its status transitions."""
     with _api() as client:
-        d = client.get_deployment(name)
-        transitions = client.deployment_transitions(name)
+        d = client.get_deployment(args.name)
+        transitions = client.deployment_transitions(args.name)
     _print_deployment(d)
     for t in transitions:
-        typer.echo(f"  {t['at'][:19].replace('T', ' ')}  {t['from_status'] or '-'} -> {t['to_status']}: {t['reason']}")
+        print(f"  {_when(t['at'])}  {t['from_status'] or '-'} -> {t['to_status']}: {t['reason']}")
 
 
-@deployments_app.command("update")
-def deployments_update(
-    name: str,
-    min_replicas: int | None = typer.Option(None),
-    max_replicas: int | None = typer.Option(None),
-    scale_up_threshold: int | None = typer.Option(None),
-    cooldown_time: float | None = typer.Option(None),
-    engine: str | None = typer.Option(None),
-    preload: list[str] | None = typer.Option(None, help="Replaces the preloaded adapters (rolls the replicas)."),
-) -> None:
+def deployments_update(args: argparse.Namespace) -> None:
     """Change the config; a change of engine or preloaded adapters rolls the replicas without dropping requests."""
-    changes = _scaling_options(min_replicas, max_replicas, scale_up_threshold, cooldown_time)
-    if engine is not None:
-        changes["engine"] = engine
-    if preload:
-        changes["preloaded_adapters"] = preload
+    changes = _scaling(args) | ({"engine": args.engine} if args.engine is not None else {})
+    if args.preload:
+        changes["preloaded_adapters"] = args.preload
     with _api() as client:
-        _print_deployment(client.update_deployment(name, **changes))
+        _print_deployment(client.update_deployment(args.name, **changes))
 
 
-@deployments_app.command("stop")
-def deployments_stop(name: str) -> None:
+def deployments_stop(args: argparse.Namespace) -> None:
     """Drain every replica and refuse requests until moved to Standby."""
     with _api() as client:
-        _print_deployment(client.stop_deployment(name))
+        _print_deployment(client.stop_deployment(args.name))
 
 
-@deployments_app.command("standby")
-def deployments_standby(name: str) -> None:
+def deployments_standby(args: argparse.Namespace) -> None:
     """Move a Stopped or Errored deployment to Standby: it scales up on the next request."""
     with _api() as client:
-        _print_deployment(client.standby_deployment(name))
+        _print_deployment(client.standby_deployment(args.name))
 
 
-@deployments_app.command("delete")
-def deployments_delete(name: str, wait: float = typer.Option(60.0, help="Seconds to wait for the drain.")) -> None:
+def deployments_delete(args: argparse.Namespace) -> None:
     """Delete a deployment once its requests in flight have finished."""
     with _api() as client:
-        _print_deployment(client.delete_deployment(name, wait=wait))
+        _print_deployment(client.delete_deployment(args.name, wait=args.wait))
 
 
-@keys_app.command("create")
-def keys_create(
-    name: str = typer.Argument(..., help="What the key is for, e.g. 'ci'."),
-    scope: str = typer.Option("all", help="all, inference (chat/completions, completions, models) or read (GET)."),
-    expires_in_days: int | None = typer.Option(None, help="Days until it stops working (default: never)."),
-) -> None:
+def keys_create(args: argparse.Namespace) -> None:
     """Create an API key and print its secret, which is shown this once."""
     with _api() as client:
-        key = client.create_api_key(name, scope=scope, expires_in_days=expires_in_days)
-    expires = key["expires_at"][:19].replace("T", " ") if key["expires_at"] else "never"
-    typer.echo(f"API key {key['id']} ({key['name']}, scope {key['scope']}, expires {expires})")
-    typer.echo(f"secret (shown once): {key['key']}")
+        key = client.create_api_key(args.name, scope=args.scope, expires_in_days=args.expires_in_days)
+    expires = _when(key["expires_at"]) if key["expires_at"] else "never"
+    print(f"API key {key['id']} ({key['name']}, scope {key['scope']}, expires {expires})")
+    print(f"secret (shown once): {key['key']}")
 
 
-@keys_app.command("list")
-def keys_list() -> None:
+def keys_list(args: argparse.Namespace) -> None:
     """Your API keys (never their secrets), oldest first."""
-    from rich.console import Console
-    from rich.table import Table
-
-    def when(value: str | None) -> str:
-        return value[:19].replace("T", " ") if value else "-"
-
     with _api() as client:
         keys = client.list_api_keys()
-    table = Table("id", "prefix", "name", "scope", "status", "created", "last used", "expires", "revoked")
-    for key in keys:
-        table.add_row(
-            key["id"],
-            key["prefix"],
-            key["name"],
-            key["scope"],
-            key["status"],
-            when(key["created_at"]),
-            when(key["last_used_at"]),
-            when(key["expires_at"]),
-            when(key["revoked_at"]),
-        )
-    Console().print(table)
+    headers = ("id", "prefix", "name", "scope", "status", "created", "last used", "expires", "revoked")
+    _table(
+        headers,
+        [
+            (
+                k["id"],
+                k["prefix"],
+                k["name"],
+                k["scope"],
+                k["status"],
+                _when(k["created_at"]),
+                _when(k["last_used_at"]),
+                _when(k["expires_at"]),
+                _when(k["revoked_at"]),
+            )  # fmt: skip
+            for k in keys
+        ],
+    )
 
 
-@keys_app.command("revoke")
-def keys_revoke(key_id: str = typer.Argument(..., help="The key's id (key_...), from `loraplex keys list`.")) -> None:
+def keys_revoke(args: argparse.Namespace) -> None:
     """Revoke a key: every API process refuses it from the next request on. Your last active key cannot be revoked."""
     with _api() as client:
-        key = client.revoke_api_key(key_id)
-    typer.echo(f"API key {key['id']} ({key['name']}) revoked")
+        key = client.revoke_api_key(args.key_id)
+    print(f"API key {key['id']} ({key['name']}) revoked")
+
+
+# ---- helpers ------------------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _api() -> Iterator[Loraplex]:
+    """An SDK client from the environment; an API error becomes one line on stderr (and the rows of a refused
+    dataset) and exit code 1, not a traceback."""
+    try:
+        with Loraplex() as client:
+            yield client
+    except LoraplexError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        for row in exc.body.get("errors", [])[:20]:  # a refused dataset lists its bad rows
+            where = f"line {row.get('line')}" + (f", {row['field']}" if row.get("field") else "")
+            print(f"  {where}: {row.get('message')}", file=sys.stderr)
+        if exc.status == 401:
+            print("Set LORAPLEX_API_KEY to a key from `loraplex tenant create`.", file=sys.stderr)
+        elif exc.status == 0:
+            print("Is the server running? Set LORAPLEX_API_URL to its address (default http://127.0.0.1:8000).",
+                  file=sys.stderr)  # fmt: skip
+        raise Exit(1) from None
+
+
+def _watch(client: Loraplex, job_id: str) -> None:
+    job, _ = watch_job(client, job_id)
+    if job["status"] != "completed":
+        raise Exit(1)
+
+
+def _print_deployment(d: dict[str, Any]) -> None:
+    live = d.get("live") or {}
+    replicas = ", ".join(f"{r['id']} {r['state']} ({r['in_flight']} in flight)" for r in live.get("replicas", []))
+    print(
+        f"deployment {d['name']}: {d['status']} ({d['status_reason']}); {d['base_model']} on {d['accelerator']}, "
+        f"{d['min_replicas']}..{d['max_replicas']} replicas, scale_up_threshold {d['scale_up_threshold']}, "
+        f"cooldown {d['cooldown_time']:g} s, {d['price_per_replica_hour']['usd']}/replica-hour"
+    )
+    print(f"  replicas: {replicas or 'none'}; endpoint: {d['endpoint']}")
+
+
+def _scaling(args: argparse.Namespace) -> dict[str, Any]:
+    names = ("min_replicas", "max_replicas", "scale_up_threshold", "cooldown_time")
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    """Columns padded to their widest cell, two spaces apart."""
+    cells = [list(headers)] + [[str(cell) for cell in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    for row in cells:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+def _when(value: str | None) -> str:
+    return value[:19].replace("T", " ") if value else "-"
+
+
+def _config_fields() -> list[str]:
+    return [name for name in SFTConfig.model_fields if name != "base_model"]
+
+
+def _finetune_options(parser: argparse.ArgumentParser) -> None:
+    """`finetune start`'s options: one per field of the SDK's SFTConfig, which tests/app/test_sdk_configs.py keeps
+    equal to the server's FinetuneConfig (so the CLI, the SDK and the API cannot drift), typed from the field, with
+    its description as help. An option left out is not sent, so the server applies its default."""
+    parser.add_argument("--dataset", required=True, help="Name of a ready dataset.")
+    parser.add_argument("--repo", required=True, help="Adapter repository; the result is its next version, repo/N.")
+    parser.add_argument("--base-model", default="smollm2-135m", help="Model to fine-tune (default smollm2-135m).")
+    for name in _config_fields():
+        field = SFTConfig.model_fields[name]
+        flags = [f"--{name.replace('_', '-')}"]
+        default = "" if field.default is None else f" (server default {field.default})"
+        help_text = f"{field.description}{default}".replace("%", "%%")
+        kinds = set(typing.get_args(field.annotation) or (field.annotation,)) - {type(None)}
+        if kinds == {bool}:
+            flags += CLI_ALIASES.get(name, ())
+            parser.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, help=help_text)
+        elif len(kinds) == 1 and kinds <= {int, float}:
+            parser.add_argument(*flags, dest=name, type=kinds.pop(), help=help_text)
+        elif kinds == {list[str]}:
+            parser.add_argument(*flags, dest=name, type=_comma_separated, help=f"{help_text} Comma-separated.")
+        else:  # a string, a choice of strings, or a choice of a string and a number ("epoch" or 100)
+            parser.add_argument(*flags, dest=name, type=_number_or_text, help=help_text)
+    parser.add_argument("--set", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
+                        help="Any other config field (VALUE read as JSON).")  # fmt: skip
+    parser.add_argument("--watch", action="store_true", help="Follow the job until it ends.")
+
+
+def _comma_separated(value: str) -> list[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def _number_or_text(value: str) -> int | float | str:
+    """'100' is the number 100 ('checkpoint_every'), 'epoch' and 'repo/3' stay text."""
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
+
+def _key_value(item: str) -> tuple[str, Any]:
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"{item!r} is not KEY=VALUE")
+    try:
+        return key.strip(), json.loads(raw)
+    except ValueError:
+        return key.strip(), raw  # a bare word: a string
+
+
+def _existing_file(value: str) -> Path:
+    path = Path(value)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{value}: no such file")
+    return path
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loraplex", description=f"Loraplex client commands, {ENV}.")
+    groups = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
+
+    def command(group: Any, name: str, run: Callable[[argparse.Namespace], None]) -> argparse.ArgumentParser:
+        about = " ".join((run.__doc__ or "").split())
+        sub = group.add_parser(name, help=about, description=about)
+        sub.set_defaults(run=run)
+        return sub
+
+    def group(name: str, about: str) -> Any:
+        sub = groups.add_parser(name, help=f"{about}, {ENV}.", description=f"{about}, {ENV}.")
+        return sub.add_subparsers(title="commands", required=True, metavar="COMMAND")
+
+    datasets = group("datasets", "Datasets")
+    add = command(datasets, "upload", datasets_upload).add_argument
+    add("file", type=_existing_file, help="JSONL or CSV file.")
+    add("--name", help="Dataset name (default: the file name without extension).")
+    add("--base-model", default="smollm2-135m", help="Whose tokenizer counts the tokens.")
+    command(datasets, "list", datasets_list)
+
+    _finetune_options(command(group("finetune", "Fine-tuning"), "start", finetune_start))
+
+    jobs = group("jobs", "Fine-tuning jobs")
+    command(jobs, "watch", jobs_watch).add_argument("job_id", help="The job's id (ft_...).")
+    command(jobs, "list", jobs_list)
+    command(jobs, "cancel", jobs_cancel).add_argument("job_id", help="The job's id (ft_...).")
+
+    deployments = group("deployments", "Private deployments")
+    create = command(deployments, "create", deployments_create)
+    create.add_argument("name", help="Lowercase letters, digits and dashes.")
+    create.add_argument("--base-model", default="smollm2-135m", help="Base model to serve.")
+    create.add_argument("--accelerator", default="cpu", help="cpu here; a10g, l40s, a100-80gb, h100 on Modal.")
+    create.add_argument("--engine", default="native", help="native or vllm.")
+    update = command(deployments, "update", deployments_update)
+    update.add_argument("name")
+    update.add_argument("--engine")
+    for sub in (create, update):
+        sub.add_argument("--min-replicas", type=int, help="Replicas kept up when idle (0: Standby when idle).")
+        sub.add_argument("--max-replicas", type=int, help="Most replicas.")
+        sub.add_argument("--scale-up-threshold", type=int, help="Concurrent requests per replica before another.")
+        sub.add_argument("--cooldown-time", type=float, help="Seconds of lower load before scaling down.")
+        sub.add_argument("--preload", action="append", default=[], help="Adapter loaded on every replica (repeat).")
+    command(deployments, "list", deployments_list)
+    for name, run in (("get", deployments_get), ("stop", deployments_stop), ("standby", deployments_standby)):
+        command(deployments, name, run).add_argument("name")
+    delete = command(deployments, "delete", deployments_delete)
+    delete.add_argument("name")
+    delete.add_argument("--wait", type=float, default=60.0, help="Seconds to wait for the drain.")
+
+    keys = group("keys", "API keys")
+    add = command(keys, "create", keys_create).add_argument
+    add("name", help="What the key is for, e.g. 'ci'.")
+    add("--scope", default="all", help="all, inference (chat/completions, completions, models) or read (GET).")
+    add("--expires-in-days", type=int, help="Days until it stops working (default: never).")
+    command(keys, "list", keys_list)
+    command(keys, "revoke", keys_revoke).add_argument("key_id", help="The key's id (key_...).")
+    return parser

@@ -15,8 +15,8 @@ from openai import OpenAI
 from rich.console import Console
 from rich.table import Table
 
-from app.client import Loraplex, LoraplexError
 from app.watch import watch_job
+from loraplex import Loraplex, LoraplexError
 
 BASE_MODEL = "smollm2-135m"
 TABLE_ROWS = 4  # held-out answers shown side by side

@@ -2,7 +2,7 @@
 
 Every LORAPLEX_* variable the platform reads is a field here: `get_settings().engine.kv_cache_mb` is
 LORAPLEX_KV_CACHE_MB. Each group reads its own fields from the environment, so a variable's name is the field's
-name with the prefix, whatever its group. The SDK and CLI client (app/client.py) read their own three variables
+name with the prefix, whatever its group. The SDK and CLI client (loraplex/) read their own three variables
 (LORAPLEX_API_URL, LORAPLEX_API_KEY, LORAPLEX_MAX_RETRIES): they run on a user's machine without the platform.
 """
 

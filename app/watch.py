@@ -12,7 +12,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn
 from rich.text import Text
 
-from app.client import FINAL_STATUSES, Loraplex, LoraplexError
+from loraplex.client import FINAL_STATUSES, Loraplex
+from loraplex.errors import LoraplexError
 
 
 @dataclass

@@ -235,8 +235,8 @@ class Server:
     """`python -m app.cli serve --workers 1` on a fresh data directory, and a new tenant's API key."""
 
     def __enter__(self) -> "Server":
-        from app.client import Loraplex
         from functions.base_models import ensure_local
+        from loraplex import Loraplex
 
         weights = ensure_local(BASE_MODEL).resolve()  # in the cache: converted from the bundled GGUF once
         self.tmp = tempfile.TemporaryDirectory(prefix="loraplex-quality-")
@@ -331,7 +331,7 @@ class Server:
         }
 
     def _wait(self, job_id: str) -> dict[str, Any]:
-        from app.client import FINAL_STATUSES
+        from loraplex.client import FINAL_STATUSES
 
         last_print, last_step = time.monotonic(), -1
         while True:

@@ -1,5 +1,6 @@
-"""The Python SDK (app/client.py) and the CLI's client commands against a real `loraplex serve` process (API and
-a worker, the tiny model), and the SDK's retries against a tiny scripted HTTP server counting the attempts."""
+"""The SDK's REST calls (loraplex/api.py) and the CLI's client commands (app/cli_client.py) against a real
+`loraplex serve` process (API and a worker, the tiny model), and the SDK's retries against a tiny scripted HTTP
+server counting the attempts."""
 
 import json
 import os
@@ -9,41 +10,35 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
+from served import served_platform
 
-from app.client import Loraplex, LoraplexError
-from conftest import TINY_MODEL, Processes, _make_platform, free_port, make_tenant
+from conftest import TINY_MODEL, free_port, make_tenant
+from loraplex import Loraplex, LoraplexError
 
 ROWS = [{"prompt": f"Say hi to {n}", "completion": f"Hi {n}!"} for n in ("Ann", "Bo", "Cy", "Di", "Ed", "Flo")] + [
     {"prompt": "Say hi to Gus", "completion": "Hi Gus!", "split": "evaluation"}
 ]
 
 
-@pytest.fixture(scope="module")
-def server_url(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[str]:
-    """`loraplex serve --workers 1` on a platform of its own, shared by this module's tests (each with its own
-    tenant): starting a server and warming its worker up costs several seconds."""
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        platform = contextmanager(_make_platform)(
-            tmp_path_factory.mktemp("served"), "sqlite", monkeypatch, tiny_model_dir
-        )
-        with platform as p:
-            processes = Processes(p, {})
-            try:
-                yield processes.server(workers=1)
-            finally:
-                processes.stop()
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def server_url(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
+) -> Iterator[str]:
+    """`loraplex serve --workers 1`, once on SQLite and once on PostgreSQL, shared by this module's tests (each with
+    its own tenant)."""
+    with served_platform(tmp_path_factory.mktemp("served"), request.param, tiny_model_dir) as url:
+        yield url
 
 
 @pytest.fixture
 def served(server_url: str, request: pytest.FixtureRequest) -> tuple[str, str]:
     """(url, API key of a new tenant named after the test)."""
-    return server_url, make_tenant(request.node.name)[1]["Authorization"].removeprefix("Bearer ")
+    return server_url, make_tenant(request.node.originalname)[1]["Authorization"].removeprefix("Bearer ")
 
 
 @pytest.fixture
@@ -188,7 +183,10 @@ def test_cli_and_sdk_manage_api_keys(served: tuple[str, str]) -> None:
 
 
 def test_the_sdk_imports_without_torch() -> None:
-    code = "import sys, app.client, app.watch; assert 'torch' not in sys.modules and 'sqlalchemy' not in sys.modules"
+    code = (
+        "import sys, loraplex, app.cli_client, app.watch\n"
+        "assert not {'torch', 'sqlalchemy', 'fastapi', 'typer'} & set(sys.modules), sorted(sys.modules)"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 

@@ -321,7 +321,7 @@ def test_the_cli_manages_deployments(served: Served, http: httpx.Client, monkeyp
 def test_the_sdk_manages_deployments_with_configurable_retries(
     served: Served, http: httpx.Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from app.client import Loraplex, LoraplexError
+    from loraplex import Loraplex, LoraplexError
 
     monkeypatch.setenv("LORAPLEX_MAX_RETRIES", "0")  # the CLI is configured the same way
     lp = Loraplex(served.url, http.headers["Authorization"].removeprefix("Bearer "))

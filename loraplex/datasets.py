@@ -1,0 +1,28 @@
+"""`pb.datasets`: upload a JSONL or CSV file, read one back, list them."""
+
+from pathlib import Path
+
+from loraplex.api import Api
+from loraplex.resources import Dataset
+
+
+class Datasets:
+    def __init__(self, client: Api) -> None:
+        self._client = client
+
+    def from_file(self, file_path: str | Path, name: str | None = None, base_model: str = "smollm2-135m") -> Dataset:
+        """Upload a file and wait until the server validated it (status `ready`); a bad file raises LoraplexError
+        with every bad row in `body["errors"]`. `base_model`: whose tokenizer counts its tokens. `name`: the file
+        name without extension if unset."""
+        return Dataset.model_validate(self._client.upload_dataset(file_path, name=name, base_model=base_model))
+
+    def get(self, name: str) -> Dataset:
+        return Dataset.model_validate(self._client.get_dataset(name))
+
+    def list(self) -> list[Dataset]:
+        return [Dataset.model_validate(d) for d in self._client.list_datasets()]
+
+
+def dataset_name(dataset: str | Dataset) -> str:
+    """A dataset argument as Predibase takes it: its name or the object."""
+    return dataset if isinstance(dataset, str) else dataset.name
