@@ -1,23 +1,45 @@
 """An uploaded dataset file (JSON Lines or CSV) read into a ParsedDataset: decoding, lines and records, the shape.
 
 The shape is fixed by the first row (JSONL) or the header (CSV); each row is then checked on its own
-(functions/dataset_rows.py). Nothing raises on bad input: every problem is logged with the line it starts on
+(functions/dataset_rows.py). Columns that are none of the known shapes make a "columns" dataset: each row is kept as
+its columns' values as text (ColumnsRow), for a job's prompt_template to render (functions/templated_rows.py).
+Nothing raises on bad input: every problem is logged with the line it starts on
 (CSV: where the record starts; 0 for the whole file), and reading goes on so that one pass reports them all.
 """
 
 import csv
 import io
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from functions.dataset_rows import detect_format, json_type, short, unknown_shape, validate_row
+from functions.dataset_rows import detect_format, json_type, row_split, short, unknown_shape, validate_row
 from functions.datasets import DataFormat, ErrorLog, Example, FileFormat, ParsedDataset
+from loraplex.prompt_template import value_text
 
 _UTF8_BOM = b"\xef\xbb\xbf"
 _UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 # Columns with a meaning; any other column is ignored, so only these must be unique in a CSV header.
 _KNOWN_FIELDS = ("messages", "prompt", "completion", "text", "split")
+MAX_COLUMNS = 200  # of a "columns" dataset: each is counted in its stats
+
+
+@dataclass(frozen=True)
+class ColumnsRow(Example):
+    """A row of a "columns" dataset: {column: value as text}. An empty CSV cell and a JSONL null are ""; a key a JSONL
+    row lacks is absent. Neither is an error until a template uses it on that row."""
+
+    columns: dict[str, str] = field(default_factory=dict)
+
+
+def columns_of(examples: Iterable[Example]) -> list[str]:
+    """A "columns" dataset's columns, in the order they first appear (a CSV's header order)."""
+    seen: dict[str, None] = {}
+    for example in examples:
+        if isinstance(example, ColumnsRow):
+            seen.update(dict.fromkeys(example.columns))
+    return list(seen)
 
 
 def parse_dataset(data: bytes, file_format: FileFormat, max_rows: int = 200_000) -> ParsedDataset:
@@ -71,11 +93,15 @@ def _parse_jsonl(data: bytes, max_rows: int, log: ErrorLog) -> tuple[DataFormat 
         if obj is None:
             continue
         if data_format is None:
-            data_format = detect_format(obj.keys())
+            data_format = detect_format(obj.keys()) or ("columns" if set(obj) - {"split"} else None)
             if data_format is None:
                 log.add(line, None, unknown_shape(list(obj.keys()), "field"))
                 return None, []
-        example = validate_row(obj, data_format, line, log)
+        example: Example | None
+        if data_format == "columns":
+            example = _columns_row(obj, line, log)
+        else:
+            example = validate_row(obj, data_format, line, log)
         if example is not None:
             examples.append(example)
     return data_format, examples
@@ -151,6 +177,9 @@ def _parse_csv(data: bytes, max_rows: int, log: ErrorLog) -> tuple[DataFormat | 
         return None, []
     columns = [name.strip().lower() for name in header.fields]
     data_format = _header_format(columns, header.start, log)
+    if data_format == "columns":  # names as written: a template names them so
+        names = _column_names([name.strip() for name in header.fields], header.start, log)
+        data_format, columns = ("columns", names) if names else (None, columns)
     if data_format is None:
         return None, []
     examples: list[Example] = []
@@ -220,10 +249,26 @@ def _header_format(columns: list[str], line: int, log: ErrorLog) -> DataFormat |
     if duplicates:
         log.add(line, None, f"duplicate column(s) in the header: {', '.join(map(repr, duplicates))}")
         return None
-    data_format = detect_format(columns)
-    if data_format is None:
+    if not set(columns) - {"split", ""}:
         log.add(line, None, unknown_shape(columns, "column"))
-    return data_format
+        return None
+    return detect_format(columns) or "columns"
+
+
+def _column_names(names: list[str], line: int, log: ErrorLog) -> list[str] | None:
+    """A "columns" header's names, "split" (in any case) read as the split; None once logged what is wrong."""
+    names = ["split" if name.lower() == "split" else name for name in names]
+    blank = [str(number) for number, name in enumerate(names, start=1) if not name]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if blank:
+        log.add(line, None, f"header column(s) {', '.join(blank)} have no name: name every column")
+    elif duplicates:
+        log.add(line, None, f"duplicate column(s) in the header: {', '.join(map(repr, duplicates))}")
+    elif len(names) > MAX_COLUMNS:
+        log.add(line, None, f"too many columns: {len(names)}; at most {MAX_COLUMNS}")
+    else:
+        return names
+    return None
 
 
 def _csv_example(
@@ -238,4 +283,43 @@ def _csv_example(
         log.add(record.start, None, f"row has {len(record.fields)} fields but the header has {len(columns)}")
         return None
     row = dict(zip(columns, record.fields, strict=True))
+    if data_format == "columns":
+        return _columns_row(row, record.start, log)
     return validate_row(row, data_format, record.start, log, messages_as_json=True)
+
+
+# --- "columns" rows -------------------------------------------------------------------------------------
+
+
+def _columns_row(row: Mapping[str, object], line: int, log: ErrorLog) -> ColumnsRow | None:
+    """A row's values as text: strings as they are, numbers and booleans as JSON writes them (what a template
+    fills in), null as "". An object or an array is refused, naming its column."""
+    before = log.count
+    split = row_split(row.get("split"), line, log)
+    columns: dict[str, str] = {}
+    for name, value in row.items():
+        if name == "split":
+            continue
+        if value is None:
+            columns[name] = ""
+        elif isinstance(value, str | bool | int | float):
+            text = value_text(value, name)
+            if _encodable(text):
+                columns[name] = text
+            else:
+                log.add(line, name, f"'{name}' contains an unpaired surrogate escape (\\ud800-\\udfff)")
+        else:
+            log.add(
+                line, name, f"'{name}' holds a JSON {json_type(value)}: a column's value is text, a number or a boolean"
+            )
+    if log.count > before or split is None:
+        return None
+    return ColumnsRow(line, split, columns=columns)
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -5,9 +5,10 @@ passed in beside it (`with_values`). Users see names (`repo/3`, dataset names), 
 from datetime import datetime
 from typing import Annotated, Any
 
-from pydantic import AliasPath, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import AliasPath, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from sqlalchemy.orm import object_session
 
-from app.models import FinetuneJob
+from app.models import AdapterVersion, FinetuneJob
 from billing.prices import usd
 
 FROM_ROWS = ConfigDict(from_attributes=True)
@@ -131,7 +132,21 @@ class AdapterOut(BaseModel):
     target_modules: list[str]
     job_id: str | None
     labels: list[str] | None  # a classification adapter's labels: it answers only one of them; None otherwise
+    # The job's prompt_template and completion_column when it trained with one: render a row with it
+    # (loraplex.prompt_template.render) and send that as the user message to get the trained behaviour
+    prompt_template: str | None = None
+    completion_column: str | None = None
     created_at: datetime
+
+    @model_validator(mode="before")
+    @classmethod
+    def _job_template(cls, row: Any) -> Any:
+        """A version keeps no copy of its job's config: its template is read from the job, in the row's session."""
+        session = object_session(row) if isinstance(row, AdapterVersion) and row.job_id else None
+        job = session.get(FinetuneJob, row.job_id) if session is not None else None
+        if job is None:
+            return row
+        return with_values(row, **{name: job.config.get(name) for name in ("prompt_template", "completion_column")})
 
 
 class RepoOut(BaseModel):

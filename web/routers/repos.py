@@ -43,6 +43,19 @@ def get_repo(name: str, tenant: CurrentTenant, db: Db) -> RepoOut:
     return RepoOut.model_validate(repo)
 
 
+@router.get("/{name}/versions/{version}", response_model=AdapterOut)
+def get_version(name: str, version: Number, tenant: CurrentTenant, db: Db) -> AdapterOut:
+    """One version `repo/N`, with the prompt_template its job trained with (if any)."""
+    row = db.scalar(
+        select(AdapterVersion)
+        .join(Repo)
+        .where(Repo.tenant_id == tenant.id, Repo.name == name, AdapterVersion.version == version)
+    )
+    if row is None:  # another tenant's answers exactly like a missing one
+        raise APIError(404, f"adapter {name}/{version} not found", param="version", code="adapter_not_found")
+    return AdapterOut.model_validate(row)
+
+
 @router.post("/{name}/versions", status_code=status.HTTP_201_CREATED, response_model=AdapterOut)
 def import_version(
     name: str,
