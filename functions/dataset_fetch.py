@@ -232,8 +232,8 @@ def _check_answer(source: Source, answer: http.client.HTTPResponse, limit: int) 
 
 
 def _fetch_object(source: Source, target: Path, limit: int, deadline: float) -> int:
-    fs = _s3(source) if source.scheme == "s3" else _gcs(source)
     try:
+        fs = _s3(source) if source.scheme == "s3" else _gcs(source)
         with fs.open(source.path, "rb", block_size=CHUNK, cache_type="none") as remote:
             if remote.size is not None and remote.size > limit:
                 raise TooLarge("url: over the size limit", field="url", code="file_too_large")
@@ -242,14 +242,18 @@ def _fetch_object(source: Source, target: Path, limit: int, deadline: float) -> 
         raise
     except FileNotFoundError:
         raise NotFound(f"url: {source.url} does not exist", field="url", code="url_not_found") from None
-    except PermissionError:
-        raise Invalid(_denied(source), field="credentials", code="access_denied") from None
     except Exception as exc:  # noqa: BLE001 - any failure of the remote library is this URL's: told, never raised
-        # An OSError is the store's answer as s3fs/gcsfs word it ("Bad Request"); any other text may name the
-        # server's own endpoint, which tenants are not told.
-        reason = f"{type(exc).__name__}: {exc}" if isinstance(exc, OSError) and str(exc) else type(exc).__name__
-        message = f"url: {source.url} could not be read ({reason})"
-        raise Invalid(message, field="url", code="fetch_failed") from None
+        raise _read_failure(source, exc) from None
+
+
+def _read_failure(source: Source, exc: Exception) -> Refusal:
+    """What a failed object read tells the tenant. A 403 is PermissionError from s3fs, and from gcsfs an OSError
+    worded "Forbidden: ..."; another OSError is the store's answer as they word it ("Bad Request"); any other text
+    may name the server's own endpoint, which tenants are not told."""
+    if isinstance(exc, PermissionError) or (isinstance(exc, OSError) and str(exc).startswith("Forbidden")):
+        return Invalid(_denied(source), field="credentials", code="access_denied")
+    reason = f"{type(exc).__name__}: {exc}" if isinstance(exc, OSError) and str(exc) else type(exc).__name__
+    return Invalid(f"url: {source.url} could not be read ({reason})", field="url", code="fetch_failed")
 
 
 def _denied(source: Source) -> str:
@@ -284,11 +288,13 @@ def _s3(source: Source) -> Any:
 
 def _gcs(source: Source) -> Any:
     # Not tested against a real GCS server (none runs in the tests); tests reach only the key checks above.
-    import gcsfs  # heavy; only gs:// imports need it
+    from gcsfs.core import GCSFileSystem  # heavy; only gs:// imports need it
 
+    # gcsfs.GCSFileSystem is, by default, an extended class that first asks the storage control API (gRPC) what kind
+    # of bucket it is, waiting up to 60 s where that API does not answer; one object read needs only the JSON API.
     settings = get_settings().imports
     token: Any = source.google_credentials or (None if settings.import_server_credentials else "anon")
-    return gcsfs.GCSFileSystem(
+    return GCSFileSystem(
         token=token,  # a credentials object, never a string: gcsfs would read a string naming a file on this server
         access="read_only",
         endpoint_url=settings.gcs_endpoint_url,  # the server's, never the request's

@@ -1,15 +1,11 @@
-"""POST /v1/datasets/import through the real app: s3:// against a real S3-compatible server (moto's, on loopback,
-with IAM authentication on: wrong credentials are refused as AWS refuses them), http(s):// against a real local HTTP
-server, the webhooks' SSRF rule, the upload's size limit and validation, and nothing left behind (row or file) by a
-refused import. No GCS server runs here: gs:// is tested up to its key checks, which come before any fetch."""
+"""POST /v1/datasets/import from s3:// through the real app, against a real S3-compatible server (moto's, on loopback,
+with IAM authentication on: wrong credentials are refused as AWS refuses them): the upload's size limit and
+validation, credentials never echoed nor logged, and nothing left behind (row or file) by a refused import; and every
+refusal that comes before a byte is fetched (scheme, extension, the webhooks' SSRF rule, credentials against the
+scheme). http(s):// and gs:// are in test_dataset_import_http_gs.py."""
 
-import http.server
 import json
 import logging
-import shutil
-import ssl
-import subprocess
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +20,7 @@ from moto.server import ThreadedMotoServer
 from test_datasets_api import CSV_DATA, PC_ROWS, assert_nothing_stored, error_of, jsonl, stored_files, upload
 
 from app.settings import get_settings
-from conftest import TINY_MODEL, InProcessWorker, Platform, free_port
+from conftest import TINY_MODEL, InProcessWorker, Platform
 
 QA = jsonl(PC_ROWS)
 BAD = jsonl([{"prompt": "fine", "completion": "ok"}, "{not json", {"prompt": "fine", "completion": 7}])
@@ -278,194 +274,4 @@ def test_bad_urls_and_credentials_are_refused_naming_the_field(
         assert (err["param"], err["code"]) == (param, code), (body, err)
         assert err["message"].startswith(f"{param}: "), err
         assert SECRET not in r.text
-    assert_nothing_stored(platform)
-
-
-# --- http(s):// from a real local server ------------------------------------------------------------------------
-
-
-class Files:
-    """An HTTP(S) server on 127.0.0.1 serving `files` by path; a few paths answer otherwise (see do_GET)."""
-
-    def __init__(self, files: dict[str, bytes], tls: ssl.SSLContext | None = None) -> None:
-        self.files = files
-        self.requests: list[str] = []  # the paths asked for, query included
-        served = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_GET(self) -> None:  # noqa: N802 - http.server's name
-                served.requests.append(self.path)
-                path = self.path.split("?", 1)[0]
-                if path == "/moved.jsonl":
-                    return self._answer(302, b"", {"Location": "/qa.jsonl?X-Amz-Signature=REDIRECTSECRET"})
-                if path == "/private.jsonl":
-                    return self._answer(403, b"no")
-                if path == "/chunked.jsonl":  # no Content-Length: only the reader's count stops it
-                    self.send_response(200)
-                    self.send_header("Transfer-Encoding", "chunked")
-                    self.end_headers()
-                    for _ in range(64):
-                        self.wfile.write(b"%x\r\n%s\r\n" % (len(QA), QA))
-                    self.wfile.write(b"0\r\n\r\n")
-                    return None
-                if path not in served.files:
-                    return self._answer(404, b"not found")
-                return self._answer(200, served.files[path])
-
-            def _answer(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
-                self.send_response(status)
-                for key, value in (headers or {}).items():
-                    self.send_header(key, value)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.port = free_port()
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        if tls is not None:
-            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@pytest.fixture
-def files() -> Iterator[Files]:
-    served = Files({"/qa.jsonl": QA, "/data/sheet.csv": CSV_DATA})
-    yield served
-    served.stop()
-
-
-@pytest.fixture(scope="module")
-def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """(certificate, key) of a self-signed certificate for localhost, made with the openssl command."""
-    if shutil.which("openssl") is None:
-        pytest.skip("the openssl command is not installed")
-    folder = tmp_path_factory.mktemp("tls")
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost"]
-        + ["-addext", "subjectAltName=DNS:localhost", "-keyout", str(key), "-out", str(cert)],
-        check=True,
-        capture_output=True,
-    )
-    return cert, key
-
-
-def test_http_on_loopback_when_allowed_no_redirects_and_the_limit(
-    client: TestClient,
-    alice: dict[str, str],
-    worker: InProcessWorker,
-    platform: Platform,
-    files: Files,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    base = f"http://127.0.0.1:{files.port}"
-    err = error_of(import_url(client, alice, f"{base}/qa.jsonl"), 422)  # loopback is not allowed by default
-    assert (err["param"], err["code"]) == ("url", "invalid_url")
-    use_settings(monkeypatch, import_allow_loopback="true")
-
-    # A presigned URL's query string is a credential: it is sent, and never shown.
-    r = import_url(client, alice, f"{base}/qa.jsonl?X-Amz-Signature=QUERYSECRET")
-    assert r.status_code == 201, r.text
-    uploaded = upload(client, alice, "qa.jsonl", QA, name="qa-uploaded").json()
-    same_as_upload(r.json(), uploaded)
-    assert r.json()["name"] == "qa" and files.requests[-1] == "/qa.jsonl?X-Amz-Signature=QUERYSECRET"
-    r = import_url(client, alice, f"{base}/data/sheet.csv")
-    assert (r.status_code, r.json()["file_format"], r.json()["name"]) == (201, "csv", "sheet"), r.text
-    before = stored_files(platform)
-
-    err = error_of(import_url(client, alice, f"{base}/missing.jsonl?sig=QUERYSECRET"), 404)
-    assert (err["param"], err["code"], err["message"]) == (
-        "url",
-        "url_not_found",
-        f"url: {base}/missing.jsonl does not exist (HTTP 404)",
-    )
-    r = import_url(client, alice, f"{base}/moved.jsonl?sig=QUERYSECRET")
-    err = error_of(r, 422)
-    assert (err["param"], err["code"]) == ("url", "redirect_not_followed")
-    assert "HTTP 302" in err["message"] and "SECRET" not in r.text
-    assert files.requests[-1].startswith("/moved.jsonl")  # the redirect's target was never asked for
-    err = error_of(import_url(client, alice, f"{base}/private.jsonl"), 422)
-    assert (err["param"], err["code"]) == ("url", "access_denied")
-    use_settings(monkeypatch, max_upload_bytes=str(10 * len(QA)))
-    err = error_of(import_url(client, alice, f"{base}/chunked.jsonl"), 413)
-    assert (err["param"], err["code"]) == ("url", "file_too_large")
-    files.stop()
-    err = error_of(import_url(client, alice, f"{base}/qa.jsonl", name="down"), 422)
-    assert (err["code"], err["message"]) == (
-        "fetch_failed",
-        f"url: {base}/qa.jsonl could not be fetched (connection refused)",
-    )
-    assert stored_files(platform) == before  # every refusal above left nothing
-
-
-def test_https_is_verified_against_the_urls_host(
-    client: TestClient,
-    alice: dict[str, str],
-    worker: InProcessWorker,
-    platform: Platform,
-    certificate: tuple[Path, Path],
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    tls.load_cert_chain(*certificate)
-    served = Files({"/qa.jsonl": QA}, tls=tls)
-    try:
-        use_settings(monkeypatch, import_allow_loopback="true")
-        url = f"https://localhost:{served.port}/qa.jsonl"
-        err = error_of(import_url(client, alice, url), 422)  # a self-signed certificate is not trusted
-        assert (err["code"], err["message"]) == (
-            "fetch_failed",
-            f"url: {url} could not be fetched (TLS: CERTIFICATE_VERIFY_FAILED)",
-        )
-        monkeypatch.setenv("SSL_CERT_FILE", str(certificate[0]))  # now it is, for the name in the certificate
-        err = error_of(import_url(client, alice, f"https://127.0.0.1:{served.port}/qa.jsonl"), 422)
-        assert "CERTIFICATE_VERIFY_FAILED" in err["message"] or "IP address mismatch" in err["message"]
-        r = import_url(client, alice, url)
-        assert r.status_code == 201 and r.json()["status"] == "ready", r.text
-    finally:
-        served.stop()
-
-
-# --- gs:// --------------------------------------------------------------------------------------------------------
-
-PRIVATE_KEY = (
-    "-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASCBKcwSECRETKEYBYTES\n-----END PRIVATE KEY-----\n"
-)
-SERVICE_ACCOUNT = {
-    "type": "service_account",
-    "project_id": "p",
-    "private_key_id": "0123456789abcdef",
-    "private_key": PRIVATE_KEY,
-    "client_email": "reader@p.iam.gserviceaccount.com",
-    "client_id": "1",
-}
-
-
-def test_gs_keys_are_checked_before_any_fetch_and_never_echoed(
-    client: TestClient, alice: dict[str, str], platform: Platform
-) -> None:
-    cases: list[tuple[Any, str]] = [
-        ("not json", "not JSON"),
-        ({"type": "authorized_user", "refresh_token": "x"}, "only a service-account key"),
-        ({"type": "external_account", "credential_source": {"file": "/etc/shadow"}}, "only a service-account key"),
-        (SERVICE_ACCOUNT | {"token_uri": "http://169.254.169.254/token"}, "token_uri must be Google's"),
-        (SERVICE_ACCOUNT, "not a usable service-account key"),  # the private key does not parse
-        (json.dumps(SERVICE_ACCOUNT), "not a usable service-account key"),  # the key file's text: the same
-        ({k: v for k, v in SERVICE_ACCOUNT.items() if k != "client_email"}, "not a usable service-account key"),
-    ]
-    for token, fragment in cases:
-        r = import_url(client, alice, "gs://data/qa.jsonl", credentials={"token": token})
-        err = error_of(r, 422)
-        assert (err["param"], err["code"]) == ("credentials.token", "invalid_credentials")
-        assert fragment in err["message"], err
-        assert "SECRETKEYBYTES" not in r.text and "0123456789abcdef" not in r.text
     assert_nothing_stored(platform)
