@@ -140,8 +140,9 @@ def job_events(db: Session, job: FinetuneJob) -> list[JobEvent]:
         events.append((checkpoint.created_at, 3, _event(job, f"c{checkpoint.number}", checkpoint.created_at, message)))
     if job.finished_at is not None:
         events += [(job.finished_at, 4 + i, event) for i, event in enumerate(_end_events(job, job.finished_at))]
-    events.sort(key=lambda e: (e[0], e[1]), reverse=True)
-    return [event for _, _, event in events]
+    # By time, then by kind (a job's end after its last metrics); rows of one kind and time in the order read.
+    ordered = sorted(enumerate(events), key=lambda item: (item[1][0], item[1][1], item[0]), reverse=True)
+    return [event for _, (_, _, event) in ordered]
 
 
 def _end_events(job: FinetuneJob, at: datetime) -> list[JobEvent]:

@@ -165,6 +165,14 @@ def test_files_upload_list_retrieve_content_and_delete(
     assert (deleted.id, deleted.object, deleted.deleted) == (again.id, "file", True)
     assert client.get("/v1/datasets/greetings-2", headers=alice).status_code == 404
 
+    read = client.post("/v1/api_keys", headers=alice, json={"name": "reader", "scope": "read"}).json()["key"]
+    reader = sdk(client, {"Authorization": f"Bearer {read}"})  # a `read` key reads files, never writes them
+    assert reader.files.retrieve(uploaded["training"]).id == uploaded["training"]
+    with pytest.raises(openai.PermissionDeniedError):
+        reader.files.create(file=("greetings.jsonl", jsonl(TRAIN)), purpose="fine-tune")
+    with pytest.raises(openai.PermissionDeniedError):
+        reader.fine_tuning.jobs.create(model=TINY_MODEL, training_file=uploaded["training"])
+
     theirs = sdk(client, bob)  # another tenant's file reads as one that does not exist
     for call in (theirs.files.retrieve, theirs.files.content, theirs.files.delete):
         with pytest.raises(openai.NotFoundError) as hidden:
@@ -293,6 +301,12 @@ def test_jobs_list_cancel_events_and_checkpoints(
         max_tokens=2,
     )
     assert reply.model == checkpoints.data[-1].fine_tuned_model_checkpoint
+    lorax = client.post(  # LoRAX's routes take the name as adapter_id
+        "/generate",
+        headers=alice,
+        json={"inputs": "hi", "parameters": {"adapter_id": f"ft:{TINY_MODEL}:ft-{TINY_MODEL}:1", "max_new_tokens": 2}},
+    )
+    assert lorax.status_code == 200 and isinstance(lorax.json()["generated_text"], str), lorax.text
     with pytest.raises(openai.NotFoundError):  # a version's name with another base model names nothing
         api.chat.completions.create(
             model=f"ft:smollm2-135m:ft-{TINY_MODEL}:1", messages=[{"role": "user", "content": "hi"}], max_tokens=2
@@ -300,3 +314,32 @@ def test_jobs_list_cancel_events_and_checkpoints(
     with pytest.raises(openai.NotFoundError) as missing:
         api.fine_tuning.jobs.retrieve("ftjob-ft_0000000000000000")
     assert missing.value.body["param"] == "fine_tuning_job_id"  # type: ignore[index]
+
+
+def test_our_dialect_takes_an_evaluation_dataset_with_the_same_checks(
+    uploaded: dict[str, Any], client: TestClient, alice: dict[str, str], bob: dict[str, str]
+) -> None:
+    """Our config's `evaluation_dataset` is OpenAI's `validation_file`: ready, the tenant's own, named when not."""
+    with InProcessWorker():
+        sdk(client, bob).files.create(file=("theirs.jsonl", jsonl(VALID)), purpose="fine-tune")
+    pending = client.post(  # no worker: it stays validating
+        "/v1/datasets",
+        headers=alice,
+        files={"file": ("later.jsonl", jsonl(VALID))},
+        data={"base_model": TINY_MODEL, "wait": "false"},
+    )
+    assert pending.status_code == 202
+    job = {"base_model": TINY_MODEL, "dataset": "greetings", "repo": "ours"}
+    for name, status in (("theirs", 404), ("missing", 404), ("later", 409)):
+        r = client.post("/v1/finetuning/jobs", headers=alice, json=job | {"evaluation_dataset": name})
+        assert (r.status_code, r.json()["error"]["param"]) == (status, "evaluation_dataset"), r.text
+    assert client.get("/v1/finetuning/jobs", headers=alice).json() == []
+
+    created = client.post("/v1/finetuning/jobs", headers=alice, json=job | {"evaluation_dataset": "greetings-eval"})
+    assert created.status_code == 201, created.text
+    assert created.json()["summary"]["warnings"] == []  # no "no evaluation" warning: the other dataset evaluates
+    shown = uploaded["api"].fine_tuning.jobs.retrieve("ftjob-" + created.json()["id"])
+    assert (shown.training_file, shown.validation_file) == (uploaded["training"], uploaded["validation"])
+    assert shown.user_provided_suffix == "ours" and shown.hyperparameters.learning_rate_multiplier == 1.0
+    r = client.delete("/v1/datasets/greetings-eval", headers=alice)  # kept for the job's record
+    assert r.status_code == 409, r.text
