@@ -6,11 +6,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from loraplex import prompt_template
 from loraplex.api import Api
 from loraplex.configs import SFTConfig
 from loraplex.errors import JobFailedError, LoraplexError
 from loraplex.finetuning import Jobs
+from loraplex.prompt_template import render
 from loraplex.resources import Dataset, Repo, Resource
 
 
@@ -29,9 +29,7 @@ class Adapter(Resource):
     def render_prompt(self, row: Mapping[str, object]) -> str:
         """The prompt this adapter was trained on for `row` (its prompt template filled with the row's columns),
         to send as the user message; a version trained without a template answers the row's `prompt`."""
-        if self.prompt_template is None:
-            return prompt_template.render("{prompt}", row)
-        return prompt_template.render(self.prompt_template, row)
+        return render(self.prompt_template or "{prompt}", row)
 
 
 class Adapters:

@@ -71,6 +71,21 @@ def test_adapters_are_created_read_and_downloaded(
         assert exc.value.status == 404
 
 
+def test_a_templated_adapter_renders_its_prompts(pb: Loraplex, tmp_path: Path) -> None:
+    """A dataset of any columns trains through a prompt template; the adapter renders inference prompts with it."""
+    path = tmp_path / "tickets.csv"
+    rows = [f"Parcel {n} damaged,shipping\n" if n % 2 else f"Invoice {n} wrong,billing\n" for n in range(6)]
+    path.write_text("ticket,team\n" + "".join(rows))
+    assert pb.datasets.from_file(path, base_model=TINY_MODEL).status == "ready"
+    template = "Route this ticket: {ticket}"
+    config = CONFIG.model_copy(update={"prompt_template": template, "completion_column": "team"})
+    adapter = pb.adapters.create(config=config, dataset="tickets", repo="router", show_progress=False)
+    assert adapter.prompt_template == template and adapter.config["completion_column"] == "team"
+    assert adapter.render_prompt({"ticket": "Late parcel", "team": "?"}) == "Route this ticket: Late parcel"
+    with pytest.raises(ValidationError, match="prompt_template"):
+        SFTConfig(base_model=TINY_MODEL, prompt_template="Route {ticket!r}")  # checked here, as the server does
+
+
 def test_refusals_come_before_any_work_and_a_failed_job_raises(pb: Loraplex) -> None:
     with pytest.raises(ValidationError, match="rank"):
         SFTConfig(base_model=TINY_MODEL, rank=0)  # checked here, before any request
