@@ -343,3 +343,33 @@ def test_env_defaults_and_stream_resume(scripted: Callable[..., Scripted], monke
     assert first_path == "/v1/finetuning/jobs/ft_1/events?after_step=-1"
     assert first["Authorization"] == second["Authorization"] == "Bearer lpx_from_env"
     assert "Last-Event-ID" not in first and second["Last-Event-ID"] == "41"
+
+
+def test_generation_errors_in_lorax_shape(scripted: Callable[..., Scripted]) -> None:
+    """The LoRAX routes answer errors as {"error": "message", "error_type", "param", "code"}, before a stream and
+    as its last event: both raise LoraplexError with the param and code."""
+    tokens = "".join(
+        f'data:{{"token": {{"id": {i}, "text": "t{i}", "logprob": -0.5, "special": false}}}}\n\n' for i in (1, 2)
+    )
+    broken = 'data:{"error": "the engine ended the answer", "error_type": "generation", "code": "engine_unavailable"}'
+
+    def stream(handler: BaseHTTPRequestHandler) -> None:
+        handler.send_response(200)
+        handler.send_header("Content-Type", "text/event-stream")
+        handler.end_headers()
+        handler.wfile.write((tokens + broken + "\n\n").encode())
+
+    refused = {"error": "parameters.top_k: too big", "error_type": "validation", "param": "parameters.top_k"}
+    models = (200, {}, json.dumps({"data": [{"id": "tiny"}]}).encode())  # /v1/models: "tiny" is a base model
+    server = scripted(models, (422, {}, json.dumps(refused).encode()), stream)
+    client = Loraplex(server.url, "k", backoff_seconds=0.01).deployments.client("tiny")
+    with pytest.raises(LoraplexError) as exc:
+        client.generate("Hi", top_k=10**6)
+    assert (exc.value.status, exc.value.param, exc.value.message) == (422, "parameters.top_k", refused["error"])
+    received = []
+    with pytest.raises(LoraplexError) as cut:
+        for item in client.generate_stream("Hi"):
+            received.append(item.token.text)
+    assert received == ["t1", "t2"] and (cut.value.status, cut.value.code) == (500, "engine_unavailable")
+    paths = [path for _, path, _ in server.requests]
+    assert paths == ["/v1/models", "/v1/models/tiny/generate", "/v1/models/tiny/generate_stream"]
