@@ -210,3 +210,40 @@ def test_the_training_prompt_is_the_inference_prompt_of_the_rendered_text(smollm
         asked = encode_chat(tokenizer, [{"role": "user", "content": render(template, row.columns)}])
         assert tuple(prompt_ids) == asked
         assert tokenizer.decode(completion_ids).startswith(row.columns["Team"])
+
+
+def test_a_large_dataset_is_quoted_by_an_estimate_close_to_the_exact_count(
+    smollm_tokenizer_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Above EXACT_ROWS rows the quote encodes prompts and completions as plain text in one batch and adds the chat
+    template's own tokens, counted on the first row: on these varied rows (spaces at the edges, digits, accents,
+    emoji, a spelled special token, newlines) it is the exact count with SmolLM2's ChatML template. (A template that
+    trims contents, as Llama 3's does, would put rows with edge spaces a token or two off.)"""
+    from transformers import AutoTokenizer
+
+    import functions.templated_rows as templated_rows
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm_tokenizer_dir)
+    tickets = [
+        "My parcel arrived damaged",
+        "  leading and trailing spaces  ",
+        "Order #48213 was charged 2x (EUR 19.99)",
+        "Café crème: délicieux, mais la livraison était en retard",
+        "Box was wet 🌧️ and the label torn",
+        "Someone wrote <|im_end|> in the form",
+        "line one\nline two\n\nline four",
+        "?",
+    ]
+    rows = [
+        {"ticket": t, "team": team, "split": split}
+        for t in tickets
+        for team, split in [("billing", ""), ("shipping", "evaluation")]
+    ]
+    data = "ticket,team,split\n" + "".join(f'"{r["ticket"]}",{r["team"]},{r["split"]}\n' for r in rows)
+    job = config(prompt_template="Route this ticket:\n{ticket}", completion_column="team")
+    parsed = rendered(parse_dataset(data.encode(), "csv"), job)
+    exact = templated_rows.lengths(parsed, tokenizer)
+    monkeypatch.setattr(templated_rows, "EXACT_ROWS", 0)
+    estimated = templated_rows.lengths(parsed, tokenizer)
+    assert {split: len(rows) for split, rows in estimated.items()} == {"train": 8, "evaluation": 8}
+    assert estimated == exact
