@@ -93,7 +93,7 @@ def _parse_jsonl(data: bytes, max_rows: int, log: ErrorLog) -> tuple[DataFormat 
         if obj is None:
             continue
         if data_format is None:
-            data_format = detect_format(obj.keys()) or ("columns" if set(obj) - {"split"} else None)
+            data_format = detect_format(obj.keys()) or ("columns" if _any_columns(obj) else None)
             if data_format is None:
                 log.add(line, None, unknown_shape(list(obj.keys()), "field"))
                 return None, []
@@ -249,10 +249,16 @@ def _header_format(columns: list[str], line: int, log: ErrorLog) -> DataFormat |
     if duplicates:
         log.add(line, None, f"duplicate column(s) in the header: {', '.join(map(repr, duplicates))}")
         return None
-    if not set(columns) - {"split", ""}:
+    data_format = detect_format(columns) or ("columns" if _any_columns(columns) else None)
+    if data_format is None:
         log.add(line, None, unknown_shape(columns, "column"))
-        return None
-    return detect_format(columns) or "columns"
+    return data_format
+
+
+def _any_columns(names: Iterable[str]) -> bool:
+    """Whether names of no known shape can be a "columns" dataset: a template needs a column for the prompt and
+    another for the answer (one alone, "prompt" without "completion" say, is more likely a mistake)."""
+    return len(set(names) - {"split", ""}) >= 2
 
 
 def _column_names(names: list[str], line: int, log: ErrorLog) -> list[str] | None:

@@ -112,7 +112,11 @@ def test_jsonl_values_become_text_and_nested_ones_are_refused_per_row() -> None:
 
 @pytest.mark.parametrize(
     ("header", "says"),
-    [(b"a,,b", "header column(s) 2 have no name"), (b"a,b,a", "duplicate column(s) in the header: 'a'")],
+    [
+        (b"a,,b", "header column(s) 2 have no name"),
+        (b"a,b,a", "duplicate column(s) in the header: 'a'"),
+        (b"ticket,split", "unrecognised dataset shape"),  # a template needs a prompt's column and an answer's
+    ],
 )
 def test_a_columns_header_needs_unique_names(header: bytes, says: str) -> None:
     parsed = parse_dataset(header + b"\n1,2,3\n", "csv")
