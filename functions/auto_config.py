@@ -39,6 +39,7 @@ from app import volume
 from app.errors import Invalid
 from app.models import Dataset
 from app.settings import get_settings
+from functions import templated_rows
 from functions.catalog import get_model
 from functions.dataset_files import parse_dataset
 from functions.finetune_config import AUTO_FIELDS, FinetuneConfig
@@ -59,7 +60,8 @@ MIN_ROWS_TO_HOLD_OUT = 10  # smaller datasets without an evaluation split train 
 
 @dataclass(frozen=True)
 class Truncation:
-    """What max_seq_length cuts from the train split. A row's length is (prompt tokens, completion tokens)."""
+    """What max_seq_length cuts from the train split. A row's lengths alternate context and learned (completion)
+    tokens: (prompt, completion), or (context, learned, context, learned, ...) for a conversation."""
 
     max_seq_length: int
     rows: int
@@ -71,17 +73,19 @@ class Truncation:
     longest: int  # the longest row, before truncation
 
     @classmethod
-    def of(cls, lengths: Sequence[tuple[int, int]], max_seq_length: int) -> "Truncation":
-        kept = [(p, c) for p, c in lengths if p < max_seq_length]
+    def of(cls, lengths: Sequence[Sequence[int]], max_seq_length: int) -> "Truncation":
+        learned = [sum(runs[1::2]) for runs in lengths]
+        learned_kept = [_learned_within(runs, max_seq_length) for runs in lengths]
+        kept = [runs for runs, n in zip(lengths, learned_kept, strict=True) if n > 0]
         return cls(
             max_seq_length=max_seq_length,
             rows=len(lengths),
-            rows_cut=sum(1 for p, c in lengths if p + c > max_seq_length),
+            rows_cut=sum(1 for runs in lengths if sum(runs) > max_seq_length),
             rows_dropped=len(lengths) - len(kept),
-            completion_tokens=sum(c for _, c in lengths),
-            completion_tokens_lost=sum(min(c, max(0, p + c - max_seq_length)) for p, c in lengths),
-            tokens=sum(min(p + c, max_seq_length) for p, c in kept),
-            longest=max((p + c for p, c in lengths), default=0),
+            completion_tokens=sum(learned),
+            completion_tokens_lost=sum(learned) - sum(learned_kept),
+            tokens=sum(min(sum(runs), max_seq_length) for runs in kept),
+            longest=max((sum(runs) for runs in lengths), default=0),
         )
 
     @property
@@ -110,11 +114,21 @@ class Truncation:
         }
 
 
+def _learned_within(runs: Sequence[int], limit: int) -> int:
+    """The learned tokens among a row's first `limit` tokens; `runs` alternate context and learned tokens."""
+    kept = start = 0
+    for n, count in enumerate(runs):
+        if n % 2:
+            kept += max(0, min(count, limit - start))
+        start += count
+    return kept
+
+
 @dataclass(frozen=True)
 class Profile:
-    """What the rules read of a dataset: its train rows' (prompt, completion) token lengths, and more."""
+    """What the rules read of a dataset: its train rows' token lengths (as Truncation reads them), and more."""
 
-    lengths: list[tuple[int, int]]  # train split, one per row
+    lengths: list[tuple[int, ...]]  # train split, one per row
     evaluation_rows: int
     classification: bool
 
@@ -124,19 +138,23 @@ class Profile:
 
     @property
     def longest(self) -> int:
-        return max((p + c for p, c in self.lengths), default=0)
+        return max((sum(runs) for runs in self.lengths), default=0)
 
 
-def dataset_profile(dataset: Dataset) -> Profile:
-    """The profile of a validated dataset. One validated before lengths were kept has them counted now, once."""
+def dataset_profile(dataset: Dataset, config: FinetuneConfig | None = None) -> Profile:
+    """The profile of a validated dataset. One validated before lengths were kept has them counted now, once.
+    With `config`: the profile of the rows the job trains on, which its prompt_template renders (counted now)."""
+    if config is not None and templated_rows.applies(config, dataset.data_format):
+        lengths, evaluation_rows, labels = templated_rows.measured(dataset, config)  # refusals name the field
+        return Profile(lengths=lengths, evaluation_rows=evaluation_rows, classification=labels is not None)
     if dataset.train_lengths is None:
         from functions.validate_dataset import row_lengths  # the validation handler's own counting
 
         data = volume.dataset_path(dataset.tenant_id, dataset.id, dataset.file_format).read_bytes()
         parsed = parse_dataset(data, dataset.file_format, get_settings().limits.max_dataset_rows)  # type: ignore[arg-type]  # a FileFormat, checked at upload
-        dataset.train_lengths = [list(pair) for pair in row_lengths(parsed, dataset.base_model)["train"]]
+        dataset.train_lengths = [list(runs) for runs in row_lengths(parsed, dataset.base_model)["train"]]
     return Profile(
-        lengths=[(int(p), int(c)) for p, c in dataset.train_lengths],
+        lengths=[tuple(int(n) for n in runs) for runs in dataset.train_lengths],
         evaluation_rows=int(dataset.stats.get("evaluation_rows", 0)),
         classification=dataset.stats.get("labels") is not None,
     )

@@ -3,6 +3,10 @@
 The readers (functions/dataset_files.py) hand each row over as a mapping of field names to values (JSON values, or
 CSV cells, where the messages are a JSON array in one cell); every problem is logged with the row's line and the
 field at fault ("completion", "messages[2].role", "split"), and only a row without problems becomes an Example.
+
+A message is read for its "role", "content" and "weight"; other keys (OpenAI's "name", say) are ignored, as other
+fields of a row are, and never reach the chat template. "weight", as OpenAI's fine-tuning reads it, is 0 or 1 on an
+assistant message: 0 makes that reply context, not learned; a row must learn at least one reply.
 """
 
 import json
@@ -12,6 +16,7 @@ from typing import get_args
 from functions.datasets import DataFormat, ErrorLog, Example, Split
 
 _ROLES = ("system", "user", "assistant")
+_WEIGHTS = (0, 1)
 _SPLITS: tuple[Split, ...] = get_args(Split)
 _SHAPES = "a 'messages' {0}, 'prompt' and 'completion' {0}s, or a 'text' {0}"
 _MAX_NAMES_SHOWN = 20
@@ -60,11 +65,12 @@ def validate_row(
     completion: str | None = None
     text: str | None = None
     messages: tuple[dict[str, str], ...] | None = None
+    weights: tuple[int, ...] | None = None
     if data_format == "messages":
         value = row.get("messages", _MISSING)
         if messages_as_json and isinstance(value, str):
             value = _load_messages_cell(value, problems)
-        messages = _check_messages(value, problems)
+        messages, weights = _check_messages(value, problems)
     elif data_format == "prompt_completion":
         prompt = _check_text(row.get("prompt", _MISSING), "prompt", problems)
         completion = _check_text(row.get("completion", _MISSING), "completion", problems)
@@ -74,7 +80,7 @@ def validate_row(
         log.add(line, field, message)
     if problems or split is None:
         return None
-    return Example(line, split, prompt=prompt, completion=completion, messages=messages, text=text)
+    return Example(line, split, prompt=prompt, completion=completion, messages=messages, text=text, weights=weights)
 
 
 def _check_split(value: object, problems: list[_Problem]) -> Split | None:
@@ -131,35 +137,48 @@ def _load_messages_cell(cell: str, problems: list[_Problem]) -> object:
     return _INVALID
 
 
-def _check_messages(value: object, problems: list[_Problem]) -> tuple[dict[str, str], ...] | None:
+def _check_messages(
+    value: object, problems: list[_Problem]
+) -> tuple[tuple[dict[str, str], ...] | None, tuple[int, ...] | None]:
+    """The messages ({"role", "content"} each) and their weights (Example.weights: None when every assistant message
+    is learned), or (None, None) with the row's problems."""
     if value is _INVALID:
-        return None
+        return None, None
     if value is _MISSING:
         problems.append(("messages", "missing field 'messages'"))
-        return None
+        return None, None
     if not isinstance(value, list):
         problems.append(("messages", f"'messages' must be an array of messages, got {json_type(value)}"))
-        return None
+        return None, None
     if not value:
         problems.append(("messages", "'messages' is empty"))
-        return None
+        return None, None
     before = len(problems)
     checked = [_check_message(item, f"messages[{index}]", problems) for index, item in enumerate(value)]
-    roles = [role for role, _ in checked if role is not None]
+    roles = [role for role, _, _ in checked if role is not None]
     # Judge the order only when every role is known, or one bad role would also be reported as bad order.
     if len(roles) == len(checked) and (order_problem := _check_role_order(roles)):
         problems.append(order_problem)
     if len(problems) > before:
-        return None
-    return tuple(
-        {"role": role, "content": content} for role, content in checked if role is not None and content is not None
+        return None, None
+    weights = tuple(weight for _, _, weight in checked)
+    if 1 not in weights:
+        problems.append(
+            ("messages", "every assistant message has weight 0: the row teaches nothing; give at least one weight 1")
+        )
+        return None, None
+    messages = tuple(
+        {"role": role, "content": content} for role, content, _ in checked if role is not None and content is not None
     )
+    every_reply = all(weight == 1 for role, _, weight in checked if role == "assistant")
+    return messages, None if every_reply else weights  # None: the default, as an Example built in code has it
 
 
-def _check_message(item: object, field: str, problems: list[_Problem]) -> tuple[str | None, str | None]:
+def _check_message(item: object, field: str, problems: list[_Problem]) -> tuple[str | None, str | None, int]:
+    """(role, content, weight): None where invalid; the weight is 0 except on a learned assistant message."""
     if not isinstance(item, dict):
         problems.append((field, f"'{field}' must be an object with 'role' and 'content', got {json_type(item)}"))
-        return None, None
+        return None, None, 0
     role = item.get("role", _MISSING)
     if role is _MISSING:
         problems.append((f"{field}.role", f"missing field '{field}.role'"))
@@ -171,7 +190,22 @@ def _check_message(item: object, field: str, problems: list[_Problem]) -> tuple[
         problems.append((f"{field}.role", f"unknown role {short(role)!r}: expected 'system', 'user' or 'assistant'"))
         role = None
     content = _check_text(item.get("content", _MISSING), f"{field}.content", problems)
-    return role, content
+    return role, content, _check_weight(item.get("weight", _MISSING), role, f"{field}.weight", problems)
+
+
+def _check_weight(value: object, role: str | None, field: str, problems: list[_Problem]) -> int:
+    """The message's weight: 1 (learned) by default on an assistant message, 0 on the others."""
+    if value is _MISSING:
+        return 1 if role == "assistant" else 0
+    # JSON's true and false are not numbers; 1.0 and "1" are not the integers OpenAI's format asks for either.
+    if isinstance(value, bool) or not isinstance(value, int) or value not in _WEIGHTS:
+        shown = short(json.dumps(value)) if isinstance(value, str | int | float) else json_type(value)
+        problems.append((field, f"'{field}' must be 0 or 1, got {shown}"))
+        return 0
+    if role is not None and role != "assistant":
+        problems.append((field, f"'{field}' is only allowed on assistant messages, not on a {role!r} message"))
+        return 0
+    return value
 
 
 def _check_role_order(roles: list[str]) -> _Problem | None:
@@ -223,3 +257,13 @@ def json_type(value: object) -> str:
 def short(text: str, limit: int = 80) -> str:
     # Errors echo user input; a 1 MB cell must not turn into a 1 MB error message.
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def row_split(value: object, line: int, log: ErrorLog) -> Split | None:
+    """A row's split ("train" when unset), or None once logged why the value is not one (for rows checked
+    elsewhere: a "columns" dataset's, functions/dataset_files.py)."""
+    problems: list[_Problem] = []
+    split = _check_split(value, problems)
+    for field, message in problems:
+        log.add(line, field, message)
+    return split

@@ -2,6 +2,7 @@
 
 Three shapes are accepted, fixed by the first row (JSONL) or the header (CSV):
     messages           {"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}]}
+                       (multi-turn: every assistant message is learned, but one with "weight": 0, which is context)
     prompt_completion  {"prompt": ..., "completion": ...}
     text               {"text": ...}                      (continued pretraining)
 Any row may carry "split": "train" (the default) or "evaluation".
@@ -17,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import PurePath
 from typing import Literal
 
-DataFormat = Literal["prompt_completion", "messages", "text"]
+# "columns": any other columns, trained through a job's prompt_template (functions/templated_rows.py)
+DataFormat = Literal["prompt_completion", "messages", "text", "columns"]
 Split = Literal["train", "evaluation"]
 FileFormat = Literal["jsonl", "csv"]
 
@@ -48,8 +50,20 @@ class Example:
     split: Split
     prompt: str | None = None
     completion: str | None = None
-    messages: tuple[dict[str, str], ...] | None = None
+    messages: tuple[dict[str, str], ...] | None = None  # each {"role", "content"}
     text: str | None = None
+    # Per message, parallel to `messages`: 1 where it is learned (an assistant message, weight 1 by default), 0 where
+    # it is context (system and user messages, assistant messages given "weight": 0). None: every assistant message
+    # is learned.
+    weights: tuple[int, ...] | None = None
+
+    def learned(self) -> tuple[bool, ...]:
+        """Per message: whether the model learns it."""
+        if self.messages is None:
+            return ()
+        if self.weights is None:
+            return tuple(m["role"] == "assistant" for m in self.messages)
+        return tuple(m["role"] == "assistant" and w == 1 for m, w in zip(self.messages, self.weights, strict=True))
 
 
 @dataclass(frozen=True)
@@ -86,10 +100,12 @@ def detect_file_format(filename: str) -> FileFormat | None:
 
 
 def answer_of(example: Example) -> str | None:
-    """The text the model learns to answer: the completion, or the last (assistant) message; None for raw text."""
+    """The text the model learns to answer: the completion, or the last (assistant) message when it is the only one
+    learned; None for raw text and for conversations that learn several turns, or an earlier one (not label rows)."""
     if example.completion is not None:
         return example.completion
-    if example.messages:
+    learned = example.learned()
+    if example.messages and learned[-1] and sum(learned) == 1:
         return example.messages[-1]["content"]
     return None
 

@@ -9,6 +9,7 @@ from app.names import NAME, VERSION_REF
 from app.settings import get_settings
 from functions import accelerators
 from functions.catalog import get_model, linear_modules
+from loraplex.prompt_template import TemplateError, placeholders
 
 # Fields that shape a LoRA adapter: meaningless for full fine-tuning, inherited when continuing an adapter.
 LORA_FIELDS = ("rank", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "target_modules")
@@ -37,6 +38,11 @@ class FinetuneConfig(BaseModel):
 
     base_model: str = Field(description="Catalog name of the model to fine-tune, e.g. 'smollm2-135m'.")
     dataset: str = Field(description="Name of a dataset of yours in status 'ready'.")
+    evaluation_dataset: str | None = Field(
+        default=None,
+        description="Name of another dataset of yours in status 'ready' whose rows (all of them, whatever their "
+        "split) are the job's evaluation split, in place of the dataset's own evaluation split or held-out rows.",
+    )
     repo: str = Field(description="Adapter repository; the result is saved as its next version, 'repo/N'.")
     adapter: Literal["lora", "turbo_lora", "turbo", "adalora", "adaption_prompt", "none"] = Field(
         default="lora",
@@ -94,6 +100,22 @@ class FinetuneConfig(BaseModel):
     apply_chat_template: bool = Field(
         default=True, description="Wrap rows in the model's chat template, as chat completions will at inference."
     )
+    prompt_template: str | None = Field(
+        default=None,
+        max_length=20_000,
+        description="The prompt each row is trained on, written with the row's columns as '{column}' placeholders: "
+        "'Route this ticket: {ticket}' ('{{' and '}}' are literal braces; no format specs, attribute or index "
+        "access). For a dataset of any columns (with completion_column), or a prompt/completion dataset ('{prompt}'). "
+        "The rendered text is the user message, as at inference: send loraplex.prompt_template.render(template, row) "
+        "as the user message to get the trained behaviour. A row where a column it uses is empty is refused.",
+    )
+    completion_column: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=1_000,
+        description="With prompt_template on a dataset of any columns: the column holding each row's answer ('team'), "
+        "learned as a prompt/completion row's completion. A prompt/completion dataset's answer is its 'completion'.",
+    )
     # transformers' set_seed seeds numpy too, whose seeds are 32-bit.
     seed: int = Field(
         default=42, ge=0, le=2**32 - 1, description="Seed for shuffling and initialisation (reproducible runs)."
@@ -136,6 +158,24 @@ class FinetuneConfig(BaseModel):
                 f"default ('auto' is taken by {', '.join(AUTO_FIELDS)})"
             )
         return value
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _template(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                names = placeholders(value)
+            except TemplateError as exc:
+                raise ValueError(exc.message) from None
+            if not names:
+                raise ValueError("the template uses no column: name at least one as '{column}'")
+        return value
+
+    @model_validator(mode="after")
+    def _completion_column_with_template(self) -> "FinetuneConfig":
+        if self.completion_column is not None and self.prompt_template is None:
+            raise ValueError("completion_column: goes with prompt_template, which builds each row's prompt")
+        return self
 
     @field_validator("repo")
     @classmethod

@@ -13,6 +13,7 @@ failed) resumes from its last checkpoint: the Trainer continues at that step wit
 and the metrics rows after that step, written by the attempt that died, are replaced rather than duplicated.
 """
 
+import dataclasses
 import logging
 import random
 import tempfile
@@ -24,11 +25,12 @@ from sqlalchemy.orm import Session
 
 from app import events, volume
 from app.db import session_scope
-from app.models import AdapterVersion, FinetuneJob
+from app.errors import Invalid
+from app.models import AdapterVersion, Dataset, FinetuneJob
 from app.queue import EventInfo, PermanentError
 from app.settings import get_settings
 from billing import alerts, ledger
-from functions import checkpoints, repos
+from functions import checkpoints, repos, templated_rows
 from functions.auto_config import MIN_ROWS_TO_HOLD_OUT
 from functions.base_models import BaseModelUnavailable, load_tokenizer
 from functions.catalog import get_model
@@ -109,7 +111,7 @@ def _start(event: EventInfo) -> FinetuneJob | None:
         s.flush()
         if starting:
             events.publish(s, job.tenant_id, "finetune.job.started", job.id)
-        s.refresh(job, ["dataset", "repo"])
+        s.refresh(job, ["dataset", "repo", "evaluation_dataset"])
         return job
 
 
@@ -141,6 +143,13 @@ def _tokenize(job: FinetuneJob, config: FinetuneConfig) -> Data:
     if not parsed.ok:
         raise PermanentError(f"dataset {dataset.name!r} no longer validates: {parsed.errors[0].message}")
     try:
+        parsed = templated_rows.rendered(parsed, config)  # the rows a prompt_template builds, as the quote counted
+    except Invalid as exc:
+        raise PermanentError(exc.message) from exc
+    examples = parsed.examples
+    if job.evaluation_dataset is not None:  # its rows, all of them, are the evaluation split
+        examples = [e for e in examples if e.split == "train"] + _evaluation_examples(job.evaluation_dataset, config)
+    try:
         tokenizer = load_tokenizer(config.base_model)
     except BaseModelUnavailable as exc:
         raise PermanentError(str(exc)) from exc
@@ -150,7 +159,7 @@ def _tokenize(job: FinetuneJob, config: FinetuneConfig) -> Data:
     def tokenized(split: str) -> list[Tokenized]:
         rows = [
             tokenize_example(e, tokenizer, config.apply_chat_template, max_seq_length)
-            for e in parsed.examples
+            for e in examples
             if e.split == split
         ]
         # A row whose prompt fills the window has no completion token: the job's summary counted it as dropped.
@@ -173,6 +182,15 @@ def _tokenize(job: FinetuneJob, config: FinetuneConfig) -> Data:
         return example_ids(Example(0, "train", prompt="", completion=label), tokenizer, config.apply_chat_template)[1]
 
     return Data(train, evaluation, {label: completion_ids(label) for label in labels})
+
+
+def _evaluation_examples(dataset: Dataset, config: FinetuneConfig) -> list[Example]:
+    """Every row of the job's evaluation dataset as an evaluation row, built as the train rows are."""
+    try:
+        parsed = templated_rows.rendered(templated_rows.read(dataset), config)
+    except Invalid as exc:
+        raise PermanentError(f"evaluation_dataset: {exc.message}") from exc
+    return [dataclasses.replace(e, split="evaluation") for e in parsed.examples]
 
 
 def _train(

@@ -9,7 +9,9 @@ from functions.datasets import (
     Example,
     ParsedDataset,
     RowError,
+    answer_of,
     detect_file_format,
+    detect_labels,
 )
 
 
@@ -83,7 +85,7 @@ def test_jsonl_messages() -> None:
         {"role": "user", "content": "hi"},
         {"role": "assistant", "content": "hello"},
         {"role": "user", "content": "bye"},
-        {"role": "assistant", "content": "bye", "weight": 1},  # extra keys are dropped
+        {"role": "assistant", "content": "bye", "weight": 1, "name": "bot"},  # other keys are dropped
     ]
     parsed = parse_dataset(jsonl({"messages": CHAT}, {"messages": conversation, "split": "evaluation"}), "jsonl")
     assert parsed.ok and parsed.data_format == "messages"
@@ -93,6 +95,7 @@ def test_jsonl_messages() -> None:
     assert second.messages is not None
     assert [m["role"] for m in second.messages] == ["system", "user", "assistant", "user", "assistant"]
     assert second.messages[-1] == {"role": "assistant", "content": "bye"}
+    assert second.weights is None and second.learned() == (False, False, True, False, True)
 
 
 def test_jsonl_text_keeps_values_verbatim() -> None:
@@ -202,6 +205,100 @@ def test_messages_errors(messages: object, expected: tuple[str, str]) -> None:
     assert message in error.message
 
 
+# --- multi-turn conversations and weights (OpenAI's fine-tuning format) -----------------------------------
+
+TURNS = [
+    {"role": "system", "content": "be brief"},
+    {"role": "user", "content": "hi"},
+    {"role": "assistant", "content": "hello", "weight": 0},
+    {"role": "user", "content": "2+2?"},
+    {"role": "assistant", "content": "4", "weight": 1},
+    {"role": "user", "content": "3+3?"},
+    {"role": "assistant", "content": "6"},
+]
+
+
+def test_weights_are_kept_per_message() -> None:
+    parsed = parse_dataset(jsonl({"messages": TURNS}, {"messages": CHAT}), "jsonl")
+    assert parsed.ok
+    first, second = parsed.examples
+    assert first.messages == tuple({"role": m["role"], "content": m["content"]} for m in TURNS)  # no weight key
+    assert first.weights == (0, 0, 0, 0, 1, 0, 1)  # the default on an assistant message is 1; 0 elsewhere
+    assert first.learned() == (False, False, False, False, True, False, True)
+    assert second.weights is None  # every reply learned: the default, as an Example built in code has it
+    # Examples built in code without weights learn every assistant message
+    assert Example(1, "train", messages=tuple(TURNS)).learned() == (False, False, True, False, True, False, True)
+
+
+def test_csv_messages_cell_with_weights() -> None:
+    cell = json.dumps(TURNS).replace('"', '""')
+    parsed = parse_dataset(f'messages\n"{cell}"\n'.encode(), "csv")
+    assert parsed.ok and parsed.examples[0].weights == (0, 0, 0, 0, 1, 0, 1)
+    bad = json.dumps([CHAT[0], {**CHAT[1], "weight": "1"}]).replace('"', '""')
+    parsed = parse_dataset(f'messages\n"{cell}"\n"{bad}"\n'.encode(), "csv")
+    assert where(parsed) == [(3, "messages[1].weight")]
+
+
+@pytest.mark.parametrize(
+    ("index", "weight", "message"),
+    [
+        (4, True, "'messages[4].weight' must be 0 or 1, got true"),
+        (4, False, "'messages[4].weight' must be 0 or 1, got false"),
+        (4, 0.5, "'messages[4].weight' must be 0 or 1, got 0.5"),
+        (4, 1.0, "'messages[4].weight' must be 0 or 1, got 1.0"),
+        (4, "1", "'messages[4].weight' must be 0 or 1, got \"1\""),
+        (4, 2, "'messages[4].weight' must be 0 or 1, got 2"),
+        (4, -1, "'messages[4].weight' must be 0 or 1, got -1"),
+        (4, None, "'messages[4].weight' must be 0 or 1, got null"),
+        (4, [1], "'messages[4].weight' must be 0 or 1, got array"),
+        (0, 1, "'messages[0].weight' is only allowed on assistant messages, not on a 'system' message"),
+        (3, 0, "'messages[3].weight' is only allowed on assistant messages, not on a 'user' message"),
+    ],
+)
+def test_bad_weights_are_named_with_their_line_and_field(index: int, weight: object, message: str) -> None:
+    turns = [dict(m) for m in TURNS]
+    turns[index]["weight"] = weight
+    parsed = parse_dataset(jsonl({"messages": CHAT}, "", {"messages": turns}, {"messages": TURNS}), "jsonl")
+    assert [e.line for e in parsed.examples] == [1, 4]
+    assert [e.to_dict() for e in parsed.errors] == [
+        {"line": 3, "field": f"messages[{index}].weight", "message": message}
+    ]
+
+
+def test_a_row_that_learns_no_turn_is_refused() -> None:
+    silent = [{**m, "weight": 0} if m["role"] == "assistant" else m for m in TURNS]
+    parsed = parse_dataset(
+        jsonl({"messages": TURNS}, {"messages": silent}, {"messages": [CHAT[0], {**CHAT[1], "weight": 0}]}), "jsonl"
+    )
+    assert [e.line for e in parsed.examples] == [1]
+    assert where(parsed) == [(2, "messages"), (3, "messages")]
+    assert "every assistant message has weight 0: the row teaches nothing" in parsed.errors[0].message
+
+
+def test_weight_problems_with_other_problems_of_the_row() -> None:
+    """Each problem once: a bad role and a weight on it, a bad weight and a bad order."""
+    turns = [CHAT[0], {"role": "bot", "content": "x", "weight": 1}, {**CHAT[1], "weight": 0.5}]
+    parsed = parse_dataset(jsonl({"messages": turns}), "jsonl")
+    assert where(parsed) == [(1, "messages[1].role"), (1, "messages[2].weight")]
+    turns = [CHAT[0], {**CHAT[1], "weight": 0}, CHAT[0]]
+    parsed = parse_dataset(jsonl({"messages": turns}), "jsonl")
+    assert where(parsed) == [(1, "messages[2].role")]  # the order: no "teaches nothing" on top
+
+
+def test_only_a_row_that_learns_one_final_reply_is_a_label_row() -> None:
+    def chat(*turns: dict[str, object], weights: tuple[int, ...] | None = None) -> Example:
+        return Example(1, "train", messages=tuple(turns), weights=weights)  # type: ignore[arg-type]
+
+    reply = {"role": "assistant", "content": "spam"}
+    assert answer_of(chat(CHAT[0], reply)) == "spam"
+    assert answer_of(chat(CHAT[0], CHAT[1], CHAT[0], reply)) is None  # two replies learned
+    assert answer_of(chat(CHAT[0], CHAT[1], CHAT[0], reply, weights=(0, 0, 0, 1))) == "spam"  # context, then a label
+    assert answer_of(chat(CHAT[0], CHAT[1], CHAT[0], reply, weights=(0, 1, 0, 0))) is None  # the label not at the end
+    labelled = [chat(CHAT[0], {**reply, "content": label}) for label in ("spam", "ham") * 2]
+    assert detect_labels(labelled) == {"ham": 2, "spam": 2}
+    assert detect_labels([*labelled, chat(CHAT[0], CHAT[1], CHAT[0], reply)]) is None
+
+
 def test_bad_role_is_not_also_reported_as_bad_order() -> None:
     parsed = parse_dataset(
         jsonl({"messages": [{"role": "human", "content": "x"}, {"role": "gpt", "content": ""}]}), "jsonl"
@@ -285,13 +382,17 @@ def test_line_numbers_count_blank_lines_and_crlf() -> None:
     assert where(parsed) == [(4, None)]
 
 
-def test_unknown_shape_in_jsonl_is_one_whole_file_error() -> None:
+def test_unknown_shape_in_jsonl_is_a_columns_dataset() -> None:
+    """Fields of no known shape are columns, for a job's prompt_template (tests/functions/test_prompt_template.py);
+    a first row with no field at all is still one whole-file error."""
     parsed = parse_dataset(jsonl("not json", {"input": "a", "output": "b"}, PC), "jsonl")
+    assert parsed.data_format == "columns" and len(parsed.examples) == 2
+    assert where(parsed) == [(1, None)]
+    parsed = parse_dataset(jsonl({}, PC), "jsonl")
     assert parsed.data_format is None and parsed.examples == []
-    assert where(parsed) == [(1, None), (2, None)]
-    message = parsed.errors[1].message
+    message = parsed.errors[0].message
     assert "'messages'" in message and "'prompt' and 'completion'" in message and "'text'" in message
-    assert "found fields: 'input', 'output'" in message
+    assert "found fields: none" in message
 
 
 def test_rows_of_another_format_after_the_first() -> None:
@@ -377,12 +478,16 @@ def test_csv_split_and_messages_cell_errors() -> None:
 @pytest.mark.parametrize(
     ("header", "found"),
     [
-        (b"prompt,answer", "found columns: 'prompt', 'answer'"),  # completion column missing
+        (b"prompt,answer", "found columns: 'prompt', 'answer'"),  # completion column missing: columns
         (b"question,response,id", "found columns: 'question', 'response', 'id'"),
+        (b"split", "found columns: 'split'"),  # nothing but the split: no shape at all
     ],
 )
 def test_csv_header_without_a_known_shape(header: bytes, found: str) -> None:
     parsed = parse_dataset(header + b"\na,b,c\n", "csv")
+    if header != b"split":  # any columns make a "columns" dataset (a job's prompt_template names them)
+        assert parsed.data_format == "columns"
+        return
     assert parsed.data_format is None and parsed.examples == []
     assert where(parsed) == [(1, None)]
     assert parsed.errors[0].message.startswith("unrecognised dataset shape: expected a 'messages' column")

@@ -1,23 +1,28 @@
-"""/v1/datasets: upload (JSONL or CSV), list, get, delete. Validation runs in a worker, never here."""
+"""/v1/datasets: upload (JSONL or CSV) or import from a URL (s3://, gs://, https://), list, get, delete. Validation
+runs in a worker, never here; both ways in share every step after the bytes arrive (`create_dataset`)."""
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Form, UploadFile, status
 from fastapi.responses import JSONResponse
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.exc import IntegrityError
 
 from app import volume
+from app.errors import TooLarge
 from app.models import Dataset, FinetuneJob
 from app.names import NAME
 from app.queue import emit
 from app.settings import get_settings
+from functions import dataset_fetch
 from functions.catalog import get_model
-from functions.datasets import detect_file_format
+from functions.datasets import FileFormat, detect_file_format
 from web.bodies import size_text
+from web.dataset_schemas import DatasetImport
 from web.deps import CurrentTenant, Db
 from web.errors import APIError
 from web.schemas import DatasetOut
@@ -40,18 +45,54 @@ async def upload_dataset(
     if file_format is None:
         raise APIError(422, f"file: {file.filename!r} is not .jsonl or .csv", param="file", code="unsupported_format")
     name = name or Path(file.filename or "").stem
+    limit = get_settings().limits.max_upload_bytes
+    return await create_dataset(
+        db, tenant.id, name, base_model, file_format, wait, lambda target: _save_limited(file, target, limit)
+    )
+
+
+@router.post("/import", status_code=status.HTTP_201_CREATED, response_model=DatasetOut)
+async def import_dataset(body: DatasetImport, tenant: CurrentTenant, db: Db) -> JSONResponse | DatasetOut:
+    """A dataset from a URL instead of an upload: the same size limit, validation, answers (201, 202, 422) and
+    atomic write. The URL and credentials are checked before any byte is fetched; both are forgotten after."""
+    source = await asyncio.to_thread(dataset_fetch.source_of, body.url, body.credentials)  # resolves a host name
+    limit = get_settings().limits.max_upload_bytes
+
+    async def fetch(target: Path) -> int:
+        try:
+            return await asyncio.to_thread(dataset_fetch.fetch, source, target, limit)  # never on the event loop
+        except TooLarge:
+            message = f"url: larger than the {size_text(limit)} limit (LORAPLEX_MAX_UPLOAD_BYTES)"
+            raise APIError(413, message, param="url", code="file_too_large") from None
+
+    name = body.name or source.stem
+    return await create_dataset(db, tenant.id, name, body.base_model, source.file_format, body.wait, fetch)
+
+
+async def create_dataset(
+    db: Db,
+    tenant_id: str,
+    name: str,
+    base_model: str,
+    file_format: FileFormat,
+    wait: bool,
+    write: Callable[[Path], Awaitable[int]],
+) -> JSONResponse | DatasetOut:
+    """Every new dataset's steps, whatever its bytes come from: check the name and base model, add the row, let
+    `write` fill a temporary file (returning its size, raising to refuse it) renamed into place only when it
+    succeeds, queue the validation, and answer as `wait` asks. A failure anywhere leaves neither row nor file."""
     if not NAME.matches(name):
         raise APIError(422, f"name: {NAME.rule}", param="name")
     _check_base_model(base_model)
-    if db.scalar(select(Dataset.id).where(Dataset.tenant_id == tenant.id, Dataset.name == name)):
+    if db.scalar(select(Dataset.id).where(Dataset.tenant_id == tenant_id, Dataset.name == name)):
         raise APIError(409, f"name: a dataset named {name!r} already exists", param="name", code="already_exists")
 
-    dataset = Dataset(tenant_id=tenant.id, name=name, base_model=base_model, file_format=file_format, size_bytes=0)
+    dataset = Dataset(tenant_id=tenant_id, name=name, base_model=base_model, file_format=file_format, size_bytes=0)
     db.add(dataset)
     db.flush()  # assigns the id used in the file name
-    path = volume.dataset_path(tenant.id, dataset.id, file_format)
+    path = volume.dataset_path(tenant_id, dataset.id, file_format)
     with volume.atomic_file(path) as tmp:
-        dataset.size_bytes = await _save_limited(file, tmp, get_settings().limits.max_upload_bytes)
+        dataset.size_bytes = await write(tmp)
     try:
         emit(db, "dataset.uploaded", dataset.id)
         db.commit()
@@ -80,7 +121,8 @@ def get_dataset(name: str, tenant: CurrentTenant, db: Db) -> DatasetOut:
 @router.delete("/{name}", status_code=status.HTTP_204_NO_CONTENT)
 def delete_dataset(name: str, tenant: CurrentTenant, db: Db) -> None:
     dataset = find_dataset(db, tenant.id, name)
-    if db.scalar(select(FinetuneJob.id).where(FinetuneJob.dataset_id == dataset.id)):
+    used = or_(FinetuneJob.dataset_id == dataset.id, FinetuneJob.evaluation_dataset_id == dataset.id)
+    if db.scalar(select(FinetuneJob.id).where(used)):
         raise APIError(409, f"dataset {name!r} is used by fine-tuning jobs and is kept for their record", param="name")
     path = volume.dataset_path(tenant.id, dataset.id, dataset.file_format)
     db.delete(dataset)
@@ -88,10 +130,10 @@ def delete_dataset(name: str, tenant: CurrentTenant, db: Db) -> None:
     path.unlink(missing_ok=True)
 
 
-def find_dataset(db: Db, tenant_id: str, name: str) -> Dataset:
+def find_dataset(db: Db, tenant_id: str, name: str, param: str = "dataset") -> Dataset:
     dataset = db.scalar(select(Dataset).where(Dataset.tenant_id == tenant_id, Dataset.name == name))
     if dataset is None:
-        raise APIError(404, f"dataset {name!r} not found", param="dataset", code="dataset_not_found")
+        raise APIError(404, f"dataset {name!r} not found", param=param, code="dataset_not_found")
     return dataset
 
 

@@ -1,6 +1,7 @@
 """/v1/finetuning/jobs: create (with a price estimate), list, get, cancel, per-step metrics, live events (SSE)."""
 
 import asyncio
+import dataclasses
 import json
 import re
 import time
@@ -15,10 +16,10 @@ from starlette.concurrency import run_in_threadpool
 
 from app import events
 from app.db import sessions
-from app.models import FinetuneJob, JobMetric, UsageRecord, utcnow
+from app.models import Dataset, FinetuneJob, JobMetric, UsageRecord, utcnow
 from app.queue import emit
 from billing import credits, ledger
-from functions import auto_config, checkpoints
+from functions import auto_config, checkpoints, templated_rows
 from functions.catalog import get_model
 from functions.datasets import single_class_message
 from functions.finetune_config import MAX_STEPS, FinetuneConfig
@@ -59,12 +60,17 @@ def start_job(db: Session, tenant_id: str, config: FinetuneConfig) -> FinetuneJo
     labels = dataset.stats.get("labels")  # set by validation for a classification dataset (text in, category out)
     if labels is not None and len(labels) < 2:
         raise APIError(422, f"dataset: {single_class_message(config.dataset, labels)}", param="dataset")
+    evaluation = evaluation_dataset(db, tenant_id, config)
     try:
         config, _ = checkpoints.continuation(db, tenant_id, config)  # a continued adapter's LoRA settings carry over
     except checkpoints.Refused as exc:
         raise APIError(422, exc.message, param=exc.field, code="invalid_value") from None
-    # "auto" fields from the dataset; refused here (naming max_seq_length) when truncation would lose too much.
-    resolved = auto_config.resolve(config, auto_config.dataset_profile(dataset))
+    # "auto" fields from the dataset (the rows a prompt_template renders); refused here (naming max_seq_length) when
+    # truncation would lose too much, or a template that does not fit the dataset (naming prompt_template).
+    profile = auto_config.dataset_profile(dataset, config)
+    if evaluation is not None:  # its rows are the evaluation split: none is held out of the train split
+        profile = dataclasses.replace(profile, evaluation_rows=int(evaluation.stats.get("rows", 0)))
+    resolved = auto_config.resolve(config, profile)
     config = resolved.config
     tokens = estimated_tokens(resolved.truncation, config)
     estimate = ledger.price_book(db, tenant_id).finetune(get_model(config.base_model).params, config.technique, tokens)
@@ -75,6 +81,7 @@ def start_job(db: Session, tenant_id: str, config: FinetuneConfig) -> FinetuneJo
     job = FinetuneJob(
         tenant_id=tenant_id,
         dataset_id=dataset.id,
+        evaluation_dataset_id=evaluation.id if evaluation is not None else None,
         repo_id=repo.id,
         base_model=config.base_model,
         config=config.stored(),
@@ -229,6 +236,20 @@ def estimated_tokens(truncation: auto_config.Truncation, config: FinetuneConfig)
         return truncation.tokens * values.epochs
     rows = config.train_steps * values.effective_batch_size
     return -(-truncation.tokens * rows // max(1, truncation.rows - truncation.rows_dropped))  # ceil
+
+
+def evaluation_dataset(db: Session, tenant_id: str, config: FinetuneConfig) -> Dataset | None:
+    """The dataset `evaluation_dataset` names, ready and of the same tenant (refusals name the field), checked as
+    its rows will be read (a prompt_template must fit it too); None when the config names none."""
+    if config.evaluation_dataset is None:
+        return None
+    dataset = find_dataset(db, tenant_id, config.evaluation_dataset, param="evaluation_dataset")
+    if dataset.status != "ready":
+        message = f"evaluation_dataset: {dataset.name!r} is {dataset.status}, not ready"
+        raise APIError(409, message, param="evaluation_dataset", code="dataset_not_ready")
+    if templated_rows.applies(config, dataset.data_format):
+        templated_rows.check(config, dataset.name, dataset.data_format, dataset.stats.get("columns") or [])
+    return dataset
 
 
 def find_job(db: Db, tenant_id: str, job_id: str) -> FinetuneJob:
