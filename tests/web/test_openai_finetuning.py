@@ -197,6 +197,10 @@ def test_bad_files_are_refused_and_nothing_is_kept(
             api.files.create(file=("bad.jsonl", jsonl([*TRAIN[:2], bad_row])), purpose="fine-tune")
         error = invalid.value.body
         assert error["param"] == "file" and error["message"].startswith("file: line 3"), error  # type: ignore[index]
+    # Columns of its own (a 'columns' dataset of ours, which trains only with a prompt_template): not an OpenAI file.
+    with InProcessWorker(), pytest.raises(openai.BadRequestError) as columns:
+        api.files.create(file=("tickets.jsonl", jsonl([{"ticket": "t", "team": "a"}] * 2)), purpose="fine-tune")
+    assert columns.value.body["param"] == "file" and "ticket, team" in columns.value.body["message"]  # type: ignore[index]
     assert ([f.id for f in api.files.list()], client.get("/v1/datasets", headers=alice).json()) == before
 
 

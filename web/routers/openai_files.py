@@ -49,7 +49,15 @@ async def upload_file(
         await datasets.upload_dataset(file, tenant, db, name=name, base_model=DEFAULT_BASE_MODEL, wait=True)
     except APIError as refused:
         raise in_openai_terms(refused, {"name": "file"}) from None
-    return file_object(datasets.find_dataset(db, tenant.id, name))
+    dataset = datasets.find_dataset(db, tenant.id, name)
+    if dataset.data_format == "columns":  # trains only with a prompt_template, which OpenAI's jobs cannot give
+        datasets.delete_dataset(name, tenant, db)
+        message = (
+            "file: expected chat rows ('messages') or 'prompt' and 'completion' rows; found columns "
+            f"{', '.join(dataset.stats.get('columns', []))} (POST /v1/datasets takes them, with a prompt_template)"
+        )
+        raise APIError(400, message, param="file", code="invalid_file")
+    return file_object(dataset)
 
 
 @router.get("", response_model=FileList)
