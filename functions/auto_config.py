@@ -205,7 +205,7 @@ def resolve(config: FinetuneConfig, profile: Profile) -> Resolved:
         by_tokens = round(TARGET_TOKENS / max(epoch_tokens, 1))
         chosen["epochs"] = max(1, min(MAX_AUTO_EPOCHS, round(target / steps_per_epoch), by_tokens))
     if "learning_rate" in auto:
-        chosen["learning_rate"] = _learning_rate(config)
+        chosen["learning_rate"] = learning_rate(config)
     if "eval_steps" in auto:
         total = config.train_steps or steps_per_epoch * int(chosen.get("epochs", config.epochs))
         chosen["eval_steps"] = max(1, total // TARGET_EVALUATIONS)
@@ -217,7 +217,9 @@ def resolve(config: FinetuneConfig, profile: Profile) -> Resolved:
     return Resolved(resolved, chosen, _warnings(resolved, profile, held_out, truncation), truncation)
 
 
-def _learning_rate(config: FinetuneConfig) -> float:
+def learning_rate(config: FinetuneConfig) -> float:
+    """The rate 'auto' derives for the base model's size and the technique (OpenAI's learning_rate_multiplier
+    multiplies it: web/openai_ft_replies.py)."""
     params = get_model(config.base_model).params
     lora = 1e-3 if params < 1e9 else 5e-4 if params < 10e9 else 2e-4
     return lora if config.kind == "lora" else lora / 20

@@ -106,18 +106,13 @@ def job_object(db: Session, job: FinetuneJob) -> FineTuningJob:
     )
 
 
-def auto_learning_rate(config: FinetuneConfig) -> float:
-    """The rate 'auto' derives for this base model and technique: OpenAI's learning_rate_multiplier multiplies it."""
-    return auto_config._learning_rate(config)
-
-
 def _multiplier(job: FinetuneJob) -> float | None:
     rate = job.config.get("learning_rate")
     if not isinstance(rate, int | float):
         return None
     shape = FinetuneConfig.model_construct(base_model=job.base_model, adapter=job.config.get("adapter", "lora"))
     try:
-        return float(f"{rate / auto_learning_rate(shape):.6g}")  # 3e-3 / 1e-3 is 3.0, not 2.9999999999999996
+        return float(f"{rate / auto_config.learning_rate(shape):.6g}")  # 3e-3 / 1e-3 is 3.0, not 2.9999999999999996
     except KeyError:  # its base model left the catalog
         return None
 

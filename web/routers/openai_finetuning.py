@@ -15,6 +15,7 @@ from sqlalchemy import select
 
 from app import errors as domain
 from app.models import FinetuneJob
+from functions import auto_config
 from functions.catalog import get_model
 from functions.finetune_config import FinetuneConfig
 from web.deps import CurrentTenant, Db
@@ -22,7 +23,6 @@ from web.errors import APIError
 from web.openai_ft_replies import (
     EVENT_PREFIX,
     JOB_PREFIX,
-    auto_learning_rate,
     check_limit,
     in_openai_terms,
     job_checkpoints,
@@ -64,7 +64,8 @@ def create_job(body: JobCreate, tenant: CurrentTenant, db: Db) -> FineTuningJob:
     if body.seed is not None:
         fields["seed"] = body.seed
     if hyperparameters.learning_rate_multiplier != "auto":
-        auto = auto_learning_rate(FinetuneConfig.model_construct(base_model=body.model))  # LoRA's, as our default
+        # the rate of LoRA, our default technique, for this base model
+        auto = auto_config.learning_rate(FinetuneConfig.model_construct(base_model=body.model))
         fields["learning_rate"] = auto * hyperparameters.learning_rate_multiplier
     try:
         job = finetuning.start_job(db, tenant.id, FinetuneConfig.model_validate(fields))
