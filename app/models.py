@@ -124,15 +124,12 @@ class FinetuneJob(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=lambda: new_id("ft"))
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
     dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id"))
-    # The dataset whose rows are the evaluation split (config `evaluation_dataset`, OpenAI's `validation_file`);
-    # None: the dataset's own evaluation split, or rows held out of its train split.
+    # Rows of the evaluation split (`evaluation_dataset`, OpenAI's `validation_file`); None: the dataset's own.
     evaluation_dataset_id: Mapped[str | None] = mapped_column(ForeignKey("datasets.id"), default=None)
     repo_id: Mapped[str] = mapped_column(ForeignKey("repos.id"))
     base_model: Mapped[str] = mapped_column(String(100))
     config: Mapped[dict[str, Any]] = mapped_column(default=dict)  # FinetuneConfig as JSON
-    status: Mapped[str] = mapped_column(
-        String(20), default="queued"
-    )  # queued | training | completed | failed | cancelled
+    status: Mapped[str] = mapped_column(String(20), default="queued")  # queued|training|completed|failed|cancelled
     error: Mapped[str | None] = mapped_column(Text, default=None)
     estimated_tokens: Mapped[int] = mapped_column(BigInteger, default=0)  # dataset tokens x epochs
     estimate_micro_usd: Mapped[int] = mapped_column(BigInteger, default=0)
