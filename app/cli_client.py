@@ -42,6 +42,10 @@ def datasets_upload(args: argparse.Namespace) -> None:
     """Upload a dataset and wait until a worker validated it and counted its tokens."""
     with _api() as client:
         ds = client.upload_dataset(args.file, name=args.name, base_model=args.base_model)
+    _print_dataset(ds, args.base_model)
+
+
+def _print_dataset(ds: dict[str, Any], base_model: str) -> None:
     if ds["status"] != "ready":
         print(f"dataset {ds['name']}: still {ds['status']}; see it with GET /v1/datasets/{ds['name']}")
         return
@@ -49,8 +53,19 @@ def datasets_upload(args: argparse.Namespace) -> None:
     print(
         f"dataset {ds['name']} ready: {stats.get('rows')} rows ({stats.get('train_rows')} train, "
         f"{stats.get('evaluation_rows')} evaluation), {stats.get('total_tokens')} tokens "
-        f"with the {args.base_model} tokenizer"
+        f"with the {base_model} tokenizer"
     )
+
+
+def datasets_import(args: argparse.Namespace) -> None:
+    """Create a dataset from an s3://, gs:// or https:// URL and wait until a worker validated it."""
+    try:
+        credentials = json.loads(args.credentials.read_text()) if args.credentials else None
+    except ValueError as exc:
+        raise SystemExit(f"--credentials: {args.credentials} is not JSON ({exc})") from None
+    with _api() as client:
+        ds = client.import_dataset(args.url, name=args.name, base_model=args.base_model, credentials=credentials)
+    _print_dataset(ds, args.base_model)
 
 
 def datasets_list(args: argparse.Namespace) -> None:
@@ -357,6 +372,11 @@ def _parser() -> argparse.ArgumentParser:
     add("file", type=_existing_file, help="JSONL or CSV file.")
     add("--name", help="Dataset name (default: the file name without extension).")
     add("--base-model", default="smollm2-135m", help="Whose tokenizer counts the tokens.")
+    add = command(datasets, "import", datasets_import).add_argument
+    add("url", help="s3://bucket/key, gs://bucket/key or https://... of a JSONL or CSV file.")
+    add("--name", help="Dataset name (default: the file name without extension).")
+    add("--base-model", default="smollm2-135m", help="Whose tokenizer counts the tokens.")
+    add("--credentials", type=_existing_file, help="A JSON file of the credentials for this read (never stored).")
     command(datasets, "list", datasets_list)
 
     _finetune_options(command(group("finetune", "Fine-tuning"), "start", finetune_start))

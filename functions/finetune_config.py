@@ -100,6 +100,9 @@ class FinetuneConfig(BaseModel):
     apply_chat_template: bool = Field(
         default=True, description="Wrap rows in the model's chat template, as chat completions will at inference."
     )
+    description: str | None = Field(
+        default=None, max_length=2000, description="What the version this job trains is for; shown with the version."
+    )
     prompt_template: str | None = Field(
         default=None,
         max_length=20_000,

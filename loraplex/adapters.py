@@ -25,6 +25,7 @@ class Adapter(Resource):
     metrics: list[dict[str, Any]] = []  # the job's rows: kind "train" per step, "eval" per evaluation
     summary: dict[str, Any] = {}  # steps_done, stopped_early, baseline / best / final evaluation
     prompt_template: str | None = None  # the job's prompt template, when it trained with one
+    description: str | None = None  # the job's description
 
     def render_prompt(self, row: Mapping[str, object]) -> str:
         """The prompt this adapter was trained on for `row` (its prompt template filled with the row's columns),
@@ -73,7 +74,8 @@ class Adapters:
         fields: dict[str, Any] = dict(row) | {"repo": repo, "status": job["status"] if job else "imported"}
         if job is not None:
             config = job["config"]
-            fields |= {"config": config, "summary": job["summary"], "prompt_template": config.get("prompt_template")}
+            fields |= {"config": config, "summary": job["summary"]}
+            fields |= {name: config.get(name) for name in ("prompt_template", "description")}
             fields["metrics"] = self._client.metrics(job["id"])
         return Adapter.model_validate(fields)
 

@@ -68,6 +68,22 @@ class Api:
         timeout = httpx.Timeout(self.timeout, connect=10.0, read=max(self.timeout, UPLOAD_READ_TIMEOUT))
         return self._request("POST", "/v1/datasets", data=data, upload=path, timeout=timeout).json()
 
+    def import_dataset(
+        self,
+        url: str,
+        name: str | None = None,
+        base_model: str = "smollm2-135m",
+        credentials: dict[str, Any] | None = None,
+        wait: bool = True,
+    ) -> dict[str, Any]:
+        """Create a dataset from `s3://`, `gs://` or `https://` instead of an upload; `credentials` (S3:
+        aws_access_key_id, aws_secret_access_key, aws_session_token, region; GCS: a service-account key as `token`)
+        are used for this one read and never stored. Answers as upload_dataset."""
+        body = {"url": url, "base_model": base_model, "wait": wait, "name": name, "credentials": credentials}
+        timeout = httpx.Timeout(self.timeout, connect=10.0, read=max(self.timeout, UPLOAD_READ_TIMEOUT))
+        fields = {key: value for key, value in body.items() if value is not None}
+        return self._request("POST", "/v1/datasets/import", json=fields, timeout=timeout).json()
+
     def list_datasets(self) -> list[dict[str, Any]]:
         return self._request("GET", "/v1/datasets").json()
 
@@ -76,6 +92,10 @@ class Api:
 
     def list_repos(self) -> list[dict[str, Any]]:
         return self._request("GET", "/v1/repos").json()
+
+    def create_repo(self, name: str, description: str = "") -> dict[str, Any]:
+        """An empty repo (409 naming `name` when it exists); a job or an import also creates its repo."""
+        return self._request("POST", "/v1/repos", json={"name": name, "description": description}).json()
 
     def get_repo(self, name: str) -> dict[str, Any]:
         """The repo with its versions and checkpoints."""

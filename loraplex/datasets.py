@@ -1,6 +1,7 @@
 """`pb.datasets`: upload a JSONL or CSV file, read one back, list them."""
 
 from pathlib import Path
+from typing import Any
 
 from loraplex.api import Api
 from loraplex.resources import Dataset
@@ -15,6 +16,18 @@ class Datasets:
         with every bad row in `body["errors"]`. `base_model`: whose tokenizer counts its tokens. `name`: the file
         name without extension if unset."""
         return Dataset.model_validate(self._client.upload_dataset(file_path, name=name, base_model=base_model))
+
+    def from_url(
+        self,
+        url: str,
+        name: str | None = None,
+        base_model: str = "smollm2-135m",
+        credentials: dict[str, Any] | None = None,
+    ) -> Dataset:
+        """Create a dataset from `s3://bucket/key`, `gs://bucket/key` or `https://...` and wait until it is validated;
+        `credentials` are used for this one read and never stored (see Api.import_dataset)."""
+        found = self._client.import_dataset(url, name=name, base_model=base_model, credentials=credentials)
+        return Dataset.model_validate(found)
 
     def get(self, name: str) -> Dataset:
         return Dataset.model_validate(self._client.get_dataset(name))

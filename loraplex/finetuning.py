@@ -27,10 +27,11 @@ class Jobs:
     ) -> FinetuningJob:
         """Queue a job training `config` on `dataset` into `repo`'s next version, and answer it at once (with
         `watch`, once it ended, its progress printed unless `show_progress` is off). `config` may be a dict of
-        SFTConfig's fields, checked the same way. `description` is accepted as Predibase's SDK takes it; the API
-        stores no description of a version yet, so it is not sent."""
+        SFTConfig's fields, checked the same way. `description`: what the version is for (shown with it)."""
         sft = config if isinstance(config, SFTConfig) else SFTConfig.model_validate(config)
         body = sft.request_fields() | {"dataset": dataset_name(dataset), "repo": repo_name(repo)}
+        if description is not None:
+            body["description"] = description
         job = FinetuningJob.model_validate(self._client.create_job(**body))
         return self.watch(job.id, show_progress=show_progress) if watch else job
 

@@ -10,20 +10,14 @@ class Repos:
         self._client = client
 
     def create(self, name: str, description: str = "", exists_ok: bool = False) -> Repo:
-        """The repo `name`: an existing one when `exists_ok` (else 409 naming `name`), or a new, empty one. The
-        server creates a repo with its first job (or imported version), so a new repo is the name until then, and
-        its `description` is kept on this object only: the API has no route to store one yet."""
+        """A new, empty repo with its description; one that exists already is answered as it is when `exists_ok`,
+        else LoraplexError 409 naming `name`."""
         try:
-            existing = self.get(name)
+            return Repo.model_validate(self._client.create_repo(name, description))
         except LoraplexError as exc:
-            if exc.status != 404:
+            if exc.status != 409 or not exists_ok:
                 raise
-            return Repo(name=name, description=description, versions=[])
-        if not exists_ok:
-            raise LoraplexError(
-                409, f"name: a repo named {name!r} exists (exists_ok=True uses it)", param="name", code="already_exists"
-            )
-        return existing
+        return self.get(name)
 
     def get(self, name: str) -> Repo:
         return Repo.model_validate(self._client.get_repo(name))

@@ -12,6 +12,8 @@ from app.models import AdapterVersion, FinetuneJob
 from billing.prices import usd
 
 FROM_ROWS = ConfigDict(from_attributes=True)
+# What a version shows of the config of the job that trained it (a version keeps no copy of its own).
+JOB_FIELDS = ("prompt_template", "completion_column", "description")
 
 
 class Money(BaseModel):
@@ -136,6 +138,7 @@ class AdapterOut(BaseModel):
     # (loraplex.prompt_template.render) and send that as the user message to get the trained behaviour
     prompt_template: str | None = None
     completion_column: str | None = None
+    description: str | None = None  # the job's `description`
     created_at: datetime
 
     @model_validator(mode="before")
@@ -146,7 +149,14 @@ class AdapterOut(BaseModel):
         job = session.get(FinetuneJob, row.job_id) if session is not None else None
         if job is None:
             return row
-        return with_values(row, **{name: job.config.get(name) for name in ("prompt_template", "completion_column")})
+        return with_values(row, **{name: job.config.get(name) for name in JOB_FIELDS})
+
+
+class RepoIn(BaseModel):
+    model_config = {"extra": "forbid"}
+
+    name: str = Field(description="Letters, digits, '.', '_' and '-' (starting with a letter or digit), at most 100.")
+    description: str = Field(default="", max_length=2000, description="What the repo's adapters are for.")
 
 
 class RepoOut(BaseModel):

@@ -11,8 +11,9 @@ from functions.deployments.config import DeploymentConfig as ServerDeploymentCon
 from functions.finetune_config import FinetuneConfig
 from loraplex import DeploymentConfig, SFTConfig
 
-# Passed beside the config by the SDK's calls: adapters.create(config, dataset=, repo=), deployments.create(name=)
-SFT_SEPARATE = {"dataset", "repo"}
+# Passed beside the config by the SDK's calls: adapters.create(config, dataset=, repo=, description=),
+# deployments.create(name=)
+SFT_SEPARATE = {"dataset", "repo", "description"}
 DEPLOYMENT_SEPARATE = {"name"}
 # Words only, never constraints: descriptions are shorter in the SDK
 WORDS = {"title", "description"}

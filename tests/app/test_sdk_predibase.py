@@ -3,6 +3,8 @@ repos, adapters created blocking (and failing with the job's error), read and do
 created, generated on (whole and streamed, by deployment name and by base model) and deleted; refusals named as the
 API names them. The same flow from a wheel installed without the server: test_sdk_wheel.py."""
 
+import functools
+import http.server
 import json
 import tarfile
 import threading
@@ -25,8 +27,30 @@ CONFIG = SFTConfig(base_model=TINY_MODEL, epochs=1, rank=4, effective_batch_size
 def server_url(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
 ) -> Iterator[str]:
-    with served_platform(tmp_path_factory.mktemp("served"), request.param, tiny_model_dir, FAST_ENV) as url:
+    env = FAST_ENV | {"LORAPLEX_IMPORT_ALLOW_LOOPBACK": "true"}  # test_a_dataset_comes_from_a_url's local site
+    with served_platform(tmp_path_factory.mktemp("served"), request.param, tiny_model_dir, env) as url:
         yield url
+
+
+def test_a_dataset_comes_from_a_url(pb: Loraplex, tmp_path: Path) -> None:
+    """pb.datasets.from_url over http on loopback (the served platform allows it, as tests do): the same dataset as
+    the upload of the same file; a missing file is a 404 naming url, with nothing created."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "more.jsonl").write_text("\n".join(json.dumps(r) for r in ROWS))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "site"))
+    site = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=site.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{site.server_address[1]}"
+        imported = pb.datasets.from_url(f"{url}/more.jsonl", base_model=TINY_MODEL)
+        assert (imported.name, imported.status) == ("more", "ready")
+        assert imported.stats == pb.datasets.get("greetings").stats
+        with pytest.raises(LoraplexError) as missing:
+            pb.datasets.from_url(f"{url}/gone.jsonl", base_model=TINY_MODEL)
+        assert (missing.value.status, missing.value.param) == (404, "url")
+        assert [d.name for d in pb.datasets.list()] == ["greetings", "more"]
+    finally:
+        site.shutdown()
 
 
 @pytest.fixture
@@ -43,13 +67,14 @@ def pb(server_url: str, request: pytest.FixtureRequest, tmp_path: Path) -> Itera
 def test_adapters_are_created_read_and_downloaded(
     pb: Loraplex, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert pb.repos.create("greet").versions == []  # not on the server until its first job
-    adapter = pb.adapters.create(config=CONFIG, dataset="greetings", repo="greet")
+    created = pb.repos.create("greet", description="greeters")
+    assert (created.versions, pb.repos.get("greet").description) == ([], "greeters")
+    adapter = pb.adapters.create(config=CONFIG, dataset="greetings", repo="greet", description="says hi")
     assert "completed: adapter greet/1, 3 steps" in capsys.readouterr().out  # the progress, then how it ended
     assert (adapter.name, adapter.repo, adapter.version, adapter.status) == ("greet/1", "greet", 1, "completed")
     assert adapter.base_model == TINY_MODEL and adapter.config["rank"] == 4 and adapter.rank == 4  # type: ignore[attr-defined]
     assert [m["step"] for m in adapter.metrics if m["kind"] == "train"] == [1, 2, 3]
-    assert adapter.summary["steps_done"] == 3 and adapter.prompt_template is None
+    assert adapter.summary["steps_done"] == 3 and adapter.prompt_template is None and adapter.description == "says hi"
     assert adapter.render_prompt({"prompt": "Say hi to Ann"}) == "Say hi to Ann"  # no template: the row's prompt
     assert pb.adapters.get("greet") == adapter  # the repo alone: its latest version
 
@@ -57,6 +82,7 @@ def test_adapters_are_created_read_and_downloaded(
         pb.repos.create("greet")  # exists now; exists_ok=True uses it
     assert (taken.value.status, taken.value.param) == (409, "name")
     assert [v["name"] for v in pb.repos.create("greet", exists_ok=True).versions] == ["greet/1"]
+    assert pb.repos.get("greet").versions[0]["description"] == "says hi"
 
     target = pb.adapters.download("greet/1", dest=tmp_path / "mine.tar.gz")
     with tarfile.open(target) as tar:

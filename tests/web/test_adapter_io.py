@@ -697,3 +697,25 @@ def test_every_key_peft_writes_imports_with_its_types(
         files = [("adapter_config.json", json.dumps(config | changes).encode()), weights]
         r = import_files(client, alice, "peft", files)
         assert r.status_code == 201, (changes, r.text)
+
+
+def test_a_repo_is_created_empty_with_its_description(client: TestClient, platform: Platform) -> None:
+    """POST /v1/repos: an empty repo with its description, which the next import fills; a taken or bad name, or an
+    unknown field, is refused naming it with nothing created; another tenant sees nothing of it."""
+    _, alice = make_tenant("alice")
+    _, bob = make_tenant("bob")
+    r = client.post("/v1/repos", headers=alice, json={"name": "greet", "description": "greeters"})
+    assert r.status_code == 201, r.text
+    assert (r.json()["name"], r.json()["description"], r.json()["versions"]) == ("greet", "greeters", [])
+    for body, status, param in (
+        ({"name": "greet"}, 409, "name"),
+        ({"name": "-bad"}, 422, "name"),
+        ({"name": "other", "labels": ["x"]}, 422, "labels"),
+        ({"name": "other", "description": "x" * 2001}, 422, "description"),
+    ):
+        refused = client.post("/v1/repos", headers=alice, json=body)
+        assert (refused.status_code, refused.json()["error"]["param"]) == (status, param), refused.text
+    assert [repo["name"] for repo in client.get("/v1/repos", headers=alice).json()] == ["greet"]
+    assert client.get("/v1/repos", headers=bob).json() == []
+    assert client.get("/v1/repos/greet", headers=bob).status_code == 404
+    assert client.post("/v1/repos", headers=bob, json={"name": "greet"}).status_code == 201  # names are per tenant

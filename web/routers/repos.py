@@ -1,5 +1,5 @@
-"""/v1/repos: adapter repositories, their versions (`repo/1`, `repo/2`, ...) and checkpoints (`repo/2@1`), import
-of versions, and export of versions and checkpoints."""
+"""/v1/repos: adapter repositories (created by POST, or by their first job or import), their versions (`repo/1`,
+`repo/2`, ...) and checkpoints (`repo/2@1`), import of versions, and export of versions and checkpoints."""
 
 import os
 import shutil
@@ -11,6 +11,7 @@ from fastapi import APIRouter, File, Form, UploadFile, status
 from fastapi import Path as InPath
 from fastapi.responses import FileResponse
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from starlette.background import BackgroundTask
 
 from app.models import AdapterVersion, Checkpoint, Repo
@@ -21,7 +22,7 @@ from functions.adapter_check import HEAD_FILES, AdapterRejected, check_peft_dir
 from functions.catalog import get_model
 from web.deps import CurrentTenant, Db
 from web.errors import APIError
-from web.schemas import AdapterOut, CheckpointOut, RepoOut
+from web.schemas import AdapterOut, CheckpointOut, RepoIn, RepoOut
 
 router = APIRouter(prefix="/v1/repos", tags=["adapters"])
 # A version or checkpoint number in a path: bounded here, as a larger one cannot exist and overflows the database's
@@ -33,6 +34,23 @@ Number = Annotated[int, InPath(ge=1, le=MAX_NUMBER)]
 def list_repos(tenant: CurrentTenant, db: Db) -> list[RepoOut]:
     repos = db.scalars(select(Repo).where(Repo.tenant_id == tenant.id).order_by(Repo.name))
     return [RepoOut.model_validate(r) for r in repos]
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=RepoOut)
+def create_repo(body: RepoIn, tenant: CurrentTenant, db: Db) -> RepoOut:
+    """An empty repo with its description, before its first job or import (which otherwise create it)."""
+    if not NAME.matches(body.name):
+        raise APIError(422, f"name: {NAME.rule}", param="name")
+    exists = APIError(409, f"name: a repo named {body.name!r} exists", param="name", code="already_exists")
+    if db.scalar(select(Repo.id).where(Repo.tenant_id == tenant.id, Repo.name == body.name)):
+        raise exists
+    repo = Repo(tenant_id=tenant.id, name=body.name, description=body.description)
+    db.add(repo)
+    try:
+        db.commit()
+    except IntegrityError:  # created by a concurrent request between the look and the insert
+        raise exists from None
+    return RepoOut.model_validate(repo)
 
 
 @router.get("/{name}", response_model=RepoOut)
