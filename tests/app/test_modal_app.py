@@ -49,7 +49,7 @@ def _class_service_function(cls_name: str) -> Any:
     return _functions()[f"{cls_name}.*"]
 
 
-@pytest.mark.parametrize("package", ["app", "functions", "billing", "web"])
+@pytest.mark.parametrize("package", ["loraplex", "app", "functions", "billing", "web"])
 def test_project_packages_can_be_added_to_the_image(package: str) -> None:
     # add_local_python_source resolves packages only at deploy time; resolve them now, the same way.
     from modal._utils.package_utils import get_module_mount_info
@@ -274,7 +274,8 @@ def test_the_image_installs_exactly_the_project_dependencies() -> None:
     from pathlib import Path
 
     pyproject = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
-    assert tuple(pyproject["project"]["dependencies"]) == modal_app.PYTHON_PACKAGES
+    project = pyproject["project"]
+    assert (*project["dependencies"], *project["optional-dependencies"]["server"]) == modal_app.PYTHON_PACKAGES
     assert "stripe>=12" in modal_app.PYTHON_PACKAGES  # the web app imports it for the webhook
 
 
