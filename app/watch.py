@@ -4,7 +4,6 @@ this one function, so they show the same thing and none of them polls."""
 
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 from rich.console import Console
@@ -14,6 +13,9 @@ from rich.text import Text
 
 from loraplex.client import FINAL_STATUSES, Loraplex
 from loraplex.errors import LoraplexError
+from loraplex.progress import summary, timestamp
+
+OUTCOME_STYLES = {"completed": "bold green", "failed": "bold red"}  # cancelled: the default, bold yellow
 
 
 @dataclass
@@ -82,15 +84,15 @@ def watch_job(client: Loraplex, job_id: str, console: Console | None = None) -> 
                     description=f"{job_id} {data['status']}{attempt}",
                     total=data["total_steps"],
                     steps=f"{last['step'] if last else 0}/{data['total_steps'] or '-'}",
-                    started=_timestamp(data.get("started_at")),
-                    finished=_timestamp(data.get("finished_at")),  # the clock stops when the job does
+                    started=timestamp(data.get("started_at")),
+                    finished=timestamp(data.get("finished_at")),  # the clock stops when the job does
                 )
             elif event == "metric" and data.get("kind", "train") == "train":
                 first, last = first or data, data
                 total = job["total_steps"] if job else None
                 steps_between = last["step"] - first["step"]
                 per_step = (
-                    (_timestamp(last["at"]) - _timestamp(first["at"])) / steps_between  # type: ignore[operator]  # metric rows have times
+                    (timestamp(last["at"]) - timestamp(first["at"])) / steps_between  # type: ignore[operator]  # metric rows have times
                     if steps_between > 0
                     else None
                 )
@@ -107,27 +109,6 @@ def watch_job(client: Loraplex, job_id: str, console: Console | None = None) -> 
             raise LoraplexError(0, f"the event stream of job {job_id} ended before the job did")
         if job["status"] == "completed" and job["total_steps"]:
             bar.update(task, completed=job["total_steps"])
-    console.print(summary(job, last))
+    # the SDK's words for how it ended, coloured by outcome
+    console.print(escape(summary(job, last)), style=OUTCOME_STYLES.get(job["status"], "bold yellow"))
     return WatchResult(job, last)
-
-
-def summary(job: dict[str, Any], last: dict[str, Any] | None) -> str:
-    """One line on how the job ended (rich markup), with the reason when it did not complete."""
-    if job["status"] == "completed":
-        parts = [f"adapter [bold]{escape(str(job['adapter']))}[/]", f"{job['total_steps']} steps"]
-        if last:
-            parts += [f"final loss {last['loss']:.3f}", f"{last['tokens_per_second']:.0f} tokens/s"]
-        if job.get("charge"):
-            parts.append(f"charged {job['charge']['usd']}")
-        return f"[bold green]Job {job['id']} completed[/]: " + ", ".join(parts)
-    color = "red" if job["status"] == "failed" else "yellow"
-    reason = job.get("error") or ("cancelled on request" if job["status"] == "cancelled" else "no reason recorded")
-    return f"[bold {color}]Job {job['id']} {job['status']}[/]: {escape(reason)}"
-
-
-def _timestamp(value: str | None) -> float | None:
-    """Seconds since the epoch of an API datetime (ISO 8601, UTC)."""
-    if not value:
-        return None
-    parsed = datetime.fromisoformat(value)
-    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()

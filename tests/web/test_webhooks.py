@@ -7,9 +7,7 @@ import base64
 import http.server
 import ipaddress
 import json
-import shutil
 import ssl
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -580,22 +578,6 @@ def test_an_endpoint_failing_for_days_is_disabled_and_the_tenant_told(
     assert (enabled["enabled"], enabled["disabled_reason"], enabled["failing_since"]) == (True, None, None)
     assert webhooks.flush(now=t0 + 6 * DAY).delivered == 2  # what waited goes out
     assert len(down.accepted()) == 2
-
-
-@pytest.fixture(scope="module")
-def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """(certificate, key) of a self-signed certificate for localhost, made with the openssl command."""
-    if shutil.which("openssl") is None:
-        pytest.skip("the openssl command is not installed")
-    folder = tmp_path_factory.mktemp("tls")
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost"]
-        + ["-addext", "subjectAltName=DNS:localhost", "-keyout", str(key), "-out", str(cert)],
-        check=True,
-        capture_output=True,
-    )
-    return cert, key
 
 
 def test_https_receivers_are_verified_against_the_urls_host(
