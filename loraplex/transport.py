@@ -46,21 +46,23 @@ class Transport:
     def request(
         self, method: str, path: str, *, upload: Path | None = None, timeout: httpx.Timeout | None = None, **kwargs: Any
     ) -> httpx.Response:
-        """Send with retries; answer the 2xx response or raise LoraplexError."""
+        """Send with retries; answer the 2xx response, read whole, or raise LoraplexError."""
+        return self._send(method, path, upload, False, timeout or httpx.USE_CLIENT_DEFAULT, kwargs)
+
+    def open_stream(self, method: str, path: str, *, timeout: httpx.Timeout, **kwargs: Any) -> httpx.Response:
+        """A 2xx response whose body is not read yet (the caller closes it); an error answer before the body is
+        retried as `request` does, so only what happens mid-stream is the caller's to handle."""
+        return self._send(method, path, None, True, timeout, kwargs)
+
+    def _send(
+        self, method: str, path: str, upload: Path | None, stream: bool, timeout: Any, kwargs: dict[str, Any]
+    ) -> httpx.Response:
+        """The retry loop of both: connection errors as retryable_transport_error says, 429 and 5xx answers as
+        retry_delay says; any other answer is final."""
         attempt = 0
         while True:
             try:
-                if upload is not None:
-                    with upload.open("rb") as f:  # reopened per attempt: a retry sends the whole file again
-                        response = self.http.request(
-                            method,
-                            path,
-                            files={"file": (upload.name, f)},
-                            timeout=timeout or httpx.USE_CLIENT_DEFAULT,
-                            **kwargs,
-                        )
-                else:
-                    response = self.http.request(method, path, timeout=timeout or httpx.USE_CLIENT_DEFAULT, **kwargs)
+                response = self._attempt(method, path, upload, stream, timeout, kwargs)
             except httpx.TransportError as exc:
                 if not retryable_transport_error(exc, method) or attempt >= self.max_retries:
                     raise LoraplexError(0, f"{method} {self.base_url}{path}: {exc!r}") from exc
@@ -69,37 +71,27 @@ class Transport:
                 continue
             if response.is_success:
                 return response
+            if stream:  # the error's body, for LoraplexError, then the connection back to the pool
+                try:
+                    response.read()
+                finally:
+                    response.close()
             delay = self.retry_delay(response, attempt)
             if delay is None:
                 raise LoraplexError.from_response(response)
             time.sleep(delay)
             attempt += 1
 
-    def open_stream(self, method: str, path: str, *, timeout: httpx.Timeout, **kwargs: Any) -> httpx.Response:
-        """A 2xx response whose body is not read yet (the caller closes it); an error answer before the body is
-        retried as `request` does, so only what happens mid-stream is the caller's to handle."""
-        attempt = 0
-        while True:
-            try:
-                request = self.http.build_request(method, path, timeout=timeout, **kwargs)
-                response = self.http.send(request, stream=True)
-            except httpx.TransportError as exc:
-                if not retryable_transport_error(exc, method) or attempt >= self.max_retries:
-                    raise LoraplexError(0, f"{method} {self.base_url}{path}: {exc!r}") from exc
-                time.sleep(self.backoff(attempt))
-                attempt += 1
-                continue
-            if response.is_success:
-                return response
-            try:
-                response.read()
-            finally:
-                response.close()
-            delay = self.retry_delay(response, attempt)
-            if delay is None:
-                raise LoraplexError.from_response(response)
-            time.sleep(delay)
-            attempt += 1
+    def _attempt(
+        self, method: str, path: str, upload: Path | None, stream: bool, timeout: Any, kwargs: dict[str, Any]
+    ) -> httpx.Response:
+        if upload is None:
+            return self.http.send(self.http.build_request(method, path, timeout=timeout, **kwargs), stream=stream)
+        with upload.open("rb") as f:  # reopened per attempt: a retry sends the whole file again
+            files = {"file": (upload.name, f)}
+            return self.http.send(
+                self.http.build_request(method, path, files=files, timeout=timeout, **kwargs), stream=stream
+            )
 
     def retry_delay(self, response: httpx.Response, attempt: int) -> float | None:
         """Seconds to wait before retrying this answer, or None when it is final."""
