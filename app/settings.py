@@ -240,6 +240,11 @@ class Settings(BaseSettings):
         description="Serve GET /metrics without a token when none is set (only on a port that tenants cannot reach: "
         "it names tenants, deployments and adapters).",
     )
+    console_secret: SecretStr | None = Field(
+        default=None,
+        description="Key that signs the web console's session cookies (32+ characters); unset on the local runtime: "
+        "one is made once and kept in data_dir/console_secret; required on Modal, where containers share no disk.",
+    )
 
     # The groups, each read from the environment when first used (not fields: a field named `engine` would read
     # LORAPLEX_ENGINE as the whole group).

@@ -371,3 +371,68 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         capture_output=True,
     )
     return cert, key
+
+
+# The web console's browser tests (tests/web/console/): headless Chromium (Debian's `chromium`, never Playwright's own
+# download) driven by Playwright against a real `loraplex serve` on the tiny model. Without Chromium they skip with a
+# message; in CI (CI set) they fail, as .ci/run installs it. Each test signs a new tenant in.
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+# As the machine's notes say: without the background-networking flags Chromium keeps dialling Google's hosts.
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Any]:
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"Chromium is missing at {CHROMIUM}: .ci/run installs Debian's chromium")
+        pytest.skip(f"the console's browser tests need Debian's chromium ({CHROMIUM}): apt-get install chromium")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def console_url(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[str]:
+    """A real server (SQLite, one worker, the tiny model) for a module of console tests."""
+    from served import served_platform
+
+    from deployment_helpers import FAST_ENV
+
+    with served_platform(tmp_path_factory.mktemp("console"), "sqlite", tiny_model_dir, FAST_ENV) as url:
+        yield url
+
+
+@pytest.fixture
+def api_key(console_url: str, request: pytest.FixtureRequest) -> str:
+    """A new tenant's key (the tenant named after the test, made unique: parametrized tests share the name)."""
+    name = f"{request.node.originalname.removeprefix('test_')[:40]}-{secrets.token_hex(3)}"
+    return make_tenant(name)[1]["Authorization"].split()[1]
+
+
+@pytest.fixture
+def page(browser: Any, console_url: str, api_key: str) -> Iterator[Any]:
+    """A fresh browser context signed in as the test's tenant, on the datasets page. Fails the test on any console
+    error of the page's scripts (an exception, or a script or style the content security policy blocked)."""
+    context = browser.new_context(base_url=console_url, viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    problems: list[str] = []
+    page.on("pageerror", lambda error: problems.append(f"script error: {error}"))
+    page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+    from browser_helpers import sign_in
+
+    sign_in(page, api_key)
+    yield page
+    context.close()
+    assert not [p for p in problems if "Failed to load resource" not in p], problems

@@ -10,7 +10,7 @@ from app.db import sessions
 from app.models import ApiKey, Tenant
 from app.tenants import KeyRefused, authenticate
 from functions.deployments.runtime import DeploymentRuntime
-from web import key_scopes
+from web import console_session, key_scopes
 from web.errors import APIError
 
 
@@ -28,14 +28,9 @@ Db = Annotated[Session, Depends(get_db)]
 
 def current_key(request: Request, db: Db, authorization: Annotated[str | None, Header()] = None) -> ApiKey:
     """The request's API key, read from the database each time (a revocation holds at once in every process), and
-    allowed by its scope to call this route (web/key_scopes.py)."""
-    scheme, _, raw = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not raw.strip():
-        raise APIError(401, "missing API key: send the header 'Authorization: Bearer <key>'", code="missing_api_key")
-    try:
-        key = authenticate(db, raw.strip())
-    except KeyRefused as refused:
-        raise APIError(401, refused.message, code=refused.code) from None
+    allowed by its scope to call this route (web/key_scopes.py). Without an Authorization header, the key the web
+    console's session signed in with (its scripts call these same routes; web/console_session.py)."""
+    key = _bearer_key(db, authorization) if authorization is not None else _console_key(db, request)
     route = getattr(request.scope.get("route"), "path", request.url.path)  # the template: /v1/deployments/{name}/...
     refusal = key_scopes.refusal(key.scope, request.method, route)
     if refusal is not None:
@@ -44,6 +39,27 @@ def current_key(request: Request, db: Db, authorization: Annotated[str | None, H
     return key
 
 
+def _bearer_key(db: Session, authorization: str) -> ApiKey:
+    scheme, _, raw = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not raw.strip():
+        raise APIError(401, MISSING_KEY, code="missing_api_key")
+    try:
+        return authenticate(db, raw.strip())
+    except KeyRefused as refused:
+        raise APIError(401, refused.message, code=refused.code) from None
+
+
+def _console_key(db: Session, request: Request) -> ApiKey:
+    try:
+        key = console_session.signed_in_key(db, request)
+    except console_session.SessionRefused as refused:
+        raise APIError(403, str(refused), code="csrf_refused") from None
+    if key is None:
+        raise APIError(401, MISSING_KEY, code="missing_api_key")
+    return key
+
+
+MISSING_KEY = "missing API key: send the header 'Authorization: Bearer <key>'"
 CurrentKey = Annotated[ApiKey, Depends(current_key)]
 
 

@@ -1,4 +1,4 @@
-"""The FastAPI application: REST resources and the OpenAI-compatible API under /v1."""
+"""The FastAPI application: REST resources and the OpenAI-compatible API under /v1, and the web console at /."""
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -12,6 +12,7 @@ from app.settings import get_settings
 from functions.engine.pool import PoolCalls, SharedPools
 from web import errors, event_renderers, health
 from web.bodies import RequestBodies
+from web.console import mount as console
 from web.routers import (
     api_keys,
     billing,
@@ -81,5 +82,6 @@ def create_app(pools: PoolCalls | None = None) -> FastAPI:
     for module in (*platform, *openai, deployment_inference, lorax, prometheus):
         app.include_router(module.router)
     app.include_router(health.router)  # 503 when a component is degraded (web/health.py)
+    console.install(app)  # pages, static files and security headers (web/console/)
 
     return app
