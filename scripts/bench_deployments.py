@@ -74,9 +74,11 @@ def _bundled_weights() -> Path:
 
 
 class Server:
-    """`loraplex serve --workers 0` on a fresh data directory, and a tenant's HTTP client."""
+    """`loraplex serve --workers N` (0 here: nothing is queued) on a fresh data directory, and a tenant's HTTP client
+    (`key` its API key)."""
 
-    def __init__(self, weights: Path, prewarm: bool) -> None:
+    def __init__(self, weights: Path, prewarm: bool, workers: int = 0) -> None:
+        self.workers = workers
         self.tmp = tempfile.TemporaryDirectory(prefix="bench-deployments-")
         data = Path(self.tmp.name)
         (data / "volume" / "base_models").mkdir(parents=True)
@@ -96,7 +98,8 @@ class Server:
         self.http: httpx.Client | None = None
 
     def __enter__(self) -> "Server":
-        command = [sys.executable, "-m", "app.cli", "serve", "--port", self.url.rsplit(":", 1)[1], "--workers", "0"]
+        port = self.url.rsplit(":", 1)[1]
+        command = [sys.executable, "-m", "app.cli", "serve", "--port", port, "--workers", str(self.workers)]
         self.process = subprocess.Popen(command, env=self.env, cwd=ROOT)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -107,7 +110,7 @@ class Server:
                 time.sleep(0.2)
         else:
             raise RuntimeError("the server did not start")
-        key = (
+        self.key = key = (
             subprocess.run(
                 [sys.executable, "-m", "app.cli", "tenant", "create", f"bench-{os.getpid()}-{time.time_ns()}"],
                 env=self.env,
