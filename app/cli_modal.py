@@ -2,7 +2,8 @@
 is missing.
 
 It looks for what README.md's "Deploying on Modal" section has the operator create once:
-    secret loraplex-db       with DATABASE_URL (and, for billing through Stripe, the two Stripe keys)
+    secret loraplex-db       with DATABASE_URL, LORAPLEX_CONSOLE_SECRET (and, for billing through Stripe, the two
+                             Stripe keys)
     database                 reachable at DATABASE_URL, PostgreSQL, at a migration revision this code knows
     volume loraplex-volume   exists and can be listed
 The secret's values never leave Modal (its API tells whether a secret has a key, not the value), so the database is
@@ -27,6 +28,7 @@ DB_SECRET = "loraplex-db"
 VOLUME = "loraplex-volume"
 DATABASE_KEY = "DATABASE_URL"
 STRIPE_KEYS = ("LORAPLEX_STRIPE_API_KEY", "LORAPLEX_STRIPE_WEBHOOK_SECRET")
+CONSOLE_KEY = "LORAPLEX_CONSOLE_SECRET"  # signs the web console's sessions; containers share no file to keep one in
 CONNECT_TIMEOUT_S = 10  # a database behind a firewall that drops packets would otherwise hang the check for minutes
 
 
@@ -77,6 +79,9 @@ def live_lookups() -> ModalLookups:
 def check(lookups: ModalLookups, stripe: bool = True) -> list[Finding]:
     """Every finding, in the order the pieces are created; Stripe's keys only when `stripe`."""
     findings = [_secret(lookups, DB_SECRET, [DATABASE_KEY], f"modal secret create {DB_SECRET} {DATABASE_KEY}=...")]
+    remedy = f"add {CONSOLE_KEY}=<32+ random characters> to the secret {DB_SECRET} (Modal's dashboard)"
+    console = _secret(lookups, DB_SECRET, [CONSOLE_KEY], remedy)
+    findings.append(Finding("console secret", console.ok, console.detail))
     if stripe:
         keys = " ".join(f"{key}=..." for key in STRIPE_KEYS)
         found = _secret(lookups, DB_SECRET, STRIPE_KEYS, f"add {keys} to the secret {DB_SECRET} (Modal's dashboard)")

@@ -18,6 +18,7 @@ from app.settings import get_settings
 from conftest import Platform
 
 STRIPE = {"LORAPLEX_STRIPE_API_KEY", "LORAPLEX_STRIPE_WEBHOOK_SECRET"}
+BASICS = {"DATABASE_URL", "LORAPLEX_CONSOLE_SECRET"}  # what every set-up needs in the secret
 
 
 class StandInModal:
@@ -44,7 +45,7 @@ class StandInModal:
 
 
 def complete() -> StandInModal:
-    return StandInModal({"loraplex-db": {"DATABASE_URL"} | STRIPE}, {"loraplex-volume": ["adapters", "base_models"]})
+    return StandInModal({"loraplex-db": BASICS | STRIPE}, {"loraplex-volume": ["adapters", "base_models"]})
 
 
 def head() -> str:
@@ -70,6 +71,7 @@ def test_a_complete_set_up(postgres: Platform) -> None:
     findings = check(complete())
     assert [(f.piece, f.ok) for f in findings] == [
         ("secret loraplex-db", True),
+        ("console secret", True),
         ("Stripe keys", True),
         ("DATABASE_URL", True),
         ("database", True),
@@ -83,8 +85,8 @@ def test_a_complete_set_up(postgres: Platform) -> None:
 
 
 def test_each_missing_secret_key_is_named(postgres: Platform) -> None:
-    modal = StandInModal({"loraplex-db": {"DATABASE_URL", "LORAPLEX_STRIPE_API_KEY"}}, {"loraplex-volume": []})
-    stripe = check(modal)[1]
+    modal = StandInModal({"loraplex-db": BASICS | {"LORAPLEX_STRIPE_API_KEY"}}, {"loraplex-volume": []})
+    stripe = check(modal)[2]
     assert (stripe.piece, stripe.ok) == ("Stripe keys", False)
     assert stripe.detail.startswith("no LORAPLEX_STRIPE_WEBHOOK_SECRET (NotFoundError: Secret 'loraplex-db' is missing")
     assert (
@@ -93,10 +95,11 @@ def test_each_missing_secret_key_is_named(postgres: Platform) -> None:
     # one lookup per key, each asking Modal's server for that key alone
     assert modal.asked == [
         ("loraplex-db", ("DATABASE_URL",)),
+        ("loraplex-db", ("LORAPLEX_CONSOLE_SECRET",)),
         ("loraplex-db", ("LORAPLEX_STRIPE_API_KEY",)),
         ("loraplex-db", ("LORAPLEX_STRIPE_WEBHOOK_SECRET",)),
     ]
-    assert [f.ok for f in check(modal, stripe=False)] == [True, True, True, True]  # --without-stripe
+    assert [f.ok for f in check(modal, stripe=False)] == [True, True, True, True, True]  # --without-stripe
 
 
 def test_no_secret_and_no_volume(postgres: Platform) -> None:
@@ -107,6 +110,8 @@ def test_no_secret_and_no_volume(postgres: Platform) -> None:
         "modal secret create loraplex-db DATABASE_URL=..."
     )
     assert not volume.ok and "modal volume create loraplex-volume" in volume.detail
+    console = findings["console secret"]
+    assert not console.ok and "add LORAPLEX_CONSOLE_SECRET=<32+ random characters> to the secret" in console.detail
     assert findings["database"].ok  # the database itself is there
 
 
@@ -144,7 +149,7 @@ def test_a_sqlite_database_cannot_serve_modal(sqlite_platform: Platform) -> None
 
 
 def test_the_command_prints_what_is_missing_and_exits_1(platform: Platform, monkeypatch: pytest.MonkeyPatch) -> None:
-    missing_volume = StandInModal({"loraplex-db": {"DATABASE_URL"} | STRIPE}, {})
+    missing_volume = StandInModal({"loraplex-db": BASICS | STRIPE}, {})
     monkeypatch.setattr(cli_modal, "live_lookups", lambda: missing_volume)
     result = CliRunner().invoke(cli.app, ["modal-check"])
     lines = result.output.splitlines()
