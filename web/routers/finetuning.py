@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, status
 from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
@@ -27,7 +28,7 @@ from functions.repos import get_or_create_repo
 from web.deps import CurrentTenant, Db
 from web.errors import APIError
 from web.routers.datasets import find_dataset
-from web.schemas import JobOut, MetricOut, job_out
+from web.schemas import Estimate, JobOut, MetricOut, Money, job_out
 
 # The step after which metrics are wanted (-1: all): beyond the most steps a job may take it would name none, and
 # overflow the database's integers.
@@ -38,15 +39,84 @@ EVENTS_POLL_SECONDS = 0.5  # how often a live event stream re-reads the job and 
 KEEPALIVE_SECONDS = 15.0  # an SSE comment this often keeps proxies from closing a quiet stream
 
 
+class QuoteOut(BaseModel):
+    """POST /v1/finetuning/jobs/quote: a job's price and resolved config before it is started."""
+
+    estimate: Estimate  # as the job would be created with
+    config: dict[str, Any]  # as the job would keep it: "auto" fields resolved
+    auto: dict[str, Any]  # the fields that were "auto", with the values they take
+    warnings: list[str]
+    truncation: dict[str, Any]  # what max_seq_length cuts: rows, rows_cut, rows_dropped, completion tokens lost
+    can_start: bool  # the tenant's credit (or card) covers the estimate
+    refusal: str | None  # when it does not: the 402's message, with the way out
+
+
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=JobOut)
 def create_job(config: FinetuneConfig, tenant: CurrentTenant, db: Db) -> JobOut:
     return job_out(start_job(db, tenant.id, config))
+
+
+@router.post("/quote", response_model=QuoteOut)
+def quote_job(config: FinetuneConfig, tenant: CurrentTenant, db: Db) -> QuoteOut:
+    """What POST /v1/finetuning/jobs would do with this config, without starting anything: the price estimate,
+    the config with its "auto" fields resolved, and whether the tenant's credit covers it (if not, the 402's
+    message). Refused as that route refuses a config (422/404/409 naming the field)."""
+    quote = price_job(db, tenant.id, config)
+    db.commit()  # keeps only what dataset_profile counted once for a dataset validated before lengths were kept
+    return QuoteOut(
+        estimate=Estimate(tokens=quote.tokens, cost=Money.of(quote.estimate_micro_usd)),
+        config=quote.resolved.config.stored(),
+        auto=quote.resolved.auto,
+        warnings=quote.resolved.warnings,
+        truncation=quote.resolved.truncation.record(),
+        can_start=quote.refusal is None,
+        refusal=quote.refusal,
+    )
 
 
 def start_job(db: Session, tenant_id: str, config: FinetuneConfig) -> FinetuneJob:
     """Check a job's config against its dataset and the tenant's credit, resolve its "auto" fields, price it and
     queue it; nothing is kept when it is refused (APIError naming the field). Both dialects create jobs here: ours
     (POST /v1/finetuning/jobs) and OpenAI's (POST /v1/fine_tuning/jobs, web/routers/openai_finetuning.py)."""
+    quote = price_job(db, tenant_id, config)
+    if quote.refusal is not None:
+        raise APIError(402, quote.refusal, code="payment_required", estimate_micro_usd=quote.estimate_micro_usd)
+    config = quote.resolved.config
+    repo = get_or_create_repo(db, tenant_id, config.repo)
+    job = FinetuneJob(
+        tenant_id=tenant_id,
+        dataset_id=quote.dataset.id,
+        evaluation_dataset_id=quote.evaluation.id if quote.evaluation is not None else None,
+        repo_id=repo.id,
+        base_model=config.base_model,
+        config=config.stored(),
+        estimated_tokens=quote.tokens,
+        estimate_micro_usd=quote.estimate_micro_usd,
+        summary=quote.resolved.record(),
+    )
+    db.add(job)
+    db.flush()
+    emit(db, "finetune.requested", job.id)
+    db.commit()
+    return job
+
+
+@dataclasses.dataclass(frozen=True)
+class Quote:
+    """A job as it would start: its datasets, its config with the "auto" fields resolved, its price, and why the
+    tenant's credit does not cover it (None when it does)."""
+
+    dataset: Dataset
+    evaluation: Dataset | None
+    resolved: auto_config.Resolved
+    tokens: int  # trained tokens, as priced
+    estimate_micro_usd: int
+    refusal: str | None  # the 402's message: why, and the way out
+
+
+def price_job(db: Session, tenant_id: str, config: FinetuneConfig) -> Quote:
+    """Every check start_job makes before it keeps anything (APIError naming the field), the resolved config and
+    the price; what the credit check says is returned, not raised, so a quote can show it."""
     dataset = find_dataset(db, tenant_id, config.dataset)
     if dataset.status != "ready":
         raise APIError(
@@ -71,29 +141,11 @@ def start_job(db: Session, tenant_id: str, config: FinetuneConfig) -> FinetuneJo
     if evaluation is not None:  # its rows are the evaluation split: none is held out of the train split
         profile = dataclasses.replace(profile, evaluation_rows=int(evaluation.stats.get("rows", 0)))
     resolved = auto_config.resolve(config, profile)
-    config = resolved.config
-    tokens = estimated_tokens(resolved.truncation, config)
-    estimate = ledger.price_book(db, tenant_id).finetune(get_model(config.base_model).params, config.technique, tokens)
+    tokens = estimated_tokens(resolved.truncation, resolved.config)
+    params = get_model(resolved.config.base_model).params
+    estimate = ledger.price_book(db, tenant_id).finetune(params, resolved.config.technique, tokens)
     refusal = credits.paid_work_refusal(db, tenant_id, estimate)
-    if refusal is not None:
-        raise APIError(402, refusal, code="payment_required", estimate_micro_usd=estimate)
-    repo = get_or_create_repo(db, tenant_id, config.repo)
-    job = FinetuneJob(
-        tenant_id=tenant_id,
-        dataset_id=dataset.id,
-        evaluation_dataset_id=evaluation.id if evaluation is not None else None,
-        repo_id=repo.id,
-        base_model=config.base_model,
-        config=config.stored(),
-        estimated_tokens=tokens,
-        estimate_micro_usd=estimate,
-        summary=resolved.record(),
-    )
-    db.add(job)
-    db.flush()
-    emit(db, "finetune.requested", job.id)
-    db.commit()
-    return job
+    return Quote(dataset, evaluation, resolved, tokens, estimate, refusal)
 
 
 @router.get("", response_model=list[JobOut])
