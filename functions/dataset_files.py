@@ -12,6 +12,7 @@ import io
 import json
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import NamedTuple
 
 from functions.dataset_rows import detect_format, json_type, row_split, short, unknown_shape, validate_row
@@ -329,3 +330,33 @@ def _encodable(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+# --- a preview ------------------------------------------------------------------------------------------
+
+PREVIEW_BYTES = 1024 * 1024  # of a stored file read for its first rows: a preview never reads a whole large file
+
+
+def first_rows(path: Path, file_format: FileFormat, limit: int) -> list[Example]:
+    """The first `limit` valid rows of a stored dataset file as validation parses them (bad rows are the dataset's
+    `errors`). Only the file's first PREVIEW_BYTES are read, cut after their last line break so that no row is read
+    in part; a file whose first row is longer than that is read whole."""
+    with path.open("rb") as file:
+        data = file.read(PREVIEW_BYTES)
+        if len(data) == PREVIEW_BYTES:
+            end = data.rfind(b"\n") + 1
+            data = data[:end] if end else data + file.read()
+    return parse_dataset(data, file_format, max_rows=limit).examples[:limit]
+
+
+def row_fields(example: Example) -> dict[str, object]:
+    """A parsed row as the API shows it: its line, split and the fields of its shape."""
+    shown: dict[str, object] = {"line": example.line, "split": example.split}
+    if isinstance(example, ColumnsRow):
+        return shown | {"columns": example.columns}
+    for name in ("prompt", "completion", "text"):
+        if getattr(example, name) is not None:
+            shown[name] = getattr(example, name)
+    if example.messages is not None:
+        shown["messages"] = [dict(m) for m in example.messages]
+    return shown

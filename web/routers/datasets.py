@@ -5,9 +5,9 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Form, UploadFile, status
+from fastapi import APIRouter, Form, Query, UploadFile, status
 from fastapi.responses import JSONResponse
 from sqlalchemy import or_, select
 from sqlalchemy.exc import IntegrityError
@@ -18,7 +18,7 @@ from app.models import Dataset, FinetuneJob
 from app.names import NAME
 from app.queue import emit
 from app.settings import get_settings
-from functions import dataset_fetch
+from functions import dataset_fetch, dataset_files
 from functions.catalog import get_model
 from functions.datasets import FileFormat, detect_file_format
 from web.bodies import size_text
@@ -30,6 +30,7 @@ from web.schemas import DatasetOut
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 CHUNK = 1024 * 1024  # bytes read from the upload at a time
 POLL_SECONDS = 0.2
+MAX_PREVIEW_ROWS = 100  # rows a preview answers at most
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetOut)
@@ -116,6 +117,21 @@ def list_datasets(tenant: CurrentTenant, db: Db) -> list[DatasetOut]:
 @router.get("/{name}", response_model=DatasetOut)
 def get_dataset(name: str, tenant: CurrentTenant, db: Db) -> DatasetOut:
     return DatasetOut.model_validate(find_dataset(db, tenant.id, name))
+
+
+@router.get("/{name}/rows", response_model=list[dict[str, Any]])
+def dataset_rows(
+    name: str,
+    tenant: CurrentTenant,
+    db: Db,
+    limit: Annotated[int, Query(ge=1, le=MAX_PREVIEW_ROWS, description="How many rows, from the first.")] = 10,
+) -> list[dict[str, Any]]:
+    """A preview: the first valid rows of the stored file as validation parses them, each with its line and split
+    (`{"line": 3, "split": "train", "prompt": ..., "completion": ...}`); bad rows are the dataset's `errors`."""
+    dataset = find_dataset(db, tenant.id, name)
+    path = volume.dataset_path(tenant.id, dataset.id, dataset.file_format)
+    rows = dataset_files.first_rows(path, dataset.file_format, limit)  # type: ignore[arg-type]  # a FileFormat, checked at upload
+    return [dataset_files.row_fields(row) for row in rows]
 
 
 @router.delete("/{name}", status_code=status.HTTP_204_NO_CONTENT)
