@@ -20,6 +20,7 @@ from app.tenants import authenticate
 from billing import alerts, credits, ledger
 from conftest import TINY_MODEL, make_tenant
 from credit_helpers import spend
+from fake_stripe_billing import API_KEY, FakeStripeBilling, localstripe_server
 
 HTML = "<img src=x onerror=alert(1)>"
 
@@ -35,6 +36,28 @@ def console_url(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) 
     env = FAST_ENV | {"LORAPLEX_FREE_TOKENS_PER_DAY": "0", "LORAPLEX_FREE_TOKENS_PER_MONTH": "0"}
     with served_platform(tmp_path_factory.mktemp("console-billing"), "sqlite", tiny_model_dir, env) as url:
         yield url
+
+
+@pytest.fixture
+def stripe_console(tmp_path: Path, tiny_model_dir: Path) -> Iterator[tuple[str, FakeStripeBilling]]:
+    """A second server, whose Stripe is localstripe (customers) and the billing fake (Checkout and portal
+    sessions): (its URL, the fake). For one test: while it runs, this process's settings name its platform."""
+    from served import served_platform
+
+    from deployment_helpers import FAST_ENV
+
+    fake = FakeStripeBilling().start()
+    try:
+        with localstripe_server() as localstripe:
+            env = FAST_ENV | {
+                "LORAPLEX_STRIPE_API_KEY": API_KEY,
+                "LORAPLEX_STRIPE_API_BASE": localstripe,
+                "LORAPLEX_STRIPE_BILLING_API_BASE": fake.url,
+            }
+            with served_platform(tmp_path / "stripe", "sqlite", tiny_model_dir, env) as url:
+                yield url, fake
+    finally:
+        fake.stop()
 
 
 def tenant_of(api_key: str) -> str:
@@ -238,3 +261,43 @@ def test_billing_needs_a_session(browser: Any, console_url: str) -> None:
     page.goto("/billing/statements/2026-01")
     page.wait_for_url("**/signin?next=/billing/statements/2026-01")
     context.close()
+
+
+def test_top_up_add_a_card_and_manage_billing_go_to_stripe(
+    browser: Any, stripe_console: tuple[str, FakeStripeBilling]
+) -> None:
+    """With Stripe configured, each button opens the page Stripe returned (stood in for here: the browser reaches
+    no outside host), with what the user asked for in the Checkout session."""
+    url, fake = stripe_console
+    key = make_tenant(f"stripe-{secrets.token_hex(3)}")[1]["Authorization"].split()[1]
+    context = browser.new_context(base_url=url)
+    stripe_pages: list[str] = []
+
+    def stripe(route: Any) -> None:
+        stripe_pages.append(route.request.url)
+        route.fulfill(status=200, content_type="text/html", body="<title>Stripe</title><p>Stripe stand-in</p>")
+
+    context.route(re.compile(r"https://(checkout|billing)\.stripe\.com/.*"), stripe)
+    page = context.new_page()
+    problems: list[str] = []
+    page.on("pageerror", lambda error: problems.append(str(error)))
+    sign_in(page, key, "/billing")
+    for act, expected in (
+        (lambda: page.get_by_role("button", name="Add a card").click(), "https://checkout.stripe.com/c/pay/cs_test_"),
+        (lambda: page.get_by_role("button", name="Top up").click(), "https://checkout.stripe.com/c/pay/cs_test_"),
+        (lambda: page.get_by_role("button", name="Manage billing").click(), "https://billing.stripe.com/p/session/"),
+    ):
+        page.goto("/billing")
+        if len(stripe_pages) == 1:
+            page.get_by_label("Top-up amount (USD)").fill("42.50")
+        act()
+        page.wait_for_url(f"{expected}**")
+        expect(page.get_by_text("Stripe stand-in")).to_be_visible()
+    assert [s["mode"] for s in fake.checkout_sessions] == ["setup", "payment"]
+    topup = fake.checkout_sessions[1]
+    assert topup["amount_total"] == 4250 and topup["success_url"].endswith("/billing?checkout=done")
+    assert len(fake.portal_sessions) == 1 and len(stripe_pages) == 3
+    page.goto("/billing?checkout=done")  # back from Checkout
+    expect(page.get_by_role("status")).to_contain_text("Back from Stripe Checkout")
+    context.close()
+    assert not problems, problems
