@@ -14,6 +14,8 @@ from app.db import session_scope
 from app.tenants import authenticate
 from conftest import TINY_MODEL, make_tenant
 from credit_helpers import credit, spend
+from finetune_helpers import SENTIMENT
+from functions.evaluate import OTHER
 from functions.finetune_config import FinetuneConfig
 
 NAMES = ("Ann", "Bo", "Cy", "Di", "Ed", "Flo", "Gus", "Hal", "Ida", "Jo", "Kit", "Lu", "Max", "Ned", "Oz", "Pia")
@@ -26,8 +28,8 @@ WIDE = """() => [...document.querySelectorAll('main *')]
 HOSTILE = "<img src=x onerror=alert(1)><script>alert(2)</script>"
 
 
-def ready_dataset(url: str, key: str, name: str = "greetings") -> None:
-    data = "\n".join(json.dumps(r) for r in ROWS).encode()
+def ready_dataset(url: str, key: str, name: str = "greetings", rows: list[dict[str, Any]] = ROWS) -> None:
+    data = "\n".join(json.dumps(r) for r in rows).encode()
     headers = {"Authorization": f"Bearer {key}"}
     r = httpx.post(
         f"{url}/v1/datasets",
@@ -176,3 +178,32 @@ def test_cancel_a_running_job_and_another_tenants_job_is_not_found(page: Any, co
         response = page.goto(f"/jobs/{job_id}")
         assert response is not None and response.status == 404
         expect(page.get_by_role("heading", name="Job not found")).to_be_visible()
+
+
+def test_a_finished_classification_job_shows_its_confusion_matrix(page: Any, console_url: str, api_key: str) -> None:
+    """Opened after the job ended: every row arrives at once over the events, then the final status."""
+    ready_dataset(console_url, api_key, "sentiment", SENTIMENT)
+    headers = {"Authorization": f"Bearer {api_key}"}
+    config = {"base_model": TINY_MODEL, "dataset": "sentiment", "repo": "sentiment", "epochs": 2}
+    job = httpx.post(f"{console_url}/v1/finetuning/jobs", headers=headers, json=config).json()
+    deadline = time.monotonic() + 180
+    while (shown := httpx.get(f"{console_url}/v1/finetuning/jobs/{job['id']}", headers=headers).json())["status"] in (
+        "queued",
+        "training",
+    ):
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+    assert shown["status"] == "completed", shown
+    page.goto(f"/jobs/{job['id']}")
+    matrix = page.locator("#confusion-table")
+    expect(matrix).to_be_visible()
+    labels = shown["summary"]["labels"] + ["neutral"]  # the evaluation split's class training lacks comes last
+    assert matrix.locator("thead th").all_inner_texts() == [*labels, OTHER]
+    assert matrix.locator("tbody th").all_inner_texts() == labels
+    expect(page.locator("#eval-table")).to_contain_text("label accuracy")
+    total = sum(
+        m["kind"] == "train"
+        for m in httpx.get(f"{console_url}/v1/finetuning/jobs/{job['id']}/metrics", headers=headers).json()
+    )
+    expect(page.locator("#points")).to_have_attribute("data-train-points", str(total))
+    screenshot(page, "job-classification")
