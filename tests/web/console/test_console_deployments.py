@@ -3,8 +3,8 @@ of the tiny model through the form (errors shown beside the field the API names)
 with its status history, see the health charts fill as requests arrive through the API, update, stop and delete it
 from the page; text that looks like HTML stays text; another tenant's deployment is a 404 page."""
 
-import re
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -12,13 +12,19 @@ from browser_helpers import screenshot
 from playwright.sync_api import expect
 
 from conftest import TINY_MODEL, make_tenant
+from deployment_helpers import import_lora
 from functions.deployments.config import DeploymentConfig, DeploymentUpdate
+from lora_helpers import build_lora
 
 HOSTILE = '<img src=x onerror=alert(1)><script>alert("x")</script>'
 ANSWER_SECONDS = 120_000  # ms: a replica of the tiny model starts in seconds, on a busy machine in more
 
 
-def test_create_watch_ready_charts_fill_update_stop_and_delete(page: Any, console_url: str, api_key: str) -> None:
+def test_create_watch_ready_charts_fill_update_stop_and_delete(
+    page: Any, console_url: str, api_key: str, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    with httpx.Client(base_url=console_url, headers={"Authorization": f"Bearer {api_key}"}, timeout=120) as http:
+        adapter = import_lora(http, "greeter", build_lora(tiny_model_dir, tmp_path / "lora"))
     page.goto("/deployments")
     for field, info in DeploymentConfig.model_fields.items():  # the form is the API's config, field for field
         control = page.get_by_label(field, exact=True)
@@ -53,13 +59,15 @@ def test_create_watch_ready_charts_fill_update_stop_and_delete(page: Any, consol
 
     # Requests through the API fill the charts (and the table beside them) on the next refresh.
     with httpx.Client(base_url=console_url, headers={"Authorization": f"Bearer {api_key}"}, timeout=120) as http:
-        for _ in range(3):
-            body = {"model": TINY_MODEL, "messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 4}
+        for model in (TINY_MODEL, TINY_MODEL, adapter):
+            body = {"model": model, "messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 4}
             r = http.post("/v1/deployments/web/chat/completions", json=body)
             assert r.status_code == 200, r.text
     base = page.locator("#adapter-rows tr", has_text="base")
-    expect(base.locator("td").first).to_have_text(re.compile(r"^[3-9]$"), timeout=30_000)  # requests
+    expect(base.locator("td").first).to_have_text("2", timeout=30_000)  # requests
     assert int(base.locator("td").nth(2).inner_text()) > 0  # generated tokens
+    expect(page.locator("#adapter-rows tr", has_text=adapter).locator("td").first).to_have_text("1")
+    expect(page.locator("#chart-requests .u-legend")).to_contain_text(adapter)  # a line per adapter, and the total
     for chart in ("requests", "tokens", "inference", "queue", "replicas", "utilization"):
         expect(page.locator(f"#chart-{chart} canvas").first).to_be_visible()
         assert int(page.locator(f"#chart-{chart}").get_attribute("data-points") or 0) > 0, chart
@@ -82,9 +90,17 @@ def test_create_watch_ready_charts_fill_update_stop_and_delete(page: Any, consol
     expect(page.locator("#update-status")).to_contain_text("Saved (max_replicas)")
     expect(page.locator("#range")).to_have_text("1 / 3")
 
+    expect(page.get_by_role("button", name="Standby")).to_be_disabled()  # only a Stopped or Errored one goes back
     page.get_by_role("button", name="Stop").click()
     expect(page.locator("#status")).to_have_text("Stopped", timeout=60_000)
     expect(history).to_contain_text("Stopped")
+    expect(page.get_by_role("button", name="Stop")).to_be_disabled()
+    expect(page.locator("#replica-rows")).to_contain_text("No replica up.")
+    page.get_by_role("button", name="Standby").click()  # min_replicas 1: it starts again
+    expect(page.locator("#status")).not_to_have_text("Stopped", timeout=30_000)
+    expect(history).to_contain_text("moved to Standby by the tenant")
+    page.get_by_role("button", name="Stop").click()
+    expect(page.locator("#status")).to_have_text("Stopped", timeout=60_000)
 
     page.goto("/deployments")
     row = page.locator("tbody tr", has_text="web")

@@ -99,7 +99,14 @@ function drawAdapters(metrics) {
 
 const when = (iso) => (iso ? iso.slice(0, 19).replace("T", " ") : "—");
 
+// Stop: while it is not Stopped; Standby: what a Stopped or Errored deployment is moved to (to run again).
+function enableActions(status) {
+  $("stop").disabled = status === "Stopped";
+  $("standby").disabled = !["Stopped", "Errored"].includes(status);
+}
+
 function drawDeployment(d) {
+  enableActions(d.status);
   const status = $("status");
   status.textContent = d.status;
   status.className = `badge ${d.status.toLowerCase()}`;
@@ -162,6 +169,7 @@ async function act(button, run) {
     showError(status, error);
   } finally {
     button.disabled = false;
+    enableActions($("status").textContent);
   }
 }
 
@@ -203,4 +211,5 @@ form.addEventListener("submit", async (event) => {
   }
 });
 
+enableActions($("status").textContent);
 poll();
