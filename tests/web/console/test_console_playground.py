@@ -73,6 +73,11 @@ WATCH = """() => {
   }
 }"""
 
+# The elements that reach past the viewport's right edge (tag.class and right edge), innermost first.
+WIDER = """(width) => [...document.querySelectorAll("body *")]
+  .filter((e) => e.getBoundingClientRect().right > width + 0.5)
+  .map((e) => `${e.tagName.toLowerCase()}.${e.className} ${Math.round(e.getBoundingClientRect().right)}`).reverse()"""
+
 
 def pane(page: Any, key: str) -> Any:
     return page.locator(f'[data-pane="{key}"]')
@@ -162,6 +167,16 @@ def test_base_and_adapter_stream_side_by_side_with_latency_tokens_and_code(
         assert [m["role"] for m in body["messages"]] == ["user", "assistant", "user"]
         assert body["messages"][1]["content"] == first
 
+    # A checkpoint answers like a version; the pane labels each answer with the model that gave it.
+    page.get_by_label("Second model", exact=True).select_option("greet/1@1")
+    page.get_by_label("Message").fill("Bye")
+    page.get_by_role("button", name="Send").click()
+    answers = pane(page, "b").locator(".pg-msg.assistant")
+    expect(answers).to_have_count(3, timeout=120_000)
+    wait_answered(page, "b")
+    expect(answers.last.locator(".pg-who")).to_have_text("greet/1@1")
+    expect(pane(page, "b").locator(".pg-error")).to_be_empty()
+
 
 def test_the_bundled_model_and_an_adapter_of_it_stream_side_by_side(
     page: Any, console_url: str, api_key: str, bundled_model: Path, tmp_path: Path
@@ -224,3 +239,24 @@ def test_refusals_show_the_api_message_and_another_tenants_adapter_is_404(
     response = page.goto("/playground?model=greet/1")  # the owner's, not this tenant's
     assert response is not None and response.status == 404
     expect(page.get_by_role("alert")).to_have_text("model 'greet/1' not found")
+
+
+def test_the_page_is_fast_light_and_fits_a_narrow_screen(page: Any, console_url: str) -> None:
+    cookies = {c["name"]: c["value"] for c in page.context.cookies()}
+    with httpx.Client(base_url=console_url, cookies=cookies) as http:
+        times = []
+        for _ in range(5):
+            r = http.get("/playground")
+            assert r.status_code == 200
+            times.append(r.elapsed.total_seconds())
+        assets = re.findall(r'(?:src|href)="(/static/[^"]+)"', r.text)
+        scripts = {path: http.get(path).text for path in assets if path.endswith(".js")}
+        assets += [path for js in scripts.values() for path in re.findall(r'from "(/static/[^"]+)"', js)]  # imports
+        weight = sum(len(http.get(path).content) for path in set(assets))
+    assert sorted(times)[2] < 0.1, times  # the median, over the loopback
+    assert weight < 300_000, weight
+    page.set_viewport_size({"width": 390, "height": 844})
+    page.goto("/playground?model=smollm2-135m&compare=tiny-llama")
+    wider = page.evaluate(WIDER, 390)
+    assert not wider, wider
+    screenshot(page, "playground-narrow")
