@@ -11,6 +11,7 @@ from browser_helpers import screenshot
 from playwright.sync_api import expect
 
 from app.db import session_scope
+from app.models import FinetuneJob
 from app.tenants import authenticate
 from conftest import TINY_MODEL, make_tenant
 from credit_helpers import credit, spend
@@ -160,7 +161,9 @@ def test_no_credit_is_explained_and_a_bad_field_is_named(page: Any, console_url:
     assert httpx.get(f"{console_url}/v1/finetuning/jobs", headers={"Authorization": f"Bearer {api_key}"}).json() == []
 
 
-def test_cancel_a_running_job_and_another_tenants_job_is_not_found(page: Any, console_url: str, api_key: str) -> None:
+def test_cancel_a_running_job_a_failed_jobs_error_and_another_tenants_job(
+    page: Any, console_url: str, api_key: str
+) -> None:
     ready_dataset(console_url, api_key)
     mine = {"Authorization": f"Bearer {api_key}"}
     config = {"base_model": TINY_MODEL, "dataset": "greetings", "repo": "long", "train_steps": 5000}
@@ -169,6 +172,26 @@ def test_cancel_a_running_job_and_another_tenants_job_is_not_found(page: Any, co
     page.get_by_role("button", name="Cancel job").click()
     expect(page.locator("#status")).to_have_text("cancelled")
     expect(page.get_by_role("button", name="Cancel job")).to_be_hidden()
+
+    # A failed job's error is shown as text: a job row as a worker leaves a failure (no event: no worker takes it).
+    with session_scope() as db:
+        cancelled = db.get_one(FinetuneJob, job["id"])
+        failed = FinetuneJob(
+            tenant_id=cancelled.tenant_id,
+            dataset_id=cancelled.dataset_id,
+            repo_id=cancelled.repo_id,
+            base_model=cancelled.base_model,
+            config=cancelled.config,
+            status="failed",
+            error=f"training failed: {HOSTILE}",
+        )
+        db.add(failed)
+        db.flush()
+        failed_id = failed.id
+    page.goto(f"/jobs/{failed_id}")
+    expect(page.locator("#status")).to_have_text("failed")
+    expect(page.locator("#job-error")).to_have_text(f"training failed: {HOSTILE}")
+    assert page.locator("#job-error img, #job-error script").count() == 0
 
     _, theirs = make_tenant("someone-else")
     ready_dataset(console_url, theirs["Authorization"].split()[1], "theirs")
