@@ -4,11 +4,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
-from web.console import datasets, signin
+from web.console import adapters, billing, datasets, deployments, finetuning, playground, signin
 from web.console.render import HERE, SignInNeeded, sign_in_url
 from web.console.security import SecurityHeaders
 
-PAGES = (signin, datasets)
+PAGES = (signin, datasets, finetuning, adapters, playground, deployments, billing)
 
 
 def install(app: FastAPI) -> None:
