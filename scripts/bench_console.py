@@ -4,8 +4,10 @@ makes the browser load, on the embedded default with the bundled SmolLM2-135M.
     .venv/bin/python scripts/bench_console.py [--requests 30]
 
 It starts `loraplex serve --workers 1` on a fresh data directory (scripts/bench_deployments.py's Server), creates a
-tenant, uploads the demo's dataset, fine-tunes one adapter (1 epoch), creates a deployment left in Standby, and signs
-in to the console as that tenant. Then, per page:
+tenant, uploads the demo's dataset, fine-tunes one adapter with the defaults (as the demo does), creates a deployment
+left in Standby, and signs in to the console as that tenant. The README's two screenshots come from this run: the
+job's page, and the playground asking the base model and the adapter a held-out ticket side by side
+(scripts/results/console_job.png, console_playground.png). Then, per page:
 - server time: `--requests` GETs of the page's HTML over loopback with the session cookie (httpx, one connection),
   timed to the last byte: the median and the 90th percentile. Loopback adds well under a millisecond, so this is
   the server's time, an upper bound.
@@ -45,6 +47,7 @@ def main() -> None:
             for label, path in pages
         ]
         weights = page_weights(server.url, server.key, [path for _, path in pages])
+        screenshots(server.url, server.key, pages)
     for row in rows:
         row.update(weights[row["path"]])
     report = {
@@ -66,7 +69,7 @@ def set_up(server: Server) -> list[tuple[str, str]]:
         r = server.http.post("/v1/datasets", files={"file": (SAMPLE.name, f)}, data={"base_model": MODEL})
     r.raise_for_status()
     dataset = r.json()["name"]
-    config = {"base_model": MODEL, "dataset": dataset, "repo": "triage", "epochs": 1}
+    config = {"base_model": MODEL, "dataset": dataset, "repo": "triage"}
     job = server.http.post("/v1/finetuning/jobs", json=config).json()
     while job["status"] not in ("completed", "failed", "cancelled"):
         time.sleep(2)
@@ -127,10 +130,14 @@ def page_weights(url: str, key: str, paths: list[str]) -> dict[str, dict[str, in
         page.wait_for_url("**/datasets")
         for path in paths:
             loaded: list[Any] = []
-            page.on("response", loaded.append)
+
+            def record(response: Any, loaded: list[Any] = loaded) -> None:
+                loaded.append(response)
+
+            page.on("response", record)
             page.goto(path, wait_until="load")
             page.wait_for_timeout(500)  # the modules a page's script imports
-            page.remove_listener("response", loaded.append)
+            page.remove_listener("response", record)
             assets = [r for r in loaded if r.request.resource_type in ("script", "stylesheet")]
             documents = [r for r in loaded if r.request.resource_type == "document"]
             weights[path] = {
@@ -140,6 +147,37 @@ def page_weights(url: str, key: str, paths: list[str]) -> dict[str, dict[str, in
             }
         browser.close()
     return weights
+
+
+def screenshots(url: str, key: str, pages: list[tuple[str, str]]) -> None:
+    """The job's page (its curves and evaluation) and the playground comparing the base model with the adapter on
+    the sample's first held-out ticket, as the README shows them."""
+    from playwright.sync_api import expect, sync_playwright
+
+    held_out = next(r for r in map(json.loads, SAMPLE.read_text().splitlines()) if r.get("split") == "evaluation")
+    job_path = dict(pages)["A job"]
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_context(base_url=url, viewport={"width": 1280, "height": 1000}).new_page()
+        page.goto("/signin")
+        page.get_by_label("API key").fill(key)
+        page.get_by_role("button", name="Sign in").click()
+        page.wait_for_url("**/datasets")
+        page.goto(job_path)
+        expect(page.locator("#status")).to_have_text("completed")
+        expect(page.locator("#points")).not_to_have_attribute("data-train-points", "0")
+        page.wait_for_timeout(500)  # the last redraw
+        page.screenshot(path=str(RESULTS / "console_job.png"))
+        page.goto(f"/playground?model={MODEL}&compare=triage/1")
+        page.get_by_label("Temperature").fill("0")
+        page.get_by_label("Max tokens").fill("48")
+        page.get_by_label("Message").fill(held_out["prompt"])
+        page.get_by_role("button", name="Send").click()
+        for key_ in ("a", "b"):
+            total = page.locator(f'[data-pane="{key_}"] [data-stat="total"]')
+            expect(total).to_have_text(re.compile(r"\d+\.\d\d s"), timeout=120_000)  # a latency once measured
+        page.screenshot(path=str(RESULTS / "console_playground.png"))
+        browser.close()
 
 
 def markdown(report: dict[str, Any]) -> str:

@@ -23,8 +23,9 @@ def credit(tenant_id: str) -> int:
         return credits.balance(s, tenant_id).credit_micro_usd
 
 
-def spend(tenant_id: str, micro_usd: int) -> None:
-    """A priced usage record written straight to the ledger: credit falls with no event of its own."""
+def spend(tenant_id: str, micro_usd: int, **fields: Any) -> None:
+    """A priced usage record written straight to the ledger (a fine-tuning of the tiny model, unless `fields` of
+    ledger.Usage say otherwise): credit falls with no event of its own."""
     with session_scope() as s:
         ledger.record(
             s,
@@ -35,6 +36,7 @@ def spend(tenant_id: str, micro_usd: int) -> None:
                 technique="sft_lora",
                 base_model=TINY_MODEL,
                 amount_micro_usd=micro_usd,
+                **fields,
             ),
         )
 

@@ -2,14 +2,12 @@
 config, checkpoints and working downloads; a repo created and a PEFT adapter imported from the page, the API's
 refusal shown beside the field; a description holding HTML shown as text; another tenant's repo answering 404."""
 
-import json
-import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from browser_helpers import screenshot, sign_in
+from browser_helpers import screenshot, sign_in, train_greeter
 from playwright.sync_api import expect
 
 from conftest import TINY_MODEL, make_tenant
@@ -29,21 +27,9 @@ def peft_adapter(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path)
 
 def train_version(console_url: str, api_key: str) -> dict[str, Any]:
     """greet/1 on the tiny model (repo created first with a description holding HTML), trained through the API."""
-    with httpx.Client(base_url=console_url, headers={"Authorization": f"Bearer {api_key}"}, timeout=60) as http:
+    with httpx.Client(base_url=console_url, headers={"Authorization": f"Bearer {api_key}"}) as http:
         assert http.post("/v1/repos", json={"name": "greet", "description": f"Greets {HOSTILE}"}).status_code == 201
-        data = "\n".join(json.dumps(r) for r in ROWS).encode()
-        r = http.post("/v1/datasets", files={"file": ("hi.jsonl", data)}, data={"base_model": TINY_MODEL})
-        assert r.status_code == 201 and r.json()["status"] == "ready", r.text
-        config = {"base_model": TINY_MODEL, "dataset": "hi", "repo": "greet", "epochs": 1, "learning_rate": 0.05}
-        r = http.post("/v1/finetuning/jobs", json=config | {"rank": 8, "effective_batch_size": 2})
-        assert r.status_code == 201, r.text
-        job = r.json()
-        deadline = time.monotonic() + 120
-        while job["status"] in ("queued", "training") and time.monotonic() < deadline:
-            time.sleep(0.2)
-            job = http.get(f"/v1/finetuning/jobs/{job['id']}").json()
-        assert job["status"] == "completed", job
-        return job
+    return train_greeter(console_url, api_key, ROWS)
 
 
 def test_a_trained_version_shows_its_evaluation_checkpoints_and_downloads(

@@ -17,7 +17,7 @@ from playwright.sync_api import expect
 from app.db import session_scope
 from app.models import BillingAccount
 from app.tenants import authenticate
-from billing import alerts, credits, ledger
+from billing import alerts, credits
 from conftest import TINY_MODEL, make_tenant
 from credit_helpers import spend
 from fake_stripe_billing import API_KEY, FakeStripeBilling, localstripe_server
@@ -193,21 +193,9 @@ def test_past_months_statements_and_html_in_usage_shown_as_text(page: Any, api_k
     """A past month is chosen with the selector; an adapter name and a month holding HTML show as text (the page
     fixture fails the test on any script that ran, or that the policy blocked)."""
     tenant_id = tenant_of(api_key)
-    with session_scope() as s:
-        ledger.record(
-            s,
-            ledger.Usage(
-                idempotency_key=f"test:{secrets.token_hex(6)}",
-                tenant_id=tenant_id,
-                kind="finetune",
-                technique="sft_lora",
-                base_model=TINY_MODEL,
-                adapter=f"{HTML}/1",
-                input_tokens=1200,
-                amount_micro_usd=1_500_000,
-                created_at=datetime(2026, 3, 14, 12, tzinfo=UTC),
-            ),
-        )
+    spend(
+        tenant_id, 1_500_000, adapter=f"{HTML}/1", input_tokens=1200, created_at=datetime(2026, 3, 14, 12, tzinfo=UTC)
+    )
     page.goto("/billing")
     page.get_by_label("Month", exact=True).select_option("2026-03")
     page.get_by_role("button", name="Show").click()

@@ -9,14 +9,13 @@ import re
 import secrets
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from browser_helpers import screenshot, sign_in
+from browser_helpers import screenshot, sign_in, train_greeter
 from playwright.sync_api import expect
 
 from conftest import TINY_MODEL, make_tenant
@@ -44,19 +43,7 @@ def owner(console_url: str) -> str:
     """The key of a tenant with adapter greet/1 on the tiny model, trained through the API (1 epoch: checkpoint
     greet/1@1 too)."""
     key = make_tenant(f"owner-{secrets.token_hex(3)}")[1]["Authorization"].split()[1]
-    with httpx.Client(base_url=console_url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as http:
-        data = "\n".join(json.dumps(r) for r in ROWS).encode()
-        r = http.post("/v1/datasets", files={"file": ("hi.jsonl", data)}, data={"base_model": TINY_MODEL})
-        assert r.status_code == 201 and r.json()["status"] == "ready", r.text
-        config = {"base_model": TINY_MODEL, "dataset": "hi", "repo": "greet", "epochs": 1, "learning_rate": 0.05}
-        r = http.post("/v1/finetuning/jobs", json=config | {"rank": 8, "effective_batch_size": 2})
-        assert r.status_code == 201, r.text
-        job = r.json()
-        deadline = time.monotonic() + 120
-        while job["status"] in ("queued", "training") and time.monotonic() < deadline:
-            time.sleep(0.2)
-            job = http.get(f"/v1/finetuning/jobs/{job['id']}").json()
-        assert job["status"] == "completed", job
+    train_greeter(console_url, key, ROWS)
     return key
 
 
