@@ -70,3 +70,40 @@ def test_sign_in_never_redirects_off_the_site(browser: Any, console_url: str, ap
     page.get_by_role("button", name="Sign in").click()
     page.wait_for_url(f"{console_url}/datasets")
     context.close()
+
+
+def test_revoking_the_key_signs_its_sessions_out(page: Any, console_url: str, api_key: str) -> None:
+    """The session holds the key's id and re-reads the key on every request: once revoked (with another key, as the
+    last active key cannot be), the next page asks to sign in again and the scripts' API calls are a 401."""
+    with httpx.Client(base_url=console_url, headers={"Authorization": f"Bearer {api_key}"}) as http:
+        other = http.post("/v1/api_keys", json={"name": "other"}).json()
+        mine = next(k for k in http.get("/v1/api_keys").json() if k["name"] == "default")
+        revoked = http.delete(f"/v1/api_keys/{mine['id']}", headers={"Authorization": f"Bearer {other['key']}"})
+        assert revoked.status_code == 200, revoked.text
+    assert page.evaluate("fetch('/v1/datasets').then(r => r.status)") == 401
+    page.goto("/adapters")
+    page.wait_for_url("**/signin?next=/adapters")
+
+
+def test_a_read_key_looks_and_an_inference_key_is_turned_away(browser: Any, console_url: str, api_key: str) -> None:
+    with httpx.Client(base_url=console_url, headers={"Authorization": f"Bearer {api_key}"}) as http:
+        read = http.post("/v1/api_keys", json={"name": "look", "scope": "read"}).json()["key"]
+        inference = http.post("/v1/api_keys", json={"name": "serve", "scope": "inference"}).json()["key"]
+    context = browser.new_context(base_url=console_url)
+    page = context.new_page()
+    page.goto("/signin")
+    page.get_by_label("API key").fill(inference)
+    page.get_by_role("button", name="Sign in").click()
+    assert "may only call the inference routes" in page.get_by_role("alert").inner_text()
+    page.get_by_label("API key").fill(read)
+    page.get_by_role("button", name="Sign in").click()
+    page.wait_for_url("**/datasets")
+    assert "(read key)" in page.locator(".who").inner_text()
+    token = page.locator('meta[name="csrf-token"]').get_attribute("content")
+    status = page.evaluate(
+        "t => fetch('/v1/repos', {method: 'POST', headers: {'Content-Type': 'application/json', 'X-CSRF-Token': t},"
+        " body: JSON.stringify({name: 'nope'})}).then(r => r.status)",
+        token,
+    )
+    assert status == 403  # the key's scope holds for the console's calls as for any other
+    context.close()
