@@ -7,7 +7,7 @@ re-reads the key by its id, so a revoked or expired key signs its sessions out a
 Cross-site request forgery is refused three ways: the cookie is SameSite=Strict (a cross-site request carries
 none), an unsafe request with a cookie must carry the session's token (a form field or the `X-CSRF-Token` header,
 which a cross-site page cannot set without CORS, which this server never grants), and its `Origin`, when sent, must
-be this server's.
+name this server's host (the host alone: behind a proxy that ends TLS the scheme the app sees is not the browser's).
 """
 
 import hmac
@@ -16,6 +16,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from fastapi import Request, Response
 from itsdangerous import BadSignature, URLSafeTimedSerializer
@@ -73,7 +74,7 @@ def save(response: Response, request: Request, session: ConsoleSession) -> None:
         max_age=MAX_AGE_SECONDS,
         httponly=True,
         samesite="strict",
-        secure=request.url.scheme == "https",
+        secure=_https(request),
         path="/",
     )
 
@@ -87,7 +88,7 @@ def check_forgery(request: Request, session: ConsoleSession, token: str | None) 
     if request.method in SAFE_METHODS:
         return
     origin = request.headers.get("origin")
-    if origin is not None and origin != _own_origin(request):
+    if origin is not None and urlsplit(origin).netloc != request.headers.get("host"):
         raise SessionRefused(f"origin {origin!r} is not this console's")
     if token is None or not hmac.compare_digest(token, session.csrf):
         raise SessionRefused("the form's security token is missing or stale: reload the page and try again")
@@ -118,8 +119,10 @@ def _aware(moment: datetime) -> datetime:
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)  # SQLite returns naive UTC
 
 
-def _own_origin(request: Request) -> str:
-    return f"{request.url.scheme}://{request.url.netloc}"
+def _https(request: Request) -> bool:
+    """Whether the browser reached us over https: directly, or through a proxy that ended TLS (Modal's web
+    endpoints) and says so."""
+    return request.url.scheme == "https" or request.headers.get("x-forwarded-proto", "").lower() == "https"
 
 
 def _serializer() -> URLSafeTimedSerializer:

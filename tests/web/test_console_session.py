@@ -54,3 +54,35 @@ def test_a_cookie_signed_with_another_secret_or_altered_is_no_session(
     get_settings.cache_clear()
     assert console_session.read(_request(saved)) is None
     assert console_session.read(_request(None)) is None
+
+
+def _post(origin: str | None, host: str = "console.example", proto: str | None = None) -> Request:
+    headers = [(b"host", host.encode())]
+    if origin is not None:
+        headers.append((b"origin", origin.encode()))
+    if proto is not None:
+        headers.append((b"x-forwarded-proto", proto.encode()))
+    return Request({"type": "http", "method": "POST", "headers": headers, "scheme": "http", "path": "/signout"})
+
+
+def test_a_post_must_carry_the_token_and_come_from_this_host() -> None:
+    """Behind a proxy that ends TLS the app sees http while the browser's Origin says https: the host decides."""
+    session = console_session.ConsoleSession(key_id="ak_1", csrf="token")
+    console_session.check_forgery(_post("https://console.example"), session, "token")
+    console_session.check_forgery(_post(None), session, "token")  # no Origin sent (older browsers): the token holds
+    for origin in ("https://evil.example", "null", "https://console.example.evil.example"):
+        with pytest.raises(console_session.SessionRefused, match="is not this console's"):
+            console_session.check_forgery(_post(origin), session, "token")
+    for token in (None, "", "other"):
+        with pytest.raises(console_session.SessionRefused, match="security token"):
+            console_session.check_forgery(_post("https://console.example"), session, token)
+
+
+def test_the_cookie_is_secure_behind_a_proxy_that_ended_tls(settings_env: Path) -> None:
+    from fastapi import Response
+
+    for proto, secure in (("https", True), (None, False)):
+        response = Response()
+        console_session.save(response, _post(None, proto=proto), console_session.ConsoleSession.fresh("ak_1"))
+        cookie = response.headers["set-cookie"]
+        assert "HttpOnly" in cookie and "SameSite=strict" in cookie and ("Secure" in cookie) is secure
