@@ -90,18 +90,36 @@ def datasets_list(args: argparse.Namespace) -> None:
 
 def finetune_start(args: argparse.Namespace) -> None:
     """Start a fine-tuning job; options left out take the server's defaults (and the server checks ranges)."""
-    config: dict[str, Any] = {"base_model": args.base_model, "dataset": args.dataset, "repo": args.repo}
-    config |= {name: getattr(args, name) for name in _config_fields() if getattr(args, name) is not None}
-    for key, value in args.set:
-        config[key] = value
     with _api() as client:
-        job = client.create_job(**config)
+        job = client.create_job(**_job_config(args))
         print(
             f"job {job['id']} {job['status']}: {job['estimate']['tokens']} tokens to process, "
             f"estimate {job['estimate']['cost']['usd']}"
         )
         if args.watch:
             _watch(client, job["id"])
+
+
+def finetune_quote(args: argparse.Namespace) -> None:
+    """What `finetune start` with the same options would cost and train, without starting anything."""
+    with _api() as client:
+        quote = client.quote_job(**_job_config(args))
+    estimate = quote["estimate"]
+    print(f"estimate {estimate['cost']['usd']} for {estimate['tokens']:,} tokens to process")
+    for name, value in sorted(quote["auto"].items()):
+        print(f"  {name} = {value} (auto)")
+    for warning in quote["warnings"]:
+        print(f"  warning: {warning}")
+    print("your credit covers it" if quote["can_start"] else f"it would be refused: {quote['refusal']}")
+
+
+def _job_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The API's job config from `finetune start`'s (and `quote`'s) options: only those given."""
+    config: dict[str, Any] = {"base_model": args.base_model, "dataset": args.dataset, "repo": args.repo}
+    config |= {name: getattr(args, name) for name in _config_fields() if getattr(args, name) is not None}
+    for key, value in args.set:
+        config[key] = value
+    return config
 
 
 def jobs_watch(args: argparse.Namespace) -> None:
@@ -295,7 +313,7 @@ def _config_fields() -> list[str]:
     return [name for name in SFTConfig.model_fields if name != "base_model"]
 
 
-def _finetune_options(parser: argparse.ArgumentParser) -> None:
+def _finetune_options(parser: argparse.ArgumentParser, watch: bool = True) -> None:
     """`finetune start`'s options: one per field of the SDK's SFTConfig, which tests/app/test_sdk_configs.py keeps
     equal to the server's FinetuneConfig (so the CLI, the SDK and the API cannot drift), typed from the field, with
     its description as help. An option left out is not sent, so the server applies its default."""
@@ -319,7 +337,8 @@ def _finetune_options(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(*flags, dest=name, type=_number_or_text, help=help_text)
     parser.add_argument("--set", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
                         help="Any other config field (VALUE read as JSON).")  # fmt: skip
-    parser.add_argument("--watch", action="store_true", help="Follow the job until it ends.")
+    if watch:
+        parser.add_argument("--watch", action="store_true", help="Follow the job until it ends.")
 
 
 def _comma_separated(value: str) -> list[str]:
@@ -379,7 +398,9 @@ def _parser() -> argparse.ArgumentParser:
     add("--credentials", type=_existing_file, help="A JSON file of the credentials for this read (never stored).")
     command(datasets, "list", datasets_list)
 
-    _finetune_options(command(group("finetune", "Fine-tuning"), "start", finetune_start))
+    finetune = group("finetune", "Fine-tuning")
+    _finetune_options(command(finetune, "start", finetune_start))
+    _finetune_options(command(finetune, "quote", finetune_quote), watch=False)
 
     jobs = group("jobs", "Fine-tuning jobs")
     command(jobs, "watch", jobs_watch).add_argument("job_id", help="The job's id (ft_...).")

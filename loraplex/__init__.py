@@ -14,7 +14,7 @@ from loraplex.client import Loraplex
 from loraplex.configs import DeploymentConfig, SFTConfig
 from loraplex.errors import JobFailedError, LoraplexError
 from loraplex.generation import Response, StreamResponse
-from loraplex.resources import Dataset, Deployment, FinetuningJob, Repo
+from loraplex.resources import Dataset, Deployment, FinetuningJob, Quote, Repo
 
 __all__ = [
     "Adapter",
@@ -22,6 +22,7 @@ __all__ = [
     "Deployment",
     "DeploymentConfig",
     "FinetuningJob",
+    "Quote",
     "JobFailedError",
     "Loraplex",
     "LoraplexError",

@@ -129,6 +129,11 @@ class Api:
         take the server's defaults."""
         return self._request("POST", "/v1/finetuning/jobs", json=config).json()
 
+    def quote_job(self, **config: Any) -> dict[str, Any]:
+        """The price and resolved config of the job `config` would start, without starting it (refused as the job
+        would be)."""
+        return self._request("POST", "/v1/finetuning/jobs/quote", json=config).json()
+
     def list_jobs(self) -> list[dict[str, Any]]:
         return self._request("GET", "/v1/finetuning/jobs").json()
 

@@ -9,7 +9,7 @@ from loraplex.configs import SFTConfig
 from loraplex.datasets import dataset_name
 from loraplex.progress import watch_job
 from loraplex.repos import repo_name
-from loraplex.resources import Dataset, FinetuningJob, Repo
+from loraplex.resources import Dataset, FinetuningJob, Quote, Repo
 
 
 class Jobs:
@@ -28,12 +28,15 @@ class Jobs:
         """Queue a job training `config` on `dataset` into `repo`'s next version, and answer it at once (with
         `watch`, once it ended, its progress printed unless `show_progress` is off). `config` may be a dict of
         SFTConfig's fields, checked the same way. `description`: what the version is for (shown with it)."""
-        sft = config if isinstance(config, SFTConfig) else SFTConfig.model_validate(config)
-        body = sft.request_fields() | {"dataset": dataset_name(dataset), "repo": repo_name(repo)}
-        if description is not None:
-            body["description"] = description
+        body = _body(config, dataset, repo, description)
         job = FinetuningJob.model_validate(self._client.create_job(**body))
         return self.watch(job.id, show_progress=show_progress) if watch else job
+
+    def quote(self, config: SFTConfig | Mapping[str, Any], dataset: str | Dataset, repo: str | Repo) -> Quote:
+        """What `create` with the same arguments would cost (the price estimate) and train (the config with its
+        "auto" fields resolved), and whether your credit covers it, without starting anything. A config the job
+        would refuse is refused here the same way."""
+        return Quote.model_validate(self._client.quote_job(**_body(config, dataset, repo, None)))
 
     def get(self, job_id: str) -> FinetuningJob:
         return FinetuningJob.model_validate(self._client.get_job(job_id))
@@ -56,6 +59,17 @@ class Jobs:
             if event == "status":
                 final_status = data
         return FinetuningJob.model_validate(final_status or self._client.get_job(job_id))
+
+
+def _body(
+    config: SFTConfig | Mapping[str, Any], dataset: str | Dataset, repo: str | Repo, description: str | None
+) -> dict[str, Any]:
+    """The API's job body: the config's fields that were set (checked as SFTConfig), the dataset and repo."""
+    sft = config if isinstance(config, SFTConfig) else SFTConfig.model_validate(config)
+    body = sft.request_fields() | {"dataset": dataset_name(dataset), "repo": repo_name(repo)}
+    if description is not None:
+        body["description"] = description
+    return body
 
 
 class Finetuning:

@@ -32,6 +32,16 @@ class FinetuningJob(Resource):
     config: dict[str, Any] = {}
 
 
+class Quote(Resource):
+    """What a job would cost and train, before it is started (`pb.finetuning.jobs.quote`)."""
+
+    estimate: dict[str, Any]  # {"tokens", "cost": {"micro_usd", "usd"}}
+    config: dict[str, Any] = {}  # as the job would keep it: its "auto" fields resolved
+    auto: dict[str, Any] = {}  # the fields that were "auto", with the values they take
+    can_start: bool  # the credit (or card) covers the estimate
+    refusal: str | None = None  # when it does not: why, and the way out
+
+
 class Repo(Resource):
     name: str
     description: str = ""

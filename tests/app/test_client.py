@@ -111,9 +111,16 @@ def test_cli_uploads_starts_and_watches_jobs(served: tuple[str, str], dataset_fi
     assert upload.returncode == 0, upload.stderr
     assert "dataset greetings ready: 7 rows (6 train, 1 evaluation)" in upload.stdout
 
-    start = cli("finetune", "start", "--dataset", "greetings", "--repo", "greet", "--base-model", TINY_MODEL,
-                "--epochs", "1", "--effective-batch-size", "2", "--rank", "4", "--set", "seed=7")  # fmt: skip
+    options = ("--dataset", "greetings", "--repo", "greet", "--base-model", TINY_MODEL,
+               "--epochs", "1", "--effective-batch-size", "2", "--rank", "4", "--set", "seed=7")  # fmt: skip
+    quote = cli("finetune", "quote", *options)  # the price first: nothing starts
+    assert quote.returncode == 0, quote.stderr
+    assert "learning_rate = " in quote.stdout and "(auto)" in quote.stdout and "your credit covers it" in quote.stdout
+    assert Loraplex(url, key).list_jobs() == []
+    start = cli("finetune", "start", *options)
     assert start.returncode == 0, start.stderr
+    quoted = re.search(r"estimate (\$[0-9.]+) for", quote.stdout).group(1)  # type: ignore[union-attr]
+    assert f"estimate {quoted}" in start.stdout  # the job's estimate is the quote's
     job_id = re.search(r"job (ft_[0-9a-f]+) queued", start.stdout).group(1)  # type: ignore[union-attr]
 
     watch = cli("jobs", "watch", job_id)  # the job trains while this watches

@@ -67,6 +67,9 @@ def pb(server_url: str, request: pytest.FixtureRequest, tmp_path: Path) -> Itera
 def test_adapters_are_created_read_and_downloaded(
     pb: Loraplex, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    quote = pb.finetuning.jobs.quote(CONFIG, dataset="greetings", repo="greet")
+    assert quote.can_start and quote.refusal is None and quote.estimate["tokens"] > 0
+    assert quote.config["rank"] == 4 and "learning_rate" in quote.auto and pb.repos.list() == []  # nothing created
     created = pb.repos.create("greet", description="greeters")
     assert (created.versions, pb.repos.get("greet").description) == ([], "greeters")
     adapter = pb.adapters.create(config=CONFIG, dataset="greetings", repo="greet", description="says hi")
