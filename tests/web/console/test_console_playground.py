@@ -211,6 +211,35 @@ def test_html_in_a_message_is_shown_as_text(page: Any) -> None:
     assert page.locator("main img").count() == 0 and dialogs == []
 
 
+def test_stop_ends_an_answer_where_it_is_and_keeps_it(page: Any) -> None:
+    """Stop closes the stream (the server stops generating): what arrived stays as the model's turn, marked
+    stopped, the pane shows its time, and the next message carries it in the conversation."""
+    page.goto("/playground")
+    page.get_by_label("Model", exact=True).select_option(TINY_MODEL)
+    page.get_by_label("Max tokens").fill("2000")  # the tiny random model rarely ends an answer by itself
+    page.evaluate(WATCH)
+    page.get_by_label("Message").fill("Tell me everything")
+    page.get_by_role("button", name="Send").click()
+    expect(page.get_by_role("button", name="Send")).to_be_disabled()
+    page.wait_for_function("() => window.growth.a.some((n) => n > 0)", timeout=120_000)  # it is answering
+    page.get_by_role("button", name="Stop").click()
+    expect(pane(page, "a").locator(".pg-stopped")).to_have_text(" (stopped)")
+    wait_answered(page, "a")
+    expect(page.get_by_role("button", name="Send")).to_be_enabled()
+    expect(page.get_by_role("button", name="Stop")).to_be_hidden()
+    assert pane(page, "a").locator(".pg-error").inner_text() == ""  # a stop is no error
+    kept = pane(page, "a").locator(".pg-msg.assistant .pg-text").first.inner_text()
+    assert kept
+    sent: list[dict[str, Any]] = []
+    page.on("request", lambda r: sent.append(r.post_data_json) if r.url.endswith("/v1/chat/completions") else None)
+    page.get_by_label("Max tokens").fill("4")
+    page.get_by_label("Message").fill("And then?")
+    page.get_by_role("button", name="Send").click()
+    wait_answered(page, "a")
+    assert [m["role"] for m in sent[0]["messages"]] == ["user", "assistant", "user"]
+    assert sent[0]["messages"][1]["content"].strip() == kept.strip()
+
+
 def test_refusals_show_the_api_message_and_another_tenants_adapter_is_404(
     page: Any, console_url: str, owner: str
 ) -> None:

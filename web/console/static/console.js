@@ -49,10 +49,10 @@ export function upload(path, form, onProgress) {
 }
 
 // Read an SSE body of a POST (fetch: EventSource cannot POST): onData(parsed JSON) for every `data:` line but
-// [DONE]. Resolves when the stream ends.
-export async function postStream(path, body, onData) {
+// [DONE]. Resolves when the stream ends; `signal` (an AbortController's) stops it, rejecting with an AbortError.
+export async function postStream(path, body, onData, signal) {
   const response = await fetch(path, {
-    method: "POST", credentials: "same-origin",
+    method: "POST", credentials: "same-origin", signal,
     headers: { "Content-Type": "application/json", "X-CSRF-Token": csrfToken, Accept: "text/event-stream" },
     body: JSON.stringify(body),
   });

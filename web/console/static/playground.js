@@ -9,6 +9,8 @@ import { ApiError, h, postStream } from "/static/console.js";
 const form = document.getElementById("chat");
 const message = document.getElementById("message");
 const send = document.getElementById("send");
+const stop = document.getElementById("stop-answer");
+let answering = null; // the AbortController of the answers streaming in, while they do
 const compareOn = document.getElementById("compare-on");
 const formError = form.querySelector(".pg-form-error");
 // Sampling fields the SDK has no argument for: sent by it in extra_body (the API takes them: web/openai_schemas.py).
@@ -78,17 +80,25 @@ form.addEventListener("submit", async (event) => {
     return;
   }
   send.disabled = true;
+  stop.hidden = false;
   message.value = "";
+  answering = new AbortController();
   try {
-    await Promise.all(active().map((pane) => ask(pane, text, sampling)));
+    await Promise.all(active().map((pane) => ask(pane, text, sampling, answering.signal)));
   } finally {
+    answering = null;
     send.disabled = false;
+    stop.hidden = true;
     message.focus();
   }
 });
 
+// Stop: the answers end where they are (the server stops generating when the stream is closed), and what arrived is
+// kept as the model's turn.
+stop.addEventListener("click", () => answering?.abort());
+
 // One turn of one pane: the user's message, the model's answer as it streams in, its latency and tokens.
-async function ask(pane, text, sampling) {
+async function ask(pane, text, sampling, signal) {
   const model = pane.select.value;
   pane.history.push({ role: "user", content: text });
   const body = {
@@ -116,13 +126,18 @@ async function ask(pane, text, sampling) {
         answer.append(piece); // a text node per piece: the answer grows as it arrives
         pane.chat.scrollTop = pane.chat.scrollHeight;
       }
-    });
+    }, signal);
     pane.history.push({ role: "assistant", content: reply });
   } catch (error) {
-    pane.history.pop(); // the unanswered message is not sent again with the next one
-    asked.closest("li").classList.add("pg-unanswered");
-    answer.closest("li").classList.add("pg-unanswered");
-    showApiError(pane.error, error);
+    if (error.name === "AbortError") {
+      pane.history.push({ role: "assistant", content: reply }); // what arrived before Stop is the model's turn
+      answer.closest("li").append(h("span", { class: "pg-stopped muted" }, " (stopped)"));
+    } else {
+      pane.history.pop(); // the unanswered message is not sent again with the next one
+      asked.closest("li").classList.add("pg-unanswered");
+      answer.closest("li").classList.add("pg-unanswered");
+      showApiError(pane.error, error);
+    }
   }
   const total = performance.now() - started;
   pane.stat("ttft").textContent = first === null ? "—" : seconds(first);
