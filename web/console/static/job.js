@@ -166,7 +166,7 @@ function showEvals() {
   const rows = COMPARED.filter(([field]) => shown.some(([, row]) => row[field] !== null && row[field] !== undefined))
     .map(([field, label]) => [label, ...shown.map(([, row]) => num(row[field], 4))]);
   if (shown.some(([, row]) => accuracy(row) !== null)) rows.push(["label accuracy", ...shown.map(([, row]) => num(accuracy(row), 4))]);
-  $("evals").replaceChildren(h("div", { class: "table-wrap" }, h("table", { id: "eval-table" },
+  $("evals").replaceChildren(h("div", { class: "table-wrap", tabindex: "0", role: "region", "aria-label": "Scrollable table" }, h("table", { id: "eval-table" },
     h("caption", { class: "muted" }, "Before training (step 0) and after"),
     h("thead", {}, h("tr", {}, h("th", { scope: "col" }, "Metric"), shown.map(([label]) => h("th", { scope: "col" }, label)))),
     h("tbody", {}, rows.map(([label, ...cells]) => h("tr", {}, h("th", { scope: "row" }, label), cells.map((c) => h("td", {}, c))))),
@@ -183,7 +183,7 @@ function showConfusion(row) {
   const matrix = row.classification.confusion_matrix;
   target.replaceChildren(
     h("h3", {}, `Confusion matrix at step ${row.step}`),
-    h("div", { class: "table-wrap" }, h("table", { id: "confusion-table", class: "ft-confusion" },
+    h("div", { class: "table-wrap", tabindex: "0", role: "region", "aria-label": "Scrollable table" }, h("table", { id: "confusion-table", class: "ft-confusion" },
       h("caption", { class: "muted" }, "Rows: the reference label; columns: the label answered"),
       h("thead", {}, h("tr", {}, h("td", {}), matrix.columns.map((c) => h("th", { scope: "col" }, c)))),
       h("tbody", {}, matrix.rows.map((label, i) => h("tr", {}, h("th", { scope: "row" }, label),
