@@ -58,6 +58,7 @@ from typing import Any
 MIB = 2**20
 GRACE_SECONDS = 1.0  # the parent kills an item's process this long after the item's own wall-clock limit
 STARTUP_SECONDS = 10.0  # building the sandbox and starting its interpreter, before any user code
+KILL_SECONDS = 2.0  # the launcher's time to kill and reap the function before the whole group gets SIGKILL
 MAX_LINE_BYTES = 256 * 1024  # a protocol line longer than this is a protocol failure
 STDERR_KEPT = 8 * 1024  # bytes of the process's raw stderr kept for a crash's detail; the rest is read and dropped
 RUNNER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_runner.py")
@@ -194,11 +195,16 @@ class _Sandbox:
             os.rmdir(self.root)  # the tmpfs was mounted in the sandbox's namespace only: here the directory is empty
 
     def kill(self) -> None:
+        """SIGTERM to the launcher, which kills the function and reaps it; SIGKILL to the group if that fails."""
         assert self.process
         if self.process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=KILL_SECONDS)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
 
     def score(
         self, source: str, items: Sequence[Item], start: int, scores: list[ItemScore | None], batch_deadline: float

@@ -72,6 +72,7 @@ class SetupError(Exception):
 def setup(config: dict) -> None:
     """Phase 1: build the sandbox, then exec phase 2 inside it. Never returns."""
     step = "start"
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # held until the launcher can pass it on
     try:
         libc = _libc()
         _die_with_parent(libc)
@@ -89,6 +90,7 @@ def setup(config: dict) -> None:
     pid = os.fork()  # PID 1 of the new PID namespace
     if pid:
         _wait_and_exit(pid)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     try:
         step = "the new root"
         _build_root(libc, config["root"], config["binds"])
@@ -196,7 +198,24 @@ def _kept_flags(mount_point: str) -> int:
 
 
 def _wait_and_exit(pid: int) -> None:
-    """The namespace's PID 1 exits: exit the same way (a signal N as 128 + N), so the caller reads its status."""
+    """The launcher waits for the namespace's PID 1 and exits the same way (a signal N as 128 + N). SIGTERM from
+    the caller kills PID 1 first, so the launcher reaps it: no zombie is left for the machine's init."""
+    try:
+        pidfd = os.pidfd_open(pid)  # names this child even once reaped: never another process that reuses its pid
+    except OSError:
+        pidfd = -1
+
+    def kill_child(signum: int, frame: object) -> None:
+        try:
+            if pidfd >= 0:
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            else:
+                os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+    signal.signal(signal.SIGTERM, kill_child)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     while True:
         try:
             _, status = os.waitpid(pid, 0)

@@ -1,6 +1,8 @@
 """The reward-function sandbox against hostile functions: each test asserts what really happened to the item and
 that the caller went on (later items scored, the batch returned in bounded time, nothing raised)."""
 
+import concurrent.futures
+import contextlib
 import os
 import shutil
 import socket
@@ -11,6 +13,7 @@ import time
 import tracemalloc
 from pathlib import Path
 
+import psutil
 import pytest
 
 from functions import sandbox
@@ -175,7 +178,32 @@ def test_spinning_hits_the_cpu_limit() -> None:
     assert after.value == 2.0
 
 
-def test_swallowing_the_timers_gets_the_process_killed() -> None:
+def _in_sessions(sessions: set[int]) -> list[int]:
+    """Processes still alive in these sessions: each sandbox is a session (its launcher and its function)."""
+    alive = []
+    for pid in psutil.pids():
+        with contextlib.suppress(OSError):
+            if os.getsid(pid) in sessions:
+                alive.append(pid)
+    return alive
+
+
+@pytest.fixture
+def launched(monkeypatch: pytest.MonkeyPatch) -> set[int]:
+    """The session ids of the sandboxes this test starts (a launcher's pid is its session's id)."""
+    sessions: set[int] = set()
+    popen = subprocess.Popen
+
+    def recording(*args: object, **kwargs: object) -> subprocess.Popen:
+        process = popen(*args, **kwargs)  # type: ignore[call-overload]
+        sessions.add(process.pid)
+        return process
+
+    monkeypatch.setattr(sandbox.subprocess, "Popen", recording)
+    return sessions
+
+
+def test_swallowing_the_timers_gets_the_process_killed(launched: set[int]) -> None:
     body = """
 if example['stubborn']:
     while True:
@@ -191,6 +219,46 @@ return 3
     assert stubborn.detail == "no answer within 2 s: the process was killed"
     assert after.value == 3.0  # a new process took the next item
     assert time.monotonic() - started < 4.0
+    assert len(launched) == 2
+    assert _in_sessions(launched) == []  # the killed process group left nothing behind
+
+
+def test_a_dead_caller_leaves_no_sandbox_behind() -> None:
+    """A worker killed mid-batch: the launcher and the function die with it (parent-death signals)."""
+    repo = str(Path(__file__).resolve().parents[2])
+    caller = f"""
+import sys
+sys.path.insert(0, {repo!r})
+from functions.sandbox import Item, SandboxLimits, run_reward_function
+print("calling", flush=True)
+run_reward_function({_fn("time.sleep(10**6)")!r}, [Item("p", "c")], SandboxLimits(wall_seconds=60, batch_seconds=60))
+"""
+    process = subprocess.Popen([sys.executable, "-c", caller], stdout=subprocess.PIPE, text=True)
+    assert process.stdout and process.stdout.readline() == "calling\n"
+    deadline = time.monotonic() + 5
+    while not (launchers := psutil.Process(process.pid).children()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    sessions = {launcher.pid for launcher in launchers}
+    while len(_in_sessions(sessions)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(_in_sessions(sessions)) == 2  # the launcher and the function
+    process.kill()
+    process.wait()
+    while _in_sessions(sessions) and time.monotonic() < deadline + 5:
+        time.sleep(0.05)
+    assert _in_sessions(sessions) == []
+
+
+def test_batches_run_concurrently() -> None:
+    """Several threads of one worker, each with its own batch (sandboxes share the nobody uid and its limits)."""
+    source = _fn("return len(completion) + example['k']")
+
+    def batch(k: int) -> list[float | None]:
+        return [s.value for s in run_reward_function(source, [Item("p", "ab", {"k": k})] * 20, LIMITS)]
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(batch, range(16)))
+    assert results == [[2.0 + k] * 20 for k in range(16)]
 
 
 def test_sleeping_forever_times_out_and_the_batch_returns_in_bounded_time() -> None:
