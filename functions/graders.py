@@ -185,6 +185,9 @@ class PythonFunction(_Grader):
     source: str
     """Python source defining `reward_fn(prompt: str, completion: str, example: dict) -> float` at the top level;
     standard library only."""
+    columns: list[str] = Field(default_factory=list, max_length=64)
+    """The example columns the function reads, if the user names them: a dataset without one is refused before
+    any compute (unnamed, a missing column is the function's KeyError on each item)."""
 
     @field_validator("source")
     @classmethod
@@ -229,8 +232,10 @@ def _raise_error(loc: str, message: str, raw: Any) -> None:
 
 
 def required_columns(spec: GraderSpec) -> set[str]:
-    """The example columns the grader reads (a dataset without one of them is refused before any compute). A user
-    function's reads are unknown: none required."""
+    """The example columns the grader reads (a dataset without one of them is refused before any compute); for a
+    user function, the columns its spec names."""
+    if isinstance(spec, PythonFunction):
+        return set(spec.columns)
     column = getattr(spec, "column", None)
     return {column} if column else set()
 

@@ -223,19 +223,20 @@ def test_required_columns() -> None:
             {"type": "numeric", "column": "target"},
             {"type": "text_similarity", "column": "reference"},
             {"type": "python", "source": "def reward_fn(prompt, completion, example):\n    return 1.0\n"},
+            {
+                "type": "python",
+                "name": "reads_rule",
+                "source": "def reward_fn(prompt, completion, example):\n    return float(example['rule'] > '')",
+                "columns": ["rule"],
+            },
         ]
     )
-    assert [required_columns(s) for s in specs] == [
-        {"answer"},
-        set(),
-        {"keyword"},
-        set(),
-        set(),
-        {"target"},
-        {"reference"},
-        set(),
-    ]
-    assert missing_columns(specs, ["prompt", "answer", "keyword", "target", "reference"]) is None
+    columns = [{"answer"}, set(), {"keyword"}, set(), set(), {"target"}, {"reference"}, set(), {"rule"}]
+    assert [required_columns(s) for s in specs] == columns
+    assert missing_columns(specs, ["prompt", "answer", "keyword", "target", "reference", "rule"]) is None
+    assert missing_columns(specs, ["prompt", "answer", "keyword", "target", "reference"]) == (
+        "grader 'reads_rule' reads column 'rule', which the dataset does not have"
+    )
     assert missing_columns(specs, ["prompt", "answer", "keyword"]) == (
         "grader 'numeric' reads column 'target', which the dataset does not have"
     )
