@@ -3,21 +3,22 @@
 Standard library only and no project imports: it runs under `python -I -S -B` (isolated mode, no site, no
 environment variables read) in two phases.
 
-1. `setup` (this file, run by path; still the platform's user): enter new mount, network, PID, IPC and UTS
-   namespaces (and a user namespace when not root), fork the namespace's PID 1, build a new root on a tmpfs from
-   read-only bind mounts of the Python installation and the system libraries only, pivot into it, drop to an
-   unprivileged uid (root: nobody) and exec phase 2 with this file's own source passed by `-c` (the file itself is
-   not inside the new root). Any failure here prints one `{"sandbox_error": ...}` line and exits with SETUP_FAILED:
-   the caller then refuses to run user code at all.
-2. `run` (inside the new root): set the resource limits, read the user's source (first stdin line), define
-   `reward_fn`, answer `{"ready": true}` (or `{"load_error": ...}`), then score one item per stdin line, one
-   result line per item on the protocol pipe. User prints go to a per-item capped writer; the caller never receives
-   more than the cap.
+1. `setup` (this file, run by path, as the platform's user): enter new mount, network, PID, IPC and UTS
+   namespaces (and a user namespace when not root), fork the namespace's PID 1 (this process stays outside as its
+   launcher: it waits for it, passes a SIGTERM on as its SIGKILL, and exits as it did), build a new root on a
+   tmpfs from read-only bind mounts of the Python installation and the system libraries only, pivot into it, drop
+   to an unprivileged uid (as root: nobody) and exec phase 2 with this file's own source passed by `-c` (the file
+   itself is not inside the new root). Any failure prints one `{"sandbox_error": ...}` line naming the step and
+   exits with SETUP_FAILED: the caller then refuses to run user code at all.
+2. `run` (inside the new root): say `{"started": true}`, read the source and the limits (first stdin line), set
+   the resource limits, define `reward_fn` (`{"ready": true}` or `{"load_error": ...}`), then score one item per
+   stdin line, one result line per item on the protocol pipe (a duplicate of fd 1; fd 1 itself then points at
+   stderr). User prints go to a per-item capped writer.
 
-Protocol (JSON lines): out `{"started": true}` (or the setup's `{"sandbox_error": str}`), before any user code runs;
-in `{"source": str, "limits": {...}}` then `{"i": int, "prompt": str, "completion": str,
-"example": dict}` per item; out `{"ready": true}` | `{"load_error": str}` then per item `{"i": int, "score": float,
-"output": str}` or `{"i": int, "reason": str, "detail": str, "output": str}`.
+Protocol (JSON lines): out `{"started": true}` (or the setup's `{"sandbox_error": str}`) before any user code runs;
+in `{"source": str, "limits": {...}}`; out `{"ready": true}` | `{"load_error": str}`; then per item in `{"i": int,
+"prompt": str, "completion": str, "example": dict}`, out `{"i": int, "score": float, "output": str}` or
+`{"i": int, "reason": str, "detail": str, "output": str}`.
 """
 
 import json
