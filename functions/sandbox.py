@@ -22,6 +22,9 @@ What isolates what (functions/sandbox_runner.py does the work inside; it imports
   process), IPC and UTS namespaces. As root the function runs as `nobody` (65534) with no capabilities; started by
   an unprivileged user (a laptop), in a user namespace that maps only that user's uid, which the exec strips of
   every capability; `no_new_privs` either way;
+- a seccomp filter (a deny-list): no unshare, setns or mount calls (no namespace of its own to gain capabilities
+  in, no remount), no keyrings, BPF, perf events, userfaultfd, io_uring, ptrace or module loading, no x32 or
+  foreign-architecture calls;
 - resource limits (setrlimit) in the function's process: RLIMIT_NPROC 0 (no fork, subprocess or thread),
   RLIMIT_AS (memory: an allocation over it raises MemoryError), RLIMIT_FSIZE 0 and the read-only root (no file
   written), RLIMIT_NOFILE 16, RLIMIT_CORE 0, RLIMIT_CPU (the batch's CPU budget, behind the per-item timer); every
@@ -35,9 +38,10 @@ What isolates what (functions/sandbox_runner.py does the work inside; it imports
   `output_chars` the item fails with `output_limit`); raw writes to file descriptors 1 and 2 reach a pipe the
   parent drains, keeping the first STDERR_KEPT bytes; the protocol's lines are capped at MAX_LINE_BYTES, and the
   runner's first line is written before any user code runs, so a function cannot pass for a missing sandbox.
-Not isolated: the kernel itself (no seccomp filter: a kernel exploit escapes, as from any container), and the
-CPU and memory bandwidth the function uses within its limits. Machines that forbid namespaces (unprivileged
-containers, some serverless platforms): `SandboxUnavailable`, with the step and the kernel's refusal in its message.
+Not isolated: the kernel itself (the filter is a deny-list, not an allow-list: a kernel exploit through an allowed
+call escapes, as from any container), and the CPU and memory bandwidth the function uses within its limits.
+Machines that forbid namespaces (unprivileged containers, some serverless platforms): `SandboxUnavailable`, with
+the step and the kernel's refusal in its message.
 
 Cost (tests/functions/test_sandbox.py `test_overhead_per_batch` bounds it): one process per function per batch.
 Measured on the project machine (2 cores), median of 20: a batch of one trivial item takes 35 ms idle and 72 ms

@@ -7,9 +7,10 @@ environment variables read) in two phases.
    namespaces (and a user namespace when not root), fork the namespace's PID 1 (this process stays outside as its
    launcher: it waits for it, passes a SIGTERM on as its SIGKILL, and exits as it did), build a new root on a
    tmpfs from read-only bind mounts of the Python installation and the system libraries only, pivot into it, drop
-   to an unprivileged uid (as root: nobody) and exec phase 2 with this file's own source passed by `-c` (the file
-   itself is not inside the new root). Any failure prints one `{"sandbox_error": ...}` line naming the step and
-   exits with SETUP_FAILED: the caller then refuses to run user code at all.
+   to an unprivileged uid (as root: nobody), install the seccomp filter and exec phase 2 with this file's own
+   source passed by `-c` (the file itself is not inside the new root). Any failure prints one
+   `{"sandbox_error": ...}` line naming the step and exits with SETUP_FAILED: the caller then refuses to run user
+   code at all.
 2. `run` (inside the new root): say `{"started": true}`, read the source and the limits (first stdin line), set
    the resource limits, define `reward_fn` (`{"ready": true}` or `{"load_error": ...}`), then score one item per
    stdin line, one result line per item on the protocol pipe (a duplicate of fd 1; fd 1 itself then points at
@@ -60,6 +61,27 @@ SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}
 KEPT_FLAGS = {1: MS_RDONLY, 2: MS_NOSUID, 4: MS_NODEV, 8: MS_NOEXEC, 1024: MS_NOATIME, 2048: MS_NODIRATIME}
 KEPT_FLAGS[4096] = MS_RELATIME
 NOBODY = 65534
+# seccomp (include/uapi/linux/seccomp.h, filter.h, audit.h)
+PR_SET_SECCOMP = 22
+SECCOMP_MODE_FILTER = 2
+SECCOMP_RET_ALLOW = 0x7FFF0000
+SECCOMP_RET_ERRNO = 0x00050000
+SECCOMP_RET_KILL_PROCESS = 0x80000000
+BPF_LD_W_ABS = 0x20  # load the 32-bit word at offset k of struct seccomp_data (0: the call's number, 4: its arch)
+BPF_JEQ = 0x15
+BPF_JGE = 0x35
+BPF_RET = 0x06
+X32_SYSCALL_BIT = 0x40000000
+SYS_CLONE3 = 435
+AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
+SECCOMP_DENIED = {  # unshare setns mount umount2 pivot_root chroot fsopen fsmount move_mount open_tree mount_setattr
+    # open_by_handle_at keyctl add_key request_key bpf perf_event_open userfaultfd io_uring_setup/enter/register
+    # ptrace init_module finit_module kexec_load
+    "x86_64": [272, 308, 165, 166, 155, 161, 430, 432, 429, 428, 442, 304, 250, 248, 249, 321, 298, 323, 425, 426]
+    + [427, 101, 175, 313, 246],
+    "aarch64": [97, 268, 40, 39, 41, 51, 430, 432, 429, 428, 442, 265, 219, 217, 218, 280, 241, 282, 425, 426]
+    + [427, 117, 105, 273, 104],
+}
 DEVICES = ["/dev/null", "/dev/zero", "/dev/urandom", "/dev/random"]
 
 
@@ -102,6 +124,8 @@ def setup(config: dict) -> None:
             os.setresuid(NOBODY, NOBODY, NOBODY)
         _check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(NO_NEW_PRIVS)")
         _die_with_parent(libc)
+        step = "the system-call filter"
+        _seccomp(libc)
         step = "exec"
         exe = config["executable"]
         env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
@@ -196,6 +220,41 @@ def _mounts_under(root: str) -> list[str]:
 def _kept_flags(mount_point: str) -> int:
     f_flag = os.statvfs(mount_point).f_flag
     return sum(flag for bit, flag in KEPT_FLAGS.items() if f_flag & bit)
+
+
+def _seccomp(libc) -> None:
+    """A seccomp filter, inherited by the function: no new namespaces, mounts, keyrings, BPF, perf events, io_uring,
+    ptrace or module loading (the kernel surface a function has no use for); clone3 says ENOSYS so that libc falls
+    back to clone, which RLIMIT_NPROC refuses anyway."""
+    import ctypes
+
+    machine = os.uname().machine
+    if machine not in SECCOMP_DENIED:
+        raise SetupError(f"seccomp: unsupported machine {machine}")
+    arch, denied = AUDIT_ARCH[machine], SECCOMP_DENIED[machine]
+    n = len(denied)
+    eperm, enosys, kill = 6 + n, 7 + n, 8 + n  # the return instructions' indexes (5 + n: allow)
+
+    def jump(i: int, target: int) -> int:
+        return target - i - 1
+
+    program = [(BPF_LD_W_ABS, 0, 0, 4), (BPF_JEQ, 0, jump(1, kill), arch), (BPF_LD_W_ABS, 0, 0, 0)]
+    program.append((BPF_JGE, jump(3, eperm), 0, X32_SYSCALL_BIT))  # x86's x32 numbers: the same calls again
+    program += [(BPF_JEQ, jump(4 + i, eperm), 0, nr) for i, nr in enumerate(denied)]
+    program.append((BPF_JEQ, jump(4 + n, enosys), 0, SYS_CLONE3))
+    program += [(BPF_RET, 0, 0, SECCOMP_RET_ALLOW), (BPF_RET, 0, 0, SECCOMP_RET_ERRNO | 1)]
+    program += [(BPF_RET, 0, 0, SECCOMP_RET_ERRNO | 38), (BPF_RET, 0, 0, SECCOMP_RET_KILL_PROCESS)]
+    assert len(program) == kill + 1
+
+    class SockFilter(ctypes.Structure):
+        _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte), ("k", ctypes.c_uint)]
+
+    class SockFprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(SockFilter))]
+
+    filters = (SockFilter * len(program))(*[SockFilter(*instruction) for instruction in program])
+    fprog = SockFprog(len(program), filters)
+    _check(libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0), "prctl(SECCOMP)")
 
 
 def _wait_and_exit(pid: int) -> None:

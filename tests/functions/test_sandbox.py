@@ -163,6 +163,22 @@ def test_starts_no_process_or_thread(body: str) -> None:
     ), score.detail
 
 
+def test_no_new_namespace_or_mount() -> None:
+    """Even a user namespace of its own (which an unprivileged process may create elsewhere) is refused, by the
+    seccomp filter: no capabilities to gain, no kernel surface beyond what Python needs."""
+    body = """
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+results = []
+for call in (lambda: libc.unshare(0x10000000), lambda: libc.unshare(0x00020000 | 0x40000000),
+             lambda: libc.mount(b"none", b"/tmp", b"tmpfs", 0, None), lambda: libc.umount2(b"/usr/lib", 2)):
+    results.append((call(), os.strerror(ctypes.get_errno())))
+raise ValueError(results)
+"""
+    [score] = _run(body)
+    assert score.detail.startswith("ValueError: " + str([(-1, "Operation not permitted")] * 4)), score.detail
+
+
 def test_allocating_10_gb_fails_the_item_only() -> None:
     body = "if example['big']:\n    x = bytearray(10 * 2**30)\nreturn 1"
     big, small = _run(body, [Item("p", "c", {"big": True}), Item("p", "c", {"big": False})])
