@@ -11,7 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from loraplex import Loraplex, LoraplexError, SFTConfig
+from loraplex import Loraplex, LoraplexError
+from loraplex.configs import CONFIGS, SFTConfig
 from loraplex.progress import watch_job
 
 COMMANDS = ("datasets", "finetune", "jobs", "deployments", "keys")
@@ -116,7 +117,7 @@ def finetune_quote(args: argparse.Namespace) -> None:
 def _job_config(args: argparse.Namespace) -> dict[str, Any]:
     """The API's job config from `finetune start`'s (and `quote`'s) options: only those given."""
     config: dict[str, Any] = {"base_model": args.base_model, "dataset": args.dataset, "repo": args.repo}
-    config |= {name: getattr(args, name) for name in _config_fields() if getattr(args, name) is not None}
+    config |= {name: getattr(args, name) for name in ["method", *_config_fields()] if getattr(args, name) is not None}
     for key, value in args.set:
         config[key] = value
     return config
@@ -309,19 +310,30 @@ def _when(value: str | None) -> str:
     return value[:19].replace("T", " ") if value else "-"
 
 
+def _config_field(name: str) -> Any:
+    """A field of the SDK's configs (SFTConfig's, then those of one method only: DPOConfig's beta)."""
+    return next(config.model_fields[name] for config in CONFIGS.values() if name in config.model_fields)
+
+
 def _config_fields() -> list[str]:
-    return [name for name in SFTConfig.model_fields if name != "base_model"]
+    names = dict.fromkeys(name for config in CONFIGS.values() for name in config.model_fields)
+    return [name for name in names if name != "base_model"]
 
 
 def _finetune_options(parser: argparse.ArgumentParser, watch: bool = True) -> None:
-    """`finetune start`'s options: one per field of the SDK's SFTConfig, which tests/app/test_sdk_configs.py keeps
-    equal to the server's FinetuneConfig (so the CLI, the SDK and the API cannot drift), typed from the field, with
-    its description as help. An option left out is not sent, so the server applies its default."""
+    """`finetune start`'s options: --method, and one per field of the SDK's configs (SFTConfig, and DPOConfig's
+    beta), which tests/app/test_sdk_configs.py keeps equal to the server's FinetuneConfig (so the CLI, the SDK and
+    the API cannot drift), typed from the field, with its description as help. An option left out is not sent, so
+    the server applies its default; a field of another method is refused by the server, naming it."""
     parser.add_argument("--dataset", required=True, help="Name of a ready dataset.")
     parser.add_argument("--repo", required=True, help="Adapter repository; the result is its next version, repo/N.")
     parser.add_argument("--base-model", default="smollm2-135m", help="Model to fine-tune (default smollm2-135m).")
+    parser.add_argument(
+        "--method", choices=list(CONFIGS), help=f"Training method (server default {SFTConfig.method}): "
+        "'sft' learns each row's answer; 'dpo' learns to prefer 'chosen' over 'rejected' (a preference dataset)."
+    )  # fmt: skip
     for name in _config_fields():
-        field = SFTConfig.model_fields[name]
+        field = _config_field(name)
         flags = [f"--{name.replace('_', '-')}"]
         default = "" if field.default is None else f" (server default {field.default})"
         help_text = f"{field.description}{default}".replace("%", "%%")

@@ -193,6 +193,13 @@ class JobMetric(Base):
     char_error_rate: Mapped[float | None] = mapped_column(Float, default=None)  # edit distance / reference length
     # Classification datasets only: accuracy per class and the confusion matrix (functions/evaluate.py).
     classification: Mapped[dict[str, Any] | None] = mapped_column(default=None)
+    # Preference tuning (method "dpo") only, on train and eval rows: the implicit rewards beta * (log p - log p_ref)
+    # of the chosen and the rejected answers, averaged over the rows, their margin, and the share of rows whose
+    # chosen answer out-rewards the rejected one.
+    chosen_reward: Mapped[float | None] = mapped_column(Float, default=None)
+    rejected_reward: Mapped[float | None] = mapped_column(Float, default=None)
+    reward_margin: Mapped[float | None] = mapped_column(Float, default=None)
+    reward_accuracy: Mapped[float | None] = mapped_column(Float, default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

@@ -73,19 +73,22 @@ class Truncation:
     longest: int  # the longest row, before truncation
 
     @classmethod
-    def of(cls, lengths: Sequence[Sequence[int]], max_seq_length: int) -> "Truncation":
-        learned = [sum(runs[1::2]) for runs in lengths]
-        learned_kept = [_learned_within(runs, max_seq_length) for runs in lengths]
-        kept = [runs for runs, n in zip(lengths, learned_kept, strict=True) if n > 0]
+    def of(cls, lengths: Sequence[Sequence[int]], max_seq_length: int, pairs: bool = False) -> "Truncation":
+        """`pairs`: preference rows, (prompt, chosen, prompt, rejected): two sequences, each cut to max_seq_length,
+        and a row is dropped when either answer keeps no token."""
+        rows = [_sequences(runs, pairs) for runs in lengths]
+        learned = [sum(sum(seq[1::2]) for seq in row) for row in rows]
+        learned_kept = [[_learned_within(seq, max_seq_length) for seq in row] for row in rows]
+        kept = [row for row, n in zip(rows, learned_kept, strict=True) if min(n) > 0]
         return cls(
             max_seq_length=max_seq_length,
             rows=len(lengths),
-            rows_cut=sum(1 for runs in lengths if sum(runs) > max_seq_length),
+            rows_cut=sum(1 for row in rows if max(sum(seq) for seq in row) > max_seq_length),
             rows_dropped=len(lengths) - len(kept),
             completion_tokens=sum(learned),
-            completion_tokens_lost=sum(learned) - sum(learned_kept),
-            tokens=sum(min(sum(runs), max_seq_length) for runs in kept),
-            longest=max((sum(runs) for runs in lengths), default=0),
+            completion_tokens_lost=sum(learned) - sum(sum(n) for n in learned_kept),
+            tokens=sum(min(sum(seq), max_seq_length) for row in kept for seq in row),
+            longest=max((sum(seq) for row in rows for seq in row), default=0),
         )
 
     @property
@@ -114,6 +117,10 @@ class Truncation:
         }
 
 
+def _sequences(runs: Sequence[int], pairs: bool) -> list[Sequence[int]]:
+    return [runs[:2], runs[2:4]] if pairs else [runs]
+
+
 def _learned_within(runs: Sequence[int], limit: int) -> int:
     """The learned tokens among a row's first `limit` tokens; `runs` alternate context and learned tokens."""
     kept = start = 0
@@ -131,6 +138,10 @@ class Profile:
     lengths: list[tuple[int, ...]]  # train split, one per row
     evaluation_rows: int
     classification: bool
+    preference: bool = False  # rows of (prompt, chosen, prompt, rejected): two sequences each
+
+    def truncation(self, max_seq_length: int) -> "Truncation":
+        return Truncation.of(self.lengths, max_seq_length, pairs=self.preference)
 
     @property
     def train_rows(self) -> int:
@@ -138,7 +149,8 @@ class Profile:
 
     @property
     def longest(self) -> int:
-        return max((sum(runs) for runs in self.lengths), default=0)
+        """The longest sequence: a row, or a preference row's prompt with its longer answer."""
+        return max((sum(seq) for runs in self.lengths for seq in _sequences(runs, self.preference)), default=0)
 
 
 def dataset_profile(dataset: Dataset, config: FinetuneConfig | None = None) -> Profile:
@@ -157,6 +169,7 @@ def dataset_profile(dataset: Dataset, config: FinetuneConfig | None = None) -> P
         lengths=[tuple(int(n) for n in runs) for runs in dataset.train_lengths],
         evaluation_rows=int(dataset.stats.get("evaluation_rows", 0)),
         classification=dataset.stats.get("labels") is not None,
+        preference=dataset.data_format == "preference",
     )
 
 
@@ -201,7 +214,7 @@ def resolve(config: FinetuneConfig, profile: Profile) -> Resolved:
     if "epochs" in auto:
         target = TARGET_STEPS_CLASSIFICATION if profile.classification else TARGET_STEPS
         seq = int(chosen.get("max_seq_length", config.max_seq_length))
-        epoch_tokens = Truncation.of(profile.lengths, seq).tokens * rows / max(profile.train_rows, 1)  # less held out
+        epoch_tokens = profile.truncation(seq).tokens * rows / max(profile.train_rows, 1)  # less held out
         by_tokens = round(TARGET_TOKENS / max(epoch_tokens, 1))
         chosen["epochs"] = max(1, min(MAX_AUTO_EPOCHS, round(target / steps_per_epoch), by_tokens))
     if "learning_rate" in auto:
@@ -210,7 +223,7 @@ def resolve(config: FinetuneConfig, profile: Profile) -> Resolved:
         total = config.train_steps or steps_per_epoch * int(chosen.get("epochs", config.epochs))
         chosen["eval_steps"] = max(1, total // TARGET_EVALUATIONS)
     resolved = config.model_copy(update=chosen)
-    truncation = Truncation.of(profile.lengths, resolved.values().max_seq_length)
+    truncation = profile.truncation(resolved.values().max_seq_length)
     refusal = truncation.refusal()
     if refusal is not None:
         raise Invalid(refusal, field="max_seq_length", code="truncation")
@@ -222,6 +235,8 @@ def learning_rate(config: FinetuneConfig) -> float:
     multiplies it: web/openai_ft_replies.py)."""
     params = get_model(config.base_model).params
     lora = 1e-3 if params < 1e9 else 5e-4 if params < 10e9 else 2e-4
+    if config.method == "dpo":  # preference tuning moves a model that already answers: a tenth of the rate
+        return lora / 10
     return lora if config.kind == "lora" else lora / 20
 
 

@@ -101,6 +101,11 @@ def continuation(session: Session, tenant_id: str, config: FinetuneConfig) -> tu
 
 
 def _continue_full(given: dict[str, Any], source: Weights) -> dict[str, Any]:
+    if given.get("method") == "dpo":
+        raise Refused(
+            f"continue_from_version: {source.name} is a full model; method 'dpo' trains a LoRA adapter",
+            "continue_from_version",
+        )
     for name in SHAPE_FIELDS + ("lora_dropout",):
         if name in given:
             raise Refused(f"{name}: {source.name} is a full model; LoRA settings do not apply", name)

@@ -22,7 +22,7 @@ from loraplex.prompt_template import value_text
 _UTF8_BOM = b"\xef\xbb\xbf"
 _UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 # Columns with a meaning; any other column is ignored, so only these must be unique in a CSV header.
-_KNOWN_FIELDS = ("messages", "prompt", "completion", "text", "split")
+_KNOWN_FIELDS = ("messages", "prompt", "completion", "chosen", "rejected", "text", "split")
 MAX_COLUMNS = 200  # of a "columns" dataset: each is counted in its stats
 
 
@@ -354,7 +354,7 @@ def row_fields(example: Example) -> dict[str, object]:
     shown: dict[str, object] = {"line": example.line, "split": example.split}
     if isinstance(example, ColumnsRow):
         return shown | {"columns": example.columns}
-    for name in ("prompt", "completion", "text"):
+    for name in ("prompt", "completion", "text", "chosen", "rejected"):
         if getattr(example, name) is not None:
             shown[name] = getattr(example, name)
     if example.messages is not None:

@@ -18,7 +18,7 @@ from functions.datasets import DataFormat, ErrorLog, Example, Split
 _ROLES = ("system", "user", "assistant")
 _WEIGHTS = (0, 1)
 _SPLITS: tuple[Split, ...] = get_args(Split)
-_SHAPES = "a 'messages' {0}, 'prompt' and 'completion' {0}s, or a 'text' {0}"
+_SHAPES = "a 'messages' {0}, 'prompt' and 'completion' {0}s, 'prompt', 'chosen' and 'rejected' {0}s, or a 'text' {0}"
 _MAX_NAMES_SHOWN = 20
 
 # A problem found inside one row: (field, message). The caller adds the row's line.
@@ -41,6 +41,8 @@ def detect_format(keys: Iterable[str]) -> DataFormat | None:
     names = set(keys)
     if "messages" in names:
         return "messages"
+    if {"chosen", "rejected"} <= names:
+        return "preference"  # a missing 'prompt' is then each row's error, naming it
     if {"prompt", "completion"} <= names:
         return "prompt_completion"
     if "text" in names:
@@ -66,11 +68,15 @@ def validate_row(
     text: str | None = None
     messages: tuple[dict[str, str], ...] | None = None
     weights: tuple[int, ...] | None = None
+    chosen: str | None = None
+    rejected: str | None = None
     if data_format == "messages":
         value = row.get("messages", _MISSING)
         if messages_as_json and isinstance(value, str):
             value = _load_messages_cell(value, problems)
         messages, weights = _check_messages(value, problems)
+    elif data_format == "preference":
+        prompt, messages, weights, chosen, rejected = _check_preference(row, problems, messages_as_json)
     elif data_format == "prompt_completion":
         prompt = _check_text(row.get("prompt", _MISSING), "prompt", problems)
         completion = _check_text(row.get("completion", _MISSING), "completion", problems)
@@ -80,7 +86,75 @@ def validate_row(
         log.add(line, field, message)
     if problems or split is None:
         return None
-    return Example(line, split, prompt=prompt, completion=completion, messages=messages, text=text, weights=weights)
+    return Example(
+        line,
+        split,
+        prompt=prompt,
+        completion=completion,
+        messages=messages,
+        text=text,
+        weights=weights,
+        chosen=chosen,
+        rejected=rejected,
+    )
+
+
+def _check_preference(
+    row: Mapping[str, object], problems: list[_Problem], messages_as_json: bool
+) -> tuple[str | None, tuple[dict[str, str], ...] | None, tuple[int, ...] | None, str | None, str | None]:
+    """(prompt, prompt messages, their weights, chosen, rejected) of a preference row. The prompt is text, or (the
+    chat form) the conversation up to the reply: messages ending with a user turn. Each answer is text, or a list of
+    one assistant message; the two must differ, or the row teaches nothing."""
+    prompt: str | None = None
+    messages: tuple[dict[str, str], ...] | None = None
+    weights: tuple[int, ...] | None = None
+    value = row.get("prompt", _MISSING)
+    if messages_as_json and isinstance(value, str) and value.lstrip().startswith("["):
+        value = _load_messages_cell(value, problems, "prompt")
+    if isinstance(value, list):
+        messages = _check_prompt_messages(value, problems)
+        weights = None if messages is None else (0,) * len(messages)  # context only: the answers are learned
+    elif value is not _INVALID:
+        prompt = _check_text(value, "prompt", problems)
+    chosen = _check_answer(row.get("chosen", _MISSING), "chosen", problems, messages_as_json)
+    rejected = _check_answer(row.get("rejected", _MISSING), "rejected", problems, messages_as_json)
+    if chosen is not None and chosen == rejected:
+        problems.append(("rejected", "'chosen' and 'rejected' are the same answer: the row prefers nothing"))
+    return prompt, messages, weights, chosen, rejected
+
+
+def _check_prompt_messages(value: list, problems: list[_Problem]) -> tuple[dict[str, str], ...] | None:
+    """A chat-form prompt: messages (optional system, then user and assistant turns alternating) ending with a user
+    turn."""
+    if not value:
+        problems.append(("prompt", "'prompt' is empty"))
+        return None
+    before = len(problems)
+    checked = [_check_message(item, f"prompt[{index}]", problems, weighted=False) for index, item in enumerate(value)]
+    roles = [role for role, _, _ in checked if role is not None]
+    if len(roles) == len(checked) and (order_problem := _check_role_order(roles, "prompt", last="user")):
+        problems.append(order_problem)
+    if len(problems) > before:
+        return None
+    return tuple({"role": role, "content": content} for role, content, _ in checked if role and content is not None)
+
+
+def _check_answer(value: object, field: str, problems: list[_Problem], messages_as_json: bool) -> str | None:
+    """A preference row's answer: text, or (the chat form) a list of one assistant message, read for its content."""
+    if messages_as_json and isinstance(value, str) and value.lstrip().startswith("["):
+        value = _load_messages_cell(value, problems, field)
+    if value is _INVALID:
+        return None
+    if not isinstance(value, list):
+        return _check_text(value, field, problems)
+    if len(value) != 1:
+        problems.append((field, f"'{field}' must be one assistant message (or text), got {len(value)} messages"))
+        return None
+    role, content, _ = _check_message(value[0], f"{field}[0]", problems, weighted=False)
+    if role is not None and role != "assistant":
+        problems.append((f"{field}[0].role", f"expected role 'assistant', got {short(role)!r}"))
+        return None
+    return content
 
 
 def _check_split(value: object, problems: list[_Problem]) -> Split | None:
@@ -123,17 +197,17 @@ def _is_encodable(value: str) -> bool:
     return True
 
 
-def _load_messages_cell(cell: str, problems: list[_Problem]) -> object:
-    """Decode a CSV cell holding the messages as a JSON array; _INVALID (and a problem) when it cannot be."""
+def _load_messages_cell(cell: str, problems: list[_Problem], field: str = "messages") -> object:
+    """Decode a CSV cell holding messages as a JSON array; _INVALID (and a problem) when it cannot be."""
     if not cell.strip():
-        problems.append(("messages", "'messages' is empty"))
+        problems.append((field, f"'{field}' is empty"))
         return _INVALID
     try:
         return json.loads(cell)
     except json.JSONDecodeError as exc:
-        problems.append(("messages", f"'messages' is not valid JSON: {exc.msg} (position {exc.pos})"))
+        problems.append((field, f"'{field}' is not valid JSON: {exc.msg} (position {exc.pos})"))
     except (ValueError, RecursionError) as exc:
-        problems.append(("messages", f"'messages' is not valid JSON: {short(str(exc) or type(exc).__name__)}"))
+        problems.append((field, f"'{field}' is not valid JSON: {short(str(exc) or type(exc).__name__)}"))
     return _INVALID
 
 
@@ -174,8 +248,11 @@ def _check_messages(
     return messages, None if every_reply else weights  # None: the default, as an Example built in code has it
 
 
-def _check_message(item: object, field: str, problems: list[_Problem]) -> tuple[str | None, str | None, int]:
-    """(role, content, weight): None where invalid; the weight is 0 except on a learned assistant message."""
+def _check_message(
+    item: object, field: str, problems: list[_Problem], weighted: bool = True
+) -> tuple[str | None, str | None, int]:
+    """(role, content, weight): None where invalid; the weight is 0 except on a learned assistant message.
+    `weighted`: whether the message may carry a weight (a preference row's messages may not)."""
     if not isinstance(item, dict):
         problems.append((field, f"'{field}' must be an object with 'role' and 'content', got {json_type(item)}"))
         return None, None, 0
@@ -190,6 +267,10 @@ def _check_message(item: object, field: str, problems: list[_Problem]) -> tuple[
         problems.append((f"{field}.role", f"unknown role {short(role)!r}: expected 'system', 'user' or 'assistant'"))
         role = None
     content = _check_text(item.get("content", _MISSING), f"{field}.content", problems)
+    if not weighted:
+        if "weight" in item:
+            problems.append((f"{field}.weight", f"'{field}.weight': a preference row learns its answers, not weights"))
+        return role, content, 0
     return role, content, _check_weight(item.get("weight", _MISSING), role, f"{field}.weight", problems)
 
 
@@ -208,29 +289,30 @@ def _check_weight(value: object, role: str | None, field: str, problems: list[_P
     return value
 
 
-def _check_role_order(roles: list[str]) -> _Problem | None:
+def _check_role_order(roles: list[str], field: str = "messages", last: str = "assistant") -> _Problem | None:
     """The first problem with the order of the roles, if any.
 
     Chat templates accept an optional leading system message, then user and assistant turns in strict
-    alternation, and we train on assistant replies, so the conversation must end with one.
+    alternation, and we train on assistant replies, so the conversation must end with one (a preference row's
+    prompt ends with the user turn its answers reply to: `last`).
     """
     for index, role in enumerate(roles[1:], start=1):
         if role == "system":
-            return f"messages[{index}].role", "'system' is only allowed as the first message"
+            return f"{field}[{index}].role", "'system' is only allowed as the first message"
     offset = 1 if roles[0] == "system" else 0
     turns = roles[offset:]
     if "user" not in turns:
-        return "messages", "'messages' needs at least one 'user' message"
+        return field, f"'{field}' needs at least one 'user' message"
     for index, role in enumerate(turns):
         expected = "user" if index % 2 == 0 else "assistant"
         if role != expected:
             return (
-                f"messages[{index + offset}].role",
+                f"{field}[{index + offset}].role",
                 f"expected role '{expected}', got '{role}': after the optional system message, "
                 "roles must alternate user, assistant, user, ...",
             )
-    if turns[-1] != "assistant":
-        return f"messages[{len(roles) - 1}].role", "the last message must have role 'assistant'"
+    if turns[-1] != last:
+        return f"{field}[{len(roles) - 1}].role", f"the last message must have role '{last}'"
     return None
 
 

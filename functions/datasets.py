@@ -1,10 +1,13 @@
 """Fine-tuning datasets as the platform uses them: a row's shape, its errors, the parsed dataset, and what it teaches.
 
-Three shapes are accepted, fixed by the first row (JSONL) or the header (CSV):
+Four shapes are accepted, fixed by the first row (JSONL) or the header (CSV):
     messages           {"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}]}
                        (multi-turn: every assistant message is learned, but one with "weight": 0, which is context)
     prompt_completion  {"prompt": ..., "completion": ...}
     text               {"text": ...}                      (continued pretraining)
+    preference         {"prompt": ..., "chosen": ..., "rejected": ...}  (preference tuning, method "dpo"); the chat
+                       form: "prompt" a list of messages ending with a user turn, "chosen" and "rejected" each a
+                       string or a list of one assistant message
 Any row may carry "split": "train" (the default) or "evaluation".
 
 Reading an upload (JSON Lines or CSV) is functions/dataset_files.py (parse_dataset); checking one row is
@@ -19,7 +22,7 @@ from pathlib import PurePath
 from typing import Literal
 
 # "columns": any other columns, trained through a job's prompt_template (functions/templated_rows.py)
-DataFormat = Literal["prompt_completion", "messages", "text", "columns"]
+DataFormat = Literal["prompt_completion", "messages", "text", "preference", "columns"]
 Split = Literal["train", "evaluation"]
 FileFormat = Literal["jsonl", "csv"]
 
@@ -56,6 +59,10 @@ class Example:
     # it is context (system and user messages, assistant messages given "weight": 0). None: every assistant message
     # is learned.
     weights: tuple[int, ...] | None = None
+    # A preference row's two answers to its prompt (`prompt`, or `messages` in the chat form: the conversation up to
+    # the reply): the preferred one and the other.
+    chosen: str | None = None
+    rejected: str | None = None
 
     def learned(self) -> tuple[bool, ...]:
         """Per message: whether the model learns it."""

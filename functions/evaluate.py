@@ -23,12 +23,17 @@ OTHER = "(other)"  # the confusion matrix column of answers that are none of the
 @dataclass(frozen=True)
 class EvalResult:
     loss: float
-    perplexity: float
-    token_accuracy: float
+    perplexity: float | None  # None for preference tuning (functions/dpo.py), whose loss is not per token
+    token_accuracy: float | None
     sequence_accuracy: float | None  # None when no row has a prompt
     char_error_rate: float | None
     rows: int
     classification: dict | None = None  # classification_report(), for classification datasets
+    # Preference tuning: mean implicit rewards, their margin, the share of rows where chosen wins (functions/dpo.py)
+    chosen_reward: float | None = None
+    rejected_reward: float | None = None
+    reward_margin: float | None = None
+    reward_accuracy: float | None = None
 
 
 def evaluate(

@@ -52,6 +52,11 @@ class Tokenized:
     labels: list[int]  # IGNORE_INDEX on prompt tokens
     full_length: int  # tokens before truncation to max_seq_length
 
+    @property
+    def tokens(self) -> int:
+        """Tokens processed per pass over the row."""
+        return len(self.input_ids)
+
 
 def encode_text(tokenizer: Any, text: str) -> list[int]:
     """Text as plain tokens: the spelling of a special token in it is characters, not a control token."""

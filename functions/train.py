@@ -5,8 +5,9 @@ Steps: claim the job (it takes its version number N on its first start) -> token
 label set of a classification dataset) -> train (per-step metrics rows, evaluations, a checkpoint `repo/N@k` every
 epoch or `checkpoint_every` steps, cancel checks) -> publish the evaluated step with the best task metric
 (accuracy for a classification dataset, exact match then character error rate for prompt/completion rows, loss
-for plain text), not the last one (files renamed into place, version row, job row and usage record in one
-transaction).
+for plain text, chosen over rejected for preference tuning), not the last one (files renamed into place, version
+row, job row and usage record in one transaction). Method "dpo" trains on preference pairs with TRL's DPOTrainer
+(functions/dpo.py); the rest of the job is the same.
 
 A retried job (its worker died and the queue re-delivered the event once the lease expired, or the attempt
 failed) resumes from its last checkpoint: the Trainer continues at that step with its optimizer and schedule,
@@ -38,7 +39,9 @@ from functions.checkpoints import TrainingTarget
 from functions.classifier_head import build_classifier
 from functions.dataset_files import parse_dataset
 from functions.datasets import Example, detect_labels, single_class_message
+from functions.dpo import build_dpo_trainer
 from functions.finetune_config import FinetuneConfig
+from functions.preference import PreferencePair, tokenize_pair
 from functions.prompts import Tokenized, example_ids, tokenize_example
 from functions.train_progress import Data, Progress
 from functions.trainer import TrainingRun, build_trainer
@@ -155,6 +158,8 @@ def _tokenize(job: FinetuneJob, config: FinetuneConfig) -> Data:
         raise PermanentError(str(exc)) from exc
 
     max_seq_length = config.values().max_seq_length
+    if config.method == "dpo":
+        return _pairs(examples, tokenizer, config, max_seq_length)
 
     def tokenized(split: str) -> list[Tokenized]:
         rows = [
@@ -184,6 +189,28 @@ def _tokenize(job: FinetuneJob, config: FinetuneConfig) -> Data:
     return Data(train, evaluation, {label: completion_ids(label) for label in labels})
 
 
+def _pairs(examples: list[Example], tokenizer: object, config: FinetuneConfig, max_seq_length: int) -> Data:
+    """A preference-tuning job's pairs, held out as _tokenize holds rows out; a pair whose prompt fills the window
+    (an answer with no token left) is dropped, as the job's summary counted."""
+
+    def tokenized(split: str) -> list[PreferencePair]:
+        pairs = [
+            tokenize_pair(e, tokenizer, config.apply_chat_template, max_seq_length)
+            for e in examples
+            if e.split == split
+        ]
+        return [p for p in pairs if p.chosen_ids and p.rejected_ids]
+
+    train, evaluation = tokenized("train"), tokenized("evaluation")
+    if not evaluation and config.eval_fraction > 0 and len(train) >= MIN_ROWS_TO_HOLD_OUT:
+        shuffled = random.Random(config.seed).sample(train, len(train))
+        held_out = max(1, round(len(train) * config.eval_fraction))
+        evaluation, train = shuffled[:held_out], shuffled[held_out:]
+    if not train:
+        raise PermanentError(f"no preference rows with answer tokens within max_seq_length {max_seq_length}")
+    return Data(train, evaluation, None)
+
+
 def _evaluation_examples(dataset: Dataset, config: FinetuneConfig) -> list[Example]:
     """Every row of the job's evaluation dataset as an evaluation row, built as the train rows are."""
     try:
@@ -205,15 +232,17 @@ def _train(
     resume = checkpoints.prepare_resume(target, workdir)
     run: TrainingRun
     try:
-        if config.values().task == "classification" and data.labels:  # a classification head over the prompt
-            run = build_classifier(config, data.train, data.labels, workdir, init_from=init_from, checkpoints=True)
+        if config.method == "dpo":  # preference pairs: TRL's DPOTrainer
+            run = build_dpo_trainer(config, data.train, workdir, init_from=init_from, checkpoints=True)  # type: ignore[arg-type]
+        elif config.values().task == "classification" and data.labels:  # a classification head over the prompt
+            run = build_classifier(config, data.train, data.labels, workdir, init_from=init_from, checkpoints=True)  # type: ignore[arg-type]
         else:
-            run = build_trainer(config, data.train, workdir, init_from=init_from, checkpoints=True)
+            run = build_trainer(config, data.train, workdir, init_from=init_from, checkpoints=True)  # type: ignore[arg-type]
     except BaseModelUnavailable as exc:
         raise PermanentError(str(exc)) from exc
     except ValueError as exc:  # a classification head these labels cannot have (functions/classifier_head.py)
         raise PermanentError(f"task: {exc}") from exc
-    epoch_tokens = sum(len(t.input_ids) for t in data.train)  # after truncation
+    epoch_tokens = sum(t.tokens for t in data.train)  # after truncation
     progress = Progress(job.id, attempt, epoch_tokens, run.steps_per_epoch, config, data, target, run, workdir)
     progress.rewind(resume)
     run.trainer.add_callback(progress.callback())
@@ -256,7 +285,7 @@ def _publish(
                 idempotency_key=f"finetune:{job.id}",
                 tenant_id=job.tenant_id,
                 kind="finetune",
-                technique=f"sft_{config.technique}",
+                technique=f"{config.method}_{config.technique}",  # priced alike: sft_lora, dpo_lora
                 base_model=config.base_model,
                 adapter=f"{job.repo.name}/{adapter.version}",
                 input_tokens=stats["tokens_processed"],

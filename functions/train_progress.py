@@ -20,8 +20,10 @@ from app.models import FinetuneJob, JobMetric
 from functions import checkpoints
 from functions.checkpoints import ResumePoint, TrainingTarget
 from functions.classifier_head import evaluate_classifier
+from functions.dpo import REWARD_METRICS, evaluate_pairs
 from functions.evaluate import EvalResult, evaluate
 from functions.finetune_config import FinetuneConfig
+from functions.preference import PreferencePair
 from functions.prompts import Tokenized
 from functions.trainer import TrainingRun
 
@@ -30,8 +32,9 @@ log = logging.getLogger("loraplex.train")
 
 @dataclass(frozen=True)
 class Data:
-    train: list[Tokenized]
-    evaluation: list[Tokenized]
+    # rows, or a preference-tuning job's pairs (method "dpo")
+    train: list[Tokenized] | list[PreferencePair]
+    evaluation: list[Tokenized] | list[PreferencePair]
     # a classification dataset's labels, each with its completion token ids (the label, then the end of the turn)
     labels: dict[str, list[int]] | None
 
@@ -100,18 +103,27 @@ class Progress:
     def _restored(self, row: JobMetric) -> EvalResult:
         return EvalResult(
             loss=row.loss,
-            perplexity=row.perplexity or 0.0,
-            token_accuracy=row.token_accuracy or 0.0,
+            perplexity=row.perplexity,
+            token_accuracy=row.token_accuracy,
             sequence_accuracy=row.sequence_accuracy,
             char_error_rate=row.char_error_rate,
             rows=len(self.evaluation),
             classification=row.classification,
+            **{name: getattr(row, name) for name in REWARD_METRICS.values()},
         )
 
     def callback(self) -> Any:
         from transformers import TrainerCallback
 
         progress = self
+
+        def evaluate(control: Any, model: Any, step: int) -> bool:
+            # A DPO evaluation runs the Trainer's own evaluation loop, whose logging clears the step's flags: the
+            # step's metrics row and checkpoint must still follow.
+            flags = control.should_log, control.should_evaluate, control.should_save
+            stop = progress.evaluate(model, step)
+            control.should_log, control.should_evaluate, control.should_save = flags
+            return stop
 
         class Callback(TrainerCallback):
             def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
@@ -130,12 +142,12 @@ class Progress:
                     control.should_training_stop = True
                     return
                 every = progress.eval_steps
-                if every and state.global_step % every == 0 and progress.evaluate(model, state.global_step):
+                if every and state.global_step % every == 0 and evaluate(control, model, state.global_step):
                     control.should_training_stop = True
 
             def on_epoch_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
                 evaluate_now = not progress.eval_steps and not progress.cancelled
-                if evaluate_now and progress.evaluate(model, state.global_step):
+                if evaluate_now and evaluate(control, model, state.global_step):
                     control.should_training_stop = True
 
             def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -159,6 +171,7 @@ class Progress:
                     loss=float(logs["loss"]),
                     learning_rate=float(logs.get("learning_rate", 0.0)),
                     tokens_per_second=self.tokens_done(epoch - self.start_epoch) / elapsed if elapsed > 0 else 0.0,
+                    **{ours: float(logs[theirs]) for theirs, ours in REWARD_METRICS.items() if theirs in logs},
                 )
             )
 
@@ -170,10 +183,12 @@ class Progress:
         """Evaluate, record the row, and say whether early stopping should stop training now."""
         if not self.evaluation or any(s == step for s, _ in self.evals):
             return False
-        if self.run.kind == "classification" and self.labels:
-            result = evaluate_classifier(model, self.tokenizer, self.evaluation, self.labels, bf16=self.bf16)
+        if self.config.method == "dpo":
+            result = evaluate_pairs(self.run.trainer, self.evaluation)  # type: ignore[arg-type]  # pairs
+        elif self.run.kind == "classification" and self.labels:
+            result = evaluate_classifier(model, self.tokenizer, self.evaluation, self.labels, bf16=self.bf16)  # type: ignore[arg-type]  # rows
         else:
-            result = evaluate(model, self.tokenizer, self.evaluation, bf16=self.bf16, labels=self.labels)
+            result = evaluate(model, self.tokenizer, self.evaluation, bf16=self.bf16, labels=self.labels)  # type: ignore[arg-type]  # rows
         with session_scope() as s:
             s.add(
                 JobMetric(
@@ -189,6 +204,7 @@ class Progress:
                     sequence_accuracy=result.sequence_accuracy,
                     char_error_rate=result.char_error_rate,
                     classification=result.classification,
+                    **{name: getattr(result, name) for name in REWARD_METRICS.values()},
                 )
             )
         if not self._track(step, result):
@@ -217,8 +233,9 @@ class Progress:
 
     @staticmethod
     def better(new: EvalResult, old: EvalResult | None) -> bool:
-        """Whether evaluation `new` beats `old`: on the task metric (classification accuracy, else a generation's
-        sequence accuracy then its CER), then on the loss. Two accuracies the evaluation cannot tell apart, at most
+        """Whether evaluation `new` beats `old`: on the task metric (classification accuracy, a preference job's
+        share of pairs whose chosen answer wins, else a generation's sequence accuracy then its CER), then on the
+        loss. Two accuracies the evaluation cannot tell apart, at most
         one standard error of a proportion over its rows apart (and at least one row), count as equal: 39 of 40
         rows right against 38 of 40 is noise, and the loss, which every row moves, decides."""
         if old is None:
@@ -239,6 +256,8 @@ class Progress:
         """The name of the task metric that picks the published step."""
         if self.labels:
             return "accuracy"
+        if self.config.method == "dpo":
+            return "reward_accuracy"
         trained = [r for step, r in self.evals if step > 0]
         return "sequence_accuracy" if trained and trained[0].sequence_accuracy is not None else "loss"
 
@@ -274,5 +293,8 @@ class Progress:
 
 
 def _accuracy(result: EvalResult) -> float | None:
-    """The accuracy a kept step is chosen on: the label's for a classification dataset, the sequence's otherwise."""
-    return result.classification["accuracy"] if result.classification is not None else result.sequence_accuracy
+    """The accuracy a kept step is chosen on: the label's for a classification dataset, chosen over rejected for
+    preference tuning, the sequence's otherwise."""
+    if result.classification is not None:
+        return float(result.classification["accuracy"])
+    return result.reward_accuracy if result.reward_accuracy is not None else result.sequence_accuracy

@@ -102,19 +102,30 @@ def prepare_run(config: FinetuneConfig, precision: str | None = None) -> bool:
     return use_bf16(precision or settings.training.train_precision)
 
 
-def training_arguments(config: FinetuneConfig, workdir: Path, bf16: bool, checkpoints: bool, longest: int = 0) -> Any:
+def training_arguments(
+    config: FinetuneConfig,
+    workdir: Path,
+    bf16: bool,
+    checkpoints: bool,
+    longest: int = 0,
+    arguments: type | None = None,
+    **extra: Any,
+) -> Any:
     """The TrainingArguments of a run over config's resolved values: micro-batches (MICRO_BATCH rows on a GPU, one
     on a CPU) with gradient accumulation up to effective_batch_size, batches grouped by length, checkpoints under
     workdir/trainer when asked. `longest`: the longest training row, in tokens: on a CPU, a row longer than
-    CPU_ROW_TOKENS has its activations recomputed in the backward pass rather than kept."""
+    CPU_ROW_TOKENS has its activations recomputed in the backward pass rather than kept. `arguments`: a subclass
+    of TrainingArguments to build (TRL's DPOConfig), with `extra` settings of its own or in place of these."""
     import torch
     from transformers import TrainingArguments
+
+    arguments = arguments or TrainingArguments
 
     cuda = torch.cuda.is_available()
     values = config.values()
     micro = min(MICRO_BATCH if cuda else CPU_MICRO_BATCH, values.effective_batch_size)
     recompute = (config.kind == "full" and cuda) or (not cuda and longest > CPU_ROW_TOKENS)
-    return TrainingArguments(
+    settings: dict[str, Any] = dict(
         output_dir=str(workdir / "trainer"),
         per_device_train_batch_size=micro,
         gradient_accumulation_steps=max(1, values.effective_batch_size // micro),
@@ -134,6 +145,7 @@ def training_arguments(config: FinetuneConfig, workdir: Path, bf16: bool, checkp
         **_checkpoint_args(config, checkpoints),
         **(_activation_checkpointing(TrainingArguments) if recompute else {}),
     )
+    return arguments(**(settings | extra))
 
 
 def steps_per_epoch(args: Any, rows: int) -> int:

@@ -16,6 +16,7 @@ from app.settings import get_settings
 from functions.base_models import BaseModelUnavailable, load_tokenizer
 from functions.dataset_files import parse_dataset
 from functions.datasets import ParsedDataset, detect_labels
+from functions.preference import pair_runs
 from functions.prompts import example_pieces, length_runs
 from functions.templated_rows import column_stats
 
@@ -57,13 +58,17 @@ def row_lengths(parsed: ParsedDataset, base_model: str) -> dict[str, list[tuple[
     tokenizer = load_tokenizer(base_model)
     lengths: dict[str, list[tuple[int, ...]]] = {"train": [], "evaluation": []}
     for example in parsed.examples:
-        lengths[example.split].append(length_runs(example_pieces(example, tokenizer, apply_chat_template=True)))
+        if example.chosen is not None:  # a preference row: (prompt, chosen, prompt, rejected)
+            lengths[example.split].append(pair_runs(example, tokenizer))
+        else:
+            lengths[example.split].append(length_runs(example_pieces(example, tokenizer, apply_chat_template=True)))
     return lengths
 
 
 def token_stats(lengths: dict[str, list[tuple[int, ...]]]) -> dict:
     """Token counts per split (untruncated: each job reports what its own max_seq_length cuts); completion tokens
-    are the learned ones (completions, weighted assistant turns and their ends of turn)."""
+    are the learned ones (completions, weighted assistant turns and their ends of turn; a preference row's two
+    answers). A preference row counts its prompt twice, as training processes it: once with each answer."""
     per_row = {split: [sum(runs) for runs in rows] for split, rows in lengths.items()}
     every = per_row["train"] + per_row["evaluation"]
     return {

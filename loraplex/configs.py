@@ -1,11 +1,13 @@
-"""Typed configs, as Predibase's SDK has them: `SFTConfig` (a fine-tuning job's settings) and `DeploymentConfig`
-(a private deployment's). Field names, types, defaults and ranges are the server's own (functions/finetune_config.py
-FinetuneConfig, functions/deployments/config.py DeploymentConfig) minus what the SDK passes beside the config
-(dataset, repo; a deployment's name); tests/app/test_sdk_configs.py fails, naming the field, when they drift.
-A mistake is caught here, before any request; what needs the server's knowledge (a known base model, its layers,
-the accelerators of its runtime) the server checks, naming the field as well."""
+"""Typed configs, as Predibase's SDK has them: `SFTConfig` (a fine-tuning job's settings), `DPOConfig` (a
+preference-tuning job's: SFTConfig's fields and `beta`; its `method` is "dpo") and `DeploymentConfig` (a private
+deployment's). One class per training method, as Predibase has SFTConfig and GRPOConfig: the server's `method` field
+is the class, never a field of it. Field names, types, defaults and ranges are the server's own
+(functions/finetune_config.py FinetuneConfig, functions/deployments/config.py DeploymentConfig) minus what the SDK
+passes beside the config (dataset, repo; a deployment's name); tests/app/test_sdk_configs.py fails, naming the field,
+when they drift. A mistake is caught here, before any request; what needs the server's knowledge (a known base model,
+its layers, the accelerators of its runtime) the server checks, naming the field as well."""
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -23,6 +25,7 @@ class SFTConfig(BaseModel):
     left unset are not sent: the server applies its defaults (the same as here) and records them on the job."""
 
     model_config = FORBID
+    method: ClassVar[str] = "sft"  # the server's `method`: sent when it is not the default
 
     base_model: str = Field(description="Catalog name of the model to fine-tune, e.g. 'smollm2-135m'.")
     evaluation_dataset: str | None = Field(
@@ -121,7 +124,41 @@ class SFTConfig(BaseModel):
 
     def request_fields(self) -> dict[str, Any]:
         """The fields set, as the API's JSON takes them (unset ones take the server's defaults)."""
-        return self.model_dump(mode="json", exclude_unset=True) | {"base_model": self.base_model}
+        method = {} if self.method == "sft" else {"method": self.method}
+        return self.model_dump(mode="json", exclude_unset=True) | {"base_model": self.base_model} | method
+
+
+class DPOConfig(SFTConfig):
+    """Preference tuning (Direct Preference Optimization) of a LoRA adapter on a preference dataset ('prompt',
+    'chosen', 'rejected' rows): the model learns to prefer each chosen answer over the rejected one. Priced as SFT
+    LoRA. SFTConfig's fields, and `beta`."""
+
+    method: ClassVar[str] = "dpo"
+    beta: float | None = Field(
+        default=None, gt=0, le=10, description="How far the model may move from where it starts (lower: further); 0.1."
+    )
+
+    @model_validator(mode="after")
+    def _fits_dpo(self) -> "DPOConfig":
+        if self.adapter == "none":
+            raise ValueError("adapter: method 'dpo' trains a LoRA adapter ('lora')")
+        if self.task == "classification":
+            raise ValueError("task: method 'dpo' learns to prefer answers; 'classification' applies to method 'sft'")
+        if self.prompt_template is not None:
+            raise ValueError("prompt_template: method 'dpo' reads preference rows ('prompt', 'chosen', 'rejected')")
+        return self
+
+
+CONFIGS: dict[str, type[SFTConfig]] = {"sft": SFTConfig, "dpo": DPOConfig}  # by the server's `method`
+
+
+def finetune_config(fields: Any) -> SFTConfig:
+    """A config given as a dict of the server's fields: the class its `method` names ('sft' if unset), checked."""
+    fields = dict(fields)
+    method = fields.pop("method", "sft")
+    if method not in CONFIGS:
+        raise ValueError(f"method: expected one of {', '.join(map(repr, CONFIGS))}, got {method!r}")
+    return CONFIGS[method].model_validate(fields)
 
 
 class DeploymentConfig(BaseModel):

@@ -5,7 +5,7 @@ from collections.abc import Mapping
 from typing import Any, TextIO
 
 from loraplex.api import Api
-from loraplex.configs import SFTConfig
+from loraplex.configs import SFTConfig, finetune_config
 from loraplex.datasets import dataset_name
 from loraplex.progress import watch_job
 from loraplex.repos import repo_name
@@ -27,7 +27,8 @@ class Jobs:
     ) -> FinetuningJob:
         """Queue a job training `config` on `dataset` into `repo`'s next version, and answer it at once (with
         `watch`, once it ended, its progress printed unless `show_progress` is off). `config` may be a dict of
-        SFTConfig's fields, checked the same way. `description`: what the version is for (shown with it)."""
+        SFTConfig's fields (with `"method": "dpo"`, DPOConfig's), checked the same way. `description`: what the
+        version is for (shown with it)."""
         body = _body(config, dataset, repo, description)
         job = FinetuningJob.model_validate(self._client.create_job(**body))
         return self.watch(job.id, show_progress=show_progress) if watch else job
@@ -64,8 +65,9 @@ class Jobs:
 def _body(
     config: SFTConfig | Mapping[str, Any], dataset: str | Dataset, repo: str | Repo, description: str | None
 ) -> dict[str, Any]:
-    """The API's job body: the config's fields that were set (checked as SFTConfig), the dataset and repo."""
-    sft = config if isinstance(config, SFTConfig) else SFTConfig.model_validate(config)
+    """The API's job body: the config's fields that were set (checked as SFTConfig, or as the config class its
+    `method` names: DPOConfig), the dataset and repo."""
+    sft = config if isinstance(config, SFTConfig) else finetune_config(config)
     body = sft.request_fields() | {"dataset": dataset_name(dataset), "repo": repo_name(repo)}
     if description is not None:
         body["description"] = description

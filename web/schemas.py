@@ -104,6 +104,12 @@ class MetricOut(BaseModel):
     # Classification datasets: {"labels", "accuracy", "per_class": {label: {"accuracy", "support"}},
     # "confusion_matrix": {"rows": reference labels, "columns": answered labels + "(other)", "counts"}}
     classification: dict[str, Any] | None = None
+    # Preference tuning (method "dpo"): mean implicit rewards (beta x log-probability ratio to the reference model)
+    # of the chosen and rejected answers, their margin, and the share of rows where chosen out-rewards rejected.
+    chosen_reward: float | None = None
+    rejected_reward: float | None = None
+    reward_margin: float | None = None
+    reward_accuracy: float | None = None
     attempt: int
     at: datetime = Field(validation_alias="created_at")
 

@@ -2,14 +2,15 @@
 JSON-schema constraints as FinetuneConfig and the deployment config (minus what the SDK passes beside the config),
 and the same answer, accepted or refused naming the same field, for values at and past each bound."""
 
-from typing import Any
+from typing import Any, get_args
 
 import pytest
 from pydantic import BaseModel, Field, ValidationError
 
 from functions.deployments.config import DeploymentConfig as ServerDeploymentConfig
-from functions.finetune_config import FinetuneConfig
-from loraplex import DeploymentConfig, SFTConfig
+from functions.finetune_config import METHOD_FIELDS, FinetuneConfig
+from loraplex import DeploymentConfig, DPOConfig, SFTConfig
+from loraplex.configs import CONFIGS
 
 # Passed beside the config by the SDK's calls: adapters.create(config, dataset=, repo=, description=),
 # deployments.create(name=)
@@ -53,8 +54,25 @@ def _without_words(node: Any) -> Any:
     return node
 
 
+def method_separate(method: str) -> set[str]:
+    """What a method's SDK config leaves out of the server's: what the SDK passes beside it, `method` (the class
+    itself), and the fields of the other methods."""
+    others = {name for name, methods in METHOD_FIELDS.items() if method not in methods}
+    return SFT_SEPARATE | {"method"} | others
+
+
 def test_sft_config_is_the_servers_finetune_config() -> None:
-    assert drift(SFTConfig, FinetuneConfig, SFT_SEPARATE) == []
+    assert drift(SFTConfig, FinetuneConfig, method_separate("sft")) == []
+
+
+def test_dpo_config_is_the_servers_finetune_config_for_dpo() -> None:
+    assert drift(DPOConfig, FinetuneConfig, method_separate("dpo")) == []
+
+
+def test_every_server_method_has_its_sdk_config() -> None:
+    methods = get_args(FinetuneConfig.model_fields["method"].annotation)
+    assert {name: config.method for name, config in CONFIGS.items()} == {m: m for m in methods}
+    assert FinetuneConfig.model_fields["method"].default == "sft" == SFTConfig.method
 
 
 def test_deployment_config_is_the_servers() -> None:
@@ -68,7 +86,7 @@ def test_a_drift_is_named() -> None:
         rank: int = Field(default=8, ge=1, le=256)  # the server's default is 16
         epochs: int = Field(default=3, ge=1, le=50)  # the server's is 'auto' or 1..100
 
-    problems = "\n".join(drift(Drifted, FinetuneConfig, SFT_SEPARATE))
+    problems = "\n".join(drift(Drifted, FinetuneConfig, method_separate("sft")))
     assert "rank: SDK default 8 != server default 16" in problems
     assert "epochs: SDK schema" in problems
     assert "learning_rate: the server's field is missing from Drifted" in problems
@@ -98,6 +116,30 @@ def test_sdk_and_server_agree_on_values(field: str, value: object) -> None:
     body = {"base_model": "smollm2-135m", field: value}
     server = _refused_field(FinetuneConfig, body | {"dataset": "d", "repo": "r"})
     assert _refused_field(SFTConfig, body) == server, f"{field}={value!r}: the server answers {server}"
+
+
+DPO_CASES = [
+    ("beta", 0), ("beta", 10), ("beta", 10.5), ("beta", "auto"), ("adapter", "none"), ("task", "classification"),
+    ("prompt_template", "Say {word}"), ("epochs", 101),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("field", "value"), DPO_CASES)
+def test_dpo_sdk_and_server_agree_on_values(field: str, value: object) -> None:
+    body = {"base_model": "smollm2-135m", field: value}
+    server = _refused_field(FinetuneConfig, body | {"dataset": "d", "repo": "r", "method": "dpo"})
+    sdk = _refused_field(DPOConfig, body)
+    assert _named(sdk) == _named(server), f"{field}={value!r}: the server answers {server}, the SDK {sdk}"
+
+
+def _named(refusal: str | None) -> str | None:
+    """The field a refusal names: its location, or the field a whole-config error's message starts with."""
+    return refusal.removeprefix("Value error, ").split(":")[0] if refusal else None
+
+
+def test_a_dpo_field_is_refused_in_sft_config() -> None:
+    assert _refused_field(SFTConfig, {"base_model": "smollm2-135m", "beta": 0.1}) == "beta"
+    assert _refused_field(FinetuneConfig, {"base_model": "smollm2-135m", "dataset": "d", "repo": "r", "beta": 0.1})
 
 
 @pytest.mark.parametrize(

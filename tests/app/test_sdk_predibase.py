@@ -6,6 +6,9 @@ API names them. The same flow from a wheel installed without the server: test_sd
 import functools
 import http.server
 import json
+import os
+import subprocess
+import sys
 import tarfile
 import threading
 from collections.abc import Iterator
@@ -17,7 +20,7 @@ from served import served_platform
 
 from conftest import TINY_MODEL, make_tenant, wait_for
 from deployment_helpers import FAST_ENV
-from loraplex import DeploymentConfig, JobFailedError, Loraplex, LoraplexError, SFTConfig
+from loraplex import DeploymentConfig, DPOConfig, JobFailedError, Loraplex, LoraplexError, SFTConfig
 
 ROWS = [{"prompt": f"Say hi to {n}", "completion": f"Hi {n}!"} for n in ("Ann", "Bo", "Cy", "Di", "Ed", "Flo")]
 CONFIG = SFTConfig(base_model=TINY_MODEL, epochs=1, rank=4, effective_batch_size=2)
@@ -113,6 +116,35 @@ def test_a_templated_adapter_renders_its_prompts(pb: Loraplex, tmp_path: Path) -
     assert adapter.render_prompt({"ticket": "Late parcel", "team": "?"}) == "Route this ticket: Late parcel"
     with pytest.raises(ValidationError, match="prompt_template"):
         SFTConfig(base_model=TINY_MODEL, prompt_template="Route {ticket!r}")  # checked here, as the server does
+
+
+def test_a_dpo_adapter_from_the_sdk_and_the_cli(pb: Loraplex, server_url: str, tmp_path: Path) -> None:
+    """Preference tuning: DPOConfig through the SDK, then `finetune start --method dpo` through the CLI."""
+    path = tmp_path / "prefs.jsonl"
+    pairs = [{"prompt": f"Say hi to {n}", "chosen": f"Hi {n}!", "rejected": "No."} for n in ("Ann", "Bo", "Cy", "Di")]
+    path.write_text("\n".join(json.dumps(r) for r in pairs))
+    assert pb.datasets.from_file(path, base_model=TINY_MODEL).status == "ready"
+    config = DPOConfig(base_model=TINY_MODEL, train_steps=2, effective_batch_size=2, rank=4, beta=0.2)
+    assert config.request_fields()["method"] == "dpo"
+    adapter = pb.adapters.create(config=config, dataset="prefs", repo="polite", show_progress=False)
+    assert adapter.status == "completed" and adapter.config["method"] == "dpo" and adapter.config["beta"] == 0.2
+    train = [m for m in adapter.metrics if m["kind"] == "train"]
+    assert [m["step"] for m in train] == [1, 2] and all(m["reward_accuracy"] is not None for m in train)
+    with pytest.raises(ValidationError, match="beta"):
+        SFTConfig(base_model=TINY_MODEL, beta=0.1)  # type: ignore[call-arg]  # a DPO field: refused for SFT
+    with pytest.raises(LoraplexError) as refused:  # an SFT job on a preference dataset: the server names method
+        pb.finetuning.jobs.create(config=CONFIG, dataset="prefs", repo="polite")
+    assert (refused.value.status, refused.value.param) == (422, "method")
+
+    env = os.environ | {"LORAPLEX_API_URL": server_url, "LORAPLEX_API_KEY": pb.api_key or ""}
+    start = subprocess.run(
+        [sys.executable, "-m", "app.cli", "finetune", "start", "--dataset", "prefs", "--repo", "polite",
+         "--base-model", TINY_MODEL, "--method", "dpo", "--beta", "0.3", "--train-steps", "1", "--watch"],
+        env=env, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert start.returncode == 0, start.stdout + start.stderr
+    assert "completed: adapter polite/2, 1 steps" in start.stdout, start.stdout
+    assert pb.adapters.get("polite/2").config["beta"] == 0.3
 
 
 def test_refusals_come_before_any_work_and_a_failed_job_raises(pb: Loraplex) -> None:

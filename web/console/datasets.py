@@ -32,23 +32,23 @@ def dataset_page(name: str, request: Request, who: Page) -> HTMLResponse:
     rows = datasets.dataset_rows(name, who.tenant, who.db, limit=PREVIEW_ROWS)
     row = datasets.find_dataset(who.db, who.tenant.id, name)
     preview = [(r["line"], r["split"], _row_text(r)) for r in rows]
-    return page(
-        request, "dataset.html", who, dataset=dataset, rows=preview, cuts=_cuts(row.train_lengths, row.base_model)
-    )
+    cuts = _cuts(row.train_lengths, row.base_model, pairs=row.data_format == "preference")
+    return page(request, "dataset.html", who, dataset=dataset, rows=preview, cuts=cuts)
 
 
 def _row_text(row: dict[str, Any]) -> str:
     """A previewed row as lines of text: "role: content" per message, "name: value" per field or column."""
+    answers = "".join(f"\n{name}: {row[name]}" for name in ("chosen", "rejected") if name in row)  # a preference row
     if "messages" in row:
-        return "\n".join(f"{m['role']}: {m['content']}" for m in row["messages"])
+        return "\n".join(f"{m['role']}: {m['content']}" for m in row["messages"]) + answers
     if "columns" in row:
         return "\n".join(f"{name}: {value}" for name, value in row["columns"].items())
     if "text" in row:
         return str(row["text"])
-    return "\n".join(f"{name}: {row[name]}" for name in ("prompt", "completion") if name in row)
+    return "\n".join(f"{name}: {row[name]}" for name in ("prompt", "completion", "chosen", "rejected") if name in row)
 
 
-def _cuts(lengths: list[Any] | None, base_model: str) -> list[Truncation]:
+def _cuts(lengths: list[Any] | None, base_model: str, pairs: bool = False) -> list[Truncation]:
     """What each max_seq_length up to the model's trainable context would cut from the training split (the rows
     over it, the completion tokens lost), from the token lengths validation counted; none for a "columns" dataset,
     whose rows only a job's template makes."""
@@ -59,6 +59,6 @@ def _cuts(lengths: list[Any] | None, base_model: str) -> list[Truncation]:
     except KeyError:
         context = MAX_AUTO_SEQ_LENGTH
     runs = [tuple(int(n) for n in row) for row in lengths]
-    cuts = [Truncation.of(runs, n) for n in sorted({n for n in SEQ_LENGTHS if n < context} | {context})]
+    cuts = [Truncation.of(runs, n, pairs) for n in sorted({n for n in SEQ_LENGTHS if n < context} | {context})]
     fits = next((i for i, cut in enumerate(cuts) if not cut.rows_cut), len(cuts) - 1)
     return cuts[: fits + 1]  # the lengths that cut rows, and the first that cuts none

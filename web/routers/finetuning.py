@@ -130,6 +130,7 @@ def price_job(db: Session, tenant_id: str, config: FinetuneConfig) -> Quote:
     labels = dataset.stats.get("labels")  # set by validation for a classification dataset (text in, category out)
     if labels is not None and len(labels) < 2:
         raise APIError(422, f"dataset: {single_class_message(config.dataset, labels)}", param="dataset")
+    _fits_method(config, config.dataset, dataset.data_format)
     evaluation = evaluation_dataset(db, tenant_id, config)
     try:
         config, _ = checkpoints.continuation(db, tenant_id, config)  # a continued adapter's LoRA settings carry over
@@ -282,7 +283,8 @@ def _sse(event: str, data: dict[str, Any], event_id: int | None = None) -> str:
 
 def estimated_tokens(truncation: auto_config.Truncation, config: FinetuneConfig) -> int:
     """Tokens the job will process: the train split as max_seq_length leaves it x epochs, or the rows train_steps
-    will see."""
+    will see. A preference row (method "dpo") is two sequences: its prompt with the chosen answer, and with the
+    rejected one."""
     values = config.values()
     if config.train_steps is None:
         return truncation.tokens * values.epochs
@@ -299,9 +301,29 @@ def evaluation_dataset(db: Session, tenant_id: str, config: FinetuneConfig) -> D
     if dataset.status != "ready":
         message = f"evaluation_dataset: {dataset.name!r} is {dataset.status}, not ready"
         raise APIError(409, message, param="evaluation_dataset", code="dataset_not_ready")
+    _fits_method(config, dataset.name, dataset.data_format, param="evaluation_dataset")
     if templated_rows.applies(config, dataset.data_format):
         templated_rows.check(config, dataset.name, dataset.data_format, dataset.stats.get("columns") or [])
     return dataset
+
+
+def _fits_method(config: FinetuneConfig, name: str, data_format: str | None, param: str = "dataset") -> None:
+    """A preference dataset is for method 'dpo', and method 'dpo' takes nothing else (422 naming the field)."""
+    preference = data_format == "preference"
+    if config.method == "dpo" and not preference:
+        raise APIError(
+            422,
+            f"{param}: method 'dpo' needs a preference dataset ('prompt', 'chosen', 'rejected' rows); {name!r} is a "
+            f"{data_format} dataset",
+            param=param,
+        )
+    if config.method != "dpo" and preference:
+        raise APIError(
+            422,
+            f"method: {name!r} is a preference dataset ('prompt', 'chosen', 'rejected'): train on it with method "
+            f"'dpo' (method {config.method!r} learns one answer per row)",
+            param="method",
+        )
 
 
 def find_job(db: Db, tenant_id: str, job_id: str) -> FinetuneJob:

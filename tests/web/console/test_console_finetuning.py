@@ -229,3 +229,39 @@ def test_a_finished_classification_job_shows_its_confusion_matrix(page: Any, con
     )
     expect(page.locator("#points")).to_have_attribute("data-train-points", str(total))
     screenshot(page, "job-classification")
+
+
+def test_a_preference_tuning_job_draws_its_rewards(page: Any, console_url: str, api_key: str) -> None:
+    """A DPO job's page: the reward margin chart (training and evaluation), the share of pairs whose chosen answer
+    wins beside the losses, and the same values in the table; nothing of SFT's metrics it does not publish."""
+    pairs = [{"prompt": f"Say hi to {n}", "chosen": f"Hi {n}!", "rejected": "No."} for n in NAMES[:12]]
+    ready_dataset(console_url, api_key, "prefs", pairs)
+    headers = {"Authorization": f"Bearer {api_key}"}
+    config = {"base_model": TINY_MODEL, "dataset": "prefs", "repo": "polite", "method": "dpo", "train_steps": 4,
+              "effective_batch_size": 2, "eval_steps": 2}  # fmt: skip
+    job = httpx.post(f"{console_url}/v1/finetuning/jobs", headers=headers, json=config).json()
+    deadline = time.monotonic() + 180
+    while (shown := httpx.get(f"{console_url}/v1/finetuning/jobs/{job['id']}", headers=headers).json())["status"] in (
+        "queued",
+        "training",
+    ):
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+    assert shown["status"] == "completed", shown
+    page.goto(f"/jobs/{job['id']}")
+    expect(page.locator("#points")).to_have_attribute("data-train-points", "4")
+    expect(page.locator("#chart-rewards")).to_be_visible()
+    assert page.locator("#chart-rewards .uplot").count() == 1 and page.locator("#chart-eval .uplot").count() == 1
+    expect(page.locator("#chart-rewards")).to_contain_text("training margin")
+    expect(page.locator("#chart-eval")).to_contain_text("chosen over rejected")
+    table = page.locator("#eval-table")
+    for label in ("evaluation loss", "chosen over rejected", "reward margin", "chosen reward", "rejected reward"):
+        expect(table).to_contain_text(label)
+    for label in ("perplexity", "token accuracy", "sequence accuracy", "CER"):
+        expect(table).not_to_contain_text(label)  # a DPO evaluation publishes none of them
+    baseline = page.locator("#eval-table tbody tr", has_text="reward margin").locator("td").first
+    expect(baseline).to_have_text("0.0000")  # step 0: the adapter is zero, the policy is its reference
+    first_step = page.locator("#metrics-table tbody tr[data-kind=train]").first.locator("td")
+    assert first_step.nth(8).inner_text() != "—" and first_step.nth(9).inner_text() != "—"  # margin, accuracy
+    screenshot(page, "job-dpo")
+    fits_narrow_screen(page)

@@ -1,7 +1,8 @@
 // A job's page (templates/job.html): follows GET /v1/finetuning/jobs/{id}/events (server-sent events: `status`
 // carries the job as GET /v1/finetuning/jobs/{id} answers it, `metric` one row of its metrics) and draws the curves
 // as the rows arrive, with the same rows in a table; the step-0 baseline beside the latest evaluation, the confusion
-// matrix of a classification dataset, checkpoints, estimate vs charge, and cancel while it runs.
+// matrix of a classification dataset, a preference-tuning (DPO) job's reward margins and share of pairs where the
+// chosen answer wins, checkpoints, estimate vs charge, and cancel while it runs.
 import { api, h, lineChart, num, showError } from "/static/console.js";
 
 const FINAL = ["completed", "failed", "cancelled"];
@@ -10,6 +11,7 @@ const EVAL_METRICS = [ // [field of an eval row, label]; a metric the job does n
   ["token_accuracy", "token accuracy"],
   ["sequence_accuracy", "sequence accuracy"],
   ["char_error_rate", "CER"],
+  ["reward_accuracy", "chosen over rejected"],
 ];
 const COMPARED = [ // [field, label] of the baseline / latest / best table
   ["loss", "evaluation loss"],
@@ -17,7 +19,12 @@ const COMPARED = [ // [field, label] of the baseline / latest / best table
   ["token_accuracy", "token accuracy"],
   ["sequence_accuracy", "sequence accuracy"],
   ["char_error_rate", "CER"],
+  ["reward_accuracy", "chosen over rejected"],
+  ["reward_margin", "reward margin"],
+  ["chosen_reward", "chosen reward"],
+  ["rejected_reward", "rejected reward"],
 ];
+const published = (rows, field) => rows.some((r) => r[field] !== null && r[field] !== undefined);
 
 let job = JSON.parse(document.getElementById("page-data").textContent).job;
 const $ = (id) => document.getElementById(id);
@@ -99,7 +106,8 @@ function showCheckpoints() {
 
 function tableRow(row) {
   const cells = [row.kind, row.step, num(row.epoch, 2), num(row.loss, 4), row.kind === "train" ? row.learning_rate.toExponential(2) : "—",
-    num(row.token_accuracy), num(row.sequence_accuracy), num(row.char_error_rate), num(row.tokens_per_second, 0)];
+    num(row.token_accuracy), num(row.sequence_accuracy), num(row.char_error_rate), num(row.reward_margin, 4),
+    num(row.reward_accuracy), num(row.tokens_per_second, 0)];
   return h("tr", { "data-kind": row.kind }, cells.map((c) => h("td", {}, c)));
 }
 
@@ -125,9 +133,18 @@ function redraw() {
     const values = train.map((r) => r.learning_rate / 10 ** exponent);
     draw("lr", `Learning rate (× 1e${exponent})`, train.map((r) => r.step), [{ label: "learning rate", values }]);
   }
+  if (published(train, "reward_margin") || published(evals, "reward_margin")) { // preference tuning (DPO)
+    const trainMargin = new Map(train.map((r) => [r.step, r.reward_margin]));
+    const evalMargin = new Map(evals.map((r) => [r.step, r.reward_margin]));
+    $("chart-rewards").hidden = false;
+    draw("rewards", "Reward margin (chosen − rejected)", steps, [
+      { label: "training margin", values: steps.map((s) => trainMargin.get(s) ?? null) },
+      { label: "evaluation margin", values: steps.map((s) => evalMargin.get(s) ?? null) },
+    ]);
+  }
   if (evals.length) {
-    const published = EVAL_METRICS.filter(([field]) => evals.some((r) => r[field] !== null && r[field] !== undefined));
-    const series = published.map(([field, label]) => ({ label, values: evals.map((r) => r[field] ?? null) }));
+    const shown = EVAL_METRICS.filter(([field]) => published(evals, field));
+    const series = shown.map(([field, label]) => ({ label, values: evals.map((r) => r[field] ?? null) }));
     if (evals.some((r) => r.classification)) {
       series.push({ label: "label accuracy", values: evals.map((r) => (r.classification ? r.classification.accuracy : null)) });
     }
