@@ -389,8 +389,8 @@ CHROMIUM_ARGS = [
 ]
 
 
-@pytest.fixture(scope="session")
-def browser() -> Iterator[Any]:
+@pytest.fixture(scope="module")  # not longer: Playwright's sync API keeps its event loop running on this thread while
+def browser() -> Iterator[Any]:  # it is started, and a later test's asyncio.run() would refuse to start its own
     if not Path(CHROMIUM).exists():
         if os.environ.get("CI"):
             pytest.fail(f"Chromium is missing at {CHROMIUM}: .ci/run installs Debian's chromium")
