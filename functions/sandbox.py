@@ -44,9 +44,10 @@ Machines that forbid namespaces (unprivileged containers, some serverless platfo
 the step and the kernel's refusal in its message.
 
 Cost (tests/functions/test_sandbox.py `test_overhead_per_batch` bounds it): one process per function per batch.
-Measured on the project machine (2 cores), median of 20: a batch of one trivial item takes 35 ms idle and 72 ms
-with the machine busy (a bare `python -I -S -B -c pass` takes 6 ms; the two interpreter start-ups, the namespaces
-and the mounts make the rest); each further item adds 0.07 ms (1,000 items of 400 characters: 0.14 s a batch).
+Measured on the project machine (2 cores, other jobs running: load average 2 to 3), medians of 20: a batch of one
+trivial item takes 44 to 45 ms (72 ms at the busiest; a bare `python -I -S -B -c pass` takes 6 ms, and the two
+interpreter start-ups, the namespaces, the mounts and the filter make the rest); each further item adds 0.03 to
+0.07 ms (1,000 items of 400 characters: 75 to 140 ms a batch).
 """
 
 import contextlib
