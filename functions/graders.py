@@ -11,9 +11,13 @@ Two kinds, one spec each (`GraderSpec`, discriminated by `type`; every spec has 
 (a float, or a failure with its reason, counted per reason) and the weighted total per item.
 
 A failed item scores FAILURE_SCORE (0.0) in the weighted total: GRPO needs a number for every completion of a
-group, and 0.0 is what a completion that breaks the grader deserves on the usual 0..1 scale (it is also what TRL's
-GRPOTrainer sums for a reward function that returns None). A grader's own mean and spread leave failures out (they
-are counted apart, per reason), so a grader that fails often shows as failing, not as scoring low.
+group, and a completion that breaks the grader (not JSON where JSON was asked, a hang, a crash) deserves the floor
+of the usual 0..1 scale, so the policy learns away from it. TRL 1.16's GRPOTrainer also adds nothing for a reward
+function that returns None (a nansum), but it leaves a completion for which every function returned None out of
+the group's baseline with advantage 0; each ItemScore keeps value None and its reason, so a caller that prefers
+that for a failure which is not the completion's (`batch_timeout`) can pass None instead. A grader's own mean and
+spread leave failures out (they are counted apart, per reason), so a grader that fails often shows as failing, not
+as scoring low.
 """
 
 import ast
@@ -33,6 +37,13 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator,
 
 from functions.sandbox import Item, ItemScore, SandboxLimits, run_reward_function
 
+BUILT_IN_REASONS = {  # failure reasons of the built-in graders (a user function's: functions/sandbox.REASONS)
+    "missing_column": "the example lacks the column the grader reads",
+    "bad_reference": "the column holds no usable reference (no text, no number)",
+    "regex_timeout": "a pattern ran over REGEX_TIMEOUT_SECONDS on this completion",
+    "bad_completion": "the completion's JSON is nested too deeply to validate",
+    "grader_error": "the grader failed on this input (a bug of ours, reported rather than raised)",
+}
 FAILURE_SCORE = 0.0  # what a failed item adds to the weighted total (see the module docstring)
 MAX_SOURCE_BYTES = 64 * 1024  # a reward function's source
 MAX_PATTERN_CHARS = 1000  # a regex grader's pattern, and each `pattern` in a JSON schema
@@ -328,11 +339,12 @@ def score_batch(
         else:
             scores = [grade(spec, item) for item in items]
         results.append(GraderScores(spec.name, spec.weight, scores))
-    totals = [
-        math.fsum(r.weight * (r.scores[i].value if r.scores[i].ok else FAILURE_SCORE) for r in results)  # type: ignore[operator]
-        for i in range(len(items))
-    ]
+    totals = [math.fsum(r.weight * _value(r.scores[i]) for r in results) for i in range(len(items))]
     return BatchScores(results, totals)
+
+
+def _value(score: ItemScore) -> float:
+    return FAILURE_SCORE if score.value is None else score.value
 
 
 def grade(spec: GraderSpec, item: Item) -> ItemScore:
@@ -347,6 +359,8 @@ def grade(spec: GraderSpec, item: Item) -> ItemScore:
         return ItemScore(_BUILT_IN[spec.type](spec, item.completion, reference))
     except _Ungradable as e:
         return ItemScore(None, e.reason, e.detail)
+    except Exception as e:  # a bug of ours on an odd input: the item's failure, never the batch's
+        return ItemScore(None, "grader_error", f"{type(e).__name__}: {e}"[:500])
 
 
 class _Ungradable(Exception):
