@@ -330,7 +330,8 @@ def _finetune_options(parser: argparse.ArgumentParser, watch: bool = True) -> No
     parser.add_argument("--base-model", default="smollm2-135m", help="Model to fine-tune (default smollm2-135m).")
     parser.add_argument(
         "--method", choices=list(CONFIGS), help=f"Training method (server default {SFTConfig.method}): "
-        "'sft' learns each row's answer; 'dpo' learns to prefer 'chosen' over 'rejected' (a preference dataset)."
+        "'sft' learns each row's answer; 'dpo' learns to prefer 'chosen' over 'rejected' (a preference dataset); "
+        "'grpo' learns from --reward-functions' scores of its own completions (a dataset of prompts)."
     )  # fmt: skip
     for name in _config_fields():
         field = _config_field(name)
@@ -345,12 +346,23 @@ def _finetune_options(parser: argparse.ArgumentParser, watch: bool = True) -> No
             parser.add_argument(*flags, dest=name, type=kinds.pop(), help=help_text)
         elif kinds == {list[str]}:
             parser.add_argument(*flags, dest=name, type=_comma_separated, help=f"{help_text} Comma-separated.")
+        elif any(typing.get_origin(kind) is list for kind in kinds):  # GRPO's reward_functions: a list of objects
+            parser.add_argument(*flags, dest=name, type=_json_value, help=f"{help_text} JSON, or @file.json.")
         else:  # a string, a choice of strings, or a choice of a string and a number ("epoch" or 100)
             parser.add_argument(*flags, dest=name, type=_number_or_text, help=help_text)
     parser.add_argument("--set", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
                         help="Any other config field (VALUE read as JSON).")  # fmt: skip
     if watch:
         parser.add_argument("--watch", action="store_true", help="Follow the job until it ends.")
+
+
+def _json_value(value: str) -> Any:
+    """JSON given inline, or '@path' of a file holding it."""
+    text = Path(value[1:]).read_text() if value.startswith("@") else value
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
 
 
 def _comma_separated(value: str) -> list[str]:

@@ -200,6 +200,16 @@ class JobMetric(Base):
     rejected_reward: Mapped[float | None] = mapped_column(Float, default=None)
     reward_margin: Mapped[float | None] = mapped_column(Float, default=None)
     reward_accuracy: Mapped[float | None] = mapped_column(Float, default=None)
+    # Reinforcement fine-tuning (method "grpo") only (functions/grpo.py): the weighted total reward's mean and spread
+    # over the step's completions (an evaluation's: one greedy completion per held-out prompt), the KL to the
+    # reference (train rows), the completions' mean length in tokens, {"graders": {name: {"mean", "std"}},
+    # "failures": {"grader: reason": items}}, and on eval rows sample completions with their rewards.
+    reward: Mapped[float | None] = mapped_column(Float, default=None)
+    reward_std: Mapped[float | None] = mapped_column(Float, default=None)
+    kl: Mapped[float | None] = mapped_column(Float, default=None)
+    completion_length: Mapped[float | None] = mapped_column(Float, default=None)
+    rewards: Mapped[dict[str, Any] | None] = mapped_column(default=None)
+    samples: Mapped[list[Any] | None] = mapped_column(default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

@@ -235,7 +235,7 @@ def learning_rate(config: FinetuneConfig) -> float:
     multiplies it: web/openai_ft_replies.py)."""
     params = get_model(config.base_model).params
     lora = 1e-3 if params < 1e9 else 5e-4 if params < 10e9 else 2e-4
-    if config.method == "dpo":  # preference tuning moves a model that already answers: a tenth of the rate
+    if config.method in ("dpo", "grpo"):  # tuning a model that already answers (preferences, rewards): a tenth
         return lora / 10
     return lora if config.kind == "lora" else lora / 20
 

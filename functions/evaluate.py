@@ -34,6 +34,14 @@ class EvalResult:
     rejected_reward: float | None = None
     reward_margin: float | None = None
     reward_accuracy: float | None = None
+    # Reinforcement fine-tuning (method "grpo"): the held-out prompts' mean reward and its spread, their greedy
+    # completions' mean length in tokens, each reward's mean/spread/failures, sample completions (functions/grpo.py)
+    reward: float | None = None
+    reward_std: float | None = None
+    kl: float | None = None
+    completion_length: float | None = None
+    rewards: dict | None = None
+    samples: list | None = None
 
 
 def evaluate(

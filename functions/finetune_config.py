@@ -3,12 +3,13 @@
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from app.names import NAME, VERSION_REF
 from app.settings import get_settings
 from functions import accelerators
 from functions.catalog import get_model, linear_modules
+from functions.graders import GraderSpec, parse_graders
 from loraplex.prompt_template import TemplateError, placeholders
 
 # Fields that shape a LoRA adapter: meaningless for full fine-tuning, inherited when continuing an adapter.
@@ -19,8 +20,20 @@ MAX_STEPS = 1_000_000  # the most optimizer steps a job may ask for, and so the 
 AUTO_FIELDS = ("task", "epochs", "learning_rate", "effective_batch_size", "max_seq_length", "eval_steps")
 Auto = Literal["auto"]
 # Fields of one training method only (the methods that take them): refused with another method, naming the field.
-METHOD_FIELDS: dict[str, tuple[str, ...]] = {"beta": ("dpo",)}
+METHOD_FIELDS: dict[str, tuple[str, ...]] = {
+    "beta": ("dpo", "grpo"),
+    "num_generations": ("grpo",),
+    "max_completion_length": ("grpo",),
+    "temperature": ("grpo",),
+    "reward_functions": ("grpo",),
+}
 DPO_BETA = 0.1  # the DPO paper's and TRL's default
+# GRPO's defaults, for small models on few prompts: TRL's own (8 generations, 256 tokens, beta 0) are for GPUs.
+GRPO_BETA = 0.04  # DeepSeekMath's (and TRL's before 0.19): the KL to the reference (the adapter off) is reported
+GRPO_NUM_GENERATIONS = 4  # completions per prompt: the group each reward is compared within
+GRPO_MAX_COMPLETION_LENGTH = 128  # tokens generated per completion
+GRPO_TEMPERATURE = 1.0  # sampling as the model is: a group needs different completions to compare
+RFT_MAX_PARAMS = 32 * 10**9  # reinforcement fine-tuning is priced up to 32B parameters (billing/prices.rft_tier)
 # Settings a user might hope to have derived, that no dataset decides: "auto" there is refused, naming the field.
 NOT_DERIVABLE = (
     "rank",
@@ -47,20 +60,55 @@ class FinetuneConfig(BaseModel):
         "split) are the job's evaluation split, in place of the dataset's own evaluation split or held-out rows.",
     )
     repo: str = Field(description="Adapter repository; the result is saved as its next version, 'repo/N'.")
-    method: Literal["sft", "dpo"] = Field(
+    method: Literal["sft", "dpo", "grpo"] = Field(
         default="sft",
         description="'sft': supervised fine-tuning, the model learns to write each row's answer. 'dpo': preference "
         "tuning (Direct Preference Optimization, TRL's DPOTrainer) on a preference dataset ('prompt', 'chosen', "
         "'rejected' rows): the model learns to prefer each row's chosen answer over its rejected one, against the "
         "model it starts from (the base model with the adapter off, or the version continue_from_version names); "
-        "LoRA only, priced as SFT LoRA. 'auto' learning rate for DPO: a tenth of SFT's (1e-4 for models under 1B).",
+        "LoRA only, priced as SFT LoRA. 'auto' learning rate for DPO: a tenth of SFT's (1e-4 for models under 1B). "
+        "'grpo': reinforcement fine-tuning (GRPO, TRL's GRPOTrainer) on a dataset of prompts: the model writes "
+        "num_generations completions per prompt, reward_functions score them, and it learns towards the better ones "
+        "of each group; LoRA only, up to 32B parameters, priced at the RFT rates on prompt and generated tokens; "
+        "'auto' learning rate as DPO's.",
     )
     beta: float | None = Field(
         default=None,
         gt=0,
         le=10,
-        description="method 'dpo': how far the model may move from the model it starts from (the KL penalty's weight: "
-        "lower moves further); 0.1 if unset.",
+        description="method 'dpo' or 'grpo': how far the model may move from the model it starts from (the KL "
+        "penalty's weight: lower moves further); 0.1 for 'dpo' if unset (the DPO paper's), 0.04 for 'grpo' "
+        "(DeepSeekMath's; the reference is the model with the adapter off, so it costs no second copy).",
+    )
+    num_generations: int | None = Field(
+        default=None,
+        ge=2,
+        le=64,
+        description="method 'grpo': completions sampled per prompt, the group each completion's reward is compared "
+        "within (at least 2); 4 if unset (small models, few prompts; TRL's 8 doubles the generation time).",
+    )
+    max_completion_length: int | None = Field(
+        default=None,
+        ge=1,
+        le=8192,
+        description="method 'grpo': tokens generated per completion at most; 128 if unset (short answers: formats, "
+        "extraction, arithmetic).",
+    )
+    temperature: float | None = Field(
+        default=None,
+        gt=0,
+        le=2,
+        description="method 'grpo': sampling temperature of the completions; 1.0 if unset (the model as it is: a "
+        "group needs different completions to tell better from worse).",
+    )
+    reward_functions: list[GraderSpec] | None = Field(
+        default=None,
+        description="method 'grpo': what scores each completion, one or more, each with a name and a weight (the "
+        "reward is the weighted sum): built-in graders (exact_match, string_check, regex, json_schema, numeric, "
+        "text_similarity: a column of the dataset holds the reference) or 'python' with source defining "
+        "`reward_fn(prompt: str, completion: str, example: dict) -> float` (example: the row's columns), run in a "
+        "sandbox (no network, no files, time and memory limits); a completion whose function raises, hangs or "
+        "returns no number scores 0.0 and the reason is counted. Kept with the job and its version.",
     )
     adapter: Literal["lora", "turbo_lora", "turbo", "adalora", "adaption_prompt", "none"] = Field(
         default="lora",
@@ -270,6 +318,8 @@ class FinetuneConfig(BaseModel):
                 )
         if self.method == "dpo":
             self._fits_dpo()
+        if self.method == "grpo":
+            self._fits_grpo()
         if self.adapter == "none":
             lora_only = [name for name in LORA_FIELDS if name in self.model_fields_set]
             if lora_only:
@@ -290,9 +340,48 @@ class FinetuneConfig(BaseModel):
         if self.prompt_template is not None:
             raise ValueError("prompt_template: method 'dpo' reads preference rows ('prompt', 'chosen', 'rejected')")
 
+    def _fits_grpo(self) -> None:
+        """What reinforcement fine-tuning cannot take, refused naming the field."""
+        if self.adapter != "lora":
+            raise ValueError(
+                f"adapter: method 'grpo' trains a LoRA adapter ('lora'), not {self.adapter!r}: its reference model "
+                "is the model with the adapter off"
+            )
+        if not self.reward_functions:
+            raise ValueError("reward_functions: method 'grpo' needs at least one reward function or grader")
+        try:  # names distinct, at most MAX_GRADERS
+            parse_graders([spec.model_dump(by_alias=True) for spec in self.reward_functions])
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            where = ".".join(str(p) for p in ("reward_functions", *error["loc"]))
+            raise ValueError(f"{where}: {error['msg']}") from None
+        params = get_model(self.base_model).params
+        if params > RFT_MAX_PARAMS:
+            raise ValueError(
+                f"base_model: reinforcement fine-tuning (method 'grpo') is offered up to 32B parameters; "
+                f"{self.base_model!r} has {params / 1e9:.1f}B"
+            )
+        if self.task == "classification":
+            raise ValueError("task: method 'grpo' learns from rewards; 'classification' applies to method 'sft'")
+        if self.prompt_template is not None:
+            raise ValueError("prompt_template: method 'grpo' reads each row's 'prompt' column as the prompt")
+
     @property
     def dpo_beta(self) -> float:
-        return self.beta if self.beta is not None else DPO_BETA
+        if self.beta is not None:
+            return self.beta
+        return GRPO_BETA if self.method == "grpo" else DPO_BETA
+
+    @property
+    def grpo(self) -> "GrpoValues":
+        """Method 'grpo''s settings with their defaults."""
+        return GrpoValues(
+            num_generations=self.num_generations or GRPO_NUM_GENERATIONS,
+            max_completion_length=self.max_completion_length or GRPO_MAX_COMPLETION_LENGTH,
+            temperature=self.temperature if self.temperature is not None else GRPO_TEMPERATURE,
+            beta=self.dpo_beta,
+            reward_functions=list(self.reward_functions or []),
+        )
 
     @model_validator(mode="after")
     def _fits_gpu(self) -> "FinetuneConfig":
@@ -313,7 +402,7 @@ class FinetuneConfig(BaseModel):
         exclude = {"epochs"} if self.train_steps is not None else set()
         if self.adapter == "none":
             exclude |= set(LORA_FIELDS)
-        return self.model_dump(exclude=exclude or None)
+        return self.model_dump(exclude=exclude or None, by_alias=True)  # a json_schema grader's "schema"
 
     @property
     def kind(self) -> str:
@@ -324,6 +413,11 @@ class FinetuneConfig(BaseModel):
     def technique(self) -> str:
         """The price-table and ledger name of the technique (billing/prices.py)."""
         return "full" if self.adapter == "none" else self.adapter
+
+    @property
+    def price_technique(self) -> str:
+        """The price-table technique the job is charged at: 'rft' for method 'grpo' (billing/prices.py)."""
+        return "rft" if self.method == "grpo" else self.technique
 
     @property
     def resolved_alpha(self) -> int:
@@ -364,3 +458,14 @@ class Values:
     effective_batch_size: int
     max_seq_length: int
     eval_steps: int | None  # None: at the end of every epoch
+
+
+@dataclass(frozen=True)
+class GrpoValues:
+    """Method 'grpo''s settings, defaults filled in."""
+
+    num_generations: int
+    max_completion_length: int  # tokens
+    temperature: float
+    beta: float
+    reward_functions: list[GraderSpec]

@@ -5,9 +5,10 @@ Steps: claim the job (it takes its version number N on its first start) -> token
 label set of a classification dataset) -> train (per-step metrics rows, evaluations, a checkpoint `repo/N@k` every
 epoch or `checkpoint_every` steps, cancel checks) -> publish the evaluated step with the best task metric
 (accuracy for a classification dataset, exact match then character error rate for prompt/completion rows, loss
-for plain text, chosen over rejected for preference tuning), not the last one (files renamed into place, version
-row, job row and usage record in one transaction). Method "dpo" trains on preference pairs with TRL's DPOTrainer
-(functions/dpo.py); the rest of the job is the same.
+for plain text, chosen over rejected for preference tuning, the mean reward for reinforcement fine-tuning), not the
+last one (files renamed into place, version row, job row and usage record in one transaction). Method "dpo" trains on
+preference pairs with TRL's DPOTrainer (functions/dpo.py), method "grpo" on prompts and reward functions with TRL's
+GRPOTrainer (functions/grpo.py); the rest of the job is the same.
 
 A retried job (its worker died and the queue re-delivered the event once the lease expired, or the attempt
 failed) resumes from its last checkpoint: the Trainer continues at that step with its optimizer and schedule,
@@ -38,9 +39,10 @@ from functions.catalog import get_model
 from functions.checkpoints import TrainingTarget
 from functions.classifier_head import build_classifier
 from functions.dataset_files import parse_dataset
-from functions.datasets import Example, detect_labels, single_class_message
+from functions.datasets import Example, ParsedDataset, detect_labels, single_class_message
 from functions.dpo import build_dpo_trainer
 from functions.finetune_config import FinetuneConfig
+from functions.grpo import PromptRow, build_grpo_trainer, counted, prompt_rows
 from functions.preference import PreferencePair, tokenize_pair
 from functions.prompts import Tokenized, example_ids, tokenize_example
 from functions.train_progress import Data, Progress
@@ -145,6 +147,8 @@ def _tokenize(job: FinetuneJob, config: FinetuneConfig) -> Data:
     parsed = parse_dataset(data, dataset.file_format, get_settings().limits.max_dataset_rows)  # type: ignore[arg-type]  # a FileFormat, checked at upload
     if not parsed.ok:
         raise PermanentError(f"dataset {dataset.name!r} no longer validates: {parsed.errors[0].message}")
+    if config.method == "grpo":
+        return _prompts(job, config, parsed)
     try:
         parsed = templated_rows.rendered(parsed, config)  # the rows a prompt_template builds, as the quote counted
     except Invalid as exc:
@@ -211,6 +215,28 @@ def _pairs(examples: list[Example], tokenizer: object, config: FinetuneConfig, m
     return Data(train, evaluation, None)
 
 
+def _prompts(job: FinetuneJob, config: FinetuneConfig, parsed: ParsedDataset) -> Data:
+    """A reinforcement fine-tuning job's prompts (functions/grpo.py), held out as _tokenize holds rows out."""
+    try:
+        rows = prompt_rows(parsed, job.dataset.name)
+        if job.evaluation_dataset is not None:  # its rows, all of them, are the evaluation split
+            extra = prompt_rows(templated_rows.read(job.evaluation_dataset), job.evaluation_dataset.name)
+            rows = [r for r in rows if r.split == "train"]
+            rows += [dataclasses.replace(r, index=len(rows) + i, split="evaluation") for i, r in enumerate(extra)]
+        rows = counted(rows, load_tokenizer(config.base_model), config)
+    except Invalid as exc:
+        raise PermanentError(exc.message) from exc
+    except BaseModelUnavailable as exc:
+        raise PermanentError(str(exc)) from exc
+    train: list[PromptRow] = [r for r in rows if r.split == "train"]
+    evaluation: list[PromptRow] = [r for r in rows if r.split == "evaluation"]
+    if not evaluation and config.eval_fraction > 0 and len(train) >= MIN_ROWS_TO_HOLD_OUT:
+        shuffled = random.Random(config.seed).sample(train, len(train))
+        held_out = max(1, round(len(train) * config.eval_fraction))
+        evaluation, train = shuffled[:held_out], shuffled[held_out:]
+    return Data(train, evaluation, None)
+
+
 def _evaluation_examples(dataset: Dataset, config: FinetuneConfig) -> list[Example]:
     """Every row of the job's evaluation dataset as an evaluation row, built as the train rows are."""
     try:
@@ -232,7 +258,9 @@ def _train(
     resume = checkpoints.prepare_resume(target, workdir)
     run: TrainingRun
     try:
-        if config.method == "dpo":  # preference pairs: TRL's DPOTrainer
+        if config.method == "grpo":  # prompts and rewards: TRL's GRPOTrainer
+            run = build_grpo_trainer(config, data.train, workdir, init_from=init_from, checkpoints=True)  # type: ignore[arg-type]
+        elif config.method == "dpo":  # preference pairs: TRL's DPOTrainer
             run = build_dpo_trainer(config, data.train, workdir, init_from=init_from, checkpoints=True)  # type: ignore[arg-type]
         elif config.values().task == "classification" and data.labels:  # a classification head over the prompt
             run = build_classifier(config, data.train, data.labels, workdir, init_from=init_from, checkpoints=True)  # type: ignore[arg-type]
@@ -256,8 +284,11 @@ def _train(
     else:
         progress.kept_dir.rename(workdir / "result")
     progress.save_summary(last_step)
+    processed = progress.tokens_done(run.trainer.state.epoch or 0.0)
+    if config.method == "grpo":  # the prompt and completion tokens TRL ran, counted per completion
+        processed = int(run.trainer.state.num_input_tokens_seen)
     return {
-        "tokens_processed": progress.tokens_done(run.trainer.state.epoch or 0.0),
+        "tokens_processed": processed,
         "seconds": time.monotonic() - progress.started,
     }
 
@@ -276,7 +307,7 @@ def _publish(
 
     def complete_job(s: Session, adapter: AdapterVersion) -> None:
         current = s.get_one(FinetuneJob, job.id)
-        amount = ledger.price_book(s, job.tenant_id).finetune(params, config.technique, stats["tokens_processed"])
+        amount = ledger.price_book(s, job.tenant_id).finetune(params, config.price_technique, stats["tokens_processed"])
         current.status, current.finished_at = "completed", datetime.now(UTC)
         current.adapter_version_id = adapter.id
         usage = ledger.record(
@@ -285,7 +316,7 @@ def _publish(
                 idempotency_key=f"finetune:{job.id}",
                 tenant_id=job.tenant_id,
                 kind="finetune",
-                technique=f"{config.method}_{config.technique}",  # priced alike: sft_lora, dpo_lora
+                technique=f"{config.method}_{config.technique}",  # sft_lora, dpo_lora (priced alike), grpo_lora
                 base_model=config.base_model,
                 adapter=f"{job.repo.name}/{adapter.version}",
                 input_tokens=stats["tokens_processed"],

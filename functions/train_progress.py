@@ -23,6 +23,7 @@ from functions.classifier_head import evaluate_classifier
 from functions.dpo import REWARD_METRICS, evaluate_pairs
 from functions.evaluate import EvalResult, evaluate
 from functions.finetune_config import FinetuneConfig
+from functions.grpo import METRIC_COLUMNS, PromptRow, evaluate_rewards, step_metrics
 from functions.preference import PreferencePair
 from functions.prompts import Tokenized
 from functions.trainer import TrainingRun
@@ -32,9 +33,9 @@ log = logging.getLogger("loraplex.train")
 
 @dataclass(frozen=True)
 class Data:
-    # rows, or a preference-tuning job's pairs (method "dpo")
-    train: list[Tokenized] | list[PreferencePair]
-    evaluation: list[Tokenized] | list[PreferencePair]
+    # rows, a preference-tuning job's pairs (method "dpo"), or a reinforcement fine-tuning job's prompts ("grpo")
+    train: list[Tokenized] | list[PreferencePair] | list[PromptRow]
+    evaluation: list[Tokenized] | list[PreferencePair] | list[PromptRow]
     # a classification dataset's labels, each with its completion token ids (the label, then the end of the turn)
     labels: dict[str, list[int]] | None
 
@@ -109,7 +110,7 @@ class Progress:
             char_error_rate=row.char_error_rate,
             rows=len(self.evaluation),
             classification=row.classification,
-            **{name: getattr(row, name) for name in REWARD_METRICS.values()},
+            **{name: getattr(row, name) for name in (*REWARD_METRICS.values(), *METRIC_COLUMNS)},
         )
 
     def callback(self) -> Any:
@@ -172,6 +173,7 @@ class Progress:
                     learning_rate=float(logs.get("learning_rate", 0.0)),
                     tokens_per_second=self.tokens_done(epoch - self.start_epoch) / elapsed if elapsed > 0 else 0.0,
                     **{ours: float(logs[theirs]) for theirs, ours in REWARD_METRICS.items() if theirs in logs},
+                    **step_metrics(logs, self.run),
                 )
             )
 
@@ -183,7 +185,9 @@ class Progress:
         """Evaluate, record the row, and say whether early stopping should stop training now."""
         if not self.evaluation or any(s == step for s, _ in self.evals):
             return False
-        if self.config.method == "dpo":
+        if self.config.method == "grpo":
+            result = evaluate_rewards(self.run, self.config, self.evaluation)  # type: ignore[arg-type]  # prompts
+        elif self.config.method == "dpo":
             result = evaluate_pairs(self.run.trainer, self.evaluation)  # type: ignore[arg-type]  # pairs
         elif self.run.kind == "classification" and self.labels:
             result = evaluate_classifier(model, self.tokenizer, self.evaluation, self.labels, bf16=self.bf16)  # type: ignore[arg-type]  # rows
@@ -204,7 +208,7 @@ class Progress:
                     sequence_accuracy=result.sequence_accuracy,
                     char_error_rate=result.char_error_rate,
                     classification=result.classification,
-                    **{name: getattr(result, name) for name in REWARD_METRICS.values()},
+                    **{name: getattr(result, name) for name in (*REWARD_METRICS.values(), *METRIC_COLUMNS)},
                 )
             )
         if not self._track(step, result):
@@ -258,6 +262,8 @@ class Progress:
             return "accuracy"
         if self.config.method == "dpo":
             return "reward_accuracy"
+        if self.config.method == "grpo":
+            return "reward"
         trained = [r for step, r in self.evals if step > 0]
         return "sequence_accuracy" if trained and trained[0].sequence_accuracy is not None else "loss"
 

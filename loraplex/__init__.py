@@ -11,7 +11,7 @@ print(pb.deployments.client("smollm2-135m").generate("Hello", adapter_id=adapter
 
 from loraplex.adapters import Adapter
 from loraplex.client import Loraplex
-from loraplex.configs import DeploymentConfig, DPOConfig, SFTConfig
+from loraplex.configs import DeploymentConfig, DPOConfig, GRPOConfig, SFTConfig
 from loraplex.errors import JobFailedError, LoraplexError
 from loraplex.generation import Response, StreamResponse
 from loraplex.resources import Dataset, Deployment, FinetuningJob, Quote, Repo
@@ -22,6 +22,7 @@ __all__ = [
     "Deployment",
     "DeploymentConfig",
     "DPOConfig",
+    "GRPOConfig",
     "FinetuningJob",
     "Quote",
     "JobFailedError",

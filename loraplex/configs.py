@@ -1,7 +1,9 @@
 """Typed configs, as Predibase's SDK has them: `SFTConfig` (a fine-tuning job's settings), `DPOConfig` (a
-preference-tuning job's: SFTConfig's fields and `beta`; its `method` is "dpo") and `DeploymentConfig` (a private
-deployment's). One class per training method, as Predibase has SFTConfig and GRPOConfig: the server's `method` field
-is the class, never a field of it. Field names, types, defaults and ranges are the server's own
+preference-tuning job's: SFTConfig's fields and `beta`; its `method` is "dpo"), `GRPOConfig` (reinforcement
+fine-tuning's: SFTConfig's fields, `beta`, `num_generations`, `max_completion_length`, `temperature` and
+`reward_functions`; its `method` is "grpo") and `DeploymentConfig` (a private deployment's). One class per
+training method, as Predibase has SFTConfig and GRPOConfig: the server's `method` field is the class, never a field
+of it. Field names, types, defaults and ranges are the server's own
 (functions/finetune_config.py FinetuneConfig, functions/deployments/config.py DeploymentConfig) minus what the SDK
 passes beside the config (dataset, repo; a deployment's name); tests/app/test_sdk_configs.py fails, naming the field,
 when they drift. A mistake is caught here, before any request; what needs the server's knowledge (a known base model,
@@ -11,6 +13,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from loraplex.graders import GraderSpec
 from loraplex.prompt_template import TemplateError, placeholders
 
 MAX_STEPS = 1_000_000  # the most optimizer steps a job may ask for
@@ -149,7 +152,51 @@ class DPOConfig(SFTConfig):
         return self
 
 
-CONFIGS: dict[str, type[SFTConfig]] = {"sft": SFTConfig, "dpo": DPOConfig}  # by the server's `method`
+class GRPOConfig(SFTConfig):
+    """Reinforcement fine-tuning (GRPO) of a LoRA adapter on a dataset of prompts (a prompt/completion dataset, or
+    one with a 'prompt' column): the model writes `num_generations` completions per prompt, `reward_functions` score
+    them, and it learns towards the better ones of each group. Priced at the RFT rates ($10 per 1M tokens up to 16B,
+    $20 up to 32B) on (prompt + max_completion_length) x num_generations tokens per row and epoch (estimated), the
+    tokens processed (charged). SFTConfig's fields, and these."""
+
+    method: ClassVar[str] = "grpo"
+    beta: float | None = Field(
+        default=None, gt=0, le=10, description="KL penalty's weight to the model it starts from; 0.04 if unset."
+    )
+    num_generations: int | None = Field(
+        default=None, ge=2, le=64, description="Completions sampled per prompt (at least 2); 4 if unset."
+    )
+    max_completion_length: int | None = Field(
+        default=None, ge=1, le=8192, description="Tokens generated per completion at most; 128 if unset."
+    )
+    temperature: float | None = Field(
+        default=None, gt=0, le=2, description="Sampling temperature of the completions; 1.0 if unset."
+    )
+    reward_functions: list[GraderSpec] | None = Field(
+        default=None,
+        description="Built-in graders and Python reward functions (loraplex.graders), each with a name and a weight.",
+    )
+
+    @model_validator(mode="after")
+    def _fits_grpo(self) -> "GRPOConfig":
+        if self.adapter != "lora":
+            raise ValueError(f"adapter: method 'grpo' trains a LoRA adapter ('lora'), not {self.adapter!r}")
+        if not self.reward_functions:
+            raise ValueError("reward_functions: method 'grpo' needs at least one reward function or grader")
+        if self.task == "classification":
+            raise ValueError("task: method 'grpo' learns from rewards; 'classification' applies to method 'sft'")
+        if self.prompt_template is not None:
+            raise ValueError("prompt_template: method 'grpo' reads each row's 'prompt' column as the prompt")
+        return self
+
+    def request_fields(self) -> dict[str, Any]:
+        return super().request_fields() | (
+            {"reward_functions": [f.model_dump(mode="json", by_alias=True, exclude_unset=True) | {"type": f.type}
+                                  for f in self.reward_functions]} if self.reward_functions else {}
+        )  # fmt: skip
+
+
+CONFIGS: dict[str, type[SFTConfig]] = {"sft": SFTConfig, "dpo": DPOConfig, "grpo": GRPOConfig}  # by `method`
 
 
 def finetune_config(fields: Any) -> SFTConfig:

@@ -110,6 +110,16 @@ class MetricOut(BaseModel):
     rejected_reward: float | None = None
     reward_margin: float | None = None
     reward_accuracy: float | None = None
+    # Reinforcement fine-tuning (method "grpo"; an eval row's loss is minus its mean reward): the weighted total
+    # reward's mean and spread, the KL to the reference (train rows), the completions' mean length in tokens,
+    # {"graders": {name: {"mean", "std"}}, "failures": {"grader: reason": items}}, and on eval rows sample completions
+    # [{"prompt", "completion", "reward", "scores": {grader: value or failure reason}}].
+    reward: float | None = None
+    reward_std: float | None = None
+    kl: float | None = None
+    completion_length: float | None = None
+    rewards: dict[str, Any] | None = None
+    samples: list[dict[str, Any]] | None = None
     attempt: int
     at: datetime = Field(validation_alias="created_at")
 

@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from functions.deployments.config import DeploymentConfig as ServerDeploymentConfig
 from functions.finetune_config import METHOD_FIELDS, FinetuneConfig
-from loraplex import DeploymentConfig, DPOConfig, SFTConfig
+from loraplex import DeploymentConfig, DPOConfig, GRPOConfig, SFTConfig
 from loraplex.configs import CONFIGS
 
 # Passed beside the config by the SDK's calls: adapters.create(config, dataset=, repo=, description=),
@@ -35,11 +35,29 @@ def drift(sdk: type[BaseModel], server: type[BaseModel], separate: set[str]) -> 
             problems.append(f"{name}: SDK default {sdk_default!r} != server default {server_default!r}")
         if (name in ours.get("required", [])) != (name in theirs.get("required", [])):
             problems.append(f"{name}: required in one, optional in the other")
-    if ours.get("$defs") != theirs.get("$defs"):
-        problems.append(f"$defs: {ours.get('$defs')} != {theirs.get('$defs')}")
+    their_defs = _referenced(server_props, theirs.get("$defs", {}))  # of the fields compared
+    if ours.get("$defs", {}) != their_defs:
+        problems.append(f"$defs: {ours.get('$defs')} != {their_defs}")
     if sdk.model_config.get("extra") != "forbid":
         problems.append(f"{sdk.__name__}: unknown fields must be refused (extra='forbid')")
     return problems
+
+
+def _referenced(node: Any, defs: dict[str, Any]) -> dict[str, Any]:
+    """The $defs that `node` refers to, and those they refer to."""
+    found: dict[str, Any] = {}
+    todo = [node]
+    while todo:
+        item = todo.pop()
+        if isinstance(item, dict):
+            ref = item.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/") and ref[8:] not in found:
+                found[ref[8:]] = defs[ref[8:]]
+                todo.append(defs[ref[8:]])
+            todo.extend(item.values())
+        elif isinstance(item, list):
+            todo.extend(item)
+    return found
 
 
 def _schema(model: type[BaseModel]) -> dict[str, Any]:
@@ -67,6 +85,10 @@ def test_sft_config_is_the_servers_finetune_config() -> None:
 
 def test_dpo_config_is_the_servers_finetune_config_for_dpo() -> None:
     assert drift(DPOConfig, FinetuneConfig, method_separate("dpo")) == []
+
+
+def test_grpo_config_is_the_servers_finetune_config_for_grpo() -> None:
+    assert drift(GRPOConfig, FinetuneConfig, method_separate("grpo")) == []
 
 
 def test_every_server_method_has_its_sdk_config() -> None:

@@ -20,7 +20,8 @@ from served import served_platform
 
 from conftest import TINY_MODEL, make_tenant, wait_for
 from deployment_helpers import FAST_ENV
-from loraplex import DeploymentConfig, DPOConfig, JobFailedError, Loraplex, LoraplexError, SFTConfig
+from functions.sandbox import SandboxUnavailable, check_available
+from loraplex import DeploymentConfig, DPOConfig, GRPOConfig, JobFailedError, Loraplex, LoraplexError, SFTConfig
 
 ROWS = [{"prompt": f"Say hi to {n}", "completion": f"Hi {n}!"} for n in ("Ann", "Bo", "Cy", "Di", "Ed", "Flo")]
 CONFIG = SFTConfig(base_model=TINY_MODEL, epochs=1, rank=4, effective_batch_size=2)
@@ -145,6 +146,49 @@ def test_a_dpo_adapter_from_the_sdk_and_the_cli(pb: Loraplex, server_url: str, t
     assert start.returncode == 0, start.stdout + start.stderr
     assert "completed: adapter polite/2, 1 steps" in start.stdout, start.stdout
     assert pb.adapters.get("polite/2").config["beta"] == 0.3
+
+
+def test_a_grpo_adapter_from_the_sdk_and_the_cli(pb: Loraplex, server_url: str, tmp_path: Path) -> None:
+    """Reinforcement fine-tuning: GRPOConfig with a grader and a Python reward function through the SDK, then
+    `finetune start --method grpo --reward-functions @file` through the CLI."""
+    try:
+        check_available()
+    except SandboxUnavailable as e:
+        if os.environ.get("LORAPLEX_REQUIRE_SANDBOX") == "1":
+            raise
+        pytest.skip(f"sandbox unavailable: {e}")
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("\n".join(json.dumps({"prompt": f"Say {w}", "completion": w}) for w in ("red", "blue", "gold")))
+    assert pb.datasets.from_file(path, base_model=TINY_MODEL).status == "ready"
+    short = "def reward_fn(prompt, completion, example):\n    return 1.0 if len(completion) < 20 else 0.0\n"
+    graders = [
+        {"type": "string_check", "operation": "contains", "column": "completion", "name": "says"},
+        {"type": "python", "source": short, "name": "short", "weight": 0.5},
+    ]
+    config = GRPOConfig(base_model=TINY_MODEL, train_steps=1, effective_batch_size=2, num_generations=2,
+                        max_completion_length=6, rank=4, reward_functions=graders)  # fmt: skip
+    assert config.request_fields()["method"] == "grpo"
+    adapter = pb.adapters.create(config=config, dataset="prompts", repo="sayer", show_progress=False)
+    assert adapter.status == "completed" and adapter.config["reward_functions"][1]["source"] == short
+    [step] = [m for m in adapter.metrics if m["kind"] == "train"]
+    assert step["reward"] is not None and set(step["rewards"]["graders"]) == {"says", "short"}
+    with pytest.raises(ValidationError, match="reward_functions"):
+        GRPOConfig(base_model=TINY_MODEL)
+    with pytest.raises(ValidationError, match="num_generations"):
+        SFTConfig(base_model=TINY_MODEL, num_generations=2)  # type: ignore[call-arg]  # a GRPO field
+
+    rewards = tmp_path / "rewards.json"
+    rewards.write_text(json.dumps(graders))
+    env = os.environ | {"LORAPLEX_API_URL": server_url, "LORAPLEX_API_KEY": pb.api_key or ""}
+    start = subprocess.run(
+        [sys.executable, "-m", "app.cli", "finetune", "start", "--dataset", "prompts", "--repo", "sayer",
+         "--base-model", TINY_MODEL, "--method", "grpo", "--reward-functions", f"@{rewards}", "--num-generations",
+         "2", "--max-completion-length", "6", "--effective-batch-size", "2", "--train-steps", "1", "--watch"],
+        env=env, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert start.returncode == 0, start.stdout + start.stderr
+    assert "completed: adapter sayer/2, 1 steps" in start.stdout, start.stdout
+    assert pb.adapters.get("sayer/2").config["num_generations"] == 2
 
 
 def test_refusals_come_before_any_work_and_a_failed_job_raises(pb: Loraplex) -> None:

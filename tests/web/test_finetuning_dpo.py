@@ -181,7 +181,7 @@ def test_methods_and_datasets_that_do_not_fit_are_refused(client: TestClient, al
         ({"method": "dpo", "task": "classification"}, "task"),
         ({"method": "dpo", "prompt_template": "Say {word}"}, "prompt_template"),
         ({"method": "dpo", "beta": 0}, "beta"),
-        ({"method": "grpo"}, "method"),
+        ({"method": "grpo"}, "reward_functions"),
     ],
 )
 def test_config_fields_of_another_method_are_refused(

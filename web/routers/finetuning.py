@@ -20,7 +20,7 @@ from app.db import sessions
 from app.models import Dataset, FinetuneJob, JobMetric, UsageRecord, utcnow
 from app.queue import emit
 from billing import credits, ledger
-from functions import auto_config, checkpoints, templated_rows
+from functions import auto_config, checkpoints, grpo, templated_rows
 from functions.catalog import get_model
 from functions.datasets import single_class_message
 from functions.finetune_config import MAX_STEPS, FinetuneConfig
@@ -138,13 +138,15 @@ def price_job(db: Session, tenant_id: str, config: FinetuneConfig) -> Quote:
         raise APIError(422, exc.message, param=exc.field, code="invalid_value") from None
     # "auto" fields from the dataset (the rows a prompt_template renders); refused here (naming max_seq_length) when
     # truncation would lose too much, or a template that does not fit the dataset (naming prompt_template).
-    profile = auto_config.dataset_profile(dataset, config)
+    # A GRPO job's rows: each prompt with max_completion_length (functions/grpo.py).
+    grpo_job = config.method == "grpo"
+    profile = grpo.profile(dataset, config) if grpo_job else auto_config.dataset_profile(dataset, config)
     if evaluation is not None:  # its rows are the evaluation split: none is held out of the train split
         profile = dataclasses.replace(profile, evaluation_rows=int(evaluation.stats.get("rows", 0)))
     resolved = auto_config.resolve(config, profile)
     tokens = estimated_tokens(resolved.truncation, resolved.config)
     params = get_model(resolved.config.base_model).params
-    estimate = ledger.price_book(db, tenant_id).finetune(params, resolved.config.technique, tokens)
+    estimate = ledger.price_book(db, tenant_id).finetune(params, resolved.config.price_technique, tokens)
     refusal = credits.paid_work_refusal(db, tenant_id, estimate)
     return Quote(dataset, evaluation, resolved, tokens, estimate, refusal)
 
@@ -284,12 +286,14 @@ def _sse(event: str, data: dict[str, Any], event_id: int | None = None) -> str:
 def estimated_tokens(truncation: auto_config.Truncation, config: FinetuneConfig) -> int:
     """Tokens the job will process: the train split as max_seq_length leaves it x epochs, or the rows train_steps
     will see. A preference row (method "dpo") is two sequences: its prompt with the chosen answer, and with the
-    rejected one."""
+    rejected one. A prompt (method "grpo") is num_generations sequences: (prompt + max_completion_length) x
+    num_generations tokens per row and epoch."""
     values = config.values()
+    sequences = config.grpo.num_generations if config.method == "grpo" else 1
     if config.train_steps is None:
-        return truncation.tokens * values.epochs
+        return truncation.tokens * values.epochs * sequences
     rows = config.train_steps * values.effective_batch_size
-    return -(-truncation.tokens * rows // max(1, truncation.rows - truncation.rows_dropped))  # ceil
+    return -(-truncation.tokens * rows * sequences // max(1, truncation.rows - truncation.rows_dropped))  # ceil
 
 
 def evaluation_dataset(db: Session, tenant_id: str, config: FinetuneConfig) -> Dataset | None:
@@ -302,6 +306,10 @@ def evaluation_dataset(db: Session, tenant_id: str, config: FinetuneConfig) -> D
         message = f"evaluation_dataset: {dataset.name!r} is {dataset.status}, not ready"
         raise APIError(409, message, param="evaluation_dataset", code="dataset_not_ready")
     _fits_method(config, dataset.name, dataset.data_format, param="evaluation_dataset")
+    if config.method == "grpo":
+        columns, specs = dataset.stats.get("columns") or [], config.grpo.reward_functions
+        grpo.check_dataset(dataset.name, dataset.data_format, columns, specs, "evaluation_dataset")
+        return dataset
     if templated_rows.applies(config, dataset.data_format):
         templated_rows.check(config, dataset.name, dataset.data_format, dataset.stats.get("columns") or [])
     return dataset

@@ -265,3 +265,39 @@ def test_a_preference_tuning_job_draws_its_rewards(page: Any, console_url: str, 
     assert first_step.nth(8).inner_text() != "—" and first_step.nth(9).inner_text() != "—"  # margin, accuracy
     screenshot(page, "job-dpo")
     fits_narrow_screen(page)
+
+
+def test_a_reinforcement_fine_tuning_job_draws_its_rewards(page: Any, console_url: str, api_key: str) -> None:
+    """A GRPO job's page: the reward chart (training and evaluation totals, each reward function's mean), the KL
+    chart, the mean reward beside the baseline, and the latest evaluation's sample completions with their rewards."""
+    ready_dataset(
+        console_url, api_key, "prompts", [{"prompt": f"Say hi to {n}", "completion": f"Hi {n}!"} for n in NAMES[:12]]
+    )
+    headers = {"Authorization": f"Bearer {api_key}"}
+    graders = [{"type": "text_similarity", "name": "close", "column": "completion"}]
+    config = {"base_model": TINY_MODEL, "dataset": "prompts", "repo": "greeter", "method": "grpo", "train_steps": 2,
+              "effective_batch_size": 2, "eval_steps": 1, "num_generations": 2, "max_completion_length": 6,
+              "reward_functions": graders}  # fmt: skip
+    job = httpx.post(
+        f"{console_url}/v1/finetuning/jobs", headers=headers, json=config, timeout=60
+    ).json()  # counts prompt tokens
+    deadline = time.monotonic() + 180
+    while (shown := httpx.get(f"{console_url}/v1/finetuning/jobs/{job['id']}", headers=headers).json())["status"] in (
+        "queued",
+        "training",
+    ):
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+    assert shown["status"] == "completed", shown
+    page.goto(f"/jobs/{job['id']}")
+    expect(page.locator("#points")).to_have_attribute("data-train-points", "2")
+    expect(page.locator("#chart-rewards")).to_be_visible()
+    expect(page.locator("#chart-rewards")).to_contain_text("training reward")
+    expect(page.locator("#chart-rewards")).to_contain_text("close")
+    expect(page.locator("#chart-kl")).to_be_visible()
+    expect(page.locator("#eval-table")).to_contain_text("mean reward")
+    samples = page.locator("#samples-table")
+    expect(samples).to_contain_text("Say hi to")
+    assert samples.locator("tbody tr").count() == 1  # one held-out prompt (12 rows, a tenth held out)
+    screenshot(page, "job-grpo")
+    fits_narrow_screen(page)

@@ -2,7 +2,8 @@
 // carries the job as GET /v1/finetuning/jobs/{id} answers it, `metric` one row of its metrics) and draws the curves
 // as the rows arrive, with the same rows in a table; the step-0 baseline beside the latest evaluation, the confusion
 // matrix of a classification dataset, a preference-tuning (DPO) job's reward margins and share of pairs where the
-// chosen answer wins, checkpoints, estimate vs charge, and cancel while it runs.
+// chosen answer wins, a reinforcement fine-tuning (GRPO) job's rewards (the total and each reward function's, KL to
+// the reference) and sample completions with their rewards, checkpoints, estimate vs charge, and cancel while it runs.
 import { api, h, lineChart, num, showError } from "/static/console.js";
 
 const FINAL = ["completed", "failed", "cancelled"];
@@ -12,6 +13,7 @@ const EVAL_METRICS = [ // [field of an eval row, label]; a metric the job does n
   ["sequence_accuracy", "sequence accuracy"],
   ["char_error_rate", "CER"],
   ["reward_accuracy", "chosen over rejected"],
+  ["reward", "mean reward"],
 ];
 const COMPARED = [ // [field, label] of the baseline / latest / best table
   ["loss", "evaluation loss"],
@@ -23,6 +25,9 @@ const COMPARED = [ // [field, label] of the baseline / latest / best table
   ["reward_margin", "reward margin"],
   ["chosen_reward", "chosen reward"],
   ["rejected_reward", "rejected reward"],
+  ["reward", "mean reward"],
+  ["reward_std", "reward spread"],
+  ["completion_length", "completion length (tokens)"],
 ];
 const published = (rows, field) => rows.some((r) => r[field] !== null && r[field] !== undefined);
 
@@ -107,7 +112,7 @@ function showCheckpoints() {
 function tableRow(row) {
   const cells = [row.kind, row.step, num(row.epoch, 2), num(row.loss, 4), row.kind === "train" ? row.learning_rate.toExponential(2) : "—",
     num(row.token_accuracy), num(row.sequence_accuracy), num(row.char_error_rate), num(row.reward_margin, 4),
-    num(row.reward_accuracy), num(row.tokens_per_second, 0)];
+    num(row.reward_accuracy), num(row.reward, 4), num(row.kl, 4), num(row.tokens_per_second, 0)];
   return h("tr", { "data-kind": row.kind }, cells.map((c) => h("td", {}, c)));
 }
 
@@ -141,6 +146,20 @@ function redraw() {
       { label: "training margin", values: steps.map((s) => trainMargin.get(s) ?? null) },
       { label: "evaluation margin", values: steps.map((s) => evalMargin.get(s) ?? null) },
     ]);
+  }
+  if (published(train, "reward") || published(evals, "reward")) { // reinforcement fine-tuning (GRPO)
+    const at = (rows, value) => { const m = new Map(rows.map((r) => [r.step, value(r)])); return steps.map((s) => m.get(s) ?? null); };
+    const graders = [...new Set(train.flatMap((r) => Object.keys((r.rewards && r.rewards.graders) || {})))];
+    $("chart-rewards").hidden = false;
+    draw("rewards", "Reward (weighted total, and each reward function's mean)", steps, [
+      { label: "training reward", values: at(train, (r) => r.reward) },
+      { label: "evaluation reward", values: at(evals, (r) => r.reward) },
+      ...graders.map((g) => ({ label: g, values: at(train, (r) => (r.rewards && r.rewards.graders[g] ? r.rewards.graders[g].mean : null)) })),
+    ]);
+    if (published(train, "kl")) {
+      $("chart-kl").hidden = false;
+      draw("kl", "KL to the reference model", train.map((r) => r.step), [{ label: "KL", values: train.map((r) => r.kl ?? null) }]);
+    }
   }
   if (evals.length) {
     const shown = EVAL_METRICS.filter(([field]) => published(evals, field));
@@ -189,6 +208,25 @@ function showEvals() {
     h("tbody", {}, rows.map(([label, ...cells]) => h("tr", {}, h("th", { scope: "row" }, label), cells.map((c) => h("td", {}, c))))),
   )));
   showConfusion(latest && latest.classification ? latest : null);
+  showSamples(latest && latest.samples ? latest : null);
+}
+
+function showSamples(row) { // a GRPO evaluation's sample completions, with their rewards
+  const target = $("samples");
+  if (!row) {
+    target.replaceChildren();
+    return;
+  }
+  const graders = Object.keys(row.samples.length ? row.samples[0].scores : {});
+  const score = (v) => (typeof v === "number" ? num(v, 3) : `failed: ${v}`);
+  target.replaceChildren(
+    h("h3", {}, `Sample completions at step ${row.step}`),
+    h("div", { class: "table-wrap", tabindex: "0", role: "region", "aria-label": "Scrollable table" }, h("table", { id: "samples-table" },
+      h("thead", {}, h("tr", {}, ["Prompt", "Completion", "Reward", ...graders].map((c) => h("th", { scope: "col" }, c)))),
+      h("tbody", {}, row.samples.map((s) => h("tr", {}, h("td", {}, s.prompt), h("td", {}, h("pre", {}, s.completion)),
+        h("td", {}, num(s.reward, 3)), graders.map((g) => h("td", {}, score(s.scores[g])))))),
+    )),
+  );
 }
 
 function showConfusion(row) {
