@@ -22,6 +22,7 @@ import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy.orm import Session
 
@@ -174,11 +175,7 @@ def _tokenize(job: FinetuneJob, config: FinetuneConfig) -> Data:
         # A row whose prompt fills the window has no completion token: the job's summary counted it as dropped.
         return [t for t in rows if any(label >= 0 for label in t.labels)]
 
-    train, evaluation = tokenized("train"), tokenized("evaluation")
-    if not evaluation and config.eval_fraction > 0 and len(train) >= MIN_ROWS_TO_HOLD_OUT:
-        shuffled = random.Random(config.seed).sample(train, len(train))
-        held_out = max(1, round(len(train) * config.eval_fraction))
-        evaluation, train = shuffled[:held_out], shuffled[held_out:]
+    train, evaluation = _held_out(tokenized("train"), tokenized("evaluation"), config)
     if not train:
         raise PermanentError(f"no training rows with completion tokens within max_seq_length {max_seq_length}")
     labels = detect_labels(parsed.examples)
@@ -205,14 +202,20 @@ def _pairs(examples: list[Example], tokenizer: object, config: FinetuneConfig, m
         ]
         return [p for p in pairs if p.chosen_ids and p.rejected_ids]
 
-    train, evaluation = tokenized("train"), tokenized("evaluation")
-    if not evaluation and config.eval_fraction > 0 and len(train) >= MIN_ROWS_TO_HOLD_OUT:
-        shuffled = random.Random(config.seed).sample(train, len(train))
-        held_out = max(1, round(len(train) * config.eval_fraction))
-        evaluation, train = shuffled[:held_out], shuffled[held_out:]
+    train, evaluation = _held_out(tokenized("train"), tokenized("evaluation"), config)
     if not train:
         raise PermanentError(f"no preference rows with answer tokens within max_seq_length {max_seq_length}")
     return Data(train, evaluation, None)
+
+
+def _held_out(train: list[Any], evaluation: list[Any], config: FinetuneConfig) -> tuple[list[Any], list[Any]]:
+    """(train, evaluation): without an evaluation split, `eval_fraction` of the training rows (or pairs) is held out,
+    a seeded draw, when there are at least MIN_ROWS_TO_HOLD_OUT of them."""
+    if evaluation or config.eval_fraction <= 0 or len(train) < MIN_ROWS_TO_HOLD_OUT:
+        return train, evaluation
+    shuffled = random.Random(config.seed).sample(train, len(train))
+    held_out = max(1, round(len(train) * config.eval_fraction))
+    return shuffled[held_out:], shuffled[:held_out]
 
 
 def _prompts(job: FinetuneJob, config: FinetuneConfig, parsed: ParsedDataset) -> Data:
@@ -230,11 +233,7 @@ def _prompts(job: FinetuneJob, config: FinetuneConfig, parsed: ParsedDataset) ->
         raise PermanentError(str(exc)) from exc
     train: list[PromptRow] = [r for r in rows if r.split == "train"]
     evaluation: list[PromptRow] = [r for r in rows if r.split == "evaluation"]
-    if not evaluation and config.eval_fraction > 0 and len(train) >= MIN_ROWS_TO_HOLD_OUT:
-        shuffled = random.Random(config.seed).sample(train, len(train))
-        held_out = max(1, round(len(train) * config.eval_fraction))
-        evaluation, train = shuffled[:held_out], shuffled[held_out:]
-    return Data(train, evaluation, None)
+    return Data(*_held_out(train, evaluation, config), None)
 
 
 def _evaluation_examples(dataset: Dataset, config: FinetuneConfig) -> list[Example]:
