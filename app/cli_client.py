@@ -315,6 +315,14 @@ def _config_field(name: str) -> Any:
     return next(config.model_fields[name] for config in CONFIGS.values() if name in config.model_fields)
 
 
+def _description(name: str) -> str:
+    """The field's help; a field the methods describe differently (beta: its default) says each method's."""
+    said = {method: c.model_fields[name].description for method, c in CONFIGS.items() if name in c.model_fields}
+    if len(set(said.values())) == 1:
+        return next(iter(said.values())) or ""
+    return "; ".join(f"{method}: {(text or '').rstrip('.')}" for method, text in said.items()) + "."
+
+
 def _config_fields() -> list[str]:
     names = dict.fromkeys(name for config in CONFIGS.values() for name in config.model_fields)
     return [name for name in names if name != "base_model"]
@@ -337,7 +345,7 @@ def _finetune_options(parser: argparse.ArgumentParser, watch: bool = True) -> No
         field = _config_field(name)
         flags = [f"--{name.replace('_', '-')}"]
         default = "" if field.default is None else f" (server default {field.default})"
-        help_text = f"{field.description}{default}".replace("%", "%%")
+        help_text = f"{_description(name)}{default}".replace("%", "%%")
         kinds = set(typing.get_args(field.annotation) or (field.annotation,)) - {type(None)}
         if kinds == {bool}:
             flags += CLI_ALIASES.get(name, ())
