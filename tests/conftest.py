@@ -436,3 +436,24 @@ def page(browser: Any, console_url: str, api_key: str) -> Iterator[Any]:
     yield page
     context.close()
     assert not [p for p in problems if "Failed to load resource" not in p], problems
+
+
+def sandbox_unavailable() -> str | None:
+    """Why this machine cannot build the reward sandbox (functions/sandbox.py: not Linux, namespaces forbidden), or
+    None. With LORAPLEX_REQUIRE_SANDBOX=1 (CI) a sandbox that cannot be built is a failure: it raises."""
+    from functions.sandbox import SandboxUnavailable, check_available
+
+    try:
+        check_available()
+    except SandboxUnavailable as e:
+        if os.environ.get("LORAPLEX_REQUIRE_SANDBOX") == "1":
+            raise
+        return str(e)
+    return None
+
+
+def require_sandbox() -> None:
+    """Skip the test, saying why, where the sandbox cannot be built (fail in CI: sandbox_unavailable)."""
+    reason = sandbox_unavailable()
+    if reason is not None:
+        pytest.skip(f"sandbox unavailable: {reason}")

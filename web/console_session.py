@@ -15,6 +15,7 @@ import os
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -140,6 +141,7 @@ def signing_secret() -> str:
     return _secret_file(settings.data_dir / "console_secret")
 
 
+@lru_cache  # read once per process: every console request and every cookie-signed API call signs or checks
 def _secret_file(path: Path) -> str:
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -18,9 +18,8 @@ import pytest
 from pydantic import ValidationError
 from served import served_platform
 
-from conftest import TINY_MODEL, make_tenant, wait_for
+from conftest import TINY_MODEL, make_tenant, require_sandbox, wait_for
 from deployment_helpers import FAST_ENV
-from functions.sandbox import SandboxUnavailable, check_available
 from loraplex import DeploymentConfig, DPOConfig, GRPOConfig, JobFailedError, Loraplex, LoraplexError, SFTConfig
 
 ROWS = [{"prompt": f"Say hi to {n}", "completion": f"Hi {n}!"} for n in ("Ann", "Bo", "Cy", "Di", "Ed", "Flo")]
@@ -151,12 +150,7 @@ def test_a_dpo_adapter_from_the_sdk_and_the_cli(pb: Loraplex, server_url: str, t
 def test_a_grpo_adapter_from_the_sdk_and_the_cli(pb: Loraplex, server_url: str, tmp_path: Path) -> None:
     """Reinforcement fine-tuning: GRPOConfig with a grader and a Python reward function through the SDK, then
     `finetune start --method grpo --reward-functions @file` through the CLI."""
-    try:
-        check_available()
-    except SandboxUnavailable as e:
-        if os.environ.get("LORAPLEX_REQUIRE_SANDBOX") == "1":
-            raise
-        pytest.skip(f"sandbox unavailable: {e}")
+    require_sandbox()
     path = tmp_path / "prompts.jsonl"
     path.write_text("\n".join(json.dumps({"prompt": f"Say {w}", "completion": w}) for w in ("red", "blue", "gold")))
     assert pb.datasets.from_file(path, base_model=TINY_MODEL).status == "ready"

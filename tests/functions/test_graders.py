@@ -1,7 +1,6 @@
 """Built-in graders on real completions, their specs' validation (the bad field named), the reward function's
 source check (never executed), and a batch scored with several weighted graders, a user function among them."""
 
-import os
 import random
 import sys
 import time
@@ -9,6 +8,7 @@ import time
 import pytest
 from pydantic import ValidationError
 
+from conftest import require_sandbox
 from functions import graders
 from functions.graders import (
     check_source,
@@ -20,7 +20,7 @@ from functions.graders import (
     required_columns,
     score_batch,
 )
-from functions.sandbox import Item, ItemScore, SandboxLimits, SandboxUnavailable, check_available
+from functions.sandbox import Item, ItemScore, SandboxLimits
 
 LIMITS = SandboxLimits(wall_seconds=1.0, cpu_seconds=0.5, memory_bytes=256 * 2**20, batch_seconds=10.0)
 
@@ -289,12 +289,7 @@ def test_check_source_never_runs_the_code(tmp_path: object, capsys: pytest.Captu
 
 
 def test_score_batch_weights_graders_and_counts_failures() -> None:
-    try:
-        check_available()
-    except SandboxUnavailable as e:
-        if os.environ.get("LORAPLEX_REQUIRE_SANDBOX") == "1":  # CI: a sandbox that cannot be built is a failure
-            raise
-        pytest.skip(f"sandbox unavailable: {e}")
+    require_sandbox()
     reward_fn = """
 import json
 

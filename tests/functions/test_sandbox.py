@@ -16,25 +16,14 @@ from pathlib import Path
 import psutil
 import pytest
 
+from conftest import sandbox_unavailable
 from functions import sandbox
 from functions.sandbox import Item, SandboxLimits, SandboxUnavailable, run_reward_function
 
 LIMITS = SandboxLimits(wall_seconds=1.0, cpu_seconds=0.5, memory_bytes=256 * 2**20, batch_seconds=10.0)
 
 
-def _unavailable() -> str | None:
-    """Why this machine cannot build the sandbox (not Linux; namespaces forbidden), or None. With
-    LORAPLEX_REQUIRE_SANDBOX=1 (CI) a sandbox that cannot be built is a failure, not a skip."""
-    try:
-        sandbox.check_available()
-    except SandboxUnavailable as e:
-        if os.environ.get("LORAPLEX_REQUIRE_SANDBOX") == "1":
-            raise
-        return str(e)
-    return None
-
-
-pytestmark = pytest.mark.skipif(_unavailable() is not None, reason=f"sandbox unavailable: {_unavailable()}")
+pytestmark = pytest.mark.skipif((why := sandbox_unavailable()) is not None, reason=f"sandbox unavailable: {why}")
 
 
 def _fn(body: str) -> str:

@@ -4,7 +4,6 @@ the version it publishes served by /v1/chat/completions, its price (the RFT rate
 hostile reward functions scored as failures, and the refusals before any compute."""
 
 import math
-import os
 
 import pytest
 from fastapi.testclient import TestClient
@@ -12,9 +11,8 @@ from sqlalchemy import select
 
 from app.db import session_scope
 from app.models import UsageRecord
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, require_sandbox
 from finetune_helpers import finish, metrics, ready_dataset, refusal, start_job
-from functions.sandbox import SandboxUnavailable, check_available
 
 WORDS = ["red", "green", "blue", "cyan", "pink", "gold", "gray", "navy", "teal", "lime", "rose", "sand"]
 # Prompts with a reference answer; the last two rows are the evaluation split.
@@ -31,12 +29,7 @@ GRPO = {"method": "grpo", "num_generations": 2, "max_completion_length": 8, "eff
 
 @pytest.fixture(autouse=True)
 def _sandbox() -> None:
-    try:
-        check_available()
-    except SandboxUnavailable as e:
-        if os.environ.get("LORAPLEX_REQUIRE_SANDBOX") == "1":  # CI: a sandbox that cannot be built is a failure
-            raise
-        pytest.skip(f"sandbox unavailable: {e}")
+    require_sandbox()
 
 
 def test_a_grpo_job_end_to_end(client: TestClient, alice: dict[str, str]) -> None:
