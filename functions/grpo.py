@@ -7,7 +7,8 @@ what a reward function reads, is its columns: {"prompt", "completion"} or the ro
 prompt that is not empty text), and a grader reading a column the dataset lacks is refused, when the job is created.
 
 Each optimizer step samples `num_generations` completions for each of `effective_batch_size` prompts (one
-generation call, TRL's own `generate` on the adapter being trained), and scores the step's completions with one
+generation call: our native engine with the adapter as it is at that step on a CPU, functions/grpo_rollout.py,
+else TRL's own `generate` on the model being trained), and scores the step's completions with one
 `score_batch` call (so one sandbox start per Python reward function per step): each grader is one of TRL's reward
 functions and its weight TRL's reward weight; a failed item scores graders.FAILURE_SCORE (0.0). The reference
 model of the KL term is the model with the adapter off (no second copy of the weights).
@@ -33,6 +34,7 @@ from functions.datasets import Example, ParsedDataset, Split
 from functions.evaluate import EvalResult
 from functions.finetune_config import FinetuneConfig
 from functions.graders import FAILURE_SCORE, GraderSpec, ItemScore, missing_columns, score_batch
+from functions.grpo_rollout import EngineRollout
 from functions.prompts import example_ids
 from functions.sandbox import Item
 from functions.trainer import TrainingRun, new_lora, prepare_run, training_arguments
@@ -178,9 +180,14 @@ def completion_text(completion: Any) -> str:
 @dataclass
 class GrpoRun(TrainingRun):
     scorer: Scorer = field(default=None)  # type: ignore[assignment]  # set by build_grpo_trainer
+    rollout: EngineRollout | None = None  # where completions come from; None: TRL's generate
 
     def save(self, target: Path) -> None:
         self.trainer.model.save_pretrained(target, selected_adapters=["default"])
+
+    def close(self) -> None:
+        if self.rollout is not None:
+            self.rollout.close()
 
 
 def build_grpo_trainer(
@@ -232,7 +239,21 @@ def build_grpo_trainer(
     )
     scorer = Scorer(rows, grpo.reward_functions)
     dataset = Dataset.from_list([{"prompt": r.chat(config.apply_chat_template), "row": r.index} for r in rows])
-    trainer = GRPOTrainer(
+    rollout = None
+    if EngineRollout.usable(model):
+        sequences = prompts_per_step * grpo.num_generations
+        rollout = EngineRollout(config.base_model, bf16, config.rank, sequences, workdir, config.seed)
+
+    class Trainer(GRPOTrainer):
+        def _generate_single_turn(self, prompt_ids: list, images: Any, *args: Any, **kwargs: Any) -> Any:
+            """A step's completions (token ids; no sampling logprobs, as TRL's generate gives none) from the
+            engine; TRL's own path without one (or for prompts with images)."""
+            if rollout is None or images:
+                return super()._generate_single_turn(prompt_ids, images, *args, **kwargs)
+            step = self.state.global_step
+            return rollout.sample(self.model, step, prompt_ids, grpo.max_completion_length, grpo.temperature), None
+
+    trainer = Trainer(
         model=model,
         reward_funcs=scorer.functions(),
         args=args,
@@ -242,7 +263,7 @@ def build_grpo_trainer(
     )
     trainer.remove_callback(PrinterCallback)  # metrics go to the database, not stdout
     steps = max(1, math.ceil(len(rows) / prompts_per_step))
-    return GrpoRun(trainer, tokenizer, steps, bf16, config.kind, scorer)
+    return GrpoRun(trainer, tokenizer, steps, bf16, config.kind, scorer, rollout)
 
 
 def step_metrics(logs: dict[str, Any], run: TrainingRun) -> dict[str, Any]:
@@ -274,8 +295,8 @@ def _number(value: Any) -> float | None:
 
 def evaluate_rewards(run: TrainingRun, config: FinetuneConfig, rows: list[PromptRow]) -> EvalResult:
     """One greedy completion per held-out prompt with the adapter as it is now, scored by the job's graders."""
-    completions = generate(run.trainer.model, run.tokenizer, [r.chat(config.apply_chat_template) for r in rows],
-                           config.grpo.max_completion_length)  # fmt: skip
+    prompts = [r.chat(config.apply_chat_template) for r in rows]
+    completions = generate(run, prompts, config.grpo.max_completion_length)
     batch = score_batch(
         [Item(r.prompt, c, r.example) for r, c in zip(rows, completions, strict=True)], config.grpo.reward_functions
     )
@@ -310,19 +331,26 @@ def evaluate_rewards(run: TrainingRun, config: FinetuneConfig, rows: list[Prompt
     )
 
 
-def generate(model: Any, tokenizer: Any, prompts: list[Any], max_new_tokens: int) -> list[str]:
-    """Greedy completions of `prompts` (conversations or text), EVAL_BATCH at a time, left-padded."""
+def generate(run: TrainingRun, prompts: list[Any], max_new_tokens: int) -> list[str]:
+    """Greedy completions of `prompts` (conversations or text) with the adapter as it is now: from the run's engine,
+    else TRL's model's `generate`, EVAL_BATCH at a time, left-padded."""
     import torch
 
+    model, tokenizer = run.trainer.model, run.tokenizer
+    texts = [
+        tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) if isinstance(p, list) else p
+        for p in prompts
+    ]
+    rollout = run.rollout if isinstance(run, GrpoRun) else None
+    if rollout is not None:
+        ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        answers = rollout.greedy(model, run.trainer.state.global_step, ids, max_new_tokens)
+        return tokenizer.batch_decode(answers, skip_special_tokens=True)
     training = model.training
     model.eval()
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    texts = [
-        tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) if isinstance(p, list) else p
-        for p in prompts
-    ]
     out: list[str] = []
     try:
         for start in range(0, len(texts), EVAL_BATCH):

