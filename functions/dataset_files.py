@@ -1,6 +1,7 @@
 """An uploaded dataset file (JSON Lines or CSV) read into a ParsedDataset: decoding, lines and records, the shape.
 
-The shape is fixed by the first row (JSONL) or the header (CSV); each row is then checked on its own
+The shape is fixed by the first row (JSONL) or the header (CSV), and so is a preference file's form (ours, or
+OpenAI's preference format: JSONL only, its rows are nested objects); each row is then checked on its own
 (functions/dataset_rows.py). Columns that are none of the known shapes make a "columns" dataset: each row is kept as
 its columns' values as text (ColumnsRow), for a job's prompt_template to render (functions/templated_rows.py).
 Nothing raises on bad input: every problem is logged with the line it starts on
@@ -15,7 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from functions.dataset_rows import detect_format, json_type, row_split, short, unknown_shape, validate_row
+from functions.dataset_rows import (
+    detect_format,
+    json_type,
+    openai_preference,
+    row_split,
+    short,
+    unknown_shape,
+    validate_row,
+)
 from functions.datasets import DataFormat, ErrorLog, Example, FileFormat, ParsedDataset
 from loraplex.prompt_template import value_text
 
@@ -77,6 +86,7 @@ def _too_many_rows(max_rows: int) -> str:
 
 def _parse_jsonl(data: bytes, max_rows: int, log: ErrorLog) -> tuple[DataFormat | None, list[Example]]:
     data_format: DataFormat | None = None
+    openai_form = False  # a preference file in OpenAI's format (its first row says)
     examples: list[Example] = []
     rows = 0
     # Split on b"\n" only: str.splitlines would also break on U+2028 and friends, which are legal inside JSON.
@@ -98,11 +108,12 @@ def _parse_jsonl(data: bytes, max_rows: int, log: ErrorLog) -> tuple[DataFormat 
             if data_format is None:
                 log.add(line, None, unknown_shape(list(obj.keys()), "field"))
                 return None, []
+            openai_form = data_format == "preference" and openai_preference(obj.keys())
         example: Example | None
         if data_format == "columns":
             example = _columns_row(obj, line, log)
         else:
-            example = validate_row(obj, data_format, line, log)
+            example = validate_row(obj, data_format, line, log, openai_form=openai_form)
         if example is not None:
             examples.append(example)
     return data_format, examples
@@ -253,6 +264,14 @@ def _header_format(columns: list[str], line: int, log: ErrorLog) -> DataFormat |
     data_format = detect_format(columns) or ("columns" if _any_columns(columns) else None)
     if data_format is None:
         log.add(line, None, unknown_shape(columns, "column"))
+    if data_format == "preference" and openai_preference(columns):
+        log.add(
+            line,
+            None,
+            "OpenAI's preference format ('input', 'preferred_output', 'non_preferred_output') is JSON "
+            "Lines: upload it as a .jsonl file, or use 'prompt', 'chosen' and 'rejected' columns",
+        )
+        return None
     return data_format
 
 

@@ -7,6 +7,12 @@ field at fault ("completion", "messages[2].role", "split"), and only a row witho
 A message is read for its "role", "content" and "weight"; other keys (OpenAI's "name", say) are ignored, as other
 fields of a row are, and never reach the chat template. "weight", as OpenAI's fine-tuning reads it, is 0 or 1 on an
 assistant message: 0 makes that reply context, not learned; a row must learn at least one reply.
+
+A preference file may also be in OpenAI's preference (DPO) format, fixed by its first row (openai_preference): each
+row {"input": {"messages": [...]}, "preferred_output": [one assistant message], "non_preferred_output": [...]} is
+read as our chat form (input.messages the prompt, the two outputs the chosen and rejected answers), every problem
+named by OpenAI's field ("input.messages[1].role", "preferred_output[0].content"). Function calling is not trained:
+tools and tool calls are refused per row; `parallel_tool_calls` and an empty `tools` ask for nothing.
 """
 
 import json
@@ -20,6 +26,8 @@ _WEIGHTS = (0, 1)
 _SPLITS: tuple[Split, ...] = get_args(Split)
 _SHAPES = "a 'messages' {0}, 'prompt' and 'completion' {0}s, 'prompt', 'chosen' and 'rejected' {0}s, or a 'text' {0}"
 _MAX_NAMES_SHOWN = 20
+_OPENAI_ANSWERS = {"preferred_output", "non_preferred_output"}  # OpenAI's preference rows' answers
+_TOOL_FIELDS = ("tool_calls", "function_call")  # of a message: function calling, not trained here
 
 # A problem found inside one row: (field, message). The caller adds the row's line.
 _Problem = tuple[str | None, str]
@@ -41,13 +49,19 @@ def detect_format(keys: Iterable[str]) -> DataFormat | None:
     names = set(keys)
     if "messages" in names:
         return "messages"
-    if {"chosen", "rejected"} <= names:
-        return "preference"  # a missing 'prompt' is then each row's error, naming it
+    if {"chosen", "rejected"} <= names or names >= _OPENAI_ANSWERS:
+        return "preference"  # a missing 'prompt' (or 'input') is then each row's error, naming it
     if {"prompt", "completion"} <= names:
         return "prompt_completion"
     if "text" in names:
         return "text"
     return None
+
+
+def openai_preference(keys: Iterable[str]) -> bool:
+    """Whether a preference file's first row is in OpenAI's preference format (every row is read so then)."""
+    names = set(keys)
+    return names >= _OPENAI_ANSWERS and not {"chosen", "rejected"} <= names
 
 
 def unknown_shape(found: list[str], noun: str) -> str:
@@ -58,9 +72,16 @@ def unknown_shape(found: list[str], noun: str) -> str:
 
 
 def validate_row(
-    row: Mapping[str, object], data_format: DataFormat, line: int, log: ErrorLog, *, messages_as_json: bool = False
+    row: Mapping[str, object],
+    data_format: DataFormat,
+    line: int,
+    log: ErrorLog,
+    *,
+    messages_as_json: bool = False,
+    openai_form: bool = False,
 ) -> Example | None:
-    """Check one row against the file's format; log its problems and return the Example when there are none."""
+    """Check one row against the file's format; log its problems and return the Example when there are none.
+    `openai_form`: a preference row in OpenAI's preference format (openai_preference)."""
     problems: list[_Problem] = []
     split = _check_split(row.get("split"), problems)
     prompt: str | None = None
@@ -75,6 +96,9 @@ def validate_row(
         if messages_as_json and isinstance(value, str):
             value = _load_messages_cell(value, problems)
         messages, weights = _check_messages(value, problems)
+    elif data_format == "preference" and openai_form:
+        messages, chosen, rejected = _check_openai_preference(row, problems)
+        weights = None if messages is None else (0,) * len(messages)
     elif data_format == "preference":
         prompt, messages, weights, chosen, rejected = _check_preference(row, problems, messages_as_json)
     elif data_format == "prompt_completion":
@@ -123,16 +147,66 @@ def _check_preference(
     return prompt, messages, weights, chosen, rejected
 
 
-def _check_prompt_messages(value: list, problems: list[_Problem]) -> tuple[dict[str, str], ...] | None:
+def _check_openai_preference(
+    row: Mapping[str, object], problems: list[_Problem]
+) -> tuple[tuple[dict[str, str], ...] | None, str | None, str | None]:
+    """(prompt messages, chosen, rejected) of a row in OpenAI's preference format, checked as our chat form is."""
+    messages: tuple[dict[str, str], ...] | None = None
+    given = row.get("input", _MISSING)
+    if given is _MISSING:
+        problems.append(("input", "missing field 'input'"))
+    elif not isinstance(given, dict):
+        problems.append(("input", f"'input' must be an object with 'messages', got {json_type(given)}"))
+    else:
+        for name in ("tools", "functions"):
+            if given.get(name):  # absent, null and [] ask for nothing
+                field = f"input.{name}"
+                problems.append((field, f"function calling is not trained here: remove '{field}'"))
+        value = given.get("messages", _MISSING)
+        if value is _MISSING:
+            problems.append(("input.messages", "missing field 'input.messages'"))
+        elif not isinstance(value, list):
+            problems.append(("input.messages", f"'input.messages' must be an array, got {json_type(value)}"))
+        elif not _tool_calls(value, "input.messages", problems):
+            messages = _check_prompt_messages(value, problems, "input.messages")
+    answers: list[str | None] = []
+    for field in ("preferred_output", "non_preferred_output"):
+        value = row.get(field, _MISSING)
+        if isinstance(value, list) and _tool_calls(value, field, problems):
+            answers.append(None)
+        else:
+            answers.append(_check_answer(value, field, problems, messages_as_json=False))
+    chosen, rejected = answers
+    if chosen is not None and chosen == rejected:
+        message = "'preferred_output' and 'non_preferred_output' are the same answer: the row prefers nothing"
+        problems.append(("non_preferred_output", message))
+    return messages, chosen, rejected
+
+
+def _tool_calls(messages: list, field: str, problems: list[_Problem]) -> bool:
+    """Whether a message calls a tool (refused, naming it: function calling is not trained here)."""
+    found = False
+    for index, item in enumerate(messages):
+        for name in _TOOL_FIELDS:
+            if isinstance(item, dict) and item.get(name):
+                where = f"{field}[{index}].{name}"
+                problems.append((where, f"function calling is not trained here: answer with 'content', not '{name}'"))
+                found = True
+    return found
+
+
+def _check_prompt_messages(
+    value: list, problems: list[_Problem], field: str = "prompt"
+) -> tuple[dict[str, str], ...] | None:
     """A chat-form prompt: messages (optional system, then user and assistant turns alternating) ending with a user
     turn."""
     if not value:
-        problems.append(("prompt", "'prompt' is empty"))
+        problems.append((field, f"'{field}' is empty"))
         return None
     before = len(problems)
-    checked = [_check_message(item, f"prompt[{index}]", problems, weighted=False) for index, item in enumerate(value)]
+    checked = [_check_message(item, f"{field}[{index}]", problems, weighted=False) for index, item in enumerate(value)]
     roles = [role for role, _, _ in checked if role is not None]
-    if len(roles) == len(checked) and (order_problem := _check_role_order(roles, "prompt", last="user")):
+    if len(roles) == len(checked) and (order_problem := _check_role_order(roles, field, last="user")):
         problems.append(order_problem)
     if len(problems) > before:
         return None

@@ -7,7 +7,9 @@ Four shapes are accepted, fixed by the first row (JSONL) or the header (CSV):
     text               {"text": ...}                      (continued pretraining)
     preference         {"prompt": ..., "chosen": ..., "rejected": ...}  (preference tuning, method "dpo"); the chat
                        form: "prompt" a list of messages ending with a user turn, "chosen" and "rejected" each a
-                       string or a list of one assistant message
+                       string or a list of one assistant message; or OpenAI's preference (DPO) format, read as
+                       the chat form: {"input": {"messages": [...]}, "preferred_output": [{"role": "assistant", ...}],
+                       "non_preferred_output": [...]} (JSONL only; no tools)
 Any row may carry "split": "train" (the default) or "evaluation".
 
 Reading an upload (JSON Lines or CSV) is functions/dataset_files.py (parse_dataset); checking one row is

@@ -17,11 +17,14 @@ from sqlalchemy.orm import Session
 from app import errors as domain
 from app.models import Checkpoint, Dataset, FinetuneJob, JobMetric, UsageRecord
 from functions import auto_config
-from functions.finetune_config import FinetuneConfig
+from functions.finetune_config import DPO_BETA, FinetuneConfig
 from functions.model_targets import fine_tuned_name
 from web.errors import APIError, status_of
 from web.openai_ft_schemas import (
     CheckpointMetrics,
+    DpoHyperparametersOut,
+    DpoMethodOut,
+    DpoOut,
     FileObject,
     FineTuningJob,
     JobCheckpoint,
@@ -37,11 +40,11 @@ FILE_STATUS = {"validating": "uploaded", "ready": "processed", "invalid": "error
 JOB_STATUS = {"queued": "queued", "training": "running", "completed": "succeeded", "failed": "failed"}
 JOB_STATUS |= {"cancelled": "cancelled"}
 # Our config's fields by OpenAI's names (a refusal of a job names what the caller sent); the hyperparameters' prefix
-# is where the caller gave them ("hyperparameters" or "method.supervised.hyperparameters").
+# is where the caller gave them ("hyperparameters", "method.supervised.hyperparameters" or "method.dpo...").
 JOB_FIELDS = {"base_model": "model", "dataset": "training_file", "evaluation_dataset": "validation_file"}
 JOB_FIELDS |= {"repo": "suffix", "seed": "seed", "job_id": "fine_tuning_job_id"}
 HYPERPARAMETERS = {"epochs": "n_epochs", "effective_batch_size": "batch_size"}
-HYPERPARAMETERS |= {"learning_rate": "learning_rate_multiplier"}
+HYPERPARAMETERS |= {"learning_rate": "learning_rate_multiplier", "beta": "beta"}
 
 Item = TypeVar("Item")
 Level = Literal["info", "warn", "error"]
@@ -98,7 +101,7 @@ def job_object(db: Session, job: FinetuneJob) -> FineTuningJob:
         training_file=FILE_PREFIX + job.dataset_id,
         validation_file=FILE_PREFIX + job.evaluation_dataset_id if job.evaluation_dataset_id else None,
         hyperparameters=hyperparameters,
-        method=MethodOut(supervised=SupervisedOut(hyperparameters=hyperparameters)),
+        method=_method(config, hyperparameters),
         trained_tokens=trained,
         error=error,
         seed=int(config.get("seed", 42)),
@@ -106,11 +109,22 @@ def job_object(db: Session, job: FinetuneJob) -> FineTuningJob:
     )
 
 
+def _method(config: dict[str, Any], hyperparameters: JobHyperparameters) -> MethodOut | DpoMethodOut:
+    """OpenAI's `method`: 'dpo' for our method 'dpo' (with the beta it trains with), else 'supervised'."""
+    if config.get("method") == "dpo":
+        beta = config.get("beta")
+        resolved = DpoHyperparametersOut(**hyperparameters.model_dump(), beta=DPO_BETA if beta is None else beta)
+        return DpoMethodOut(dpo=DpoOut(hyperparameters=resolved))
+    return MethodOut(supervised=SupervisedOut(hyperparameters=hyperparameters))
+
+
 def _multiplier(job: FinetuneJob) -> float | None:
     rate = job.config.get("learning_rate")
     if not isinstance(rate, int | float):
         return None
-    shape = FinetuneConfig.model_construct(base_model=job.base_model, adapter=job.config.get("adapter", "lora"))
+    shape = FinetuneConfig.model_construct(
+        base_model=job.base_model, adapter=job.config.get("adapter", "lora"), method=job.config.get("method", "sft")
+    )
     try:
         return float(f"{rate / auto_config.learning_rate(shape):.6g}")  # 3e-3 / 1e-3 is 3.0, not 2.9999999999999996
     except KeyError:  # its base model left the catalog

@@ -16,6 +16,12 @@ BatchSize = Annotated[int, Field(ge=1, le=1024)]
 # A multiple of the rate "auto" derives (1e-3 for LoRA below 1B parameters): 10 is a rate of 1e-2 there.
 Multiplier = Annotated[float, Field(gt=0, le=10)]
 Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]  # as our config's: numpy's seeds are 32-bit
+Beta = Annotated[float, Field(gt=0, le=10)]
+# Where our own API trains what OpenAI's other methods ask for (a refusal says so).
+OUR_METHODS = {
+    "reinforcement": "reinforcement fine-tuning is offered through our own API: POST /v1/finetuning/jobs with "
+    '"method": "grpo" and reward_functions (graders or a Python reward function)',
+}
 
 
 # ---- requests ------------------------------------------------------------------------------------------
@@ -33,26 +39,45 @@ class Hyperparameters(BaseModel):
     )
 
 
+class DpoHyperparameters(Hyperparameters):
+    beta: Beta | Auto = Field(
+        default="auto", description="Our `beta` (the KL penalty's weight: lower moves further); 'auto': 0.1."
+    )
+
+
 class Supervised(BaseModel):
     model_config = FORBID
 
     hyperparameters: Hyperparameters | None = None
 
 
+class Dpo(BaseModel):
+    model_config = FORBID
+
+    hyperparameters: DpoHyperparameters | None = None
+
+
 class Method(BaseModel):
     model_config = FORBID
 
-    type: str = Field(description="'supervised': the one method offered.")
+    type: str = Field(description="'supervised' (our method 'sft') or 'dpo' (preference tuning, our method 'dpo').")
     supervised: Supervised | None = None
-    dpo: dict[str, Any] | None = None
+    dpo: Dpo | None = None
     reinforcement: dict[str, Any] | None = None
 
     @field_validator("type")
     @classmethod
     def _offered(cls, value: str) -> str:
-        if value != "supervised":
-            raise ValueError(f"{value!r} fine-tuning is not offered yet; 'supervised' is")
+        if value in OUR_METHODS:
+            raise ValueError(f"{value!r} is not offered through this API; {OUR_METHODS[value]}")
+        if value not in ("supervised", "dpo"):
+            raise ValueError(f"unknown method {value!r}; 'supervised' or 'dpo'")
         return value
+
+    def hyperparameters(self) -> Hyperparameters | None:
+        """The hyperparameters given in the method's own settings (method.<type>.hyperparameters)."""
+        settings = self.dpo if self.type == "dpo" else self.supervised
+        return settings.hyperparameters if settings is not None else None
 
 
 class JobCreate(BaseModel):
@@ -84,16 +109,25 @@ class JobCreate(BaseModel):
 
     @model_validator(mode="after")
     def _one_place(self) -> "JobCreate":
-        supervised = self.method.supervised if self.method is not None else None
-        if self.hyperparameters is not None and supervised is not None and supervised.hyperparameters is not None:
-            raise ValueError("hyperparameters: give them here or in method.supervised.hyperparameters, not both")
+        for name in ("supervised", "dpo", "reinforcement"):  # (a cross-field check: the message names the field)
+            if self.method is not None and name != self.method.type and getattr(self.method, name) is not None:
+                raise ValueError(f"method.{name}: settings of method {name!r}, given with type {self.method.type!r}")
+        if self.hyperparameters is not None and self.method is not None and self.method.hyperparameters() is not None:
+            where = f"method.{self.method.type}.hyperparameters"
+            raise ValueError(f"hyperparameters: give them here or in {where}, not both")
         return self
 
+    @property
+    def dpo(self) -> bool:
+        """Whether the job is preference tuning (our method 'dpo'); else supervised (our 'sft')."""
+        return self.method is not None and self.method.type == "dpo"
+
     def chosen(self) -> tuple[Hyperparameters, str]:
-        """The hyperparameters asked for and the field that holds them (which a refusal of one names)."""
-        method = self.method.supervised if self.method is not None else None
-        if method is not None and method.hyperparameters is not None:
-            return method.hyperparameters, "method.supervised.hyperparameters"
+        """The hyperparameters asked for and the field that holds them (which a refusal of one names); a DPO job's
+        are DpoHyperparameters (with beta) when given in method.dpo."""
+        given = self.method.hyperparameters() if self.method is not None else None
+        if self.method is not None and given is not None:
+            return given, f"method.{self.method.type}.hyperparameters"
         return self.hyperparameters or Hyperparameters(), "hyperparameters"
 
 
@@ -149,6 +183,19 @@ class MethodOut(BaseModel):
     supervised: SupervisedOut
 
 
+class DpoHyperparametersOut(JobHyperparameters):
+    beta: float  # as trained: the one given, or 0.1 for 'auto'
+
+
+class DpoOut(BaseModel):
+    hyperparameters: DpoHyperparametersOut
+
+
+class DpoMethodOut(BaseModel):
+    type: Literal["dpo"] = "dpo"
+    dpo: DpoOut
+
+
 class FineTuningJob(BaseModel):
     id: str  # "ftjob-<our job id>"
     object: Literal["fine_tuning.job"] = "fine_tuning.job"
@@ -161,7 +208,7 @@ class FineTuningJob(BaseModel):
     training_file: str
     validation_file: str | None
     hyperparameters: JobHyperparameters
-    method: MethodOut
+    method: MethodOut | DpoMethodOut
     result_files: list[str] = []
     trained_tokens: int | None  # once succeeded: tokens trained on, as charged
     error: JobError | None

@@ -217,7 +217,7 @@ def test_job_refusals_name_openai_fields_and_create_nothing(
         ({"hyperparameters": {"batch_size": 2000}}, "hyperparameters.batch_size", 400),
         ({"hyperparameters": {"learning_rate_multiplier": 0}}, "hyperparameters.learning_rate_multiplier", 400),
         ({"hyperparameters": {"n_epochs": "many"}}, "hyperparameters.n_epochs", 400),
-        ({"method": {"type": "dpo", "dpo": {}}}, "method.type", 400),
+        ({"method": {"type": "reinforcement", "reinforcement": {}}}, "method.type", 400),
         (
             {"method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 101}}}},
             "method.supervised.hyperparameters.n_epochs",

@@ -321,8 +321,8 @@ def _fits_method(config: FinetuneConfig, name: str, data_format: str | None, par
     if config.method == "dpo" and not preference:
         raise APIError(
             422,
-            f"{param}: method 'dpo' needs a preference dataset ('prompt', 'chosen', 'rejected' rows); {name!r} is a "
-            f"{data_format} dataset",
+            f"{param}: method 'dpo' needs a preference dataset ('prompt', 'chosen', 'rejected' rows, or OpenAI's "
+            f"'input', 'preferred_output', 'non_preferred_output'); {name!r} is a {data_format} dataset",
             param=param,
         )
     if config.method != "dpo" and preference:

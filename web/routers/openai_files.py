@@ -53,7 +53,8 @@ async def upload_file(
     if dataset.data_format == "columns":  # trains only with a prompt_template, which OpenAI's jobs cannot give
         datasets.delete_dataset(name, tenant, db)
         message = (
-            "file: expected chat rows ('messages') or 'prompt' and 'completion' rows; found columns "
+            "file: expected chat rows ('messages'), 'prompt' and 'completion' rows, or preference rows ('input', "
+            "'preferred_output', 'non_preferred_output'); found columns "
             f"{', '.join(dataset.stats.get('columns', []))} (POST /v1/datasets takes them, with a prompt_template)"
         )
         raise APIError(400, message, param="file", code="invalid_file")

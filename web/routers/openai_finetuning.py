@@ -5,6 +5,11 @@ OpenAI's request maps onto our config: `training_file` is the dataset, `validati
 `suffix` the adapter repository (`ft-<model>` if unset), `seed` the seed, and the hyperparameters `n_epochs`,
 `batch_size` and `learning_rate_multiplier` our `epochs`, `effective_batch_size` and `learning_rate` (the rate 'auto'
 derives times the multiplier), each 'auto' as ours. Every refusal names OpenAI's field; nothing is created then.
+
+`method` {"type": "dpo"} is our method 'dpo' (preference tuning) on a preference file, its hyperparameters
+(method.dpo.hyperparameters) those above and `beta` ours ('auto': our default, 0.1). A preference file trains with
+'dpo' only, and 'dpo' trains on nothing else: refused naming the file before any compute. OpenAI's 'reinforcement'
+is refused, pointing to our own API's method 'grpo'.
 """
 
 from typing import Annotated
@@ -14,7 +19,7 @@ from pydantic import ValidationError
 from sqlalchemy import select
 
 from app import errors as domain
-from app.models import FinetuneJob
+from app.models import Dataset, FinetuneJob
 from functions import auto_config
 from functions.catalog import get_model
 from functions.finetune_config import FinetuneConfig
@@ -22,6 +27,7 @@ from web.deps import CurrentTenant, Db
 from web.errors import APIError
 from web.openai_ft_replies import (
     EVENT_PREFIX,
+    FILE_PREFIX,
     JOB_PREFIX,
     check_limit,
     in_openai_terms,
@@ -32,7 +38,7 @@ from web.openai_ft_replies import (
     our_id,
     page,
 )
-from web.openai_ft_schemas import FineTuningJob, JobCheckpoint, JobCreate, JobEvent, Page
+from web.openai_ft_schemas import DpoHyperparameters, FineTuningJob, JobCheckpoint, JobCreate, JobEvent, Page
 from web.routers import finetuning
 from web.routers.openai_files import find_file
 
@@ -53,8 +59,13 @@ def create_job(body: JobCreate, tenant: CurrentTenant, db: Db) -> FineTuningJob:
         ) from None
     training = find_file(db, tenant.id, body.training_file, "training_file")
     validation = find_file(db, tenant.id, body.validation_file, "validation_file") if body.validation_file else None
+    _fits_supervised(body, training, "training_file")
+    if validation is not None:
+        _fits_supervised(body, validation, "validation_file")
+    method = "dpo" if body.dpo else "sft"
     fields: dict[str, object] = {
         "base_model": body.model,
+        "method": method,
         "dataset": training.name,
         "evaluation_dataset": validation.name if validation is not None else None,
         "repo": body.suffix or f"ft-{body.model}"[:100],
@@ -63,9 +74,11 @@ def create_job(body: JobCreate, tenant: CurrentTenant, db: Db) -> FineTuningJob:
     }
     if body.seed is not None:
         fields["seed"] = body.seed
+    if isinstance(hyperparameters, DpoHyperparameters) and hyperparameters.beta != "auto":
+        fields["beta"] = hyperparameters.beta
     if hyperparameters.learning_rate_multiplier != "auto":
-        # the rate of LoRA, our default technique, for this base model
-        auto = auto_config.learning_rate(FinetuneConfig.model_construct(base_model=body.model))
+        # the rate of LoRA, our default technique, for this base model and method
+        auto = auto_config.learning_rate(FinetuneConfig.model_construct(base_model=body.model, method=method))
         fields["learning_rate"] = auto * hyperparameters.learning_rate_multiplier
     try:
         job = finetuning.start_job(db, tenant.id, FinetuneConfig.model_validate(fields))
@@ -121,6 +134,18 @@ def list_checkpoints(
     job = _find(db, tenant.id, fine_tuning_job_id)
     shown, more = page(job_checkpoints(db, job), after, limit)
     return Page[JobCheckpoint](data=shown, has_more=more)
+
+
+def _fits_supervised(body: JobCreate, file: Dataset, param: str) -> None:
+    """A preference file trains with method 'dpo' only: refused naming the file (our own API names `method`, which
+    an OpenAI job may not have given). The other way round, 'dpo' on a file of another shape, is our own check
+    (web/routers/finetuning.py), which names the dataset: `training_file` or `validation_file` here."""
+    if not body.dpo and file.data_format == "preference":
+        message = (
+            f"{param}: {FILE_PREFIX + file.id!r} is a preference file (a preferred and a non-preferred answer per "
+            'row): train on it with method {"type": "dpo"}; supervised fine-tuning learns one answer per row'
+        )
+        raise APIError(400, message, param=param, code="invalid_value")
 
 
 def _find(db: Db, tenant_id: str, fine_tuning_job_id: str) -> FinetuneJob:
