@@ -235,8 +235,10 @@ def learning_rate(config: FinetuneConfig) -> float:
     multiplies it: web/openai_ft_replies.py)."""
     params = get_model(config.base_model).params
     lora = 1e-3 if params < 1e9 else 5e-4 if params < 10e9 else 2e-4
-    if config.method in ("dpo", "grpo"):  # tuning a model that already answers (preferences, rewards): a tenth
+    if config.method == "dpo":  # tuning a model that already answers, towards the preferred answers: a tenth
         return lora / 10
+    if config.method == "grpo":  # towards its own better answers: a fifth (measured: scripts/bench_grpo.py, README)
+        return lora / 5
     return lora if config.kind == "lora" else lora / 20
 
 

@@ -32,7 +32,7 @@ DPO_BETA = 0.1  # the DPO paper's and TRL's default
 GRPO_BETA = 0.04  # DeepSeekMath's (and TRL's before 0.19): the KL to the reference (the adapter off) is reported
 GRPO_NUM_GENERATIONS = 4  # completions per prompt: the group each reward is compared within
 GRPO_MAX_COMPLETION_LENGTH = 128  # tokens generated per completion
-GRPO_TEMPERATURE = 1.0  # sampling as the model is: a group needs different completions to compare
+GRPO_TEMPERATURE = 0.7  # a small model sampled at 1.0 is mostly wrong: a group of zeros teaches nothing (README)
 RFT_MAX_PARAMS = 32 * 10**9  # reinforcement fine-tuning is priced up to 32B parameters (billing/prices.rft_tier)
 # Settings a user might hope to have derived, that no dataset decides: "auto" there is refused, naming the field.
 NOT_DERIVABLE = (
@@ -98,8 +98,8 @@ class FinetuneConfig(BaseModel):
         default=None,
         gt=0,
         le=2,
-        description="method 'grpo': sampling temperature of the completions; 1.0 if unset (the model as it is: a "
-        "group needs different completions to tell better from worse).",
+        description="method 'grpo': sampling temperature of the completions; 0.7 if unset (a group needs different "
+        "completions to tell better from worse, and some of them right: at 1.0 a small model's are mostly wrong).",
     )
     reward_functions: list[GraderSpec] | None = Field(
         default=None,

@@ -170,7 +170,7 @@ class GRPOConfig(SFTConfig):
         default=None, ge=1, le=8192, description="Tokens generated per completion at most; 128 if unset."
     )
     temperature: float | None = Field(
-        default=None, gt=0, le=2, description="Sampling temperature of the completions; 1.0 if unset."
+        default=None, gt=0, le=2, description="Sampling temperature of the completions; 0.7 if unset."
     )
     reward_functions: list[GraderSpec] | None = Field(
         default=None,

@@ -8,19 +8,27 @@ when the completion is the number alone. Measured on held-out prompts before and
 (functions/grpo.generate, as a job's evaluation): the mean weighted reward, the share answered correctly (`correct`)
 and the share answered with the number alone (`bare`).
 
-    .venv/bin/python scripts/bench_grpo.py            # 64 prompts, 1 epoch, 40 held out
-    .venv/bin/python scripts/bench_grpo.py --steps 30 --learning-rate 1e-4
+The job's defaults (temperature 0.7, learning rate "auto": 2e-4 here), bf16 where the CPU runs it as a job does,
+completions from the native engine (functions/grpo_rollout.py):
 
-Prints one JSON line and writes scripts/results/grpo_benchmark.json.
+    .venv/bin/python scripts/bench_grpo.py --steps 30      # the README's figures: 64 prompts, 40 held out
+    .venv/bin/python scripts/bench_grpo.py --steps 30 --temperature 1.0 --learning-rate 1e-4 \
+        --output scripts/results/grpo_benchmark_t1.json     # the defaults before: TRL's temperature, a tenth of SFT
+
+Prints one JSON line and writes scripts/results/grpo_benchmark.json (or --output); each step's training reward goes
+to stderr as it comes.
 """
 
 import argparse
 import json
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from transformers import TrainerCallback
 
 RESULTS = Path(__file__).resolve().parent / "results" / "grpo_benchmark.json"
 BARE = """
@@ -51,6 +59,8 @@ def main() -> None:
     parser.add_argument("--learning-rate", default="auto")
     parser.add_argument("--num-generations", type=int, default=None)
     parser.add_argument("--max-completion-length", type=int, default=16)
+    parser.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: the job's)")
+    parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
 
     from functions.auto_config import learning_rate
@@ -63,6 +73,7 @@ def main() -> None:
     fields |= {"max_completion_length": args.max_completion_length}
     fields |= {"train_steps": args.steps} if args.steps else {"epochs": 1}
     fields |= {"num_generations": args.num_generations} if args.num_generations else {}
+    fields |= {"temperature": args.temperature} if args.temperature is not None else {}
     config = FinetuneConfig.model_validate(fields)
     rate = learning_rate(config) if args.learning_rate == "auto" else float(args.learning_rate)
     config = config.model_copy(update={"learning_rate": rate})
@@ -75,12 +86,14 @@ def main() -> None:
     held_out = rows([r for r in prompts(args.held_out * 2, seed=2) if r not in train_rows][: args.held_out])
     train = rows(train_rows)
     with tempfile.TemporaryDirectory() as workdir:
-        run = build_grpo_trainer(config, train, Path(workdir), precision="float32")
+        run = build_grpo_trainer(config, train, Path(workdir))  # the precision a job trains at
         before = measure(run, config, held_out)
+        run.trainer.add_callback(Progress())
         started = time.monotonic()
         run.trainer.train()
         seconds = time.monotonic() - started
         after = measure(run, config, held_out)
+        run.close()
         history = [
             {"step": log["step"], "reward": round(log["reward"], 3), "kl": round(log.get("kl") or 0.0, 4)}
             for log in run.trainer.state.log_history
@@ -97,15 +110,25 @@ def main() -> None:
         "beta": grpo.beta,
         "temperature": grpo.temperature,
         "learning_rate": rate,
+        "precision": "bf16" if run.bf16 else "fp32",
+        "completions_from": "engine" if run.rollout is not None else "transformers",
         "train_seconds": round(seconds, 1),
         "tokens_processed": int(run.trainer.state.num_input_tokens_seen),
         "before": before,
         "after": after,
         "training_reward_by_step": history,
     }
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    args.output.parent.mkdir(exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
+
+
+class Progress(TrainerCallback):
+    """Each step's training reward on stderr while the run goes (the JSON comes at the end)."""
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if logs and "reward" in logs:
+            print(f"step {state.global_step}: reward {logs['reward']:.3f}", file=sys.stderr, flush=True)
 
 
 def measure(run: Any, config: Any, held_out: list[Any]) -> dict[str, Any]:

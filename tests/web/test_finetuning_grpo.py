@@ -36,7 +36,7 @@ def test_a_grpo_job_end_to_end(client: TestClient, alice: dict[str, str]) -> Non
     ready_dataset(client, alice, ROWS, "words")
     config = {"dataset": "words", "repo": "sayer", "reward_functions": GRADERS, "epochs": 1, "eval_steps": 2} | GRPO
     quote = client.post("/v1/finetuning/jobs/quote", headers=alice, json={"base_model": TINY_MODEL} | config).json()
-    assert quote["config"]["method"] == "grpo" and quote["auto"]["learning_rate"] == 1e-4
+    assert quote["config"]["method"] == "grpo" and quote["auto"]["learning_rate"] == 2e-4
     job = start_job(client, alice, **config)
     # Estimated at the RFT rate ($10 per 1M tokens up to 16B) on (prompt + max_completion_length) x num_generations
     # per train row and epoch.
