@@ -69,6 +69,23 @@ def authenticate(session: Session, raw: str, now: datetime | None = None) -> Api
     key = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(raw)))
     if key is None:
         raise KeyRefused("invalid_api_key", "invalid API key")
+    _check_active(key, now)
+    if key.last_used_at is None or now - key.last_used_at >= LAST_USED_EVERY:
+        _touch(session, key, now)
+    return key
+
+
+def active_key(session: Session, key_id: str) -> ApiKey | None:
+    """The key with this id while it is active (neither revoked nor expired): a console session's, which holds the
+    key's id, never its secret."""
+    key = session.get(ApiKey, key_id)
+    try:
+        return None if key is None else _check_active(key, datetime.now(UTC))
+    except KeyRefused:
+        return None
+
+
+def _check_active(key: ApiKey, now: datetime) -> ApiKey:
     if key.revoked_at is not None:
         raise KeyRefused("revoked_api_key", f"this API key ({key.prefix}...) was revoked")
     if key.expires_at is not None and key.expires_at <= now:
@@ -77,8 +94,6 @@ def authenticate(session: Session, raw: str, now: datetime | None = None) -> Api
             f"this API key ({key.prefix}...) expired at {key.expires_at.isoformat()}; use another key to create a new "
             "one (POST /v1/api_keys)",
         )
-    if key.last_used_at is None or now - key.last_used_at >= LAST_USED_EVERY:
-        _touch(session, key, now)
     return key
 
 

@@ -14,7 +14,6 @@ import hmac
 import os
 import secrets
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -23,6 +22,7 @@ from fastapi import Request, Response
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 from sqlalchemy.orm import Session
 
+from app import tenants
 from app.models import ApiKey
 from app.settings import get_settings
 
@@ -101,23 +101,10 @@ def signed_in_key(db: Session, request: Request) -> ApiKey | None:
     session = read(request)
     if session is None or session.key_id is None:
         return None
-    key = active_key(db, session.key_id)
+    key = tenants.active_key(db, session.key_id)
     if key is not None:
         check_forgery(request, session, request.headers.get(CSRF_HEADER))
     return key
-
-
-def active_key(db: Session, key_id: str) -> ApiKey | None:
-    key = db.get(ApiKey, key_id)
-    if key is None or key.revoked_at is not None:
-        return None
-    if key.expires_at is not None and _aware(key.expires_at) <= datetime.now(UTC):
-        return None
-    return key
-
-
-def _aware(moment: datetime) -> datetime:
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)  # SQLite returns naive UTC
 
 
 def _https(request: Request) -> bool:

@@ -16,6 +16,7 @@ from fastapi.responses import HTMLResponse
 from fastapi.templating import Jinja2Templates
 from sqlalchemy.orm import Session
 
+from app import tenants
 from app.models import ApiKey, BillingAccount, Tenant
 from web import console_session
 from web.deps import Db
@@ -52,7 +53,7 @@ class SignedIn:
 
 def signed_in(request: Request, db: Db) -> SignedIn:
     session = console_session.read(request)
-    key = console_session.active_key(db, session.key_id) if session and session.key_id else None
+    key = tenants.active_key(db, session.key_id) if session and session.key_id else None
     if session is None or key is None:
         raise SignInNeeded(request.url.path + (f"?{request.url.query}" if request.url.query else ""))
     return SignedIn(tenant=key.tenant, key=key, db=db, session=session)
