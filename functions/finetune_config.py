@@ -9,7 +9,7 @@ from app.names import NAME, VERSION_REF
 from app.settings import get_settings
 from functions import accelerators
 from functions.catalog import get_model, linear_modules
-from functions.graders import GraderSpec, parse_graders
+from functions.grader_specs import GraderSpec, parse_graders
 from loraplex.prompt_template import TemplateError, placeholders
 
 # Fields that shape a LoRA adapter: meaningless for full fine-tuning, inherited when continuing an adapter.

@@ -33,10 +33,11 @@ from functions.base_models import load_model, load_tokenizer
 from functions.datasets import Example, ParsedDataset, Split
 from functions.evaluate import EvalResult
 from functions.finetune_config import FinetuneConfig
-from functions.graders import FAILURE_SCORE, GraderSpec, ItemScore, missing_columns, score_batch
+from functions.grader_specs import GraderSpec, missing_columns
+from functions.graders import FAILURE_SCORE, score_batch
 from functions.grpo_rollout import EngineRollout
 from functions.prompts import example_ids
-from functions.sandbox import Item
+from functions.sandbox import Item, ItemScore
 from functions.trainer import TrainingRun, new_lora, prepare_run, training_arguments
 
 FORMATS = ("prompt_completion", "columns")  # the datasets a GRPO job reads prompts from

@@ -1,5 +1,5 @@
 """Reward functions and graders of a GRPO job (GRPOConfig.reward_functions), as the server takes them
-(functions/graders.py; tests/app/test_sdk_configs.py keeps the schemas equal). Each has a `name` (metrics name it;
+(functions/grader_specs.py; tests/app/test_sdk_configs.py keeps the schemas equal). Each has a `name` (metrics name it;
 its type if unset) and a `weight` (its share of the reward). The server also compiles patterns, schemas and sources
 and checks a function's signature, naming the field."""
 

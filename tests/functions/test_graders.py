@@ -9,23 +9,14 @@ import pytest
 from pydantic import ValidationError
 
 from conftest import require_sandbox
-from functions import graders
-from functions.graders import (
-    check_source,
-    grade,
-    last_number,
-    levenshtein,
-    missing_columns,
-    parse_graders,
-    required_columns,
-    score_batch,
-)
+from functions.grader_specs import GraderSpec, check_source, missing_columns, parse_graders, required_columns
+from functions.graders import grade, last_number, levenshtein, score_batch
 from functions.sandbox import Item, ItemScore, SandboxLimits
 
 LIMITS = SandboxLimits(wall_seconds=1.0, cpu_seconds=0.5, memory_bytes=256 * 2**20, batch_seconds=10.0)
 
 
-def _one(spec: dict) -> graders.GraderSpec:
+def _one(spec: dict) -> GraderSpec:
     [parsed] = parse_graders([spec])
     return parsed
 
