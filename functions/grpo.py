@@ -212,10 +212,12 @@ def build_grpo_trainer(
     tokenizer = load_tokenizer(config.base_model)
     model = load_model(config.base_model, "bfloat16" if bf16 else "float32")
     peft_config = None
+    rank = config.rank
     if init_from is not None:  # the saved adapter's shape carries over
         saved = LoraConfig.from_pretrained(str(init_from))
         saved.lora_dropout = config.lora_dropout
         model = PeftModel.from_pretrained(model, init_from, config=saved, is_trainable=True)
+        rank = saved.r
     else:
         peft_config = new_lora(config, "CAUSAL_LM")
     prompts_per_step = config.values().effective_batch_size
@@ -243,7 +245,7 @@ def build_grpo_trainer(
     rollout = None
     if EngineRollout.usable(model):
         sequences = prompts_per_step * grpo.num_generations
-        rollout = EngineRollout(config.base_model, bf16, config.rank, sequences, workdir, config.seed)
+        rollout = EngineRollout(config.base_model, bf16, rank, sequences, workdir, config.seed)
 
     class Trainer(GRPOTrainer):
         def _generate_single_turn(self, prompt_ids: list, images: Any, *args: Any, **kwargs: Any) -> Any:

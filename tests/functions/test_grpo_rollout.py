@@ -99,3 +99,27 @@ def test_an_evaluation_larger_than_a_step_is_answered_and_close_removes_the_file
     assert (rollout.dir / "step-0" / "adapter_model.safetensors").exists()
     rollout.close()
     assert not rollout.dir.exists()
+
+
+def test_a_run_continued_from_an_adapter_of_another_rank_hands_that_adapter_over(
+    tiny_model_dir: Path, sqlite_platform: object, tmp_path: Path
+) -> None:
+    """continue_from_version keeps the saved adapter's shape (rank 8 here, over the config's rank 4): the engine is
+    sized for the adapter the run trains, not the config's rank."""
+    from functions.finetune_config import FinetuneConfig
+    from functions.grpo import PromptRow, build_grpo_trainer
+
+    saved = build_lora(tiny_model_dir, tmp_path / "v1", seed=5, r=8)
+    config = FinetuneConfig.model_validate(
+        {"base_model": TINY_MODEL, "dataset": "d", "repo": "r", "method": "grpo", "rank": 4, "task": "completion",
+         "reward_functions": [{"type": "exact_match", "column": "completion"}], "effective_batch_size": 2,
+         "epochs": 1, "learning_rate": 1e-4, "max_seq_length": 64, "eval_steps": None}
+    )  # fmt: skip
+    rows = [PromptRow(i, i + 1, "train", p, {"prompt": p, "completion": "x"}) for i, p in enumerate(PROMPTS)]
+    run = build_grpo_trainer(config, rows, tmp_path / "job", precision="fp32", init_from=saved)
+    try:
+        assert run.rollout is not None
+        [answer] = run.rollout.greedy(run.trainer.model, 0, [[1, 2, 3]], 4)  # refused before (rank 8 over a max of 4)
+        assert 0 < len(answer) <= 4
+    finally:
+        run.close()
