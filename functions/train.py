@@ -15,6 +15,7 @@ failed) resumes from its last checkpoint: the Trainer continues at that step wit
 and the metrics rows after that step, written by the attempt that died, are replaced rather than duplicated.
 """
 
+import contextlib
 import dataclasses
 import logging
 import random
@@ -269,43 +270,28 @@ def _train(
         raise PermanentError(str(exc)) from exc
     except ValueError as exc:  # a classification head these labels cannot have (functions/classifier_head.py)
         raise PermanentError(f"task: {exc}") from exc
-    try:
-        return _run(run, job, config, data, target, workdir, attempt, resume)
-    finally:
-        run.close()
-
-
-def _run(
-    run: TrainingRun,
-    job: FinetuneJob,
-    config: FinetuneConfig,
-    data: Data,
-    target: TrainingTarget,
-    workdir: Path,
-    attempt: int,
-    resume: checkpoints.ResumePoint | None,
-) -> dict:
-    epoch_tokens = sum(t.tokens for t in data.train)  # after truncation
-    progress = Progress(job.id, attempt, epoch_tokens, run.steps_per_epoch, config, data, target, run, workdir)
-    progress.rewind(resume)
-    run.trainer.add_callback(progress.callback())
-    run.trainer.train(resume_from_checkpoint=str(resume.trainer_dir) if resume else None)
-    if progress.cancelled:
-        raise Cancelled()
-    last_step = run.trainer.state.global_step
-    progress.evaluate(run.trainer.model, last_step)  # the last step is a candidate too (skipped if evaluated)
-    if progress.kept_step is None:  # no evaluation rows: the last step is all there is
-        run.save(workdir / "result")
-    else:
-        progress.kept_dir.rename(workdir / "result")
-    progress.save_summary(last_step)
-    processed = progress.tokens_done(run.trainer.state.epoch or 0.0)
-    if config.method == "grpo":  # the prompt and completion tokens TRL ran, counted per completion
-        processed = int(run.trainer.state.num_input_tokens_seen)
-    return {
-        "tokens_processed": processed,
-        "seconds": time.monotonic() - progress.started,
-    }
+    with contextlib.closing(run):  # a GRPO run's engine is freed however the run ends
+        epoch_tokens = sum(t.tokens for t in data.train)  # after truncation
+        progress = Progress(job.id, attempt, epoch_tokens, run.steps_per_epoch, config, data, target, run, workdir)
+        progress.rewind(resume)
+        run.trainer.add_callback(progress.callback())
+        run.trainer.train(resume_from_checkpoint=str(resume.trainer_dir) if resume else None)
+        if progress.cancelled:
+            raise Cancelled()
+        last_step = run.trainer.state.global_step
+        progress.evaluate(run.trainer.model, last_step)  # the last step is a candidate too (skipped if evaluated)
+        if progress.kept_step is None:  # no evaluation rows: the last step is all there is
+            run.save(workdir / "result")
+        else:
+            progress.kept_dir.rename(workdir / "result")
+        progress.save_summary(last_step)
+        processed = progress.tokens_done(run.trainer.state.epoch or 0.0)
+        if config.method == "grpo":  # the prompt and completion tokens TRL ran, counted per completion
+            processed = int(run.trainer.state.num_input_tokens_seen)
+        return {
+            "tokens_processed": processed,
+            "seconds": time.monotonic() - progress.started,
+        }
 
 
 def _publish(

@@ -8,9 +8,9 @@ LoRA on every projection whose B is not zero (a trained adapter changes the outp
 
   transformers  what GRPOTrainer runs without vLLM: one left-padded `generate` over the step's 32 prompts on the
                 unmerged PeftModel (do_sample, temperature 1.0, the chat template's end-of-turn as EOS).
-  engine        the adapter saved to a new directory (as a step would hand over its weights), then the step's prompts
-                as requests to a NativeEngine, each prompt's completions as one request with n = num_generations
-                (one prefill); timed from the save to the last token, so the hand-over is in the figure.
+  engine        what a job runs: functions/grpo_rollout.EngineRollout.sample at a new step each time (the adapter
+                saved and handed over, each prompt's completions one request with n = num_generations); timed from
+                the save to the last token, so the hand-over is in the figure.
 
     .venv/bin/python scripts/bench_grpo_generation.py                  # 8 x 4 completions, 16 and 128 new tokens
 
@@ -19,7 +19,6 @@ seconds over --repeats, the completion tokens per second, and engine ÷ transfor
 """
 
 import argparse
-import asyncio
 import json
 import statistics
 import tempfile
@@ -45,8 +44,8 @@ def main() -> None:
     from peft import get_peft_model
 
     from functions.base_models import load_model, load_tokenizer
-    from functions.engine.native import EngineConfig, NativeEngine
     from functions.finetune_config import FinetuneConfig
+    from functions.grpo_rollout import EngineRollout
     from functions.precision import use_bf16
     from functions.prompts import encode_chat
     from functions.trainer import new_lora
@@ -62,22 +61,24 @@ def main() -> None:
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     questions = [f"What is {a} + {a + 7}? Reply with the number only." for a in range(args.prompts)]
     prompts = [list(encode_chat(tokenizer, [{"role": "user", "content": q}])) for q in questions]
-    engine = NativeEngine(MODEL, config=EngineConfig(dtype=dtype, max_lora_rank=8), background=True)
     results: dict[str, Any] = {"model": MODEL, "precision": dtype, "torch_threads": torch.get_num_threads()}
-    try:
-        with tempfile.TemporaryDirectory() as workdir:
+    rows = [p for p in prompts for _ in range(args.generations)]  # as TRL hands a step over
+    with tempfile.TemporaryDirectory() as workdir:
+        rollout = EngineRollout(MODEL, dtype == "bfloat16", 8, len(rows), Path(workdir), seed=0)
+        try:
             by_transformers(model, tokenizer, prompts[:1], args, 2, eos)  # warm-up, untimed: first calls' set-up
-            asyncio.run(by_engine(engine, model, Path(workdir) / "warm-up", prompts[:1], args, 2))
+            by_engine(rollout, model, 0, rows[:1], 2)
+            step = 1  # each engine trial a new step: a new hand-over, as in training
             for new_tokens in [int(n) for n in args.new_tokens.split(",")]:
                 trials: dict[str, list[tuple[float, int]]] = {"transformers": [], "engine": []}
                 for repeat in range(args.repeats):
                     trials["transformers"].append(by_transformers(model, tokenizer, prompts, args, new_tokens, eos))
-                    target = Path(workdir) / f"step-{new_tokens}-{repeat}"
-                    trials["engine"].append(asyncio.run(by_engine(engine, model, target, prompts, args, new_tokens)))
+                    trials["engine"].append(by_engine(rollout, model, step, rows, new_tokens))
+                    step += 1
                     print(f"{new_tokens} tokens, repeat {repeat}: {trials}", flush=True)
                 results[f"new_tokens_{new_tokens}"] = summary(trials)
-    finally:
-        engine.close()
+        finally:
+            rollout.close()
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results))
@@ -106,24 +107,10 @@ def by_transformers(
     return seconds, tokens
 
 
-async def by_engine(
-    engine: Any, model: Any, target: Path, prompts: list[list[int]], args: Any, new_tokens: int
-) -> tuple[float, int]:
-    from functions.engine.protocol import AdapterRef, GenerationRequest, SamplingParams
-
+def by_engine(rollout: Any, model: Any, step: int, rows: list[list[int]], new_tokens: int) -> tuple[float, int]:
     started = time.monotonic()
-    model.save_pretrained(target)
-    adapter = AdapterRef(target.name, target, MODEL)
-    params = SamplingParams(max_new_tokens=new_tokens, temperature=1.0, n=args.generations)
-
-    async def one(prompt: list[int]) -> int:
-        tokens: dict[int, int] = {}  # answer index -> its completion tokens
-        async for delta in engine.generate(GenerationRequest(tuple(prompt), params, adapter)):
-            tokens[delta.index] = max(tokens.get(delta.index, 0), delta.completion_tokens)
-        return sum(tokens.values())
-
-    counts = await asyncio.gather(*(one(p) for p in prompts))
-    return time.monotonic() - started, sum(counts)
+    completions = rollout.sample(model, step, rows, new_tokens, temperature=1.0)
+    return time.monotonic() - started, sum(len(c) for c in completions)  # with the end-of-turn token, as TRL's
 
 
 def summary(trials: dict[str, list[tuple[float, int]]]) -> dict[str, Any]:
